@@ -1,0 +1,141 @@
+"""Model configuration (`MAEConfig`), the named presets, and their validation."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class MAEConfig:
+    """Architecture and loss settings of an MAE model (defaults: the official ViT-B/16)."""
+
+    name: str = "mae_vit_base_patch16"
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mlp_ratio: float = 4.0
+    norm_pix_loss: bool = False
+    mask_ratio: float = 0.75
+    dtype: str = "float32"          # compute dtype
+    param_dtype: str = "float32"    # storage dtype
+    attention_impl: str | None = None
+    remat: bool = False
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size ** 2 * self.in_chans
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def storage_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+    def validate(self) -> "MAEConfig":
+        def positive(field):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{field} must be a positive integer, got {value!r}")
+
+        for field in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+                      "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+            positive(field)
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        for dim, heads, what in ((self.embed_dim, self.num_heads, "embed_dim"),
+                                 (self.decoder_embed_dim, self.decoder_num_heads,
+                                  "decoder_embed_dim")):
+            if dim % heads:
+                raise ValueError(f"{what} {dim} is not divisible by its number of heads {heads}")
+            if dim % 4:
+                raise ValueError(
+                    f"{what} {dim} must be a multiple of 4 for 2-D sin-cos position embeddings")
+        if not 0.0 <= float(self.mask_ratio) < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio!r}")
+        for field in ("dtype", "param_dtype"):
+            if getattr(self, field) not in _DTYPES:
+                raise ValueError(
+                    f"{field} {getattr(self, field)!r} is not one of {sorted(_DTYPES)}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+        return self
+
+
+def _preset(name, **kw) -> MAEConfig:
+    return MAEConfig(name=name, **kw)
+
+
+PRESETS: dict[str, MAEConfig] = {
+    # The paper's models (official architectures).
+    "mae_vit_base_patch16": _preset("mae_vit_base_patch16", embed_dim=768, depth=12,
+                                    num_heads=12),
+    "mae_vit_large_patch16": _preset("mae_vit_large_patch16", embed_dim=1024, depth=24,
+                                     num_heads=16),
+    "mae_vit_huge_patch14": _preset("mae_vit_huge_patch14", patch_size=14, embed_dim=1280,
+                                    depth=32, num_heads=16),
+    # Smaller models for CPU work: a ViT-S/16 and tiny ones for smoke runs and tests.
+    "mae_vit_small_patch16": _preset("mae_vit_small_patch16", embed_dim=384, depth=12,
+                                     num_heads=6, decoder_embed_dim=256, decoder_depth=4,
+                                     decoder_num_heads=8),
+    "mae_vit_tiny_patch4_32": _preset("mae_vit_tiny_patch4_32", img_size=32, patch_size=4,
+                                      embed_dim=128, depth=4, num_heads=4,
+                                      decoder_embed_dim=64, decoder_depth=2,
+                                      decoder_num_heads=4),
+    "mae_vit_test": _preset("mae_vit_test", img_size=32, patch_size=8, embed_dim=32, depth=2,
+                            num_heads=4, decoder_embed_dim=32, decoder_depth=1,
+                            decoder_num_heads=4),
+}
+
+_FIELDS = {f.name for f in dataclasses.fields(MAEConfig)}
+
+
+def resolve(name_or_config: Any, **overrides) -> MAEConfig:
+    """A validated `MAEConfig` from a preset name, an `MAEConfig`, or a mapping.
+
+    A mapping (dict or `ConfigDict`) may hold `name` (a preset to start from) plus any field.
+    """
+    if isinstance(name_or_config, MAEConfig):
+        base, extra = name_or_config, {}
+    elif isinstance(name_or_config, str):
+        base, extra = _lookup(name_or_config), {}
+    elif isinstance(name_or_config, Mapping) or hasattr(name_or_config, "to_dict"):
+        extra = dict(name_or_config.to_dict() if hasattr(name_or_config, "to_dict")
+                     else name_or_config)
+        base = _lookup(extra.pop("name")) if "name" in extra else MAEConfig()
+    else:
+        raise ValueError(
+            f"expected a preset name, an MAEConfig or a mapping, got {type(name_or_config)}")
+    extra.update(overrides)
+    unknown = sorted(set(extra) - _FIELDS)
+    if unknown:
+        raise ValueError(f"unknown model option(s) {unknown}; known: {sorted(_FIELDS)}")
+    return dataclasses.replace(base, **extra).validate()
+
+
+def _lookup(name: str) -> MAEConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
+    return PRESETS[name]

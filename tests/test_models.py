@@ -1,0 +1,199 @@
+"""The NNX MAE model: presets, parameter counts, forward semantics, gradients, bad input."""
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mae_jax import models, ops
+from mae_jax.models.vit import FixedEmbedding
+
+# Trainable parameter counts of the official models (REFERENCE.md).
+OFFICIAL_TRAINABLE = {
+    "mae_vit_base_patch16": 111_655_680,
+    "mae_vit_large_patch16": 329_239_296,
+    "mae_vit_huge_patch14": 656_613_964,
+}
+
+
+def count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_TRAINABLE))
+def test_paper_presets_have_official_trainable_counts(name):
+    abstract = nnx.eval_shape(lambda: models.create(name))
+    assert count(nnx.state(abstract, nnx.Param)) == OFFICIAL_TRAINABLE[name]
+    # position embeddings are fixed tables, not parameters: [1, 1+L, D]
+    cfg = abstract.config
+    assert abstract.pos_embed.shape == (1, 1 + cfg.num_patches, cfg.embed_dim)
+    assert abstract.decoder_pos_embed.shape == (1, 1 + cfg.num_patches, cfg.decoder_embed_dim)
+
+
+def test_position_embeddings_are_fixed_sincos():
+    m = models.create("mae_vit_test")
+    np.testing.assert_array_equal(np.asarray(m.pos_embed.get_value())[0],
+                                  ops.sincos_2d(32, m.config.grid_size))
+    assert isinstance(m.pos_embed, FixedEmbedding) and not isinstance(m.pos_embed, nnx.Param)
+
+
+def test_official_initialization():
+    m = models.create("mae_vit_small_patch16", seed=1)
+    blk = m.blocks[0]
+    np.testing.assert_array_equal(blk.attn.qkv.bias.get_value(), 0.0)
+    np.testing.assert_array_equal(blk.norm1.scale.get_value(), 1.0)
+    np.testing.assert_array_equal(blk.norm1.bias.get_value(), 0.0)
+    # xavier-uniform: limit sqrt(6 / (fan_in + fan_out)) for fc1 [384, 1536]
+    k = np.asarray(blk.mlp.fc1.kernel.get_value())
+    limit = np.sqrt(6 / (384 + 1536))
+    assert np.abs(k).max() <= limit and np.abs(k).max() > 0.95 * limit
+    np.testing.assert_allclose(k.std(), limit / np.sqrt(3), rtol=0.02)
+    for tok in (m.cls_token, m.mask_token):
+        np.testing.assert_allclose(np.asarray(tok.get_value()).std(), 0.02, rtol=0.25)
+    # patch embedding: xavier on the flattened conv kernel, PyTorch default conv bias
+    pe = np.asarray(m.patch_embed.proj.kernel.get_value())
+    assert np.abs(pe).max() <= np.sqrt(6 / (768 + 384))
+    bias = np.asarray(m.patch_embed.proj.bias.get_value())
+    assert 0 < np.abs(bias).max() <= 1 / np.sqrt(768)
+
+
+def test_forward_outputs_and_noise_determinism():
+    m = models.create("mae_vit_test", seed=0)
+    images = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
+    noise = jax.random.uniform(jax.random.key(1), (3, 16))
+    out = m(images, noise=noise)
+    assert out.loss.shape == () and out.loss.dtype == jnp.float32
+    assert out.pred.shape == (3, 16, 8 * 8 * 3)
+    assert out.mask.shape == (3, 16) and out.ids_restore.shape == (3, 16)
+    np.testing.assert_array_equal(out.mask.sum(1), 16 - int(16 * 0.25))
+    again = m(images, noise=noise)
+    np.testing.assert_array_equal(out.pred, again.pred)
+    _, mask, ids_restore = ops.random_masking(3, 16, 0.75, noise=noise)
+    np.testing.assert_array_equal(out.mask, mask)
+    np.testing.assert_array_equal(out.ids_restore, ids_restore)
+    # own stream: successive calls draw new masks; mask_ratio override
+    a, b = m(images), m(images)
+    assert not np.array_equal(a.mask, b.mask)
+    assert int(m(images, mask_ratio=0.5).mask[0].sum()) == 8
+    c = m(images, rngs=nnx.Rngs(masking=5))
+    d = m(images, rngs=nnx.Rngs(masking=5))
+    np.testing.assert_array_equal(c.mask, d.mask)
+
+
+def test_visible_only_embedding_equals_embed_then_gather():
+    m = models.create("mae_vit_test", seed=0)
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    patches = ops.patchify(images, 8)
+    ids_keep, _, _ = ops.random_masking(2, 16, 0.75, key=jax.random.key(2))
+    full = m._embed(patches, None)
+    np.testing.assert_allclose(m._embed(patches, ids_keep), ops.gather_tokens(full, ids_keep),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_loss_is_masked_mse_of_pred():
+    m = models.create("mae_vit_test", seed=0, norm_pix_loss=True)
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    out = m(images, noise=jax.random.uniform(jax.random.key(1), (2, 16)))
+    target = ops.normalize_targets(ops.patchify(images, 8))
+    per = ((out.pred - target) ** 2).mean(-1)
+    np.testing.assert_allclose(out.loss, (per * out.mask).sum() / out.mask.sum(), rtol=1e-5)
+
+
+def test_encode_shape_and_no_masking():
+    m = models.create("mae_vit_test")
+    feats = m.encode(jnp.zeros((2, 32, 32, 3)))
+    assert feats.shape == (2, 17, 32)
+
+
+def test_gradients_reach_every_param_and_no_pos_embed():
+    m = models.create("mae_vit_test", seed=0)
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    noise = jax.random.uniform(jax.random.key(1), (2, 16))
+    graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+
+    def loss_fn(p):
+        return nnx.merge(graphdef, p, rest)(images, noise=noise).loss
+
+    grads = jax.grad(loss_fn)(params)
+    flat = nnx.to_flat_state(grads)
+    assert len(flat) == len(nnx.to_flat_state(params))
+    for path, g in flat:
+        value = g.get_value() if hasattr(g, "get_value") else g
+        assert float(jnp.abs(value).sum()) > 0, f"no gradient reaches {path}"
+    names = {"/".join(map(str, p)) for p, _ in flat}
+    assert not any("pos_embed" in n for n in names)
+    assert "cls_token" in names and "mask_token" in names
+
+
+def test_remat_gives_same_loss_and_grads():
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    noise = jax.random.uniform(jax.random.key(1), (2, 16))
+    results = []
+    for remat in (False, True):
+        m = models.create("mae_vit_test", seed=0, remat=remat)
+        graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+        f = jax.jit(jax.value_and_grad(
+            lambda p: nnx.merge(graphdef, p, rest)(images, noise=noise).loss))
+        results.append(f(params))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(OFFICIAL_TRAINABLE))
+def test_paper_presets_forward_under_jit_in_bf16(name):
+    m = models.create(name, dtype="bfloat16", norm_pix_loss=True)
+    assert m.blocks[0].attn.qkv.kernel.get_value().dtype == jnp.float32  # fp32 storage
+    graphdef, state = nnx.split(m)
+
+    @jax.jit
+    def forward(state, images, noise):
+        out = nnx.merge(graphdef, state)(images, noise=noise)
+        return out.loss, out.pred
+
+    size = m.config.img_size
+    images = jax.random.normal(jax.random.key(0), (1, size, size, 3))
+    noise = jax.random.uniform(jax.random.key(1), (1, m.config.num_patches))
+    loss, pred = forward(state, images, noise)
+    assert np.isfinite(float(loss)) and 0.1 < float(loss) < 10
+    assert pred.dtype == jnp.float32 and pred.shape == (1, m.config.num_patches, m.config.patch_dim)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (jnp.zeros((2, 30, 30, 3)), "not divisible by the patch size 8"),
+    (jnp.zeros((2, 32, 32, 1)), "1 channels"),
+    (jnp.zeros((2, 32, 40, 3)), "non-square"),
+    (jnp.zeros((2, 64, 64, 3)), "built for 32x32"),
+    (jnp.zeros((2, 3, 32, 32)), "channels"),
+    (jnp.zeros((32, 32, 3)), "NHWC"),
+])
+def test_bad_images_raise_value_error(bad, match):
+    m = models.create("mae_vit_test")
+    with pytest.raises(ValueError, match=match):
+        m(bad)
+
+
+def test_bad_mask_ratio_and_noise():
+    m = models.create("mae_vit_test")
+    x = jnp.zeros((2, 32, 32, 3))
+    for ratio in (1.0, -0.5):
+        with pytest.raises(ValueError, match="mask_ratio"):
+            m(x, mask_ratio=ratio)
+    with pytest.raises(ValueError, match=r"noise has shape \(2, 15\)"):
+        m(x, noise=jnp.zeros((2, 15)))
+
+
+def test_bad_configs_and_names():
+    with pytest.raises(ValueError, match="unknown model preset 'mae_vit_gigantic'"):
+        models.create("mae_vit_gigantic")
+    with pytest.raises(ValueError, match="img_size 30 is not divisible by patch_size 8"):
+        models.create("mae_vit_test", img_size=30)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        models.create("mae_vit_test", mask_ratio=1.0)
+    with pytest.raises(ValueError, match="unknown model option"):
+        models.create("mae_vit_test", depthh=3)
+    with pytest.raises(ValueError, match="attention_impl"):
+        models.create("mae_vit_test", attention_impl="flash")
+    cfg = models.resolve({"name": "mae_vit_test", "depth": 3})
+    assert cfg.depth == 3 and cfg.embed_dim == 32
