@@ -1,0 +1,69 @@
+"""Entry point: `python -m mae_jax.main --config=configs/mae_vit_base.py --workdir=DIR`.
+
+Override any config key with `--config.key=value` (e.g. `--config.batch_size=256`). Rerunning
+the same command on the same workdir resumes from its latest complete checkpoint. On several
+hosts, `jax.distributed` is initialized first: automatically on Cloud TPU VMs, or from
+`--coordinator_address`, `--num_processes` and `--process_id` elsewhere (e.g. SLURM).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for multi-process runs off TPU VMs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "jax.distributed.initialize(): auto = on TPU pods or when "
+                                 "--coordinator_address is given.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _on_tpu_pod() -> bool:
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return len([h for h in hosts.split(",") if h]) > 1
+
+
+def init_distributed() -> None:
+    import jax
+    explicit = _COORDINATOR.value is not None
+    mode = _DISTRIBUTED.value
+    if mode == "off" or (mode == "auto" and not explicit and not _on_tpu_pod()):
+        return
+    if explicit:
+        if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+            raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
+        if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+            raise app.UsageError(f"--process_id={_PROCESS_ID.value} must be in "
+                                 f"[0, {_NUM_PROCESSES.value})")
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    else:
+        jax.distributed.initialize()
+    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    init_distributed()
+    from mae_jax import train
+    config = _CONFIG.value
+    try:
+        train.train_and_evaluate(config, _WORKDIR.value)
+    except (ValueError, train.TrainingError) as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
