@@ -7,6 +7,7 @@ hosts, `jax.distributed` is initialized first: automatically on Cloud TPU VMs, o
 """
 from __future__ import annotations
 
+import logging as pylogging
 import os
 import sys
 
@@ -24,6 +25,13 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "jax.distributed.initialize(): auto = on TPU pods or when "
                                  "--coordinator_address is given.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _OnlyOwnInfo(pylogging.Filter):
+    """Keep INFO lines of mae_jax itself; from libraries (Orbax, TF, ...) only warnings."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "mae_jax" in record.pathname
 
 
 def _on_tpu_pod() -> bool:
@@ -54,6 +62,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.get_absl_handler().addFilter(_OnlyOwnInfo())
     init_distributed()
     from mae_jax import train
     config = _CONFIG.value
