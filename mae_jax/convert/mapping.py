@@ -1,0 +1,350 @@
+"""Names and layouts: our parameter tree <-> PyTorch state dicts (official MAE, timm, HF).
+
+Our tree is `nnx.to_pure_dict(nnx.state(model, nnx.Param))` (nested dicts, int keys for block
+lists) plus the two fixed position tables `pos_embed` / `decoder_pos_embed` `[1, 1+L, D]`.
+PyTorch layouts: Linear weight `[out, in]` (ours `[in, out]`), LayerNorm `weight` (ours
+`scale`), patch embedding Conv2d weight `[D, C, p, p]` (ours `[p*p*C, D]` on (row, col, channel)
+patch vectors), and in the HF format the fused `qkv` split into `query`, `key`, `value`.
+
+Everything here is numpy/jax only; torch is never imported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from typing import Any, Iterable, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mae_jax import ops
+from mae_jax.models.config import MAEConfig
+
+FORMATS = ("official", "timm", "hf")
+
+# Rule kinds.
+TENSOR, POS, LINEAR, NORM, PATCH, QKV = "tensor", "pos", "linear", "norm", "patch", "qkv"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One module (or tensor) of our tree and its PyTorch name(s)."""
+
+    ours: tuple            # path in our tree: a leaf (TENSOR/POS) or a module prefix
+    theirs: tuple          # PyTorch name prefix(es); three for QKV (query, key, value)
+    kind: str
+    decoder: bool
+
+    def torch_keys(self) -> list[str]:
+        if self.kind in (TENSOR, POS):
+            return [self.theirs[0]]
+        return [f"{name}.{leaf}" for name in self.theirs for leaf in ("weight", "bias")]
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    return fmt
+
+
+def _block_rules(ours: tuple, theirs: str, hf: bool, decoder: bool) -> list[Rule]:
+    def r(sub, names, kind):
+        return Rule(ours + sub, tuple(f"{theirs}.{n}" for n in names), kind, decoder)
+
+    if hf:
+        return [
+            r(("norm1",), ["layernorm_before"], NORM),
+            r(("attn", "qkv"), ["attention.attention.query", "attention.attention.key",
+                                "attention.attention.value"], QKV),
+            r(("attn", "proj"), ["attention.output.dense"], LINEAR),
+            r(("norm2",), ["layernorm_after"], NORM),
+            r(("mlp", "fc1"), ["intermediate.dense"], LINEAR),
+            r(("mlp", "fc2"), ["output.dense"], LINEAR),
+        ]
+    return [
+        r(("norm1",), ["norm1"], NORM),
+        r(("attn", "qkv"), ["attn.qkv"], LINEAR),
+        r(("attn", "proj"), ["attn.proj"], LINEAR),
+        r(("norm2",), ["norm2"], NORM),
+        r(("mlp", "fc1"), ["mlp.fc1"], LINEAR),
+        r(("mlp", "fc2"), ["mlp.fc2"], LINEAR),
+    ]
+
+
+def rules(config: MAEConfig, fmt: str) -> list[Rule]:
+    """The mapping of every tensor of `config`'s model for `fmt` (timm: encoder rules only)."""
+    check_format(fmt)
+    hf = fmt == "hf"
+    if hf:
+        enc = [Rule(("cls_token",), ("vit.embeddings.cls_token",), TENSOR, False),
+               Rule(("pos_embed",), ("vit.embeddings.position_embeddings",), POS, False),
+               Rule(("patch_embed", "proj"), ("vit.embeddings.patch_embeddings.projection",),
+                    PATCH, False)]
+        block, norm = "vit.encoder.layer", "vit.layernorm"
+        dec_prefix, dec_block = "decoder.", "decoder.decoder_layers"
+    else:
+        enc = [Rule(("cls_token",), ("cls_token",), TENSOR, False),
+               Rule(("pos_embed",), ("pos_embed",), POS, False),
+               Rule(("patch_embed", "proj"), ("patch_embed.proj",), PATCH, False)]
+        block, norm = "blocks", "norm"
+        dec_prefix, dec_block = "", "decoder_blocks"
+    for i in range(config.depth):
+        enc += _block_rules(("blocks", i), f"{block}.{i}", hf, False)
+    enc.append(Rule(("norm",), (norm,), NORM, False))
+    if fmt == "timm":
+        return enc
+    dec = [Rule(("decoder_embed",), (f"{dec_prefix}decoder_embed",), LINEAR, True),
+           Rule(("mask_token",), (f"{dec_prefix}mask_token",), TENSOR, True),
+           Rule(("decoder_pos_embed",), (f"{dec_prefix}decoder_pos_embed",), POS, True)]
+    for i in range(config.decoder_depth):
+        dec += _block_rules(("decoder_blocks", i), f"{dec_block}.{i}", hf, True)
+    dec += [Rule(("decoder_norm",), (f"{dec_prefix}decoder_norm",), NORM, True),
+            Rule(("decoder_pred",), (f"{dec_prefix}decoder_pred",), LINEAR, True)]
+    return enc + dec
+
+
+# ----------------------------------------------------------------------------- tree helpers
+def _get(tree: Mapping, path: tuple) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _set(tree: dict, path: tuple, value: Any) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+# ----------------------------------------------------------------------------- ours -> torch
+def _to_torch(params: Mapping, config: MAEConfig, fmt: str, pos_embed, decoder_pos_embed
+              ) -> dict[str, Any]:
+    """Layout conversion with array methods only, so it also runs on tracers (shapes)."""
+    p, c = config.patch_size, config.in_chans
+    out: dict[str, Any] = {}
+    pos = {("pos_embed",): pos_embed, ("decoder_pos_embed",): decoder_pos_embed}
+    for rule in rules(config, fmt):
+        name = rule.theirs[0]
+        if rule.kind == POS:
+            out[name] = pos[rule.ours]
+            continue
+        node = _get(params, rule.ours)
+        if rule.kind == TENSOR:
+            out[name] = node
+        elif rule.kind == NORM:
+            out[f"{name}.weight"], out[f"{name}.bias"] = node["scale"], node["bias"]
+        elif rule.kind == LINEAR:
+            out[f"{name}.weight"], out[f"{name}.bias"] = node["kernel"].T, node["bias"]
+        elif rule.kind == PATCH:
+            kernel = node["kernel"]
+            out[f"{name}.weight"] = kernel.reshape(p, p, c, -1).transpose(3, 2, 0, 1)
+            out[f"{name}.bias"] = node["bias"]
+        elif rule.kind == QKV:
+            kernel, bias = node["kernel"], node["bias"]
+            dim = kernel.shape[0]
+            for j, part in enumerate(rule.theirs):
+                out[f"{part}.weight"] = kernel[:, j * dim:(j + 1) * dim].T
+                out[f"{part}.bias"] = bias[j * dim:(j + 1) * dim]
+    return out
+
+
+def params_to_pytorch(params: Mapping, config: MAEConfig, fmt: str = "official", *,
+                      pos_embed: np.ndarray | None = None,
+                      decoder_pos_embed: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Our params (pure dict) -> flat `{torch name: float32 numpy array}` for `fmt`.
+
+    `pos_embed` / `decoder_pos_embed` `[1, 1+L, D]` default to the fixed sin-cos tables of
+    `config`'s grid; pass them already at the target grid.
+    """
+    check_format(fmt)
+    params = jax.tree.map(lambda x: np.asarray(x).astype(np.float32), params)
+    g = config.grid_size
+    if pos_embed is None:
+        pos_embed = ops.sincos_2d(config.embed_dim, g)[None]
+    if decoder_pos_embed is None:
+        decoder_pos_embed = ops.sincos_2d(config.decoder_embed_dim, g)[None]
+    out = _to_torch(params, config, fmt, np.asarray(pos_embed, np.float32),
+                    np.asarray(decoder_pos_embed, np.float32))
+    return {k: np.array(v, dtype=np.float32, order="C", copy=True) for k, v in out.items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_params(config: MAEConfig) -> dict:
+    from mae_jax.models import MAE  # pylint: disable=import-outside-toplevel
+
+    # Blocks of one stack all have the same shapes: trace a one-block model (tracing the
+    # construction of a 32-block model takes seconds) and repeat its block.
+    small = dataclasses.replace(config, depth=1, decoder_depth=1)
+    model = nnx.eval_shape(lambda: MAE(small, rngs=nnx.Rngs(0)))
+    tree = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tree["blocks"] = {i: tree["blocks"][0] for i in range(config.depth)}
+    tree["decoder_blocks"] = {i: tree["decoder_blocks"][0] for i in range(config.decoder_depth)}
+    return tree
+
+
+def abstract_params(config: MAEConfig) -> dict:
+    """Our params tree of `config` with `jax.ShapeDtypeStruct` leaves (nothing allocated)."""
+    tree = _abstract_params(config)
+    return jax.tree.map(lambda x: x, tree)  # a fresh copy of the cached containers
+
+
+def pytorch_shapes(config: MAEConfig, fmt: str = "official", grid: int | None = None
+                   ) -> dict[str, tuple[int, ...]]:
+    """`{torch name: shape}` of `fmt`'s state dict for `config` (position tables on `grid`,
+    default the config's), computed without allocating any parameter."""
+    check_format(fmt)
+    g = config.grid_size if grid is None else grid
+    f32 = np.float32
+    pos = jax.ShapeDtypeStruct((1, 1 + g * g, config.embed_dim), f32)
+    dpos = jax.ShapeDtypeStruct((1, 1 + g * g, config.decoder_embed_dim), f32)
+    out = jax.eval_shape(lambda prm, a, b: _to_torch(prm, config, fmt, a, b),
+                         abstract_params(config), pos, dpos)
+    return {k: tuple(v.shape) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- torch -> ours
+def _from_torch(sd: Mapping[str, np.ndarray], rule: Rule):
+    """The value(s) of `rule` in our layout from a numpy state dict."""
+    name = rule.theirs[0]
+    if rule.kind in (TENSOR, POS):
+        return sd[name]
+    if rule.kind == NORM:
+        return {"scale": sd[f"{name}.weight"], "bias": sd[f"{name}.bias"]}
+    if rule.kind == LINEAR:
+        return {"kernel": sd[f"{name}.weight"].T, "bias": sd[f"{name}.bias"]}
+    if rule.kind == PATCH:
+        w = sd[f"{name}.weight"]  # [D, C, p, p]
+        return {"kernel": w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0]),
+                "bias": sd[f"{name}.bias"]}
+    if rule.kind == QKV:
+        return {"kernel": np.concatenate([sd[f"{n}.weight"].T for n in rule.theirs], axis=1),
+                "bias": np.concatenate([sd[f"{n}.bias"] for n in rule.theirs], axis=0)}
+    raise AssertionError(rule.kind)
+
+
+def pytorch_to_params(sd: Mapping[str, np.ndarray], config: MAEConfig, fmt: str,
+                      with_decoder: bool) -> tuple[dict, dict]:
+    """Numpy state dict (already validated) -> `(params pure dict, position tables)`.
+
+    Without `with_decoder`, only encoder entries are read. Position tables are returned as
+    found (`{'pos_embed': ..., 'decoder_pos_embed': ...}`), not resized.
+    """
+    params: dict = {}
+    tables: dict = {}
+    for rule in rules(config, fmt):
+        if rule.decoder and not with_decoder:
+            continue
+        value = _from_torch(sd, rule)
+        if rule.kind == POS:
+            tables[rule.ours[0]] = value
+        else:
+            _set(params, rule.ours, value)
+    return params, tables
+
+
+# ----------------------------------------------------------------------------- key handling
+_HF_NEW_NAME = re.compile(
+    r"^(vit\.layers|decoder\.decoder_layers)\.(\d+)\.(attention\.[qkvo]_proj|mlp\.fc[12])\.")
+_HF_NEW_TO_CLASSIC = {
+    "attention.q_proj": "attention.attention.query",
+    "attention.k_proj": "attention.attention.key",
+    "attention.v_proj": "attention.attention.value",
+    "attention.o_proj": "attention.output.dense",
+    "mlp.fc1": "intermediate.dense",
+    "mlp.fc2": "output.dense",
+}
+
+
+_HF_SAVED_DECODER = "decoder.decoder_encoder.layer."  # transformers 5 save_pretrained
+
+
+def normalize_hf_names(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """HF keys in the classic (hub) naming: accepts `ViTMAEModel` keys (no `vit.` prefix), the
+    in-memory naming of transformers 5 (`vit.layers.{i}.attention.q_proj`, `mlp.fc1`, ...) and
+    the decoder names its `save_pretrained` writes (`decoder.decoder_encoder.layer.{i}`)."""
+    out = {}
+    for key, value in sd.items():
+        if key.startswith(("embeddings.", "encoder.layer.", "layernorm.", "layers.")):
+            key = "vit." + key
+        if key.startswith(_HF_SAVED_DECODER):
+            key = "decoder.decoder_layers." + key[len(_HF_SAVED_DECODER):]
+        m = _HF_NEW_NAME.match(key)
+        if m:
+            stack = "vit.encoder.layer" if m.group(1) == "vit.layers" else m.group(1)
+            key = f"{stack}.{m.group(2)}.{_HF_NEW_TO_CLASSIC[m.group(3)]}.{key[m.end():]}"
+        elif key.startswith("vit.layers."):  # layer norms of the newer naming
+            key = "vit.encoder.layer." + key[len("vit.layers."):]
+        out[key] = value
+    return out
+
+
+def detect_format(keys: Iterable[str]) -> str:
+    """'hf', 'official' (MAE with decoder) or 'timm' (encoder keys only) from state-dict keys."""
+    keys = list(keys)
+    if any(k.startswith(("vit.", "embeddings.patch_embeddings", "decoder.decoder_"))
+           for k in keys):
+        return "hf"
+    if "patch_embed.proj.weight" in keys or any(k.startswith("blocks.") for k in keys):
+        decoder = any(k.startswith(("decoder_", "mask_token")) for k in keys)
+        return "official" if decoder else "timm"
+    shown = ", ".join(sorted(keys)[:8]) or "(no keys)"
+    raise ValueError(
+        "unrecognized state dict: expected official MAE / timm keys ('patch_embed.proj.weight', "
+        f"'blocks.0...') or Hugging Face ViTMAE keys ('vit.embeddings...'); found: {shown}")
+
+
+def format_list(items: list[str], limit: int = 25) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def check_state_dict(sd: Mapping[str, np.ndarray], config: MAEConfig, fmt: str,
+                     with_decoder: bool) -> tuple[list[str], list[str], list[str]]:
+    """Compare keys and shapes with `config`'s model (decoder keys only `with_decoder`):
+    returns `(missing, unexpected, mis-shaped)` lists, all empty when the state dict fits.
+    Position tables may be on any square grid of the right width."""
+    full = "hf" if fmt == "hf" else "official"
+    expected = pytorch_shapes(config, full)
+    pos_keys = {r.theirs[0] for r in rules(config, full) if r.kind == POS}
+    decoder_keys = decoder_torch_keys(config, fmt)
+    wanted = {k: s for k, s in expected.items() if with_decoder or k not in decoder_keys}
+    missing = [k for k in wanted if k not in sd]
+    unexpected = [k for k in sd if k not in wanted]
+    misshaped = []
+    for k, shape in wanted.items():
+        if k not in sd:
+            continue
+        got = tuple(np.shape(sd[k]))
+        if k in pos_keys:
+            ok = (len(got) == 3 and got[0] == 1 and got[2] == shape[2]
+                  and _is_square_table(got[1]))
+        else:
+            ok = got == shape
+        if not ok:
+            want = (f"(1, 1 + h*w, {shape[2]}), e.g. {shape}" if k in pos_keys else str(shape))
+            misshaped.append(f"{k}: file {got}, expected {want}")
+    return missing, unexpected, misshaped
+
+
+def _is_square_table(rows: int) -> bool:
+    n = rows - 1
+    return n > 0 and math.isqrt(n) ** 2 == n
+
+
+def mismatch_error(what: str, missing, unexpected, misshaped) -> ValueError:
+    lines = [f"{what} does not match the model:"]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {format_list(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {format_list(unexpected)}")
+    if misshaped:
+        lines.append(f"  mis-shaped keys ({len(misshaped)}): {format_list(misshaped)}")
+    return ValueError("\n".join(lines))
+
+
+def decoder_torch_keys(config: MAEConfig, fmt: str) -> set[str]:
+    return {k for r in rules(config, "hf" if fmt == "hf" else "official") if r.decoder
+            for k in r.torch_keys()}
