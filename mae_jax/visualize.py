@@ -1,0 +1,305 @@
+"""Reconstruction pictures: original | masked | reconstruction | reconstruction + visible.
+
+As the official MAE visualization demo: the masked panel is the normalized image with removed
+patches zeroed (they show as the ImageNet mean colour); the reconstruction is the decoder's
+prediction for every patch; the last panel pastes the visible patches back. For a model trained
+with `norm_pix_loss`, the prediction is in per-patch normalized units and is mapped back with
+each patch's own target mean and (unbiased) variance, `pred * sqrt(var + 1e-6) + mean`.
+
+Command line (writes one PNG, a row per image):
+
+    python -m mae_jax.visualize --output out.png [--images a.jpg b.png ...] [--model NAME]
+        [--checkpoint WORKDIR [--step N]] [--img-size S] [--mask-ratio 0.75] [--seed 0]
+
+Without `--images`, a few photos bundled with scikit-image are used (no network). Without
+`--checkpoint`, the model is randomly initialized (a warning says so).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import warnings
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mae_jax import models, ops
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+DEFAULT_IMAGES = ("astronaut", "coffee", "chelsea", "rocket")  # skimage.data, bundled
+PANELS = ("original", "masked", "reconstruction", "reconstruction + visible")
+
+
+class Reconstruction(NamedTuple):
+    """Normalized float32 images `[N, H, W, C]` for the four panels, and the mask `[N, L]`."""
+    original: jax.Array
+    masked: jax.Array
+    reconstruction: jax.Array
+    pasted: jax.Array
+    mask: jax.Array
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def normalize(images_uint8: np.ndarray) -> np.ndarray:
+    """uint8 `[..., 3]` -> ImageNet-normalized float32."""
+    return ((np.asarray(images_uint8, np.float32) / 255.0) - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def to_uint8(images) -> np.ndarray:
+    """ImageNet-normalized float `[..., 3]` -> uint8 (clipped, rounded)."""
+    x = (np.asarray(images, np.float32) * IMAGENET_STD + IMAGENET_MEAN) * 255.0
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def denormalize_patches(pred: jax.Array, target: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Undo `norm_pix_loss`: `pred * sqrt(var + eps) + mean` with the per-patch mean and
+    unbiased variance of `target`. Both `[N, L, p*p*C]`."""
+    mean = jnp.mean(target, axis=-1, keepdims=True)
+    var = jnp.var(target, axis=-1, keepdims=True, ddof=1)
+    return pred * jnp.sqrt(var + eps) + mean
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _forward(graphdef, state, images, noise, mask_ratio):
+    out = nnx.merge(graphdef, state)(images, noise=noise, mask_ratio=mask_ratio)
+    return out.pred, out.mask
+
+
+def reconstruct(model, images, *, key: jax.Array | None = None, noise: jax.Array | None = None,
+                mask_ratio: float | None = None) -> Reconstruction:
+    """Run `model` (an `MAE`) on normalized `images [N, H, W, C]` and build the four panels.
+
+    The mask comes from `noise [N, L]` if given, else from `key` (uniform noise, as the model).
+    """
+    c = model.config
+    images = jnp.asarray(images, jnp.float32)
+    model.check_images(images)
+    n = images.shape[0]
+    if noise is None:
+        if key is None:
+            raise ValueError("reconstruct needs key= or noise= to draw the mask")
+        noise = jax.random.uniform(key, (n, c.num_patches), dtype=jnp.float32)
+    ratio = float(c.mask_ratio if mask_ratio is None else mask_ratio)
+    ops.check_mask_ratio(ratio)
+    graphdef, state = nnx.split(model)
+    pred, mask = _forward(graphdef, state, images, jnp.asarray(noise, jnp.float32), ratio)
+    target = ops.patchify(images, c.patch_size)
+    if c.norm_pix_loss:
+        pred = denormalize_patches(pred, target)
+    grid = (c.grid_size, c.grid_size)
+    recon = ops.unpatchify(pred, c.patch_size, grid, c.in_chans)
+    mask_img = ops.unpatchify(jnp.repeat(mask[..., None], c.patch_dim, axis=-1), c.patch_size,
+                              grid, c.in_chans)
+    masked = images * (1.0 - mask_img)
+    return Reconstruction(original=images, masked=masked, reconstruction=recon,
+                          pasted=masked + recon * mask_img, mask=mask)
+
+
+def grid_from_panels(panels: Sequence, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+    """Panels (each uint8 `[N, H, W, 3]`) -> one uint8 `[H', W', 3]` image: a row per sample,
+    a column per panel, separated by `pad` pixels of `pad_value`."""
+    panels = [np.asarray(p) for p in panels]
+    if not panels or any(p.shape != panels[0].shape or p.ndim != 4 for p in panels):
+        raise ValueError(f"panels must be equal-shape [N, H, W, 3] arrays, got "
+                         f"{[p.shape for p in panels]}")
+    n, h, w, ch = panels[0].shape
+    cols = len(panels)
+    out = np.full((n * h + (n + 1) * pad, cols * w + (cols + 1) * pad, ch), pad_value, np.uint8)
+    for i in range(n):
+        for j, panel in enumerate(panels):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            out[y:y + h, x:x + w] = panel[i]
+    return out
+
+
+def reconstruction_grid(model, images, *, key: jax.Array | None = None,
+                        noise: jax.Array | None = None, mask_ratio: float | None = None,
+                        pad: int = 2) -> np.ndarray:
+    """uint8 `[N*H + (N+1)*pad, 4*W + 5*pad, 3]`: per image, the four panels of `PANELS`."""
+    r = reconstruct(model, images, key=key, noise=noise, mask_ratio=mask_ratio)
+    return grid_from_panels([to_uint8(p) for p in (r.original, r.masked, r.reconstruction,
+                                                   r.pasted)], pad=pad)
+
+
+def save_png(path, grid: np.ndarray) -> None:
+    """Write a uint8 `[H, W, 3]` array as PNG (parent directories created)."""
+    from PIL import Image
+
+    grid = np.asarray(grid)
+    if grid.dtype != np.uint8 or grid.ndim != 3 or grid.shape[-1] != 3:
+        raise ValueError(f"grid must be uint8 [H, W, 3], got {grid.dtype} {grid.shape}")
+    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+    os.makedirs(parent, exist_ok=True)
+    Image.fromarray(grid).save(os.fspath(path), format="PNG")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _square(image, size: int) -> np.ndarray:
+    """PIL image -> uint8 `[size, size, 3]`: shorter side resized to `size` (bicubic), centre
+    crop."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)
+
+
+def load_images(paths: Sequence[str], img_size: int) -> np.ndarray:
+    """Image files -> normalized float32 `[N, img_size, img_size, 3]`."""
+    from PIL import Image
+
+    out = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"image file {path!r} does not exist")
+        with Image.open(path) as im:
+            out.append(_square(im, img_size))
+    return normalize(np.stack(out))
+
+
+def default_images(img_size: int, names: Sequence[str] = DEFAULT_IMAGES) -> np.ndarray:
+    """Photos bundled with scikit-image -> normalized float32 `[N, img_size, img_size, 3]`."""
+    import skimage.data
+    from PIL import Image
+
+    return normalize(np.stack([_square(Image.fromarray(getattr(skimage.data, name)()), img_size)
+                               for name in names]))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_dir(path) -> str:
+    path = os.path.abspath(os.fspath(path)) if "://" not in os.fspath(path) else os.fspath(path)
+    from etils import epath
+
+    root = epath.Path(path)
+    if (root / "checkpoints").is_dir():
+        return str(root / "checkpoints")
+    if not root.is_dir():
+        raise ValueError(f"checkpoint directory {path!r} does not exist (expected a workdir "
+                         f"with checkpoints/ or a checkpoints directory)")
+    return str(root)
+
+
+def restore_mae(workdir, step: int | None = None, **overrides):
+    """Rebuild the `MAE` of a pretraining run and load its parameters.
+
+    `workdir`: a run directory holding `checkpoints/` (or that directory itself). `step`:
+    default the latest. The architecture comes from the checkpoint meta's `'model'` entry (a
+    config dict or preset name); `overrides` replace config fields (e.g. `img_size=448`:
+    the position embeddings are fixed sin-cos, so any multiple of the patch size works).
+    Only `state['params']` is read. Returns `(model, step, meta)`.
+    """
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    from mae_jax.checkpointing import Checkpointer
+
+    directory = _checkpoint_dir(workdir)
+    ckpt = Checkpointer(directory, async_save=False, enable_preemption_save=False)
+    try:
+        if step is None:
+            step = ckpt.latest_step()
+            if step is None:
+                raise ValueError(f"no complete checkpoint in {directory!r}")
+        meta = ckpt.read_meta(step)
+    finally:
+        ckpt.close()
+    if "model" not in meta:
+        raise ValueError(f"checkpoint meta at step {step} has no 'model' entry (the model "
+                         f"config); keys: {sorted(meta)}")
+    config = models.resolve(meta["model"], **overrides)
+    abstract = nnx.eval_shape(lambda: models.create(config))
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"params": jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+        nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))}
+    # Partial restore: only the parameters, not the optimizer state.
+    restored = ocp.PyTreeCheckpointer().restore(
+        epath.Path(directory) / str(step) / "state",
+        args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))
+    model = models.create(config)
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, restored["params"])
+    nnx.update(model, state)
+    return model, step, meta
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mae_jax.visualize",
+        description="Write a PNG grid of MAE reconstructions: original | masked | "
+                    "reconstruction | reconstruction + visible, one row per image.")
+    p.add_argument("--output", required=True, help="PNG file to write")
+    p.add_argument("--images", nargs="+", default=None,
+                   help="image files (default: photos bundled with scikit-image)")
+    p.add_argument("--model", default=None,
+                   help="model preset (default: from the checkpoint, else mae_vit_base_patch16)")
+    p.add_argument("--checkpoint", default=None,
+                   help="pretraining workdir (with checkpoints/) or checkpoints directory")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="image size (default: the model's)")
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--seed", type=int, default=0, help="seed of the masks (and a random model)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    args = _parser().parse_args(argv)
+    # CPU-friendly execution of any trained config: XLA attention, no remat.
+    overrides = dict(attention_impl=None, remat=False)
+    if args.img_size is not None:
+        overrides["img_size"] = args.img_size
+    if args.checkpoint is not None:
+        model, step, _ = restore_mae(args.checkpoint, args.step, **overrides)
+        if args.model is not None and args.model != model.config.name:
+            warnings.warn(f"--model {args.model} ignored: the checkpoint holds "
+                          f"{model.config.name}")
+        print(f"loaded {model.config.name} from {args.checkpoint} at step {step}")
+    else:
+        if args.step is not None:
+            raise ValueError("--step needs --checkpoint")
+        name = args.model or "mae_vit_base_patch16"
+        model = models.create(name, seed=args.seed, **overrides)
+        warnings.warn(f"no --checkpoint given: {name} is RANDOMLY INITIALIZED; its "
+                      f"reconstructions are meaningless", stacklevel=1)
+    size = model.config.img_size
+    images = (load_images(args.images, size) if args.images else default_images(size))
+    grid = reconstruction_grid(model, images, key=jax.random.key(args.seed),
+                               mask_ratio=args.mask_ratio)
+    save_png(args.output, grid)
+    print(f"wrote {args.output}: {grid.shape[1]}x{grid.shape[0]}, {len(images)} rows of "
+          f"{' | '.join(PANELS)}")
+    return args.output
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
