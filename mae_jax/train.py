@@ -273,15 +273,34 @@ def _count(params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
+def _process_local(tree):
+    """Global arrays -> arrays this process holds alone: a replicated array's local copy, a
+    sharded one gathered to numpy (a collective: every process must call this together)."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return x
+        if x.is_fully_replicated:
+            return x.addressable_data(0)
+        return multihost_utils.process_allgather(x, tiled=True)
+
+    return jax.tree.map(one, tree)
+
+
 def _log_reconstruction(writer, fns, state, batch, mcfg, step):
-    """Reconstruction grid of the first images of the batch into TensorBoard."""
+    """Reconstruction grid of the first images of the batch into TensorBoard.
+
+    Called by every process (parameters sharded across processes are gathered first); only
+    process 0 then runs the model, on its own devices, and writes the grid."""
+    params, rest = _process_local(state["params"]), _process_local(fns.rest)
     if jax.process_index() != 0:
         return
     try:
         from mae_jax import visualize
     except ImportError:  # pragma: no cover - visualize is part of the package
         return
-    model = nnx.merge(fns.graphdef, state["params"], fns.rest)
+    model = nnx.merge(fns.graphdef, params, rest)
     images = jnp.asarray(batch["image"][:4])
     grid = visualize.reconstruction_grid(model, images, key=jax.random.key(step))
     writer.write_images(step, {"reconstruction": grid})
