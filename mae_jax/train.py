@@ -126,7 +126,7 @@ def _rewrap(template, values):
 def to_checkpoint(state: dict) -> dict:
     """Train state -> the on-disk layout: `params` a pure nested dict (as the converter and the
     evaluation tools read it), the rest with Variables stripped."""
-    return {"params": state["params"].to_pure_dict(),
+    return {"params": nnx.to_pure_dict(state["params"]),
             "opt_state": _strip(state["opt_state"]),
             "step": state["step"], "nonfinite_step": state["nonfinite_step"]}
 
@@ -137,7 +137,7 @@ def abstract_checkpoint(abstract_state: dict, shardings: dict, params_only: bool
         return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
 
     both = jax.tree.map(lambda a, s: sds(a, s), _strip(abstract_state), _strip(shardings))
-    params = both["params"].to_pure_dict()
+    params = nnx.to_pure_dict(both["params"])
     if params_only:
         return {"params": params}
     return {"params": params, "opt_state": both["opt_state"], "step": both["step"],
@@ -206,11 +206,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             logging.info("resumed from step %d (data position %d)", latest, data_position)
     start = int(jax.device_get(state["step"]))
 
+    if jax.process_index() == 0:  # drop lines of steps after the checkpoint, before appending
+        metrics.truncate_after(workdir, start)
     writer = metrics.MetricsWriter(workdir, is_primary=jax.process_index() == 0,
                                    total_steps=p.total_steps)
-    if jax.process_index() == 0:
-        metrics.truncate_after(workdir, start)
-        writer.write_config(config)
+    writer.write_config(config)
     data = input_pipeline.create_pretrain_iterator(
         config.data, global_batch_size=config.batch_size, seed=config.seed,
         start_step=data_position)

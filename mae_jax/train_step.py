@@ -90,12 +90,13 @@ def train_step(state: dict, images: jax.Array, key: jax.Array, *, graphdef, rest
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss)
-    nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~finite, step,
+    # Steps are counted from 1 in logs and checkpoints: this update is step `step + 1`.
+    nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~finite, step + 1,
                                state["nonfinite_step"])
     new_state = {"params": params, "opt_state": opt_state, "step": step + 1,
                  "nonfinite_step": nonfinite_step}
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_fn(step),
-               "param_norm": optax.global_norm(params)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(step),
+               "param_norm": optax.tree.norm(params)}
     return new_state, metrics
 
 

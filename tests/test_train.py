@@ -1,0 +1,214 @@
+"""Pretraining: sharded step equivalence, gradient accumulation, the loop, resume, bad configs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mae_jax import models, optim, train, train_step as ts
+from mae_jax import sharding as shd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(path="configs/smoke.py"):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, path))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def small(**kw):
+    c = load_config()
+    c.model.name = "mae_vit_test"
+    c.batch_size = 16
+    c.total_steps = 6
+    c.log_every_steps = 2
+    c.checkpoint_every_steps = 3
+    c.reconstruction_every_steps = 0
+    for k, v in kw.items():
+        target = c
+        parts = k.split(".")
+        for p in parts[:-1]:
+            target = target[p]
+        target[parts[-1]] = v
+    return c
+
+
+def _optimizer(batch=16):
+    # SGD keeps the update proportional to the gradient. (Adam would turn float noise of the
+    # exactly-zero gradients, e.g. of the key biases, into +-lr updates on any mesh change.)
+    oc = optim.default_optim_config()
+    oc.name, oc.weight_decay = "sgd", 0.05
+    oc.batch_size, oc.warmup_steps, oc.total_steps, oc.lr = batch, 1, 10, 0.5
+    return optim.create_optimizer(oc), optim.learning_rate_fn(oc)
+
+
+def _run_steps(mesh_shape, accum=1, steps=1, batch=16):
+    tx, lr_fn = _optimizer(batch)
+    mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, mesh_shape)))
+    fns = ts.build(lambda: models.create("mae_vit_test", seed=0), tx, lr_fn, mesh,
+                   accum_steps=accum)
+    state = fns.init()
+    images = np.asarray(jax.random.normal(jax.random.key(0), (batch, 32, 32, 3)))
+    losses = []
+    for _ in range(steps):
+        state, m = fns.step(state, shd.global_batch(images, mesh), jax.random.key(1))
+        losses.append(float(m["loss"]))
+    params = {"/".join(map(str, k)): np.asarray(v) for k, v in
+              jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state["params"]))[0]}
+    return losses, params, float(m["grad_norm"])
+
+
+def test_one_step_is_the_same_on_every_mesh():
+    ref_loss, ref_params, ref_gn = _run_steps((8, 1, 1), steps=2)
+    for shape in [(2, 4, 1), (2, 2, 2)]:
+        loss, params, gn = _run_steps(shape, steps=2)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        np.testing.assert_allclose(gn, ref_gn, rtol=1e-4)
+        for k in ref_params:
+            np.testing.assert_allclose(params[k], ref_params[k], rtol=1e-4, atol=1e-5,
+                                       err_msg=f"{shape}: {k}")
+
+
+def test_gradient_accumulation_equals_full_batch():
+    full_loss, full_params, _ = _run_steps((2, 4, 1), accum=1, steps=2, batch=32)
+    acc_loss, acc_params, _ = _run_steps((2, 4, 1), accum=4, steps=2, batch=32)
+    np.testing.assert_allclose(acc_loss, full_loss, rtol=1e-5)
+    for k in full_params:
+        np.testing.assert_allclose(acc_params[k], full_params[k], rtol=1e-4, atol=1e-5,
+                                   err_msg=k)
+
+
+def test_params_and_optimizer_state_are_fsdp_sharded():
+    tx, lr_fn = _optimizer()
+    mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    fns = ts.build(lambda: models.create("mae_vit_test"), tx, lr_fn, mesh)
+    state = fns.init()
+    kernel = state["params"]["blocks"][0]["mlp"]["fc1"]["kernel"].get_value()
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+    mu = state["opt_state"][1].trace["blocks"][0]["mlp"]["fc1"]["kernel"].get_value()
+    assert mu.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+    assert len(kernel.addressable_shards) == 8
+    assert kernel.addressable_shards[0].data.shape == (8, 128)
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_training_loop_writes_metrics_config_and_checkpoints(tmp_path):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(small(), workdir)
+    rows = _metrics(workdir)
+    assert [r["step"] for r in rows] == [1, 2, 4, 6]
+    for r in rows:
+        for key in ("loss", "lr", "grad_norm", "images_per_sec"):
+            assert key in r and np.isfinite(r[key])
+    saved = json.load(open(os.path.join(workdir, "config.json")))
+    assert saved["model"]["name"] == "mae_vit_test" and saved["batch_size"] == 16
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+    # rerunning the finished run resumes at its end and trains nothing more
+    train.train_and_evaluate(small(), workdir)
+    assert [r["step"] for r in _metrics(workdir)] == [1, 2, 4, 6]
+
+
+def test_resume_continues_like_an_uninterrupted_run(tmp_path):
+    import shutil
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(small(), workdir)
+    expected = {r["step"]: r["loss"] for r in _metrics(workdir)}
+    # as if the run had died after its step-3 checkpoint: drop the later checkpoint
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
+    train.train_and_evaluate(small(), workdir)
+    got = {r["step"]: r["loss"] for r in _metrics(workdir)}
+    assert sorted(got) == [1, 2, 4, 6]  # metrics after the checkpoint were replaced, not doubled
+    for step in (4, 6):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6), step
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"batch_size": 12}, "not divisible by the data-parallel size 8"),
+    ({"mesh.data": 16}, "needs 16 devices but 8 are available"),
+    ({"grad_accum_steps": 3}, "grad_accum_steps=3"),
+    ({"model.name": "mae_vit_gigantic"}, "unknown model preset"),
+    ({"optim.name": "adam_w"}, "unknown optimizer name"),
+])
+def test_bad_configs_fail_before_compiling(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        train.train_and_evaluate(small(**overrides), str(tmp_path / "bad"))
+
+
+def test_unknown_top_level_key_is_rejected(tmp_path):
+    c = small()
+    c.unlock()
+    c.bach_size = 3
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['bach_size'\]"):
+        train.train_and_evaluate(c, str(tmp_path / "bad"))
+
+
+def test_workdir_with_another_model_is_refused(tmp_path):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(small(total_steps=3), workdir)
+    with pytest.raises(ValueError, match="holds another model"):
+        train.train_and_evaluate(small(**{"model.name": "mae_vit_tiny_patch4_32"}), workdir)
+
+
+def test_nonfinite_loss_stops_with_step_and_last_checkpoint(tmp_path):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(small(total_steps=3), workdir)  # checkpoint at 3
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    with pytest.raises(train.TrainingError, match=r"non-finite loss at step 5; .*last good checkpoint is step 3"):
+        train.train_and_evaluate(small(**{"optim.lr": 1e30}), workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+def _main_cmd(workdir, *extra):
+    return [sys.executable, "-m", "mae_jax.main", f"--config={ROOT}/configs/smoke.py",
+            f"--workdir={workdir}", "--config.model.name=mae_vit_test",
+            "--config.batch_size=16", "--config.total_steps=40", "--config.log_every_steps=1",
+            "--config.checkpoint_every_steps=5", "--config.reconstruction_every_steps=0",
+            *extra]
+
+
+def _env():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
+    ref = str(tmp_path / "ref")
+    subprocess.run(_main_cmd(ref), check=True, env=_env(), cwd=ROOT, capture_output=True)
+    expected = {r["step"]: r["loss"] for r in _metrics(ref)}
+    work = str(tmp_path / "killed")
+    rng = np.random.default_rng(0)
+    for attempt in range(2):  # kill twice at random moments after training has started
+        proc = subprocess.Popen(_main_cmd(work), env=_env(), cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            path = os.path.join(work, "metrics.jsonl")
+            if os.path.exists(path) and len(open(path).readlines()) >= 8 + 10 * attempt:
+                break
+            time.sleep(0.2)
+        time.sleep(float(rng.uniform(0, 1.0)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    subprocess.run(_main_cmd(work), check=True, env=_env(), cwd=ROOT, capture_output=True)
+    got = {r["step"]: r["loss"] for r in _metrics(work)}
+    assert sorted(got) == sorted(expected)
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
