@@ -7,6 +7,7 @@ hosts, `jax.distributed` is initialized first: automatically on Cloud TPU VMs, o
 """
 from __future__ import annotations
 
+import importlib
 import logging as pylogging
 import os
 import sys
@@ -25,6 +26,14 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "jax.distributed.initialize(): auto = on TPU pods or when "
                                  "--coordinator_address is given.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+# config.task -> "module:function(config, workdir)"
+TASKS = {
+    "pretrain": "mae_jax.train:train_and_evaluate",
+    "linear_probe": "mae_jax.evaluate.linear_probe:train_and_evaluate",
+    "finetune": "mae_jax.evaluate.finetune:train_and_evaluate",
+}
 
 
 class _OnlyOwnInfo(pylogging.Filter):
@@ -66,8 +75,13 @@ def main(argv):
     init_distributed()
     from mae_jax import train
     config = _CONFIG.value
+    task = config.get("task", "pretrain")
+    if task not in TASKS:
+        raise app.UsageError(f"config.task={task!r} is not one of {sorted(TASKS)}")
+    module, function = TASKS[task].split(":")
+    entry = getattr(importlib.import_module(module), function)
     try:
-        train.train_and_evaluate(config, _WORKDIR.value)
+        entry(config, _WORKDIR.value)
     except (ValueError, train.TrainingError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -12,6 +12,7 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     AdamW (0.9, 0.95), wd 0.05, base lr 1.5e-4 x batch/256, batch 4096, 40 warmup epochs then
     cosine over 800 epochs, mask ratio 0.75, norm_pix_loss, RandomResizedCrop(0.2-1) + flip."""
     c = ml_collections.ConfigDict()
+    c.task = "pretrain"
     c.seed = 0
     c.model = ml_collections.ConfigDict(dict(
         name=model_name, norm_pix_loss=True, mask_ratio=0.75, dtype="bfloat16",

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ TOP_LEVEL_KEYS = frozenset({
     "seed", "model", "data", "batch_size", "grad_accum_steps", "epochs", "warmup_epochs",
     "total_steps", "optim", "mesh", "sharding_rules", "checkpoint_every_steps",
     "keep_checkpoints", "log_every_steps", "reconstruction_every_steps", "peak_tflops",
-    "knn_every_steps",
+    "knn_every_steps", "task",
 })
 # Model fields that define the parameter shapes: a workdir's checkpoint must agree on them.
 ARCHITECTURE_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
@@ -112,44 +112,44 @@ def check_workdir_model(meta: dict, mcfg: models.MAEConfig, ckpt_dir: str, step:
 
 
 # ------------------------------------------------------------------------------ state I/O
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
 def _strip(tree):
     """Variables -> their values (for Orbax); other leaves unchanged."""
-    return jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, tree,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(lambda v: v.get_value() if _is_var(v) else v, tree, is_leaf=_is_var)
 
 
 def _rewrap(template, values):
-    return jax.tree.map(lambda v, x: v.replace(x) if isinstance(v, nnx.Variable) else x,
-                        template, values, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(lambda v, x: v.replace(x) if _is_var(v) else x, template, values,
+                        is_leaf=_is_var)
 
 
 def to_checkpoint(state: dict) -> dict:
     """Train state -> the on-disk layout: `params` a pure nested dict (as the converter and the
-    evaluation tools read it), the rest with Variables stripped."""
-    return {"params": nnx.to_pure_dict(state["params"]),
-            "opt_state": _strip(state["opt_state"]),
-            "step": state["step"], "nonfinite_step": state["nonfinite_step"]}
+    evaluation tools read it), every other entry with its Variables stripped."""
+    out = {k: _strip(v) for k, v in state.items() if k != "params"}
+    out["params"] = nnx.to_pure_dict(state["params"])
+    return out
 
 
 def abstract_checkpoint(abstract_state: dict, shardings: dict, params_only: bool = False):
     """ShapeDtypeStructs carrying the target shardings, in the on-disk layout."""
-    def sds(a, s):
-        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-
-    both = jax.tree.map(lambda a, s: sds(a, s), _strip(abstract_state), _strip(shardings))
-    params = nnx.to_pure_dict(both["params"])
-    if params_only:
-        return {"params": params}
-    return {"params": params, "opt_state": both["opt_state"], "step": both["step"],
-            "nonfinite_step": both["nonfinite_step"]}
+    both = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        _strip(abstract_state), _strip(shardings))
+    out = {"params": nnx.to_pure_dict(both["params"])}
+    if not params_only:
+        out.update({k: v for k, v in both.items() if k != "params"})
+    return out
 
 
 def from_checkpoint(restored: dict, abstract_state: dict) -> dict:
     params = jax.tree.map(lambda x: x, abstract_state["params"])
     nnx.replace_by_pure_dict(params, restored["params"])
-    return {"params": params,
-            "opt_state": _rewrap(abstract_state["opt_state"], restored["opt_state"]),
-            "step": restored["step"], "nonfinite_step": restored["nonfinite_step"]}
+    out = {k: _rewrap(abstract_state[k], restored[k]) for k in abstract_state if k != "params"}
+    out["params"] = params
+    return out
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -163,12 +163,38 @@ def write_config(config, workdir: str) -> None:
     os.replace(tmp, os.path.join(workdir, "config.json"))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Pretrain MAE as `config` says, in `workdir`. Returns the last logged metrics."""
-    info = input_pipeline.dataset_info(config.data)
-    p = plan(config, info.num_train_examples if info else None)
+@dataclasses.dataclass
+class Task:
+    """What the generic training loop needs from one kind of training.
+
+    `fns.step(state, batch, key)` takes the global batch (a dict of sharded arrays, from
+    `device_keys` of the host batch) and returns `(state, metrics)`; the state is a dict with
+    at least `params`, `step` and `nonfinite_step`. `meta()` is stored with every checkpoint;
+    `check_meta(meta, step, ckpt_dir)` refuses a workdir of another model. `periodic(writer, state,
+    host_batch, step)` may log extras (reconstructions, evaluation) and return scalars.
+    """
+    name: str
+    fns: ts.StepFns
+    total_steps: int
+    batch_size: int
+    make_data: Callable[[int], Any]
+    meta: Callable[[], dict]
+    check_meta: Callable[[dict, int, str], None]
+    device_keys: tuple[str, ...] = ("image",)
+    flops_per_image: float | None = None
+    periodic: Callable[[Any, dict, dict, int], dict | None] | None = None
+    final: Callable[[Any, dict, int], dict | None] | None = None
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[[Any], Task]
+        ) -> dict:
+    """Init or resume `make_task(mesh)`'s state in `workdir` and train it to the end.
+
+    Common config keys: seed, mesh, checkpoint_every_steps, keep_checkpoints, log_every_steps,
+    peak_tflops. Returns the last logged metrics.
+    """
     mesh = shd.make_mesh(config.mesh)
-    check_mesh(config, mesh)
+    task = make_task(mesh)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     ckpt = checkpointing.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints,
                                       save_interval_steps=config.checkpoint_every_steps)
@@ -176,29 +202,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     meta = {}
     if latest is not None:
         meta = ckpt.read_meta(latest)
-        check_workdir_model(meta, p.model, ckpt_dir, latest)
-
-    tx = optim.create_optimizer(p.optim)
-    lr_fn = optim.learning_rate_fn(p.optim)
-    rules = tuple(tuple(r) for r in config.sharding_rules) if config.get("sharding_rules") \
-        else shd.DEFAULT_RULES
-    fns = ts.build(lambda: models.create(p.model, seed=config.seed), tx, lr_fn, mesh,
-                   accum_steps=config.grad_accum_steps, rules=rules)
+        task.check_meta(meta, latest, ckpt_dir)
+    fns = task.fns
     write_config(config, workdir)
 
     if latest is None:
         state = fns.init()
         data_position = 0
-        logging.info("initialized %s (%s trainable parameters)", p.model.name,
+        logging.info("%s: initialized (%s trainable parameters)", task.name,
                      f"{_count(state['params']):,}")
     else:
         params_only = bool(meta.get("params_only"))
         target = abstract_checkpoint(fns.abstract_state, fns.state_shardings, params_only)
         restored, meta = ckpt.restore(latest, target)
         if params_only:  # an imported checkpoint: fresh optimizer, step 0
-            fresh = fns.init()
-            nnx.replace_by_pure_dict(fresh["params"], restored["params"])
-            state, data_position = fresh, 0
+            state = fns.init()
+            nnx.replace_by_pure_dict(state["params"], restored["params"])
+            data_position = 0
             logging.info("starting from imported parameters (%s)", meta.get("source"))
         else:
             state = from_checkpoint(restored, fns.abstract_state)
@@ -209,33 +229,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_index() == 0:  # drop lines of steps after the checkpoint, before appending
         metrics.truncate_after(workdir, start)
     writer = metrics.MetricsWriter(workdir, is_primary=jax.process_index() == 0,
-                                   total_steps=p.total_steps)
+                                   total_steps=task.total_steps)
     writer.write_config(config)
-    data = input_pipeline.create_pretrain_iterator(
-        config.data, global_batch_size=config.batch_size, seed=config.seed,
-        start_step=data_position)
+    data = task.make_data(data_position)
     key = jax.random.key(config.seed)
-    flops_per_image = flops.mae_train_flops_per_image(p.model)
     peak = config.get("peak_tflops") or flops.peak_tflops()
     last_good = latest
     last: dict = {}
     t_last, step_last = time.perf_counter(), start
-    logging.info("training steps %d..%d on mesh %s", start, p.total_steps, dict(mesh.shape))
+    logging.info("%s: steps %d..%d on mesh %s", task.name, start, task.total_steps,
+                 dict(mesh.shape))
 
     def save(step, force=False):
-        ok = ckpt.save(step, to_checkpoint(state), {
-            "model": dataclasses.asdict(p.model), "data_position": data.position,
-            "seed": config.seed, "step": step, "skipped_images": data.skipped}, force=force)
-        return ok
+        return ckpt.save(step, to_checkpoint(state), {
+            **task.meta(), "data_position": data.position, "seed": config.seed, "step": step,
+            "skipped_images": data.skipped}, force=force)
 
     try:
-        for step in range(start, p.total_steps):
+        for step in range(start, task.total_steps):
             batch = next(data)
-            images = shd.global_batch(batch["image"], mesh)
-            state, m = fns.step(state, images, key)
+            arrays = {k: shd.global_batch(batch[k], mesh) for k in task.device_keys}
+            state, m = fns.step(state, arrays, key)
             done = step + 1
-            is_log = done % config.log_every_steps == 0 or done == p.total_steps or done == 1
-            wants_save = ckpt.should_save(done) or done == p.total_steps
+            is_log = done % config.log_every_steps == 0 or done == task.total_steps or done == 1
+            wants_save = ckpt.should_save(done) or done == task.total_steps
             if is_log or wants_save:
                 bad = int(jax.device_get(state["nonfinite_step"]))
                 if bad >= 0:
@@ -243,21 +260,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         f"non-finite loss at step {bad}; stopping. The last good checkpoint is "
                         f"step {last_good} in {ckpt_dir}" if last_good is not None else
                         f"non-finite loss at step {bad}; stopping (no checkpoint was saved yet)")
+            values = {}
             if is_log:
                 values = {k: float(v) for k, v in jax.device_get(m).items()}
                 now = time.perf_counter()
-                ips = (done - step_last) * config.batch_size / max(now - t_last, 1e-9)
+                ips = (done - step_last) * task.batch_size / max(now - t_last, 1e-9)
                 t_last, step_last = now, done
-                values.update(images_per_sec=ips, skipped_images=data.skipped,
-                              tflops_per_device=ips * flops_per_image / 1e12 / jax.device_count())
-                if peak:
-                    values["mfu"] = values["tflops_per_device"] / peak
+                values.update(images_per_sec=ips, skipped_images=data.skipped)
+                if task.flops_per_image:
+                    values["tflops_per_device"] = (ips * task.flops_per_image / 1e12
+                                                   / jax.device_count())
+                    if peak:
+                        values["mfu"] = values["tflops_per_device"] / peak
+            if task.periodic is not None:
+                values.update(task.periodic(writer, state, batch, done) or {})
+            if task.final is not None and done == task.total_steps:
+                values.update(task.final(writer, state, done) or {})
+            if values:
                 writer.write_scalars(done, values)
                 last = {"step": done, **values}
-            if config.reconstruction_every_steps and done % config.reconstruction_every_steps == 0:
-                _log_reconstruction(writer, fns, state, batch, p.model, done)
             if wants_save:
-                if save(done, force=done == p.total_steps or ckpt.preemption_requested):
+                if save(done, force=done == task.total_steps or ckpt.preemption_requested):
                     last_good = done
             if ckpt.preemption_requested:
                 logging.warning("preemption notice: saved step %d, exiting", done)
@@ -267,6 +290,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.close()
         writer.close()
     return last
+
+
+def pretrain_task(config, mesh) -> Task:
+    """The MAE pretraining task of `config` on `mesh` (validated before anything compiles)."""
+    info = input_pipeline.dataset_info(config.data)
+    p = plan(config, info.num_train_examples if info else None)
+    check_mesh(config, mesh)
+    tx = optim.create_optimizer(p.optim)
+    lr_fn = optim.learning_rate_fn(p.optim)
+    rules = tuple(tuple(r) for r in config.sharding_rules) if config.get("sharding_rules") \
+        else shd.DEFAULT_RULES
+    fns = ts.build(lambda: models.create(p.model, seed=config.seed), tx, lr_fn, mesh,
+                   accum_steps=config.grad_accum_steps, rules=rules)
+
+    def periodic(writer, state, batch, step):
+        every = config.reconstruction_every_steps
+        if every and step % every == 0:
+            _log_reconstruction(writer, fns, state, batch, p.model, step)
+        return None
+
+    return Task(
+        name=f"pretrain {p.model.name}", fns=fns, total_steps=p.total_steps,
+        batch_size=config.batch_size,
+        make_data=lambda start: input_pipeline.create_pretrain_iterator(
+            config.data, global_batch_size=config.batch_size, seed=config.seed,
+            start_step=start),
+        meta=lambda: {"model": dataclasses.asdict(p.model), "task": "pretrain"},
+        check_meta=lambda meta, step, ckpt_dir: check_workdir_model(meta, p.model, ckpt_dir, step),
+        flops_per_image=flops.mae_train_flops_per_image(p.model), periodic=periodic)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Pretrain MAE as `config` says, in `workdir`. Returns the last logged metrics."""
+    return run(config, workdir, lambda mesh: pretrain_task(config, mesh))
 
 
 def _count(params) -> int:

@@ -25,7 +25,7 @@ from mae_jax.models import MAE
 class StepFns:
     """Compiled entry points for one model/optimizer/mesh."""
     init: Callable[[], Any]                    # () -> state, sharded
-    step: Callable[[Any, jax.Array, jax.Array], tuple[Any, dict]]  # (state, images, key)
+    step: Callable[[Any, dict, jax.Array], tuple[Any, dict]]  # (state, {'image': ...}, key)
     state_shardings: Any
     abstract_state: Any
     graphdef: Any
@@ -124,7 +124,7 @@ def build(model_fn: Callable[[], MAE], tx: optax.GradientTransformation, lr_fn, 
         out_shardings=(state_sh, shd.replicated(mesh)),
         donate_argnums=(0,),
     )
-    return StepFns(init=init_jit, step=lambda s, x, k: step_fn(s, x, k, rest),
+    return StepFns(init=init_jit, step=lambda s, batch, k: step_fn(s, batch["image"], k, rest),
                    state_shardings=state_sh, abstract_state=abstract_state,
                    graphdef=graphdef, rest=rest)
 

@@ -61,7 +61,7 @@ def _run_steps(mesh_shape, accum=1, steps=1, batch=16):
     images = np.asarray(jax.random.normal(jax.random.key(0), (batch, 32, 32, 3)))
     losses = []
     for _ in range(steps):
-        state, m = fns.step(state, shd.global_batch(images, mesh), jax.random.key(1))
+        state, m = fns.step(state, {"image": shd.global_batch(images, mesh)}, jax.random.key(1))
         losses.append(float(m["loss"]))
     params = {"/".join(map(str, k)): np.asarray(v) for k, v in
               jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state["params"]))[0]}
