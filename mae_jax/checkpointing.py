@@ -37,6 +37,7 @@ from typing import Any
 from absl import logging
 from etils import epath
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 _STATE = "state"
@@ -211,6 +212,28 @@ class Checkpointer:
         args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state),
                                    _META: ocp.args.JsonRestore()}))
     return restored[_STATE], dict(restored[_META])
+
+  def restore_partial(self, step: int, abstract_subtree: Any) -> Any:
+    """Restores only the entries of the saved state that `abstract_subtree` holds (e.g.
+    `{'params': ...}` without the optimizer state), reading nothing else.
+
+    Leaves are `jax.ShapeDtypeStruct`s: with a `.sharding` they come back as `jax.Array`s
+    with that sharding, without one as numpy arrays.
+    """
+    step = self._existing_step(step)
+
+    def args(leaf):
+      if getattr(leaf, "sharding", None) is not None:
+        return ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape,
+                                    dtype=leaf.dtype)
+      return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
+
+    with ocp.PyTreeCheckpointer() as reader:
+      return reader.restore(
+          self.directory / str(step) / _STATE,
+          args=ocp.args.PyTreeRestore(item=abstract_subtree,
+                                      restore_args=jax.tree.map(args, abstract_subtree),
+                                      partial_restore=True))
 
   def read_meta(self, step: int) -> dict:
     """The meta dict saved at `step`, without reading any array."""

@@ -208,9 +208,6 @@ def restore_mae(workdir, step: int | None = None, **overrides):
     the position embeddings are fixed sin-cos, so any multiple of the patch size works).
     Only `state['params']` is read. Returns `(model, step, meta)`.
     """
-    import orbax.checkpoint as ocp
-    from etils import epath
-
     from mae_jax.checkpointing import Checkpointer
 
     directory = _checkpoint_dir(workdir)
@@ -221,23 +218,18 @@ def restore_mae(workdir, step: int | None = None, **overrides):
             if step is None:
                 raise ValueError(f"no complete checkpoint in {directory!r}")
         meta = ckpt.read_meta(step)
+        if "model" not in meta:
+            raise ValueError(f"checkpoint meta at step {step} has no 'model' entry (the model "
+                             f"config); keys: {sorted(meta)}")
+        config = models.resolve(meta["model"], **overrides)
+        abstract = nnx.eval_shape(lambda: models.create(config))
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = {"params": jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+            nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))}
+        restored = ckpt.restore_partial(step, target)  # parameters only
     finally:
         ckpt.close()
-    if "model" not in meta:
-        raise ValueError(f"checkpoint meta at step {step} has no 'model' entry (the model "
-                         f"config); keys: {sorted(meta)}")
-    config = models.resolve(meta["model"], **overrides)
-    abstract = nnx.eval_shape(lambda: models.create(config))
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {"params": jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-        nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))}
-    # Partial restore: only the parameters, not the optimizer state.
-    restored = ocp.PyTreeCheckpointer().restore(
-        epath.Path(directory) / str(step) / "state",
-        args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True))
     model = models.create(config)
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, restored["params"])

@@ -53,21 +53,13 @@ def _open_checkpointer(directory: str):
 
 def restore_params(checkpoint_root, step: int, config):
     """Only `state['params']` of checkpoint `step` (no optimizer state is read), as numpy."""
-    import jax  # pylint: disable=import-outside-toplevel
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
     from mae_jax.convert.mapping import abstract_params  # pylint: disable=import-outside-toplevel
 
-    item = {"params": abstract_params(config)}
-    restore_args = jax.tree.map(
-        lambda s: ocp.RestoreArgs(restore_type=np.ndarray, dtype=s.dtype), item)
-    from etils import epath  # pylint: disable=import-outside-toplevel
-
-    path = epath.Path(os.fspath(checkpoint_root)) / str(step) / "state"
-    with ocp.PyTreeCheckpointer() as ckptr:
-        restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True))
-    return restored["params"]
+    ckpt = _open_checkpointer(checkpoint_root)
+    try:
+        return ckpt.restore_partial(step, {"params": abstract_params(config)})["params"]
+    finally:
+        ckpt.close()
 
 
 def _count(sd) -> tuple[int, int]:
@@ -102,13 +94,14 @@ def run_export(args) -> None:
         if step not in steps:
             raise CliError(f"no checkpoint for step {step} in {ckpt_root}; available: {steps}")
         meta = ckpt.read_meta(step)
+        if "model" not in meta:
+            raise CliError(f"checkpoint {step} in {ckpt_root} has no 'model' config in its "
+                           f"meta (keys: {sorted(meta)})")
+        config = resolve(meta["model"])
+        print(f"reading params of step {step} ({config.name}) from {ckpt_root}",
+              file=sys.stderr)
     finally:
         ckpt.close()
-    if "model" not in meta:
-        raise CliError(f"checkpoint {step} in {ckpt_root} has no 'model' config in its meta "
-                       f"(keys: {sorted(meta)})")
-    config = resolve(meta["model"])
-    print(f"reading params of step {step} ({config.name}) from {ckpt_root}", file=sys.stderr)
     params = restore_params(ckpt_root, step, config)
     sd = convert.params_to_pytorch(params, config, fmt, img_size=args.img_size)
     convert.save(sd, out, fmt, config, img_size=args.img_size, overwrite=args.force)
