@@ -633,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python launch/tpu.py",
         description="Create Cloud TPU slices and run mae-jax training on every worker.",
         epilog=f"Environment variables: {env_help}. Arguments after a bare `--` are passed "
-               "to the training command (e.g. -- --config.num_epochs=800).")
+               "to the training command (e.g. -- --config.epochs=800).")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="SUBCOMMAND")
 
     common = argparse.ArgumentParser(add_help=False)
