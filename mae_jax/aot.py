@@ -295,13 +295,15 @@ def check(config: ml_collections.ConfigDict, topology: str, *, backend: str = "a
     t2 = time.perf_counter()
     report = {
         "topology": topo.name, "topology_grid": "x".join(map(str, topo.shape)) or None,
-        "num_devices": topo.num_devices, "target_device_kind": GENERATIONS[topo.generation]
-        .device_kind, "compiled_for_backend": chosen,
+        "num_devices": topo.num_devices,
+        "target_device_kind": GENERATIONS[topo.generation].device_kind,
+        "compiled_for_backend": chosen,
         "compiled_device_kind": getattr(devices[0], "device_kind", str(devices[0])),
         "stand_in": chosen != topo.platform,
         "model": p.model.name, "dtype": p.model.dtype, "remat": p.model.remat,
         "global_batch": int(config.batch_size), "grad_accum_steps": int(config.grad_accum_steps),
-        "per_device_batch": int(config.batch_size) // shd.data_parallel_size(mesh),
+        "per_device_batch": int(config.batch_size) // int(config.grad_accum_steps)
+        // shd.data_parallel_size(mesh),
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "lower_s": t1 - t0, "compile_s": t2 - t1, "jax_version": jax.__version__,
         "model_tflop_per_step": flops.mae_train_flops_per_image(p.model)
