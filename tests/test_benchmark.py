@@ -249,6 +249,13 @@ def test_aot_check_rejects_bad_inputs():
         aot.check(tiny_config(batch=16), "v4-8", backend="gpu")
 
 
+def test_aot_per_device_batch_counts_micro_batches():
+    accum = tiny_config(batch=32, data=-1, fsdp=2)
+    accum.grad_accum_steps = 2
+    report = aot.check(accum, "v5e-8", backend="cpu")
+    assert report["per_device_batch"] == 2 and report["grad_accum_steps"] == 2
+
+
 def test_aot_cli_errors():
     res = run_module(["mae_jax.aot", "--config=configs/smoke.py", "--topology=v7x-9"])
     assert res.returncode == 2 and "unknown accelerator 'v7x'" in res.stderr
