@@ -30,9 +30,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mae_jax import flops, models, optim, train
+from mae_jax import flops, train
 from mae_jax import sharding as shd
-from mae_jax import train_step as ts
 
 _TRACE = "/jax/core/compile/jaxpr_trace_duration"
 _LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
@@ -132,12 +131,7 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
     p = train.plan(_bench_config(config, 1 + warmup + steps), None)
     mesh = shd.make_mesh(config.mesh)
     train.check_mesh(config, mesh)
-    tx = optim.create_optimizer(p.optim)
-    lr_fn = optim.learning_rate_fn(p.optim)
-    rules = tuple(tuple(r) for r in config.sharding_rules) if config.get("sharding_rules") \
-        else shd.DEFAULT_RULES
-    fns = ts.build(lambda: models.create(p.model, seed=config.seed), tx, lr_fn, mesh,
-                   accum_steps=config.grad_accum_steps, rules=rules)
+    fns = train.pretrain_step_fns(config, p, mesh)
     state = fns.init()
     c = p.model
     shape = (config.batch_size, c.img_size, c.img_size, c.in_chans)

@@ -7,7 +7,6 @@ step, and the data position; the masking noise is a function of `(seed, step)`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Callable
@@ -292,17 +291,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[[An
     return last
 
 
+def pretrain_step_fns(config, p: Plan, mesh) -> ts.StepFns:
+    """The jitted, sharded MAE train step of `config` (resolved as `p`) on `mesh`."""
+    tx = optim.create_optimizer(p.optim)
+    lr_fn = optim.learning_rate_fn(p.optim)
+    rules = tuple(tuple(r) for r in config.sharding_rules) if config.get("sharding_rules") \
+        else shd.DEFAULT_RULES
+    return ts.build(lambda: models.create(p.model, seed=config.seed), tx, lr_fn, mesh,
+                    accum_steps=config.grad_accum_steps, rules=rules)
+
+
 def pretrain_task(config, mesh) -> Task:
     """The MAE pretraining task of `config` on `mesh` (validated before anything compiles)."""
     info = input_pipeline.dataset_info(config.data)
     p = plan(config, info.num_train_examples if info else None)
     check_mesh(config, mesh)
-    tx = optim.create_optimizer(p.optim)
-    lr_fn = optim.learning_rate_fn(p.optim)
-    rules = tuple(tuple(r) for r in config.sharding_rules) if config.get("sharding_rules") \
-        else shd.DEFAULT_RULES
-    fns = ts.build(lambda: models.create(p.model, seed=config.seed), tx, lr_fn, mesh,
-                   accum_steps=config.grad_accum_steps, rules=rules)
+    fns = pretrain_step_fns(config, p, mesh)
 
     def periodic(writer, state, batch, step):
         every = config.reconstruction_every_steps

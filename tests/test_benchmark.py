@@ -9,19 +9,13 @@ import numpy as np
 import pytest
 import jax
 
-from mae_jax import aot, benchmark, flops, models, optim, train
+from mae_jax import aot, benchmark, flops, models, optim
 from mae_jax import sharding as shd
 from mae_jax import train_step as ts
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from config_files import ROOT, load_config
 
 
-def load_config(path="configs/smoke.py"):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, path))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
 
 
 def tiny_config(batch=16, **mesh):

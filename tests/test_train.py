@@ -9,21 +9,14 @@ import time
 import numpy as np
 import pytest
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from mae_jax import models, optim, train, train_step as ts
 from mae_jax import sharding as shd
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from config_files import ROOT, load_config
 
 
-def load_config(path="configs/smoke.py"):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, path))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
 
 
 def small(**kw):
