@@ -18,6 +18,7 @@ from mae_jax.data_tf import tf_module
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 JPEG_MAGIC = b"\xff\xd8\xff"
+_EXTRA_AUG_TAG = 0xE7A  # seed of `augment_fn` in random_resized_crop
 
 
 def check_crop_params(scale, ratio) -> None:
@@ -154,7 +155,7 @@ def normalize(image):
 
 
 def random_resized_crop(data, seed, image_size: int, scale, ratio,
-                        flip: bool = True, antialias: bool = True):
+                        flip: bool = True, antialias: bool = True, augment_fn=None):
   """Encoded image -> float32 [S, S, 3] normalized: RandomResizedCrop + flip.
 
   Args:
@@ -164,6 +165,12 @@ def random_resized_crop(data, seed, image_size: int, scale, ratio,
     scale, ratio: RandomResizedCrop ranges.
     flip: random horizontal flip with probability 0.5.
     antialias: PIL-like antialiasing when downscaling.
+    augment_fn: optional `(image, seed) -> image` replacing the final `normalize`:
+      it gets the cropped, flipped float32 [S, S, 3] image with values in [0, 255]
+      (not normalized) and its own int64 [2] stateless seed (derived from `seed`,
+      so the crop and flip are the same with or without it), and returns the
+      final float32 [S, S, 3] model input, normalized (e.g. RandAugment on the
+      rounded uint8 pixels, `normalize`, then RandomErasing).
   """
   tf = tf_module()
   seeds = tf.random.experimental.stateless_split(seed, 2)
@@ -174,7 +181,12 @@ def random_resized_crop(data, seed, image_size: int, scale, ratio,
   if flip:
     do_flip = tf.random.stateless_uniform([], seeds[1]) < 0.5
     image = tf.cond(do_flip, lambda: tf.reverse(image, [1]), lambda: image)
-  image = normalize(image)
+  if augment_fn is None:
+    image = normalize(image)
+  else:
+    image.set_shape([image_size, image_size, 3])
+    extra_seed = tf.random.experimental.stateless_fold_in(seed, _EXTRA_AUG_TAG)
+    image = tf.cast(augment_fn(image, extra_seed), tf.float32)
   image.set_shape([image_size, image_size, 3])
   return image
 

@@ -4,7 +4,8 @@ Public API:
   default_data_config()                     -> ml_collections.ConfigDict
   create_pretrain_iterator(cfg, global_batch_size, seed, start_step, ...)
       yields {'image': float32 [B/P, S, S, 3]}           (RandomResizedCrop + flip)
-  create_train_iterator(...)   yields {'image', 'label' int32 [B/P]}  (labelled)
+  create_train_iterator(...)   yields {'image', 'label' int32 [B/P]}  (labelled;
+      optional `augment_fn` for extra per-example augmentation, e.g. RandAugment)
   create_eval_iterator(cfg, global_batch_size, ...)
       one pass, yields {'image', 'label', 'mask' bool [B/P]} (resize + center crop);
       the last batch is padded, `mask` marks real examples.
@@ -170,7 +171,8 @@ def _with_key(cfg, out, elem):
   return out
 
 
-def _train_process_fn(cfg, seed: int, min_scale: float, with_labels: bool):
+def _train_process_fn(cfg, seed: int, min_scale: float, with_labels: bool,
+                      augment_fn: Callable | None = None):
   tf = tf_module()
   size = int(cfg.image_size)
   ratio = tuple(float(r) for r in cfg.crop_ratio)
@@ -183,7 +185,7 @@ def _train_process_fn(cfg, seed: int, min_scale: float, with_labels: bool):
     base = tf.random.experimental.stateless_fold_in(base, _AUG_TAG)
     aug_seed = tf.random.experimental.stateless_fold_in(base, elem["key"])
     out = {"image": data_augment.random_resized_crop(data, aug_seed, size, scale, ratio,
-                                                     flip, antialias)}
+                                                     flip, antialias, augment_fn)}
     if with_labels:
       out["label"] = tf.cast(elem["label"], tf.int32)
     return _with_key(cfg, out, elem)
@@ -302,7 +304,8 @@ class DataIterator:
 
 def _stream_iterator(cfg, global_batch_size: int, seed: int, start_step: int,
                      process_index, process_count, scale_key: str,
-                     with_labels: bool, name: str) -> DataIterator:
+                     with_labels: bool, name: str,
+                     augment_fn: Callable | None = None) -> DataIterator:
   tf = tf_module()
   cfg = _resolve(cfg)
   if start_step < 0:
@@ -316,8 +319,10 @@ def _stream_iterator(cfg, global_batch_size: int, seed: int, start_step: int,
   n = shard.num_examples
   if n < 1:
     raise ValueError(f"split {cfg.train_split!r} has no examples for process {p}")
+  if augment_fn is not None and not callable(augment_fn):
+    raise ValueError(f"augment_fn must be callable (image, seed) -> image, got {augment_fn!r}")
   process, fallback = _train_process_fn(cfg, int(seed), float(cfg[scale_key]),
-                                        with_labels)
+                                        with_labels, augment_fn)
   options = _options(cfg)
   # A chunk spans >= 2 epochs and >= 1 batch; shards whose epochs are cheap
   # to list (in-memory index lists) take >= _MIN_CHUNK_BATCHES per chunk.
@@ -356,14 +361,23 @@ def create_pretrain_iterator(cfg, global_batch_size: int, seed: int = 0,
 
 def create_train_iterator(cfg, global_batch_size: int, seed: int = 0,
                           start_step: int = 0, process_index: int | None = None,
-                          process_count: int | None = None) -> DataIterator:
+                          process_count: int | None = None,
+                          augment_fn: Callable | None = None) -> DataIterator:
   """Infinite labelled batches {'image': float32 [B/P,S,S,3], 'label': int32 [B/P]}.
 
   RandomResizedCrop(scale=(cfg.train_crop_min_scale, 1)) + flip, as the
   reference linear probe. Same determinism and resumption as pretraining.
+
+  `augment_fn(image, seed) -> image` (optional, TF graph code) replaces the
+  final normalization of every example: it receives the cropped, flipped
+  float32 [S, S, 3] image in [0, 255] and a stateless int64 [2] seed (a pure
+  function of the example's crop seed), and returns the normalized float32
+  [S, S, 3] model input. Fine-tuning uses it for RandAugment + RandomErasing
+  (see `data_augment.random_resized_crop`).
   """
   return _stream_iterator(cfg, global_batch_size, seed, start_step, process_index,
-                          process_count, "train_crop_min_scale", True, "train")
+                          process_count, "train_crop_min_scale", True, "train",
+                          augment_fn)
 
 
 def create_eval_iterator(cfg, global_batch_size: int, process_index: int | None = None,

@@ -1,0 +1,31 @@
+"""CPU smoke fine-tuning: the tiny MAE of configs/smoke.py (32x32 images, patch 4) fine-tuned with
+the full official recipe (mixup/cutmix, label smoothing, RandAugment, random erasing, drop path,
+layer-wise lr decay) on the embedded default data (10 classes, 2400 train / 600 eval).
+
+Run (after the pretraining smoke run):
+  python -m mae_jax.main --config=configs/smoke.py --workdir=/tmp/mae_smoke
+  python -m mae_jax.main --config=configs/finetune_smoke.py --workdir=/tmp/mae_finetune_smoke \
+      --config.pretrained=/tmp/mae_smoke
+About 3.5 minutes on 2 CPU cores (180 steps of 128).
+Expected: eval top-1 about 66-68%, top-5 93-99% (measured: 66.5% from the 150-step smoke
+pretraining, 68.2% from a random encoder: at this scale the run checks the machinery, not the
+benefit of pretraining), in /tmp/mae_finetune_smoke/eval_results.json.
+"""
+from mae_jax.evaluate.finetune import base_config
+
+
+def get_config():
+    c = base_config("mae_vit_tiny_patch4_32")
+    c.model.dtype = "float32"   # CPUs gain nothing from bf16
+    c.data.source = "embedded"
+    c.data.name = None
+    c.data.image_size = 32
+    c.batch_size = 128
+    c.epochs = 10
+    c.warmup_epochs = 1
+    c.optim.base_lr = 1e-3
+    c.optim.layer_decay = 0.75
+    c.drop_path_rate = 0.1
+    c.checkpoint_every_steps = 100
+    c.log_every_steps = 20
+    return c

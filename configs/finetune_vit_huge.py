@@ -1,0 +1,20 @@
+"""Fine-tuning of a pretrained MAE ViT-H/14 on ImageNet-1K, the official recipe (see
+configs/finetune_vit_base.py) with base lr 1e-3, layer-wise lr decay 0.75, drop path 0.3,
+50 epochs (5 warmup).
+
+Run:
+  python -m mae_jax.main --config=configs/finetune_vit_huge.py --workdir=DIR \
+      --config.pretrained=PRETRAIN_WORKDIR
+Expected: top-1 86.9% (the paper's fine-tuned ViT-H at 224 px), in DIR/eval_results.json.
+"""
+from mae_jax.evaluate.finetune import base_config
+
+
+def get_config():
+    c = base_config("mae_vit_huge_patch14")
+    c.optim.base_lr = 1e-3
+    c.optim.layer_decay = 0.75
+    c.drop_path_rate = 0.3
+    c.epochs = 50
+    c.model.remat = True  # all tokens reach the encoder: recompute activations
+    return c

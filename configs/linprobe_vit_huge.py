@@ -1,0 +1,13 @@
+"""Linear probing of a pretrained MAE ViT-H/14 on ImageNet-1K, the paper's recipe (see
+configs/linprobe_vit_base.py): LARS base lr 0.1, batch 16384, 90 epochs, 10 warmup.
+
+Run:
+  python -m mae_jax.main --config=configs/linprobe_vit_huge.py --workdir=DIR \
+      --config.pretrained=PRETRAIN_WORKDIR
+Expected: top-1 76.6% (the paper's ViT-H linear probe), in DIR/eval_results.json.
+"""
+from mae_jax.evaluate.linear_probe import base_config
+
+
+def get_config():
+    return base_config("mae_vit_huge_patch14")

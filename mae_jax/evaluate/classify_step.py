@@ -1,0 +1,522 @@
+"""What linear probing and fine-tuning share: the sharded classification train step, evaluation,
+loading a pretrained encoder, config checks, and the `train.Task` both run through `train.run`.
+
+The train state is a dict (checkpointed and restored generically by `train.run`):
+  params          nnx.State of the trainable `nnx.Param`s (fine-tuning: all of them; linear
+                  probing: the head's only)
+  frozen          (linear probing) the other Params, i.e. the encoder: never updated, but kept
+                  in the state so a run's checkpoints are self-contained
+  batch_stats     (linear probing) the head's BatchNorm running mean/var (`nnx.BatchStat`),
+                  updated by the step
+  opt_state, step (int32), nonfinite_step (int32, -1 = none yet)
+Every entry is sharded by its variables' `logical_axes` (`mae_jax.sharding.state_shardings`).
+The graph and the remaining variables (the fixed position table, drop-path RNG streams) are
+passed separately, as in pretraining (`StepFns.graphdef`, `StepFns.rest`).
+
+Randomness of step `t` comes from `fold_in(key, t)` only (mixup/cutmix and drop path), so a
+resumed run is the same as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from mae_jax import flops, input_pipeline, models, optim
+from mae_jax import sharding as shd
+from mae_jax import train
+from mae_jax import train_step as ts
+from mae_jax.evaluate.metrics import topk_correct
+from mae_jax.evaluate.mixup import soft_target_cross_entropy
+from mae_jax.models.classifier import ENCODER_KEYS, ViTClassifier
+
+# prepare(key, images [B,H,W,C], labels [B] int) -> (images [B,H,W,C], targets [B,C] float32)
+Prepare = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+# Config keys every classification config has (task-specific keys are added by each task).
+COMMON_KEYS = frozenset({
+    "task", "seed", "pretrained", "pretrained_step", "model", "num_classes", "global_pool",
+    "data", "batch_size", "eval_batch_size", "epochs", "warmup_epochs", "total_steps", "optim",
+    "mesh", "sharding_rules", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
+    "eval_every_steps", "peak_tflops",
+})
+# Encoder fields that fix the parameter shapes: a pretrained checkpoint must agree on them.
+ENCODER_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
+RESULTS_FILE = "eval_results.json"
+_DROP_PATH_TAG = 1  # fold_in tags of the per-step key
+_PREPARE_TAG = 2
+
+
+# ----------------------------------------------------------------------------- step functions
+@dataclasses.dataclass(frozen=True)
+class ClassifyFns:
+    """`fns` (for `train.run`) and `eval_step(state, images, labels, mask) -> sums`."""
+    fns: ts.StepFns
+    eval_step: Callable[[dict, jax.Array, jax.Array, jax.Array], dict]
+
+
+def split_classifier(model: ViTClassifier, trainable: nnx.filterlib.Filter):
+    """`model` -> `(graphdef, parts, rest)`: `parts` maps 'params' (the `trainable` Params),
+    'frozen' (the other Params) and 'batch_stats' (BatchStats) to `nnx.State`s, empty ones left
+    out; `rest` holds everything else (fixed tables, RNG streams)."""
+    graphdef, params, frozen, stats, rest = nnx.split(model, trainable, nnx.Param, nnx.BatchStat,
+                                                      ...)
+    parts = {"params": params}
+    if jax.tree.leaves(frozen):
+        parts["frozen"] = frozen
+    if jax.tree.leaves(stats):
+        parts["batch_stats"] = stats
+    return graphdef, parts, rest
+
+
+def init_state(parts: dict, tx: optax.GradientTransformation) -> dict:
+    return {**parts, "opt_state": tx.init(parts["params"]), "step": jnp.zeros((), jnp.int32),
+            "nonfinite_step": jnp.full((), -1, jnp.int32)}
+
+
+def _merge(graphdef, state: dict, rest, params=None):
+    parts = [state["params"] if params is None else params]
+    parts += [state[k] for k in ("frozen", "batch_stats") if k in state]
+    return nnx.merge(graphdef, *parts, rest, copy=True)
+
+
+def loss_and_grads(state: dict, images: jax.Array, targets: jax.Array, drop_key: jax.Array, *,
+                   graphdef, rest, drop_path: bool):
+    """`((loss, (logits, batch_stats or None)), grads)` of the soft-target cross-entropy of
+    `images [B, H, W, C]` against `targets [B, C]`, w.r.t. `state['params']` only; the model
+    runs in training mode (drop path from `drop_key`, BatchNorm on batch statistics)."""
+
+    def loss_fn(params):
+        model = _merge(graphdef, state, rest, params)
+        if drop_path:
+            nnx.reseed(model, dropout=drop_key)
+        logits = model(images, train=True)
+        stats = nnx.state(model, nnx.BatchStat) if "batch_stats" in state else None
+        return soft_target_cross_entropy(logits, targets), (logits, stats)
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+
+
+def train_step(state: dict, images: jax.Array, labels: jax.Array, key: jax.Array, *, graphdef,
+               rest, tx: optax.GradientTransformation, lr_fn, prepare: Prepare,
+               drop_path: bool) -> tuple[dict, dict]:
+    """One update on the global batch: `images [B, H, W, C]` normalized NHWC, `labels [B]` int.
+
+    `prepare` turns labels into soft targets (mixup/cutmix/label smoothing) with its own key;
+    the loss is the soft-target cross-entropy. BatchNorm statistics (if any) are updated.
+    """
+    step = state["step"]
+    step_key = jax.random.fold_in(key, step)
+    images, targets = prepare(jax.random.fold_in(step_key, _PREPARE_TAG), images, labels)
+    (loss, (logits, stats)), grads = loss_and_grads(
+        state, images, targets, jax.random.fold_in(step_key, _DROP_PATH_TAG), graphdef=graphdef,
+        rest=rest, drop_path=drop_path)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(loss)
+    nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~finite, step + 1,
+                               state["nonfinite_step"])
+    new_state = {**state, "params": params, "opt_state": opt_state, "step": step + 1,
+                 "nonfinite_step": nonfinite_step}
+    if stats is not None:
+        new_state["batch_stats"] = stats
+    correct = topk_correct(logits, targets, ks=(1,))["top1"]
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(step),
+               "param_norm": optax.tree.norm(params),
+               "train_top1": 100.0 * correct / images.shape[0]}
+    return new_state, metrics
+
+
+def eval_step(state: dict, images: jax.Array, labels: jax.Array, mask: jax.Array, *, graphdef,
+              rest) -> dict:
+    """Sums over the real (`mask`) examples of a batch: top1/top5 hits, loss, count."""
+    model = _merge(graphdef, state, rest)
+    logits = model(images, train=False)
+    weight = mask.astype(jnp.float32)
+    safe = jnp.where(mask, labels, 0)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, safe[:, None], axis=1)[:, 0]
+    sums = topk_correct(logits, safe, ks=(1, 5), mask=mask)
+    sums.update(loss=jnp.sum(nll * weight), count=jnp.sum(weight))
+    return sums
+
+
+def build(model_fn: Callable[[], ViTClassifier], trainable: nnx.filterlib.Filter,
+          tx: optax.GradientTransformation, lr_fn, mesh, *, prepare: Prepare,
+          drop_path: bool = False, rules=shd.DEFAULT_RULES) -> ClassifyFns:
+    """Abstract state, shardings, and jitted init / train / eval steps for `model_fn`'s model.
+
+    `init()` returns a freshly initialized sharded state (no pretrained weights: see
+    `load_pretrained`); `fns.step(state, {'image', 'label'}, key)` takes global arrays.
+    """
+    abstract_model = nnx.eval_shape(model_fn)
+    graphdef, abstract_parts, abstract_rest = split_classifier(abstract_model, trainable)
+    abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract_parts)
+    state_sh = shd.state_shardings(abstract_state, mesh, rules)
+    rest_sh = shd.state_shardings(abstract_rest, mesh, rules)
+    rest = jax.jit(lambda: split_classifier(model_fn(), trainable)[2], out_shardings=rest_sh)()
+    init = jax.jit(lambda: init_state(split_classifier(model_fn(), trainable)[1], tx),
+                   out_shardings=state_sh)
+    batch_sh, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
+    step_fn = jax.jit(
+        lambda state, images, labels, key, rest: train_step(
+            state, images, labels, key, graphdef=graphdef, rest=rest, tx=tx, lr_fn=lr_fn,
+            prepare=prepare, drop_path=drop_path),
+        in_shardings=(state_sh, batch_sh, batch_sh, rep, rest_sh),
+        out_shardings=(state_sh, rep), donate_argnums=(0,))
+    eval_fn = jax.jit(
+        lambda state, images, labels, mask, rest: eval_step(
+            state, images, labels, mask, graphdef=graphdef, rest=rest),
+        in_shardings=(state_sh, batch_sh, batch_sh, batch_sh, rest_sh), out_shardings=rep)
+    fns = ts.StepFns(
+        init=init,
+        step=lambda s, batch, k: step_fn(s, batch["image"], batch["label"], k, rest),
+        state_shardings=state_sh, abstract_state=abstract_state, graphdef=graphdef, rest=rest)
+    return ClassifyFns(fns=fns, eval_step=lambda s, x, y, m: eval_fn(s, x, y, m, rest))
+
+
+def evaluate(cfns: ClassifyFns, state: dict, data_config, batch_size: int, mesh) -> dict:
+    """Top-1 / top-5 accuracy (percent) and mean cross-entropy over one pass of the eval split
+    (every process reads its own shard; padding is masked out)."""
+    data = input_pipeline.create_eval_iterator(data_config, global_batch_size=batch_size)
+    totals: dict[str, float] = {}
+    try:
+        for batch in data:
+            arrays = [shd.global_batch(batch[k], mesh) for k in ("image", "label", "mask")]
+            sums = jax.device_get(cfns.eval_step(state, *arrays))
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+    finally:
+        data.close()
+    n = totals.get("count", 0.0)
+    if n <= 0:
+        raise ValueError(f"the eval split {data_config.eval_split!r} has no examples")
+    return {"top1": 100.0 * totals["top1"] / n, "top5": 100.0 * totals["top5"] / n,
+            "loss": totals["loss"] / n, "num_examples": int(n)}
+
+
+# ----------------------------------------------------------------------------- pretrained
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """A located pretrained checkpoint: its directory, step and meta (no arrays read yet)."""
+    directory: str
+    step: int
+    meta: dict
+
+    @property
+    def model(self) -> models.MAEConfig:
+        return models.resolve(self.meta["model"])
+
+
+def _checkpoints_dir(path: str) -> str:
+    from etils import epath
+
+    text = os.fspath(path)
+    if "://" not in text:
+        text = os.path.abspath(os.path.expanduser(text))
+    root = epath.Path(text)
+    if not root.is_dir():
+        raise ValueError(
+            f"config.pretrained={path!r} does not exist or is not a directory; expected a "
+            f"pretraining workdir (with checkpoints/) or one written by "
+            f"`python -m mae_jax.convert import`")
+    return str(root / "checkpoints") if (root / "checkpoints").is_dir() else str(root)
+
+
+def locate_pretrained(path: str, step: int | None = None) -> Pretrained:
+    """Find checkpoint `step` (default: the latest) of a pretraining / imported workdir and
+    read its meta. Raises ValueError with what is wrong (missing path, no checkpoint, no model
+    config in the meta)."""
+    from mae_jax.checkpointing import Checkpointer
+
+    directory = _checkpoints_dir(path)
+    ckpt = Checkpointer(directory, max_to_keep=None, async_save=False,
+                        enable_preemption_save=False)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise ValueError(f"config.pretrained={path!r}: no complete checkpoint in "
+                             f"{directory!r}")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise ValueError(f"config.pretrained_step={step} is not a checkpoint of "
+                             f"{directory!r}; available steps: {steps}")
+        meta = ckpt.read_meta(step)
+    finally:
+        ckpt.close()
+    if "model" not in meta:
+        raise ValueError(f"checkpoint {step} in {directory!r} has no 'model' config in its meta "
+                         f"(keys {sorted(meta)}); is it an mae-jax pretraining checkpoint?")
+    return Pretrained(directory, int(step), meta)
+
+
+def encoder_keys(global_pool: bool) -> tuple[str, ...]:
+    """Top-level parameter names taken over from the MAE: the encoder, and its final `norm`
+    when the classifier pools the cls token (with global pooling `fc_norm` is new)."""
+    return ENCODER_KEYS + (() if global_pool else ("norm",))
+
+
+def load_pretrained(state: dict, shardings: dict, pretrained: Pretrained,
+                    keys: tuple[str, ...]) -> dict:
+    """Copy the pretrained encoder (`keys` of its `params`) into `state` ('params' and/or
+    'frozen'), reading only those arrays, straight into their target shardings."""
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    target, where = {}, {}
+    for entry in ("params", "frozen"):
+        if entry not in state:
+            continue
+        values = nnx.to_pure_dict(state[entry])
+        sh = nnx.to_pure_dict(shardings[entry])
+        for top in values:
+            if top in keys:
+                target[top] = jax.tree.map(
+                    lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                    values[top], sh[top])
+                where[top] = entry
+    missing = sorted(set(keys) - set(target))
+    if missing:
+        raise ValueError(f"the classifier has no parameters {missing} to load")
+    path = epath.Path(pretrained.directory) / str(pretrained.step) / "state"
+    with ocp.PyTreeCheckpointer() as reader:
+        restored = reader.restore(path, args=ocp.args.PyTreeRestore(
+            item={"params": target},
+            restore_args=ocp.checkpoint_utils.construct_restore_args({"params": target}),
+            partial_restore=True))["params"]
+    for top, entry in where.items():
+        nnx.replace_by_pure_dict(state[entry], {top: restored[top]})
+    return state
+
+
+# ----------------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Resolved numbers of a classification run."""
+    model: models.MAEConfig
+    num_classes: int
+    total_steps: int
+    warmup_steps: int
+    steps_per_epoch: int | None
+    eval_batch_size: int
+    optim: ml_collections.ConfigDict
+    pretrained: Pretrained | None
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def resolve_model(config, pretrained: Pretrained | None) -> models.MAEConfig:
+    """The encoder config: `config.model` (a preset name plus overrides), whose architecture
+    must match the pretrained checkpoint's; with `config.model.name` empty it is taken from
+    the checkpoint's meta (the other `config.model` fields still apply)."""
+    fields = dict(config.model.to_dict()) if hasattr(config.model, "to_dict") \
+        else {"name": config.model}
+    if not fields.get("name"):
+        if pretrained is None:
+            raise ValueError("config.model.name is empty and there is no config.pretrained "
+                             "checkpoint to take the architecture from")
+        base = pretrained.model
+        fields.pop("name", None)
+        mcfg = models.resolve(base, **{k: v for k, v in fields.items() if v is not None})
+    else:
+        mcfg = models.resolve(fields)
+    if pretrained is not None:
+        saved = pretrained.model
+        diffs = {f: (getattr(saved, f), getattr(mcfg, f)) for f in ENCODER_FIELDS
+                 if getattr(saved, f) != getattr(mcfg, f)}
+        if diffs:
+            detail = ", ".join(f"{f}: checkpoint {a!r} vs config {b!r}"
+                               for f, (a, b) in diffs.items())
+            raise ValueError(
+                f"config.pretrained holds another encoder ({saved.name!r}; {detail}); set "
+                f"config.model.name={saved.name!r} (or empty to take it from the checkpoint)")
+    size = int(config.data.image_size)
+    if mcfg.img_size != size:
+        raise ValueError(f"model img_size {mcfg.img_size} != config.data.image_size {size}; "
+                         f"set config.model.img_size={size} (position tables are fixed sin-cos, "
+                         f"any multiple of the patch size {mcfg.patch_size} works)")
+    return mcfg
+
+
+def plan(config, known_keys: frozenset[str]) -> Plan:
+    """Validate `config` and resolve the model, classes, step counts and optimizer config
+    (reads the pretrained checkpoint's meta, no arrays; nothing is compiled)."""
+    unknown = sorted(set(config.keys()) - known_keys)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known_keys)}")
+    pretrained = None
+    if config.pretrained:
+        step = config.get("pretrained_step")
+        pretrained = locate_pretrained(config.pretrained,
+                                       None if step is None else int(step))
+    mcfg = resolve_model(config, pretrained)
+    batch = _positive_int("batch_size", config.batch_size)
+    eval_batch = _positive_int("eval_batch_size", config.get("eval_batch_size") or batch)
+    info = input_pipeline.dataset_info(config.data)
+    num_classes = config.num_classes
+    if num_classes is None:
+        num_classes = info.num_classes if info else None
+        if not num_classes:
+            raise ValueError("the data set does not say how many classes it has: set "
+                             "config.num_classes")
+    num_classes = _positive_int("num_classes", num_classes)
+    steps_per_epoch = None
+    if info and info.num_train_examples:
+        steps_per_epoch = max(1, info.num_train_examples // batch)
+    if config.total_steps is not None:
+        total = _positive_int("total_steps", config.total_steps)
+        warmup = int(round(config.warmup_epochs / config.epochs * total)) if config.epochs else 0
+    else:
+        if steps_per_epoch is None:
+            raise ValueError("the data set size is unknown: set config.total_steps")
+        if not config.epochs or config.epochs <= 0:
+            raise ValueError(f"config.epochs must be positive, got {config.epochs!r}")
+        total = max(1, int(config.epochs * steps_per_epoch))
+        warmup = int(config.warmup_epochs * steps_per_epoch)
+    if config.warmup_epochs < 0:
+        raise ValueError(f"config.warmup_epochs must be >= 0, got {config.warmup_epochs!r}")
+    warmup = min(warmup, total)
+    if config.eval_every_steps < 0:
+        raise ValueError(f"config.eval_every_steps must be >= 0, got {config.eval_every_steps}")
+    oc = ml_collections.ConfigDict(config.optim.to_dict())
+    oc.batch_size = batch
+    oc.total_steps = total
+    oc.warmup_steps = warmup
+    if oc.get("layer_decay") is not None and oc.get("num_layers") is None:
+        oc.num_layers = mcfg.depth
+    optim.learning_rate_fn(oc)  # validates the optimizer config
+    return Plan(mcfg, num_classes, total, warmup, steps_per_epoch, eval_batch, oc, pretrained)
+
+
+def check_mesh(config, p: Plan, mesh) -> None:
+    dp = shd.data_parallel_size(mesh)
+    for name, batch in (("batch_size", config.batch_size), ("eval_batch_size", p.eval_batch_size)):
+        if batch % dp or batch % jax.process_count():
+            raise ValueError(
+                f"config.{name}={batch} is not divisible by the data-parallel size {dp} (mesh "
+                f"{dict(mesh.shape)}) and the process count {jax.process_count()}; change it "
+                f"or config.mesh")
+
+
+def classifier_flops_per_image(c: models.MAEConfig, num_classes: int) -> float:
+    """Forward FLOPs of the classifier on one image (matrix products, multiply-add = 2)."""
+    tokens = 1 + c.num_patches
+    return float(2 * c.num_patches * c.patch_dim * c.embed_dim
+                 + c.depth * flops.block_flops(tokens, c.embed_dim, c.mlp_ratio)
+                 + 2 * c.embed_dim * num_classes)
+
+
+# ----------------------------------------------------------------------------- the task
+def check_workdir(meta: dict, expected: dict, ckpt_dir: str, step: int) -> None:
+    """Refuse a workdir whose checkpoint holds another task / encoder / number of classes."""
+    saved_model = meta.get("model") or {}
+    diffs = []
+    if meta.get("task") != expected["task"]:
+        diffs.append(f"task: checkpoint {meta.get('task')!r} vs config {expected['task']!r}")
+    if meta.get("num_classes") != expected["num_classes"]:
+        diffs.append(f"num_classes: checkpoint {meta.get('num_classes')!r} vs config "
+                     f"{expected['num_classes']!r}")
+    for f in ENCODER_FIELDS + ("img_size",):
+        if saved_model.get(f) != expected["model"].get(f):
+            diffs.append(f"{f}: checkpoint {saved_model.get(f)!r} vs config "
+                         f"{expected['model'].get(f)!r}")
+    if diffs:
+        raise ValueError(f"the workdir's checkpoint {ckpt_dir} (step {step}) is of another run "
+                         f"({'; '.join(diffs)}); use a new --workdir or the matching config")
+
+
+def classification_task(config, mesh, workdir: str, *, name: str, p: Plan, model_fn, trainable,
+                        prepare: Prepare, drop_path: bool, global_pool: bool,
+                        flops_per_image: float | None,
+                        augment_fn: Callable | None = None) -> train.Task:
+    """The `train.Task` of a linear probe / fine-tuning run in `workdir` (both differ only in
+    the model, the trainable filter, `prepare`, the optimizer config and `augment_fn`).
+
+    Evaluation (top-1/top-5 on the eval split) runs every `config.eval_every_steps` (0: never)
+    and at the end; the final one is also written to `workdir/eval_results.json`.
+    """
+    check_mesh(config, p, mesh)
+    tx = optim.create_optimizer(p.optim)
+    lr_fn = optim.learning_rate_fn(p.optim)
+    rules = tuple(tuple(r) for r in config.sharding_rules) if config.get("sharding_rules") \
+        else shd.DEFAULT_RULES
+    cfns = build(model_fn, trainable, tx, lr_fn, mesh, prepare=prepare, drop_path=drop_path,
+                 rules=rules)
+    base_init = cfns.fns.init
+
+    def init():
+        state = base_init()
+        if p.pretrained is None:
+            logging.warning("config.pretrained is empty: the encoder is RANDOMLY INITIALIZED "
+                            "(a baseline, not an evaluation of a pretrained model)")
+            return state
+        state = load_pretrained(state, cfns.fns.state_shardings, p.pretrained,
+                                encoder_keys(global_pool))
+        logging.info("loaded the pretrained encoder from %s (step %d)", p.pretrained.directory,
+                     p.pretrained.step)
+        return state
+
+    fns = dataclasses.replace(cfns.fns, init=init)
+    cfns = dataclasses.replace(cfns, fns=fns)
+    meta = {"model": dataclasses.asdict(p.model), "task": config.task,
+            "num_classes": p.num_classes,
+            "pretrained": p.pretrained.directory if p.pretrained else "",
+            "pretrained_step": p.pretrained.step if p.pretrained else None}
+
+    def run_eval(state, step):
+        r = evaluate(cfns, state, config.data, p.eval_batch_size, mesh)
+        logging.info("%s: step %d: eval top-1 %.2f%%, top-5 %.2f%% on %d examples", name, step,
+                     r["top1"], r["top5"], r["num_examples"])
+        return r
+
+    def periodic(writer, state, batch, step):
+        every = config.eval_every_steps
+        if every and step % every == 0 and step < p.total_steps:
+            r = run_eval(state, step)
+            return {"eval_top1": r["top1"], "eval_top5": r["top5"], "eval_loss": r["loss"]}
+        return None
+
+    def final(writer, state, step):
+        r = run_eval(state, step)
+        if jax.process_index() == 0:
+            out = {**r, "step": step, "task": config.task, "model": p.model.name,
+                   "num_classes": p.num_classes, "pretrained": meta["pretrained"],
+                   "pretrained_step": meta["pretrained_step"]}
+            path = os.path.join(workdir, RESULTS_FILE)
+            with open(path + ".tmp", "w") as f:
+                json.dump(out, f, indent=2, sort_keys=True)
+            os.replace(path + ".tmp", path)
+        return {"eval_top1": r["top1"], "eval_top5": r["top5"], "eval_loss": r["loss"]}
+
+    return train.Task(
+        name=name, fns=fns, total_steps=p.total_steps, batch_size=config.batch_size,
+        make_data=lambda start: input_pipeline.create_train_iterator(
+            config.data, global_batch_size=config.batch_size, seed=config.seed,
+            start_step=start, augment_fn=augment_fn),
+        meta=lambda: meta,
+        check_meta=lambda m, step, ckpt_dir: check_workdir(m, meta, ckpt_dir, step),
+        device_keys=("image", "label"), flops_per_image=flops_per_image,
+        periodic=periodic, final=final)
+
+
+def read_results(workdir: str) -> dict:
+    """The final evaluation a run wrote (`eval_results.json`)."""
+    path = os.path.join(workdir, RESULTS_FILE)
+    if not os.path.exists(path):
+        raise ValueError(f"{path} does not exist: the run has not finished")
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,213 @@
+"""End-to-end fine-tuning as the official recipe (`main_finetune.py`): global average pooling
+with its norm (`fc_norm`), drop path, mixup 0.8 / cutmix 1.0 with label smoothing 0.1,
+RandAugment `rand-m9-mstd0.5-inc1`, random erasing 0.25, AdamW (0.9, 0.999), weight decay 0.05
+(none on 1-D parameters, `pos_embed`, `cls_token`), layer-wise lr decay, base lr x batch / 256,
+warmup then cosine to `min_lr` 1e-6; top-1 / top-5 on the eval split.
+
+    python -m mae_jax.main --config=configs/finetune_vit_base.py --workdir=DIR \\
+        --config.pretrained=PRETRAIN_WORKDIR
+
+Every parameter is trained (`state['params']`). RandAugment and random erasing run per example
+in the tf.data input pipeline (`input_pipeline.create_train_iterator(augment_fn=...)`), mixup /
+cutmix on device inside the train step. Checkpoints, resume, sharding and metrics are
+pretraining's (`mae_jax.train.run`).
+"""
+from __future__ import annotations
+
+import re
+
+import ml_collections
+from flax import nnx
+from ml_collections import config_dict
+
+from mae_jax import data_augment, input_pipeline, optim, train
+from mae_jax.evaluate import classify_step as cs
+from mae_jax.evaluate.mixup import mixup_cutmix, smooth_one_hot
+from mae_jax.models.classifier import FINETUNE_HEAD_STD, ViTClassifier
+
+TASK = "finetune"
+KNOWN_KEYS = cs.COMMON_KEYS | {"drop_path_rate", "mixup", "cutmix", "mixup_prob",
+                               "mixup_switch_prob", "label_smoothing", "rand_augment", "reprob"}
+
+
+def base_config(model_name: str) -> ml_collections.ConfigDict:
+    """The official ImageNet-1K fine-tuning recipe (ViT-B numbers; the L/H configs change
+    `optim.base_lr`, `optim.layer_decay`, `drop_path_rate` and `epochs`)."""
+    c = ml_collections.ConfigDict()
+    c.task = TASK
+    c.seed = 0
+    c.pretrained = ""                 # pretraining / imported workdir ('' = random init)
+    c.pretrained_step = config_dict.placeholder(int)  # None: its latest checkpoint
+    c.model = ml_collections.ConfigDict(dict(
+        name=model_name, dtype="bfloat16", param_dtype="float32", remat=False,
+        attention_impl=config_dict.placeholder(str)))
+    c.num_classes = config_dict.placeholder(int)      # None: from the data set
+    c.global_pool = True              # mean of the patch tokens + fc_norm
+    c.drop_path_rate = 0.1
+    c.mixup = 0.8                     # mixup alpha (0 = off)
+    c.cutmix = 1.0                    # cutmix alpha (0 = off)
+    c.mixup_prob = 1.0                # probability of mixing a batch at all
+    c.mixup_switch_prob = 0.5         # probability of cutmix when both are on
+    c.label_smoothing = 0.1
+    c.rand_augment = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec ('' = off)
+    c.reprob = 0.25                   # random erasing probability (0 = off)
+    c.data = input_pipeline.default_data_config()
+    c.data.source = "tfds"
+    c.data.name = "imagenet2012"
+    c.data.image_size = 224
+    c.data.train_crop_min_scale = 0.08  # timm's RandomResizedCrop scale (0.08, 1)
+    c.batch_size = 1024               # global
+    c.eval_batch_size = config_dict.placeholder(int)  # None: batch_size
+    c.epochs = 100
+    c.warmup_epochs = 5
+    c.total_steps = config_dict.placeholder(int)      # overrides epochs
+    c.optim = optim.default_optim_config()
+    c.optim.name = "adamw"
+    c.optim.base_lr = 5e-4
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.weight_decay = 0.05
+    c.optim.layer_decay = 0.65
+    c.optim.num_layers = config_dict.placeholder(int)  # None: the encoder depth
+    c.optim.no_decay_names = ("pos_embed", "cls_token")
+    c.optim.min_lr = 1e-6
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding_rules = config_dict.placeholder(tuple)
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.log_every_steps = 50
+    c.eval_every_steps = 0            # 0: evaluate only at the end
+    c.peak_tflops = config_dict.placeholder(float)
+    return c
+
+
+# ----------------------------------------------------------------------------- augmentation
+def parse_rand_augment(spec: str | None) -> dict | None:
+    """timm's RandAugment spec, e.g. `'rand-m9-mstd0.5-inc1'`, -> keyword arguments of
+    `mae_jax.evaluate.augment.rand_augment` (`None` for '' / None = off).
+
+    Fields: `m` magnitude (0-10), `n` ops per image (default 2), `mstd` magnitude std, `p`
+    probability of each op (default 0.5), `inc` must be 1 (the "increasing" op set, which is
+    what `augment` implements).
+    """
+    if not spec:
+        return None
+    if not isinstance(spec, str):
+        raise ValueError(f"rand_augment must be a string like 'rand-m9-mstd0.5-inc1', got "
+                         f"{spec!r}")
+    parts = spec.split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"rand_augment {spec!r} must start with 'rand-' (timm's format)")
+    out = {"num_ops": 2, "magnitude": 10.0, "magnitude_std": 0.0, "prob": 0.5}
+    increasing = False
+    for part in parts[1:]:
+        m = re.fullmatch(r"([a-z]+)(\d+(?:\.\d*)?)", part)
+        if not m:
+            raise ValueError(f"rand_augment {spec!r}: cannot parse {part!r}")
+        key, value = m.group(1), float(m.group(2))
+        if key == "m":
+            out["magnitude"] = value
+        elif key == "n":
+            out["num_ops"] = int(value)
+        elif key == "mstd":
+            out["magnitude_std"] = value
+        elif key == "p":
+            out["prob"] = value
+        elif key == "inc":
+            increasing = bool(int(value))
+        else:
+            raise ValueError(f"rand_augment {spec!r}: unsupported field {key!r} (supported: m, "
+                             f"n, mstd, p, inc)")
+    if not increasing:
+        raise ValueError(f"rand_augment {spec!r}: only the increasing op set is implemented; "
+                         f"add '-inc1' (the official recipe's setting)")
+    if not 0 <= out["magnitude"] <= 10 or out["magnitude_std"] < 0 or not 0 <= out["prob"] <= 1:
+        raise ValueError(f"rand_augment {spec!r}: need 0 <= m <= 10, mstd >= 0, 0 <= p <= 1")
+    return out
+
+
+def make_augment_fn(rand_augment: str | None, reprob: float):
+    """`augment_fn(image, seed)` for the input pipeline: RandAugment on the rounded uint8
+    pixels, ImageNet normalization, then random erasing (as timm's training transform);
+    `None` when both are off."""
+    ra = parse_rand_augment(rand_augment)
+    if isinstance(reprob, bool) or not isinstance(reprob, (int, float)) or not 0 <= reprob <= 1:
+        raise ValueError(f"reprob must be a probability in [0, 1], got {reprob!r}")
+    if ra is None and reprob == 0:
+        return None
+    from mae_jax.evaluate import augment
+
+    def augment_fn(image, seed):
+        import tensorflow as tf
+
+        s_ra, s_erase = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        if ra is not None:
+            pixels = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+            image = augment.rand_augment(pixels, s_ra, **ra)
+        image = data_augment.normalize(image)
+        if reprob > 0:
+            image = augment.random_erasing(image, s_erase, prob=float(reprob))
+        return image
+
+    return augment_fn
+
+
+def prepare(key, images, labels, *, num_classes: int, mixup: float, cutmix: float,
+            prob: float, switch_prob: float, smoothing: float):
+    """Mixup / cutmix (timm batch mode) with label smoothing, or only label smoothing."""
+    if mixup > 0 or cutmix > 0:
+        return mixup_cutmix(key, images, labels, num_classes, mixup_alpha=mixup,
+                            cutmix_alpha=cutmix, prob=prob, switch_prob=switch_prob,
+                            label_smoothing=smoothing)
+    return images, smooth_one_hot(labels, num_classes, smoothing)
+
+
+def _check(config) -> None:
+    for name in ("mixup", "cutmix"):
+        v = config[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ValueError(f"config.{name} must be an alpha >= 0 (0 = off), got {v!r}")
+    for name in ("mixup_prob", "mixup_switch_prob"):
+        v = config[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise ValueError(f"config.{name} must be a probability in [0, 1], got {v!r}")
+    v = config.label_smoothing
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+        raise ValueError(f"config.label_smoothing must be in [0, 1), got {v!r}")
+    v = config.drop_path_rate
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+        raise ValueError(f"config.drop_path_rate must be in [0, 1), got {v!r}")
+
+
+def finetune_task(config, mesh, workdir: str) -> train.Task:
+    """The fine-tuning `train.Task` of `config` on `mesh` (validated before compiling)."""
+    if config.get("task") != TASK:
+        raise ValueError(f"config.task must be {TASK!r} for fine-tuning, got "
+                         f"{config.get('task')!r}")
+    p = cs.plan(config, KNOWN_KEYS)
+    _check(config)
+    augment_fn = make_augment_fn(config.rand_augment, config.reprob)
+    global_pool = bool(config.global_pool)
+    rate = float(config.drop_path_rate)
+
+    def model_fn():
+        return ViTClassifier(p.model, p.num_classes, global_pool=global_pool,
+                             drop_path_rate=rate, linear_probe=False,
+                             head_init_std=FINETUNE_HEAD_STD,
+                             rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+
+    mix = dict(num_classes=p.num_classes, mixup=float(config.mixup), cutmix=float(config.cutmix),
+               prob=float(config.mixup_prob), switch_prob=float(config.mixup_switch_prob),
+               smoothing=float(config.label_smoothing))
+    return cs.classification_task(
+        config, mesh, workdir, name=f"finetune {p.model.name}", p=p, model_fn=model_fn,
+        trainable=nnx.Param, prepare=lambda k, x, y: prepare(k, x, y, **mix),
+        drop_path=rate > 0, global_pool=global_pool,
+        flops_per_image=3.0 * cs.classifier_flops_per_image(p.model, p.num_classes),
+        augment_fn=augment_fn)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Fine-tune the encoder of `config.pretrained` in `workdir` (resumes if it holds a run).
+    Returns the last logged metrics; the final evaluation is in `workdir/eval_results.json`."""
+    return train.run(config, workdir, lambda mesh: finetune_task(config, mesh, workdir))

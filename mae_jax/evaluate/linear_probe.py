@@ -1,0 +1,106 @@
+"""Linear probing as the paper (official `main_linprobe.py`): frozen encoder, cls-token feature
+(after the encoder's final norm), BatchNorm without affine parameters before a linear head, LARS
+(base lr 0.1 x batch / 256, weight decay 0, momentum 0.9), batch 16384, 90 epochs with 10 warmup
+then cosine, RandomResizedCrop + flip; top-1 / top-5 on the eval split.
+
+    python -m mae_jax.main --config=configs/linprobe_vit_base.py --workdir=DIR \\
+        --config.pretrained=PRETRAIN_WORKDIR
+
+Only the head's Linear is trained (`state['params']`); the encoder sits in `state['frozen']`
+(loaded from the pretrained checkpoint, never updated) and the BatchNorm running statistics in
+`state['batch_stats']`. Checkpoints, resume, sharding and metrics are pretraining's
+(`mae_jax.train.run`).
+"""
+from __future__ import annotations
+
+import ml_collections
+from flax import nnx
+from ml_collections import config_dict
+
+from mae_jax import input_pipeline, optim, train
+from mae_jax.evaluate import classify_step as cs
+from mae_jax.evaluate.mixup import smooth_one_hot
+from mae_jax.models.classifier import LINPROBE_HEAD_STD, ViTClassifier
+
+TASK = "linear_probe"
+KNOWN_KEYS = cs.COMMON_KEYS
+# The trainable parameters: the head's Linear (`head.1`); BatchNorm has no affine parameters.
+TRAINABLE = nnx.All(nnx.Param, nnx.PathContains("head"))
+
+
+def base_config(model_name: str) -> ml_collections.ConfigDict:
+    """The paper's ImageNet-1K linear-probing recipe for `model_name` (REFERENCE.md)."""
+    c = ml_collections.ConfigDict()
+    c.task = TASK
+    c.seed = 0
+    c.pretrained = ""                 # pretraining / imported workdir ('' = random init)
+    c.pretrained_step = config_dict.placeholder(int)  # None: its latest checkpoint
+    c.model = ml_collections.ConfigDict(dict(
+        name=model_name, dtype="bfloat16", param_dtype="float32", remat=False,
+        attention_impl=config_dict.placeholder(str)))
+    c.num_classes = config_dict.placeholder(int)      # None: from the data set
+    c.global_pool = False             # the paper's probe uses the cls token
+    c.data = input_pipeline.default_data_config()
+    c.data.source = "tfds"
+    c.data.name = "imagenet2012"
+    c.data.image_size = 224
+    c.data.train_crop_min_scale = 0.08  # RandomResizedCrop (torchvision default scale)
+    c.batch_size = 16384              # global
+    c.eval_batch_size = config_dict.placeholder(int)  # None: batch_size
+    c.epochs = 90
+    c.warmup_epochs = 10
+    c.total_steps = config_dict.placeholder(int)      # overrides epochs
+    c.optim = optim.default_optim_config()
+    c.optim.name = "lars"
+    c.optim.base_lr = 0.1
+    c.optim.weight_decay = 0.0
+    c.optim.momentum = 0.9
+    c.optim.min_lr = 0.0
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding_rules = config_dict.placeholder(tuple)
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.log_every_steps = 50
+    c.eval_every_steps = 0            # 0: evaluate only at the end
+    c.peak_tflops = config_dict.placeholder(float)
+    return c
+
+
+def prepare(key, images, labels, *, num_classes: int):
+    """Plain one-hot targets (cross-entropy), no mixing."""
+    del key
+    return images, smooth_one_hot(labels, num_classes, 0.0)
+
+
+def make_model_fn(p: cs.Plan, config):
+    def model_fn():
+        return ViTClassifier(p.model, p.num_classes, global_pool=bool(config.global_pool),
+                             drop_path_rate=0.0, linear_probe=True,
+                             head_init_std=LINPROBE_HEAD_STD,
+                             rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+    return model_fn
+
+
+def linear_probe_task(config, mesh, workdir: str) -> train.Task:
+    """The linear-probing `train.Task` of `config` on `mesh` (validated before compiling)."""
+    if config.get("task") != TASK:
+        raise ValueError(f"config.task must be {TASK!r} for linear probing, got "
+                         f"{config.get('task')!r}")
+    p = cs.plan(config, KNOWN_KEYS)
+    if p.optim.get("layer_decay") is not None:
+        raise ValueError("config.optim.layer_decay does not apply to linear probing (only the "
+                         "head is trained); leave it None")
+    fwd = cs.classifier_flops_per_image(p.model, p.num_classes)
+    # Forward only through the frozen encoder; the head's backward is negligible.
+    return cs.classification_task(
+        config, mesh, workdir, name=f"linear probe {p.model.name}", p=p,
+        model_fn=make_model_fn(p, config), trainable=TRAINABLE,
+        prepare=lambda k, x, y: prepare(k, x, y, num_classes=p.num_classes),
+        drop_path=False, global_pool=bool(config.global_pool), flops_per_image=fwd)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Linear-probe the encoder of `config.pretrained` in `workdir` (resumes if it holds a run).
+    Returns the last logged metrics; the final evaluation is in `workdir/eval_results.json`."""
+    return train.run(config, workdir, lambda mesh: linear_probe_task(config, mesh, workdir))
+
