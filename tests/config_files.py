@@ -11,3 +11,14 @@ def load_config(path="configs/smoke.py"):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.get_config()
+
+
+def override(config, **dotted):
+    """Set `config` entries by dotted key, e.g. `override(c, **{"optim.lr": 1e-3})`."""
+    for key, value in dotted.items():
+        target = config
+        parts = key.split(".")
+        for part in parts[:-1]:
+            target = target[part]
+        target[parts[-1]] = value
+    return config

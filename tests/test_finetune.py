@@ -2,7 +2,6 @@
 weights are taken over, the input pipeline's augmentation hook, the RandAugment spec, a short
 run with evaluation."""
 import dataclasses
-import importlib.util
 import json
 import os
 
@@ -18,14 +17,9 @@ from mae_jax.evaluate import classify_step as cs
 from mae_jax.evaluate import finetune
 from mae_jax.evaluate.mixup import smooth_one_hot
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from config_files import load_config, override
 
 
-def load_config(path):
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, path))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
 
 
 def small(**kw):
@@ -37,13 +31,7 @@ def small(**kw):
     c.total_steps = 4
     c.log_every_steps = 2
     c.checkpoint_every_steps = 2
-    for k, v in kw.items():
-        target = c
-        parts = k.split(".")
-        for p in parts[:-1]:
-            target = target[p]
-        target[parts[-1]] = v
-    return c
+    return override(c, **kw)
 
 
 def write_params_checkpoint(workdir, model):

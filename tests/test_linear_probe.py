@@ -1,7 +1,6 @@
 """Linear probing: only the head learns, the encoder comes from a checkpoint, resume, errors, and
 (slow) a short pretraining beats the random encoder under the probe."""
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -19,14 +18,9 @@ from mae_jax.checkpointing import Checkpointer
 from mae_jax.evaluate import classify_step as cs
 from mae_jax.evaluate import linear_probe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from config_files import ROOT, load_config, override
 
 
-def load_config(path):
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, path))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
 
 
 def small(**kw):
@@ -38,13 +32,7 @@ def small(**kw):
     c.total_steps = 6
     c.log_every_steps = 2
     c.checkpoint_every_steps = 3
-    for k, v in kw.items():
-        target = c
-        parts = k.split(".")
-        for p in parts[:-1]:
-            target = target[p]
-        target[parts[-1]] = v
-    return c
+    return override(c, **kw)
 
 
 def write_params_checkpoint(workdir, model):

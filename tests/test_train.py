@@ -14,7 +14,7 @@ from flax import nnx
 from mae_jax import models, optim, train, train_step as ts
 from mae_jax import sharding as shd
 
-from config_files import ROOT, load_config
+from config_files import ROOT, load_config, override
 
 
 
@@ -27,13 +27,7 @@ def small(**kw):
     c.log_every_steps = 2
     c.checkpoint_every_steps = 3
     c.reconstruction_every_steps = 0
-    for k, v in kw.items():
-        target = c
-        parts = k.split(".")
-        for p in parts[:-1]:
-            target = target[p]
-        target[parts[-1]] = v
-    return c
+    return override(c, **kw)
 
 
 def _optimizer(batch=16):
