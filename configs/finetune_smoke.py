@@ -11,12 +11,13 @@ Expected: eval top-1 about 66-68%, top-5 93-99% (measured: 66.5% from the 150-st
 pretraining, 68.2% from a random encoder: at this scale the run checks the machinery, not the
 benefit of pretraining), in /tmp/mae_finetune_smoke/eval_results.json.
 """
+
 from mae_jax.evaluate.finetune import base_config
 
 
 def get_config():
     c = base_config("mae_vit_tiny_patch4_32")
-    c.model.dtype = "float32"   # CPUs gain nothing from bf16
+    c.model.dtype = "float32"  # CPUs gain nothing from bf16
     c.data.source = "embedded"
     c.data.name = None
     c.data.image_size = 32

@@ -10,6 +10,7 @@ Run:
 from the official checkpoint.) Needs the TFDS `imagenet2012` data set (`--config.data.data_dir`).
 Expected: top-1 83.6% (the paper's fine-tuned ViT-B), in DIR/eval_results.json.
 """
+
 from mae_jax.evaluate.finetune import base_config
 
 

@@ -7,6 +7,7 @@ Run:
       --config.pretrained=PRETRAIN_WORKDIR
 Expected: top-1 85.9% (the paper's fine-tuned ViT-L), in DIR/eval_results.json.
 """
+
 from mae_jax.evaluate.finetune import base_config
 
 

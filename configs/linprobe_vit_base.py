@@ -10,6 +10,7 @@ from the official checkpoint.) Needs the TFDS `imagenet2012` data set (`--config
 Expected: top-1 68.0% (the paper's ViT-B linear probe, 800-epoch pretraining), in
 DIR/eval_results.json. The global batch 16384 must be divisible by the data-parallel size.
 """
+
 from mae_jax.evaluate.linear_probe import base_config
 
 

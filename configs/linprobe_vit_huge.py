@@ -6,6 +6,7 @@ Run:
       --config.pretrained=PRETRAIN_WORKDIR
 Expected: top-1 76.6% (the paper's ViT-H linear probe), in DIR/eval_results.json.
 """
+
 from mae_jax.evaluate.linear_probe import base_config
 
 

@@ -5,6 +5,7 @@ Run on a TPU pod (see launch/README.md), e.g.:
       --config.data.data_dir=gs://bucket/tfds --config.mesh.fsdp=8
 Expected: 86.9% top-1 after fine-tuning at 224 (76.6% linear probe) in the paper.
 """
+
 from mae_jax.pretrain_config import base_config
 
 

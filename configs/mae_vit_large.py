@@ -5,6 +5,7 @@ Run on a TPU pod (see launch/README.md), e.g.:
       --config.data.data_dir=gs://bucket/tfds
 Expected: 85.9% top-1 after fine-tuning (75.8% linear probe) in the paper.
 """
+
 from mae_jax.pretrain_config import base_config
 
 

@@ -21,6 +21,7 @@ to the launcher are forwarded to every process (a second one, or `--grace` secon
 kills them). `--dry-run` prints the exact commands, one per line with their environment, and
 starts nothing. Standard library only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Sequence
+from collections.abc import Sequence
+from typing import IO
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -49,21 +51,35 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def train_command(python: str, config: str, workdir: str, port: int, num_processes: int,
-                  process_id: int, extra: Sequence[str] = (),
-                  module: str = "mae_jax.main") -> list[str]:
+def train_command(
+    python: str,
+    config: str,
+    workdir: str,
+    port: int,
+    num_processes: int,
+    process_id: int,
+    extra: Sequence[str] = (),
+    module: str = "mae_jax.main",
+) -> list[str]:
     """argv of process `process_id`'s training command."""
-    return [python, "-m", module, f"--config={config}", f"--workdir={workdir}",
-            f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
-            f"--process_id={process_id}", *extra]
+    return [
+        python,
+        "-m",
+        module,
+        f"--config={config}",
+        f"--workdir={workdir}",
+        f"--coordinator_address=127.0.0.1:{port}",
+        f"--num_processes={num_processes}",
+        f"--process_id={process_id}",
+        *extra,
+    ]
 
 
 def process_env(devices: int, base: dict | None = None) -> dict[str, str]:
     """Environment of one process: CPU platform, `devices` simulated devices (any device-count
     flag already in XLA_FLAGS is replaced), unbuffered output, the repository importable."""
     env = dict(os.environ if base is None else base)
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith(DEVICE_COUNT_FLAG)]
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
     env["XLA_FLAGS"] = " ".join(flags + [f"{DEVICE_COUNT_FLAG}={devices}"])
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONUNBUFFERED"] = "1"
@@ -121,12 +137,20 @@ class Pod:
     """Processes started from `commands[i]` with `envs[i]`, output appended to `logs[i]`;
     process 0's output also echoed to `echo` with the prefix `[p0] `."""
 
-    def __init__(self, commands: Sequence[Sequence[str]], envs: Sequence[dict],
-                 logs: Sequence[str], echo: IO[str] | None = sys.stdout, grace: float = 30.0,
-                 poll: float = 0.1):
+    def __init__(
+        self,
+        commands: Sequence[Sequence[str]],
+        envs: Sequence[dict],
+        logs: Sequence[str],
+        echo: IO[str] | None = sys.stdout,
+        grace: float = 30.0,
+        poll: float = 0.1,
+    ):
         if not commands or not len(commands) == len(envs) == len(logs):
-            raise ValueError(f"need as many commands ({len(commands)}), environments "
-                             f"({len(envs)}) and logs ({len(logs)}), at least one")
+            raise ValueError(
+                f"need as many commands ({len(commands)}), environments "
+                f"({len(envs)}) and logs ({len(logs)}), at least one"
+            )
         self.commands, self.envs, self.logs = list(commands), list(envs), list(logs)
         self.echo, self.grace, self.poll = echo, grace, poll
         self.procs: list[subprocess.Popen] = []
@@ -139,18 +163,25 @@ class Pod:
         for i, (argv, env, path) in enumerate(zip(self.commands, self.envs, self.logs)):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             log = open(path, "ab")
-            log.write(f"=== local_pod {time.strftime('%Y-%m-%d %H:%M:%S')} process {i}: "
-                      f"{shlex.join(argv)}\n".encode())
+            log.write(
+                f"=== local_pod {time.strftime('%Y-%m-%d %H:%M:%S')} process {i}: "
+                f"{shlex.join(argv)}\n".encode()
+            )
             log.flush()
             self._files.append(log)
-            kwargs = dict(env=env, stdin=subprocess.DEVNULL, start_new_session=True,
-                          preexec_fn=_set_parent_death_signal if sys.platform == "linux"
-                          else None)
+            kwargs = dict(
+                env=env,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_set_parent_death_signal if sys.platform == "linux" else None,
+            )
             if i == 0:  # streamed: through a pipe into the log and the console
-                proc = subprocess.Popen(argv, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, **kwargs)
-                t = threading.Thread(target=_pump, args=(proc.stdout, log, self.echo, "[p0] "),
-                                     daemon=True)
+                proc = subprocess.Popen(
+                    argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs
+                )
+                t = threading.Thread(
+                    target=_pump, args=(proc.stdout, log, self.echo, "[p0] "), daemon=True
+                )
                 t.start()
                 self._threads.append(t)
             else:
@@ -206,14 +237,15 @@ class Pod:
                             failed = i
                             break
                     if failed is not None:
-                        self._say(f"process {failed} exited with code {codes[failed]}; "
-                                  "stopping the others")
+                        self._say(
+                            f"process {failed} exited with code {codes[failed]}; "
+                            "stopping the others"
+                        )
                         self._stop_others()
                         codes = [p.wait() for p in self.procs]
                 if all(c is not None for c in codes):
                     break
-                if (self._signal is not None and
-                        time.monotonic() - self._signal_time > self.grace):
+                if self._signal is not None and time.monotonic() - self._signal_time > self.grace:
                     self._say(f"still running {self.grace:g}s after the signal: killing")
                     self.kill()
                     self._signal_time = float("inf")
@@ -225,14 +257,18 @@ class Pod:
                 f.close()
         if failed is None:
             if any(p.returncode for p in self.procs):  # stopped by a forwarded signal
-                self._say("stopped by signal %d; exit codes %s" % (
-                    self._signal, [p.returncode for p in self.procs]))
+                self._say(
+                    "stopped by signal %d; exit codes %s"
+                    % (self._signal, [p.returncode for p in self.procs])
+                )
                 return 128 + self._signal
             return 0
         code = self.procs[failed].returncode
         code = 128 - code if code < 0 else code
-        sys.stderr.write(f"[local_pod] process {failed} failed (exit code {code}); last lines "
-                         f"of {self.logs[failed]}:\n{tail(self.logs[failed])}")
+        sys.stderr.write(
+            f"[local_pod] process {failed} failed (exit code {code}); last lines "
+            f"of {self.logs[failed]}:\n{tail(self.logs[failed])}"
+        )
         sys.stderr.flush()
         return code or 1
 
@@ -243,27 +279,43 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     extra: list[str] = []
     if "--" in argv:
         k = argv.index("--")
-        argv, extra = argv[:k], argv[k + 1:]
+        argv, extra = argv[:k], argv[k + 1 :]
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Arguments after a bare `--` are appended to every training command.")
-    ap.add_argument("--num-processes", "-n", type=int, default=2,
-                    help="local processes (default 2)")
-    ap.add_argument("--devices-per-process", "-m", type=int, default=4,
-                    help="simulated CPU devices per process (default 4)")
-    ap.add_argument("--config", default="configs/smoke.py", help="config file (default "
-                    "configs/smoke.py)")
-    ap.add_argument("--workdir", required=True, help="the run's workdir (shared by all "
-                    "processes; logs go to WORKDIR/logs/process_i.log)")
-    ap.add_argument("--port", type=int, default=0, help="coordinator port on 127.0.0.1 "
-                    "(default: a free one)")
-    ap.add_argument("--python", default=sys.executable, help="Python interpreter (default: "
-                    "this one)")
-    ap.add_argument("--module", default="mae_jax.main", help="entry module (default "
-                    "mae_jax.main)")
-    ap.add_argument("--grace", type=float, default=30.0, help="seconds between SIGTERM and "
-                    "SIGKILL when stopping processes (default 30)")
+        epilog="Arguments after a bare `--` are appended to every training command.",
+    )
+    ap.add_argument(
+        "--num-processes", "-n", type=int, default=2, help="local processes (default 2)"
+    )
+    ap.add_argument(
+        "--devices-per-process",
+        "-m",
+        type=int,
+        default=4,
+        help="simulated CPU devices per process (default 4)",
+    )
+    ap.add_argument(
+        "--config", default="configs/smoke.py", help="config file (default configs/smoke.py)"
+    )
+    ap.add_argument(
+        "--workdir",
+        required=True,
+        help="the run's workdir (shared by all processes; logs go to WORKDIR/logs/process_i.log)",
+    )
+    ap.add_argument(
+        "--port", type=int, default=0, help="coordinator port on 127.0.0.1 (default: a free one)"
+    )
+    ap.add_argument(
+        "--python", default=sys.executable, help="Python interpreter (default: this one)"
+    )
+    ap.add_argument("--module", default="mae_jax.main", help="entry module (default mae_jax.main)")
+    ap.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds between SIGTERM and SIGKILL when stopping processes (default 30)",
+    )
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = ap.parse_args(argv)
     if args.num_processes < 1:
@@ -282,8 +334,10 @@ def build(args: argparse.Namespace, port: int):
     """(commands, envs, log paths) of the pod that `args` describes."""
     workdir = os.path.abspath(os.path.expanduser(args.workdir))
     n = args.num_processes
-    commands = [train_command(args.python, args.config, workdir, port, n, i, args.extra,
-                              args.module) for i in range(n)]
+    commands = [
+        train_command(args.python, args.config, workdir, port, n, i, args.extra, args.module)
+        for i in range(n)
+    ]
     env = process_env(args.devices_per_process)
     return commands, [env] * n, [log_path(workdir, i) for i in range(n)]
 

@@ -23,6 +23,7 @@ Backends (`--backend`, reported in the output):
 Topology names: `v4-N` and `v5p-N` count TensorCores (N/2 chips, one megacore device per chip),
 `v5e-N` (alias `v5litepod-N`) and `v6e-N` count chips, `h100-N`/`h200-N`/`a100-N` count GPUs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,16 +44,16 @@ from mae_jax import flops, models, optim, train
 from mae_jax import sharding as shd
 from mae_jax import train_step as ts
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-    platform: str          # 'tpu' or 'gpu'
-    hbm_gib: float         # per device (per chip for TPUs)
-    counts_cores: bool     # the name's number counts TensorCores (2 per chip), not chips
-    dims: int              # 3-D torus (v4, v5p) or 2-D (v5e, v6e); 0 for GPUs
-    topology_prefix: str   # what get_topology_desc expects, e.g. 'v4' in 'v4:2x2x4'
+    platform: str  # 'tpu' or 'gpu'
+    hbm_gib: float  # per device (per chip for TPUs)
+    counts_cores: bool  # the name's number counts TensorCores (2 per chip), not chips
+    dims: int  # 3-D torus (v4, v5p) or 2-D (v5e, v6e); 0 for GPUs
+    topology_prefix: str  # what get_topology_desc expects, e.g. 'v4' in 'v4:2x2x4'
     device_kind: str
 
 
@@ -71,10 +72,10 @@ _2D_CHIPS = (1, 4, 8, 16, 32, 64, 128, 256)
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
-    name: str                  # as given, e.g. 'v4-32'
-    generation: str            # key of GENERATIONS
-    num_devices: int           # chips (TPU, megacore) or GPUs
-    shape: tuple[int, ...]     # chip grid, e.g. (2, 2, 4); () for GPUs
+    name: str  # as given, e.g. 'v4-32'
+    generation: str  # key of GENERATIONS
+    num_devices: int  # chips (TPU, megacore) or GPUs
+    shape: tuple[int, ...]  # chip grid, e.g. (2, 2, 4); () for GPUs
     hbm_gib: float
 
     @property
@@ -101,25 +102,30 @@ def _grid(chips: int, dims: int) -> tuple[int, ...]:
 def parse_topology(name: str, hbm_gib: float | None = None) -> Topology:
     """`'v4-32'` -> Topology(v4, 16 chips, (2, 2, 4), 32 GiB). ValueError on unknown names."""
     m = re.fullmatch(r"([a-z0-9]+)-(\d+)", (name or "").strip().lower())
-    known = "v4-N, v5p-N (N TensorCores), v5e-N / v5litepod-N, v6e-N (N chips), h100-N, " \
-            "h200-N, a100-N"
+    known = (
+        "v4-N, v5p-N (N TensorCores), v5e-N / v5litepod-N, v6e-N (N chips), h100-N, h200-N, a100-N"
+    )
     if not m:
         raise ValueError(f"unknown topology {name!r}; expected one of {known}, e.g. v4-32")
     gen = ALIASES.get(m.group(1), m.group(1))
     if gen not in GENERATIONS:
-        raise ValueError(f"unknown accelerator {m.group(1)!r} in topology {name!r}; "
-                         f"expected one of {known}")
+        raise ValueError(
+            f"unknown accelerator {m.group(1)!r} in topology {name!r}; expected one of {known}"
+        )
     g = GENERATIONS[gen]
     n = int(m.group(2))
     if g.counts_cores:
         if n < 8 or n & (n - 1):
-            raise ValueError(f"topology {name!r}: {gen}-N counts TensorCores (2 per chip); N must "
-                             f"be a power of two >= 8 (e.g. {gen}-8, {gen}-32), got {n}")
+            raise ValueError(
+                f"topology {name!r}: {gen}-N counts TensorCores (2 per chip); N must "
+                f"be a power of two >= 8 (e.g. {gen}-8, {gen}-32), got {n}"
+            )
         chips, shape = n // 2, _grid(n // 2, 3)
     elif g.dims == 2:
         if n not in _2D_CHIPS:
-            raise ValueError(f"topology {name!r}: {gen}-N counts chips; N must be one of "
-                             f"{_2D_CHIPS}, got {n}")
+            raise ValueError(
+                f"topology {name!r}: {gen}-N counts chips; N must be one of {_2D_CHIPS}, got {n}"
+            )
         chips, shape = n, _grid(n, 2)
     else:
         if n < 1:
@@ -145,6 +151,7 @@ def find_libtpu(path: str | None = None) -> str | None:
         raise ValueError(f"--libtpu_path {path!r} is not a file")
     try:
         import libtpu  # type: ignore
+
         return libtpu.get_library_path()
     except Exception:  # noqa: BLE001 - not installed or broken: no TPU compiler
         return None
@@ -155,11 +162,15 @@ def resolve_backend(topo: Topology, backend: str, libtpu_path: str | None = None
     if backend not in ("auto", "tpu", "gpu", "cpu"):
         raise ValueError(f"unknown backend {backend!r}; expected auto, tpu, gpu or cpu")
     if backend in ("tpu", "gpu") and backend != topo.platform:
-        raise ValueError(f"topology {topo.name} is a {topo.platform.upper()} topology; "
-                         f"--backend={backend} cannot compile for it (use auto or cpu)")
+        raise ValueError(
+            f"topology {topo.name} is a {topo.platform.upper()} topology; "
+            f"--backend={backend} cannot compile for it (use auto or cpu)"
+        )
     if backend == "tpu" and find_libtpu(libtpu_path) is None:
-        raise ValueError("--backend=tpu needs libtpu (the TPU compiler): set TPU_LIBRARY_PATH "
-                         "or --libtpu_path, see docs/performance.md; or use --backend=cpu")
+        raise ValueError(
+            "--backend=tpu needs libtpu (the TPU compiler): set TPU_LIBRARY_PATH "
+            "or --libtpu_path, see docs/performance.md; or use --backend=cpu"
+        )
     if backend != "auto":
         return backend
     if topo.platform == "tpu":
@@ -186,11 +197,16 @@ def topology_devices(topo: Topology, backend: str, libtpu_path: str | None = Non
         # Compile-only: several processes may load libtpu at once (no chips to guard).
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         from jax.experimental import topologies
+
         shape = topo.shape + (1,) * (3 - len(topo.shape))
-        per_host = (2, 4, 1) if topo.num_devices == 8 and len(topo.shape) == 2 else \
-            tuple(min(a, b) for a, b in zip(shape, (2, 2, 1)))
-        kw: dict[str, Any] = dict(chips_per_host_bounds=per_host, num_slices=1,
-                                  wrap=(False, False, False))
+        per_host = (
+            (2, 4, 1)
+            if topo.num_devices == 8 and len(topo.shape) == 2
+            else tuple(min(a, b) for a, b in zip(shape, (2, 2, 1)))
+        )
+        kw: dict[str, Any] = dict(
+            chips_per_host_bounds=per_host, num_slices=1, wrap=(False, False, False)
+        )
         if GENERATIONS[topo.generation].counts_cores:
             kw["chip_config_name"] = "megacore"
         desc = topologies.get_topology_desc(topo.topology_string, "tpu", **kw)
@@ -201,15 +217,22 @@ def topology_devices(topo: Topology, backend: str, libtpu_path: str | None = Non
         except RuntimeError as e:
             raise ValueError(f"no {backend} devices: {e}") from e
         if len(devices) < topo.num_devices:
-            hint = (f"run in a fresh process (python -m mae_jax.aot sets it) or set XLA_FLAGS="
-                    f"--xla_force_host_platform_device_count={topo.num_devices}"
-                    if backend == "cpu" else "use a machine with enough GPUs")
-            raise ValueError(f"topology {topo.name} needs {topo.num_devices} {backend} devices, "
-                             f"{len(devices)} are available; {hint}")
-        devices = devices[:topo.num_devices]
+            hint = (
+                f"run in a fresh process (python -m mae_jax.aot sets it) or set XLA_FLAGS="
+                f"--xla_force_host_platform_device_count={topo.num_devices}"
+                if backend == "cpu"
+                else "use a machine with enough GPUs"
+            )
+            raise ValueError(
+                f"topology {topo.name} needs {topo.num_devices} {backend} devices, "
+                f"{len(devices)} are available; {hint}"
+            )
+        devices = devices[: topo.num_devices]
     if len(devices) != topo.num_devices:
-        raise ValueError(f"topology {topo.name}: expected {topo.num_devices} devices, the "
-                         f"backend gave {len(devices)}")
+        raise ValueError(
+            f"topology {topo.name}: expected {topo.num_devices} devices, the "
+            f"backend gave {len(devices)}"
+        )
     return devices
 
 
@@ -231,8 +254,11 @@ def lower_train_step(config: ml_collections.ConfigDict, mesh: Mesh):
     train.check_mesh(config, mesh)
     tx = optim.create_optimizer(p.optim)
     lr_fn = optim.learning_rate_fn(p.optim)
-    rules = tuple(tuple(r) for r in config.sharding_rules) if config.get("sharding_rules") \
+    rules = (
+        tuple(tuple(r) for r in config.sharding_rules)
+        if config.get("sharding_rules")
         else shd.DEFAULT_RULES
+    )
     abstract_model = nnx.eval_shape(lambda: models.create(p.model, seed=config.seed))
     graphdef, abstract_params, abstract_rest = ts.split_model(abstract_model)
     abstract_state = jax.eval_shape(lambda q: ts.init_state(q, tx), abstract_params)
@@ -241,8 +267,17 @@ def lower_train_step(config: ml_collections.ConfigDict, mesh: Mesh):
     num_patches = p.model.num_patches
     step = jax.jit(
         lambda state, images, key, rest: ts.train_step(
-            state, images, key, graphdef=graphdef, rest=rest, tx=tx, lr_fn=lr_fn,
-            num_patches=num_patches, accum_steps=config.grad_accum_steps, mesh=mesh),
+            state,
+            images,
+            key,
+            graphdef=graphdef,
+            rest=rest,
+            tx=tx,
+            lr_fn=lr_fn,
+            num_patches=num_patches,
+            accum_steps=config.grad_accum_steps,
+            mesh=mesh,
+        ),
         in_shardings=(state_sh, shd.batch_sharding(mesh), shd.replicated(mesh), rest_sh),
         out_shardings=(state_sh, shd.replicated(mesh)),
         donate_argnums=(0,),
@@ -252,12 +287,19 @@ def lower_train_step(config: ml_collections.ConfigDict, mesh: Mesh):
         return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
 
     c = p.model
-    images = jax.ShapeDtypeStruct((config.batch_size, c.img_size, c.img_size, c.in_chans),
-                                  jnp.float32, sharding=shd.batch_sharding(mesh))
+    images = jax.ShapeDtypeStruct(
+        (config.batch_size, c.img_size, c.img_size, c.in_chans),
+        jnp.float32,
+        sharding=shd.batch_sharding(mesh),
+    )
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=shd.replicated(mesh))
-    lowered = step.lower(jax.tree.map(sds, abstract_state, state_sh), images, key,
-                         jax.tree.map(sds, abstract_rest, rest_sh))
+    lowered = step.lower(
+        jax.tree.map(sds, abstract_state, state_sh),
+        images,
+        key,
+        jax.tree.map(sds, abstract_rest, rest_sh),
+    )
     return lowered, p
 
 
@@ -271,18 +313,35 @@ def memory_report(compiled, hbm_gib: float) -> dict:
     if m is None:
         raise ValueError("this backend gives no memory analysis for compiled programs")
     get = lambda k: int(getattr(m, k, 0) or 0)  # noqa: E731
-    arg, out, alias = get("argument_size_in_bytes"), get("output_size_in_bytes"), \
-        get("alias_size_in_bytes")
+    arg, out, alias = (
+        get("argument_size_in_bytes"),
+        get("output_size_in_bytes"),
+        get("alias_size_in_bytes"),
+    )
     temp, code = get("temp_size_in_bytes"), get("generated_code_size_in_bytes")
     total = arg + out - alias + temp + code
     hbm = hbm_gib * GIB
-    return {"argument_bytes": arg, "output_bytes": out, "alias_bytes": alias,
-            "temp_bytes": temp, "code_bytes": code, "total_bytes": total,
-            "hbm_bytes": int(hbm), "fraction_of_hbm": total / hbm, "fits": total <= hbm}
+    return {
+        "argument_bytes": arg,
+        "output_bytes": out,
+        "alias_bytes": alias,
+        "temp_bytes": temp,
+        "code_bytes": code,
+        "total_bytes": total,
+        "hbm_bytes": int(hbm),
+        "fraction_of_hbm": total / hbm,
+        "fits": total <= hbm,
+    }
 
 
-def check(config: ml_collections.ConfigDict, topology: str, *, backend: str = "auto",
-          hbm_gib: float | None = None, libtpu_path: str | None = None) -> dict:
+def check(
+    config: ml_collections.ConfigDict,
+    topology: str,
+    *,
+    backend: str = "auto",
+    hbm_gib: float | None = None,
+    libtpu_path: str | None = None,
+) -> dict:
     """Compile the train step of `config` for `topology`; return a report dict."""
     topo = parse_topology(topology, hbm_gib)
     chosen = resolve_backend(topo, backend, libtpu_path)
@@ -294,20 +353,26 @@ def check(config: ml_collections.ConfigDict, topology: str, *, backend: str = "a
     compiled = lowered.compile()
     t2 = time.perf_counter()
     report = {
-        "topology": topo.name, "topology_grid": "x".join(map(str, topo.shape)) or None,
+        "topology": topo.name,
+        "topology_grid": "x".join(map(str, topo.shape)) or None,
         "num_devices": topo.num_devices,
         "target_device_kind": GENERATIONS[topo.generation].device_kind,
         "compiled_for_backend": chosen,
         "compiled_device_kind": getattr(devices[0], "device_kind", str(devices[0])),
         "stand_in": chosen != topo.platform,
-        "model": p.model.name, "dtype": p.model.dtype, "remat": p.model.remat,
-        "global_batch": int(config.batch_size), "grad_accum_steps": int(config.grad_accum_steps),
-        "per_device_batch": int(config.batch_size) // int(config.grad_accum_steps)
+        "model": p.model.name,
+        "dtype": p.model.dtype,
+        "remat": p.model.remat,
+        "global_batch": int(config.batch_size),
+        "grad_accum_steps": int(config.grad_accum_steps),
+        "per_device_batch": int(config.batch_size)
+        // int(config.grad_accum_steps)
         // shd.data_parallel_size(mesh),
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
-        "lower_s": t1 - t0, "compile_s": t2 - t1, "jax_version": jax.__version__,
-        "model_tflop_per_step": flops.mae_train_flops_per_image(p.model)
-        * config.batch_size / 1e12,
+        "lower_s": t1 - t0,
+        "compile_s": t2 - t1,
+        "jax_version": jax.__version__,
+        "model_tflop_per_step": flops.mae_train_flops_per_image(p.model) * config.batch_size / 1e12,
     }
     report.update(memory_report(compiled, topo.hbm_gib))
     return report
@@ -326,11 +391,13 @@ def format_report(r: dict) -> str:
         f"jax {r['jax_version']}; lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s",
     ]
     if r["stand_in"]:
-        lines.append("WARNING: stand-in compile: the memory figures below are the "
-                     f"{r['compiled_for_backend'].upper()} compiler's for the same program, not "
-                     f"the {r['target_device_kind']} compiler's and can be far off (2.3x too "
-                     "high for ViT-L at batch 4096 on v4-32, docs/performance.md); install "
-                     "libtpu for real TPU figures")
+        lines.append(
+            "WARNING: stand-in compile: the memory figures below are the "
+            f"{r['compiled_for_backend'].upper()} compiler's for the same program, not "
+            f"the {r['target_device_kind']} compiler's and can be far off (2.3x too "
+            "high for ViT-L at batch 4096 on v4-32, docs/performance.md); install "
+            "libtpu for real TPU figures"
+        )
     lines += [
         f"per-device memory: arguments {g(r['argument_bytes'])}, outputs {g(r['output_bytes'])}, "
         f"aliased (donated) {g(r['alias_bytes'])}, temporaries {g(r['temp_bytes'])}, code "
@@ -345,11 +412,17 @@ def format_report(r: dict) -> str:
 def _define_flags():
     from absl import flags
     from ml_collections import config_flags
-    cfg = config_flags.DEFINE_config_file("config", None, "Pretraining config file.",
-                                          lock_config=True)
+
+    cfg = config_flags.DEFINE_config_file(
+        "config", None, "Pretraining config file.", lock_config=True
+    )
     flags.DEFINE_string("topology", None, "Target, e.g. v4-32, v5p-64, v5e-16, v6e-16, h100-8.")
-    flags.DEFINE_enum("backend", "auto", ["auto", "tpu", "gpu", "cpu"],
-                      "Compiler to use; auto = the target's own when available, else cpu.")
+    flags.DEFINE_enum(
+        "backend",
+        "auto",
+        ["auto", "tpu", "gpu", "cpu"],
+        "Compiler to use; auto = the target's own when available, else cpu.",
+    )
     flags.DEFINE_float("hbm_gib", None, "Per-device memory in GiB (default: the target's).")
     flags.DEFINE_string("libtpu_path", None, "Path of libtpu.so (default: see module doc).")
     flags.DEFINE_string("json", None, "Also write the report as JSON to this path.")
@@ -359,6 +432,7 @@ def _define_flags():
 
 def main(argv):
     from absl import app, flags
+
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
@@ -366,10 +440,12 @@ def main(argv):
         topo = parse_topology(f.topology, f.hbm_gib)
         backend = resolve_backend(topo, f.backend, f.libtpu_path)
         from jax._src import xla_bridge
+
         if backend == "cpu" and not xla_bridge.backends_are_initialized():
             jax.config.update("jax_num_cpu_devices", topo.num_devices)
-        report = check(_CONFIG.value, f.topology, backend=backend, hbm_gib=f.hbm_gib,
-                       libtpu_path=f.libtpu_path)
+        report = check(
+            _CONFIG.value, f.topology, backend=backend, hbm_gib=f.hbm_gib, libtpu_path=f.libtpu_path
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -382,5 +458,6 @@ def main(argv):
 
 if __name__ == "__main__":
     from absl import app as _app
+
     _CONFIG = _define_flags()
     _app.run(main)

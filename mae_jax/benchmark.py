@@ -15,6 +15,7 @@ min/max, p10/p90), model TFLOP/s (`flops.mae_train_flops_per_image` x images/s),
 On a CPU, pick the number of simulated devices with
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` (default 1).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,8 @@ import platform
 import resource
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +40,13 @@ _LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 _COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
-def throughput(step_times_s: Sequence[float], batch_size: int, flops_per_image: float,
-               num_devices: int, peak_tflops: float | None) -> dict:
+def throughput(
+    step_times_s: Sequence[float],
+    batch_size: int,
+    flops_per_image: float,
+    num_devices: int,
+    peak_tflops: float | None,
+) -> dict:
     """Figures from per-step wall times (seconds) of a global batch of `batch_size`.
 
     images/s uses the median step time. Model TFLOP/s counts the whole mesh; MFU divides the
@@ -49,8 +56,10 @@ def throughput(step_times_s: Sequence[float], batch_size: int, flops_per_image: 
     if t.size == 0 or np.any(t <= 0):
         raise ValueError(f"need at least one positive step time, got {list(step_times_s)}")
     if batch_size <= 0 or num_devices <= 0 or flops_per_image <= 0:
-        raise ValueError(f"batch_size ({batch_size}), num_devices ({num_devices}) and "
-                         f"flops_per_image ({flops_per_image}) must be positive")
+        raise ValueError(
+            f"batch_size ({batch_size}), num_devices ({num_devices}) and "
+            f"flops_per_image ({flops_per_image}) must be positive"
+        )
     if peak_tflops is not None and peak_tflops <= 0:
         raise ValueError(f"peak_tflops must be positive, got {peak_tflops}")
     median = float(np.median(t))
@@ -58,11 +67,16 @@ def throughput(step_times_s: Sequence[float], batch_size: int, flops_per_image: 
     tflops = ips * flops_per_image / 1e12
     per_device = tflops / num_devices
     return {
-        "step_time_median_s": median, "step_time_min_s": float(t.min()),
-        "step_time_max_s": float(t.max()), "step_time_p10_s": float(np.percentile(t, 10)),
-        "step_time_p90_s": float(np.percentile(t, 90)), "images_per_sec": ips,
-        "images_per_sec_per_device": ips / num_devices, "model_tflops": tflops,
-        "model_tflops_per_device": per_device, "peak_tflops_per_device": peak_tflops,
+        "step_time_median_s": median,
+        "step_time_min_s": float(t.min()),
+        "step_time_max_s": float(t.max()),
+        "step_time_p10_s": float(np.percentile(t, 10)),
+        "step_time_p90_s": float(np.percentile(t, 90)),
+        "images_per_sec": ips,
+        "images_per_sec_per_device": ips / num_devices,
+        "model_tflops": tflops,
+        "model_tflops_per_device": per_device,
+        "peak_tflops_per_device": peak_tflops,
         "mfu": per_device / peak_tflops if peak_tflops else None,
     }
 
@@ -105,8 +119,11 @@ class _CompileEvents:
     def summary(self) -> dict:
         of = lambda name: [d for e, d in self.events if e == name]  # noqa: E731
         # Nested jits are traced inside the outer trace: the longest trace is the whole one.
-        return {"trace_s": max(of(_TRACE), default=0.0), "lower_s": sum(of(_LOWER)),
-                "xla_compile_s": sum(of(_COMPILE))}
+        return {
+            "trace_s": max(of(_TRACE), default=0.0),
+            "lower_s": sum(of(_LOWER)),
+            "xla_compile_s": sum(of(_COMPILE)),
+        }
 
 
 def _process_cpu_seconds() -> float:
@@ -121,8 +138,13 @@ def _bench_config(config: ml_collections.ConfigDict, total: int) -> ml_collectio
     return c
 
 
-def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
-        peak_tflops: float | None = None) -> dict:
+def run(
+    config: ml_collections.ConfigDict,
+    *,
+    steps: int = 10,
+    warmup: int = 2,
+    peak_tflops: float | None = None,
+) -> dict:
     """Build the train step for `config`, run and time it; return every figure as a dict."""
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
@@ -135,8 +157,9 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
     state = fns.init()
     c = p.model
     shape = (config.batch_size, c.img_size, c.img_size, c.in_chans)
-    images = jax.jit(lambda k: jax.random.normal(k, shape, jnp.float32),
-                     out_shardings=shd.batch_sharding(mesh))(jax.random.key(config.seed + 1))
+    images = jax.jit(
+        lambda k: jax.random.normal(k, shape, jnp.float32), out_shardings=shd.batch_sharding(mesh)
+    )(jax.random.key(config.seed + 1))
     batch = {"image": images}
     key = jax.random.key(config.seed)
     jax.block_until_ready((state, images))
@@ -160,23 +183,39 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
     loss = float(jax.device_get(metrics["loss"]))
 
     devices = list(mesh.devices.flat)
-    peak = peak_tflops if peak_tflops is not None else (
-        config.get("peak_tflops") or flops.peak_tflops(devices[0]))
+    peak = (
+        peak_tflops
+        if peak_tflops is not None
+        else (config.get("peak_tflops") or flops.peak_tflops(devices[0]))
+    )
     flops_per_image = flops.mae_train_flops_per_image(c)
     mem, mem_what = peak_memory(devices)
     result = {
-        "model": c.name, "dtype": c.dtype, "param_dtype": c.param_dtype, "remat": c.remat,
-        "attention_impl": c.attention_impl, "norm_pix_loss": c.norm_pix_loss,
-        "mask_ratio": c.mask_ratio, "global_batch": int(config.batch_size),
+        "model": c.name,
+        "dtype": c.dtype,
+        "param_dtype": c.param_dtype,
+        "remat": c.remat,
+        "attention_impl": c.attention_impl,
+        "norm_pix_loss": c.norm_pix_loss,
+        "mask_ratio": c.mask_ratio,
+        "global_batch": int(config.batch_size),
         "grad_accum_steps": int(config.grad_accum_steps),
-        "mesh": {k: int(v) for k, v in mesh.shape.items()}, "num_devices": len(devices),
-        "backend": jax.default_backend(), "device_kind": devices[0].device_kind,
-        "jax_version": jax.__version__, "host": platform.machine(),
-        "steps": steps, "warmup": warmup, "step_times_s": times,
-        "first_call_s": first_call, "process_cpu_s_per_step": cpu_per_step,
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "num_devices": len(devices),
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "jax_version": jax.__version__,
+        "host": platform.machine(),
+        "steps": steps,
+        "warmup": warmup,
+        "step_times_s": times,
+        "first_call_s": first_call,
+        "process_cpu_s_per_step": cpu_per_step,
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "flops_per_image": flops_per_image,
-        "peak_memory_bytes": mem, "peak_memory_kind": mem_what, "final_loss": loss,
+        "peak_memory_bytes": mem,
+        "peak_memory_kind": mem_what,
+        "final_loss": loss,
     }
     result.update(events.summary())
     result.update(throughput(times, config.batch_size, flops_per_image, len(devices), peak))
@@ -185,44 +224,54 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
 
 def format_report(r: dict) -> str:
     """Human-readable lines, one figure each (`label: value`)."""
-    mfu = (f"{100 * r['mfu']:.2f}% (peak {r['peak_tflops_per_device']:g} TFLOP/s per device)"
-           if r["mfu"] is not None else "n/a (peak unknown; pass --peak_tflops)")
+    mfu = (
+        f"{100 * r['mfu']:.2f}% (peak {r['peak_tflops_per_device']:g} TFLOP/s per device)"
+        if r["mfu"] is not None
+        else "n/a (peak unknown; pass --peak_tflops)"
+    )
     load = "n/a" if r["load_average_1min"] is None else f"{r['load_average_1min']:.2f}"
-    return "\n".join([
-        f"model: {r['model']} ({r['dtype']} compute, {r['param_dtype']} params, "
-        f"remat={r['remat']}, attention={r['attention_impl'] or 'default'})",
-        f"global batch: {r['global_batch']} (grad_accum_steps {r['grad_accum_steps']}) on mesh "
-        f"{r['mesh']}",
-        f"device: {r['num_devices']} x {r['device_kind']} (backend {r['backend']}, "
-        f"jax {r['jax_version']})",
-        f"compile: first call {r['first_call_s']:.2f} s (trace {r['trace_s']:.2f} s, lower "
-        f"{r['lower_s']:.2f} s, XLA compile {r['xla_compile_s']:.2f} s, plus one step)",
-        f"step time: median {r['step_time_median_s'] * 1e3:.1f} ms, min "
-        f"{r['step_time_min_s'] * 1e3:.1f} ms, max {r['step_time_max_s'] * 1e3:.1f} ms, p10 "
-        f"{r['step_time_p10_s'] * 1e3:.1f} ms, p90 {r['step_time_p90_s'] * 1e3:.1f} ms "
-        f"({r['steps']} steps after {r['warmup']} warm-up)",
-        f"host: {r['process_cpu_s_per_step']:.3f} CPU-s of this process per step, 1-min load "
-        f"average {load} (on a CPU backend, wall times grow with other "
-        f"load; CPU-s much less)",
-        f"images/s: {r['images_per_sec']:.2f} ({r['images_per_sec_per_device']:.2f} per device)",
-        f"model TFLOP/s: {r['model_tflops']:.4f} ({r['model_tflops_per_device']:.4f} per "
-        f"device; {r['flops_per_image'] / 1e9:.4g} GFLOP per image per step)",
-        f"MFU: {mfu}",
-        f"memory: {r['peak_memory_bytes'] / 2 ** 30:.2f} GiB {r['peak_memory_kind']}",
-        f"final loss: {r['final_loss']:.4f}",
-    ])
+    return "\n".join(
+        [
+            f"model: {r['model']} ({r['dtype']} compute, {r['param_dtype']} params, "
+            f"remat={r['remat']}, attention={r['attention_impl'] or 'default'})",
+            f"global batch: {r['global_batch']} (grad_accum_steps {r['grad_accum_steps']}) on mesh "
+            f"{r['mesh']}",
+            f"device: {r['num_devices']} x {r['device_kind']} (backend {r['backend']}, "
+            f"jax {r['jax_version']})",
+            f"compile: first call {r['first_call_s']:.2f} s (trace {r['trace_s']:.2f} s, lower "
+            f"{r['lower_s']:.2f} s, XLA compile {r['xla_compile_s']:.2f} s, plus one step)",
+            f"step time: median {r['step_time_median_s'] * 1e3:.1f} ms, min "
+            f"{r['step_time_min_s'] * 1e3:.1f} ms, max {r['step_time_max_s'] * 1e3:.1f} ms, p10 "
+            f"{r['step_time_p10_s'] * 1e3:.1f} ms, p90 {r['step_time_p90_s'] * 1e3:.1f} ms "
+            f"({r['steps']} steps after {r['warmup']} warm-up)",
+            f"host: {r['process_cpu_s_per_step']:.3f} CPU-s of this process per step, 1-min load "
+            f"average {load} (on a CPU backend, wall times grow with other "
+            f"load; CPU-s much less)",
+            f"images/s: {r['images_per_sec']:.2f} ({r['images_per_sec_per_device']:.2f} per device)",
+            f"model TFLOP/s: {r['model_tflops']:.4f} ({r['model_tflops_per_device']:.4f} per "
+            f"device; {r['flops_per_image'] / 1e9:.4g} GFLOP per image per step)",
+            f"MFU: {mfu}",
+            f"memory: {r['peak_memory_bytes'] / 2**30:.2f} GiB {r['peak_memory_kind']}",
+            f"final loss: {r['final_loss']:.4f}",
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------ CLI
 def _define_flags():
     from absl import flags
     from ml_collections import config_flags
-    cfg = config_flags.DEFINE_config_file("config", None, "Pretraining config file.",
-                                          lock_config=True)
+
+    cfg = config_flags.DEFINE_config_file(
+        "config", None, "Pretraining config file.", lock_config=True
+    )
     flags.DEFINE_integer("steps", 10, "Timed steps.")
     flags.DEFINE_integer("warmup", 2, "Untimed steps after the first (compiling) call.")
-    flags.DEFINE_float("peak_tflops", None,
-                       "Per-device peak TFLOP/s for MFU (default: known per device, else n/a).")
+    flags.DEFINE_float(
+        "peak_tflops",
+        None,
+        "Per-device peak TFLOP/s for MFU (default: known per device, else n/a).",
+    )
     flags.DEFINE_string("json", None, "Also write every figure as JSON to this path.")
     flags.mark_flags_as_required(["config"])
     return cfg
@@ -230,6 +279,7 @@ def _define_flags():
 
 def main(argv: Sequence[str]) -> None:
     from absl import app, flags
+
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
@@ -246,5 +296,6 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     from absl import app as _app
+
     _CONFIG: Any = _define_flags()
     _app.run(main)

@@ -5,6 +5,7 @@ products only, a multiply-add is 2 FLOPs, a training step is 3x the forward pass
 embedding is counted on all L patches (as the reference's convolution computes it) and the
 decoder on its 1 + L tokens. ViT-B/16 at mask ratio 0.75: 58.7 GFLOP per image.
 """
+
 from __future__ import annotations
 
 import jax
@@ -15,9 +16,16 @@ from mae_jax.models import MAEConfig
 # Dense bf16 matrix-product peak per device, TFLOP/s. H100/H200: what large bf16 products reach
 # (about 800, see REFERENCE.md), not the 989 of the data sheet; TPUs: the published peaks.
 PEAK_TFLOPS = {
-    "H100": 800.0, "H200": 800.0, "A100": 312.0,
-    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
-    "TPU v6 lite": 918.0, "TPU v6e": 918.0,
+    "H100": 800.0,
+    "H200": 800.0,
+    "A100": 312.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v5": 459.0,
+    "TPU v6 lite": 918.0,
+    "TPU v6e": 918.0,
 }
 
 
@@ -34,11 +42,11 @@ def mae_forward_flops_per_image(c: MAEConfig, mask_ratio: float | None = None) -
     length = c.num_patches
     enc_tokens = 1 + ops.num_kept(length, ratio)
     dec_tokens = 1 + length
-    total = 2 * length * c.patch_dim * c.embed_dim                      # patch embedding
+    total = 2 * length * c.patch_dim * c.embed_dim  # patch embedding
     total += c.depth * block_flops(enc_tokens, c.embed_dim, c.mlp_ratio)
-    total += 2 * enc_tokens * c.embed_dim * c.decoder_embed_dim         # decoder_embed
+    total += 2 * enc_tokens * c.embed_dim * c.decoder_embed_dim  # decoder_embed
     total += c.decoder_depth * block_flops(dec_tokens, c.decoder_embed_dim, c.mlp_ratio)
-    total += 2 * dec_tokens * c.decoder_embed_dim * c.patch_dim         # decoder_pred
+    total += 2 * dec_tokens * c.decoder_embed_dim * c.patch_dim  # decoder_pred
     return float(total)
 
 

@@ -31,11 +31,13 @@ batch positions, hence resumption, are unchanged; eval batches instead mark it
 with mask=False) and `it.skipped` counts it (logged). A batch with no good
 example is dropped (its position is still consumed).
 """
+
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -54,386 +56,488 @@ _AUG_TAG = 0xA06
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-  """Data config; the defaults give the offline embedded set at 224 px."""
-  cfg = ml_collections.ConfigDict()
-  cfg.source = "embedded"          # 'embedded' | 'tfds' | 'folder'
-  cfg.name = ""                    # TFDS name, e.g. 'imagenet2012' (source='tfds')
-  cfg.data_dir = ""                # TFDS data_dir, local or gs:// ('' -> TFDS default)
-  cfg.path = ""                    # folder root: path/class_x/img.jpg or path/<split>/...
-  cfg.train_split = "train"
-  cfg.eval_split = "validation"
-  cfg.image_key = "image"          # TFDS feature names
-  cfg.label_key = "label"
-  cfg.image_size = 224
-  cfg.crop_min_scale = 0.2         # pretraining RandomResizedCrop scale (min, 1)
-  cfg.train_crop_min_scale = 0.08  # labelled train iterator (torchvision default)
-  cfg.crop_ratio = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio range
-  cfg.flip = True
-  cfg.antialias = True             # PIL-like antialiased bicubic when downscaling
-  cfg.eval_crop_fraction = 0.875   # eval: resize shorter side to size / this
-  cfg.shuffle_buffer = 10_000      # TFDS only; other sources shuffle fully
-  cfg.num_parallel_calls = -1      # images decoded in parallel (-1: autotune)
-  cfg.threads = 0                  # private tf.data threadpool size (0: shared pool)
-  cfg.prefetch = 2                 # batches prefetched (-1: autotune)
-  cfg.cache = False                # hold the encoded shard in memory (small sets)
-  cfg.with_keys = False            # add 'key' int64 [B/P]: each example's stable id
-  cfg.folder_eval_fraction = 0.0   # flat folders: hold out this fraction as eval
-  cfg.embedded_resolution = 0      # stored crop side (0: from image_size)
-  cfg.embedded_train_per_class = 240
-  cfg.embedded_eval_per_class = 60
-  return cfg
+    """Data config; the defaults give the offline embedded set at 224 px."""
+    cfg = ml_collections.ConfigDict()
+    cfg.source = "embedded"  # 'embedded' | 'tfds' | 'folder'
+    cfg.name = ""  # TFDS name, e.g. 'imagenet2012' (source='tfds')
+    cfg.data_dir = ""  # TFDS data_dir, local or gs:// ('' -> TFDS default)
+    cfg.path = ""  # folder root: path/class_x/img.jpg or path/<split>/...
+    cfg.train_split = "train"
+    cfg.eval_split = "validation"
+    cfg.image_key = "image"  # TFDS feature names
+    cfg.label_key = "label"
+    cfg.image_size = 224
+    cfg.crop_min_scale = 0.2  # pretraining RandomResizedCrop scale (min, 1)
+    cfg.train_crop_min_scale = 0.08  # labelled train iterator (torchvision default)
+    cfg.crop_ratio = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio range
+    cfg.flip = True
+    cfg.antialias = True  # PIL-like antialiased bicubic when downscaling
+    cfg.eval_crop_fraction = 0.875  # eval: resize shorter side to size / this
+    cfg.shuffle_buffer = 10_000  # TFDS only; other sources shuffle fully
+    cfg.num_parallel_calls = -1  # images decoded in parallel (-1: autotune)
+    cfg.threads = 0  # private tf.data threadpool size (0: shared pool)
+    cfg.prefetch = 2  # batches prefetched (-1: autotune)
+    cfg.cache = False  # hold the encoded shard in memory (small sets)
+    cfg.with_keys = False  # add 'key' int64 [B/P]: each example's stable id
+    cfg.folder_eval_fraction = 0.0  # flat folders: hold out this fraction as eval
+    cfg.embedded_resolution = 0  # stored crop side (0: from image_size)
+    cfg.embedded_train_per_class = 240
+    cfg.embedded_eval_per_class = 60
+    return cfg
 
 
 def _resolve(cfg) -> ml_collections.ConfigDict:
-  """`cfg` laid over the defaults, so partial configs work; unknown keys warn."""
-  full = default_data_config()
-  unknown = sorted(set(cfg.keys()) - set(full.keys()))
-  if unknown:
-    log.warning("data config keys not used by the input pipeline: %s", unknown)
-  full.update(cfg)
-  return full
+    """`cfg` laid over the defaults, so partial configs work; unknown keys warn."""
+    full = default_data_config()
+    unknown = sorted(set(cfg.keys()) - set(full.keys()))
+    if unknown:
+        log.warning("data config keys not used by the input pipeline: %s", unknown)
+    full.update(cfg)
+    return full
 
 
 def dataset_info(cfg) -> DatasetInfo:
-  """Sizes and classes of the configured data set (all processes together)."""
-  cfg = _resolve(cfg)
-  return make_source(cfg).info(str(cfg.train_split), str(cfg.eval_split))
+    """Sizes and classes of the configured data set (all processes together)."""
+    cfg = _resolve(cfg)
+    return make_source(cfg).info(str(cfg.train_split), str(cfg.eval_split))
 
 
 def _process_layout(global_batch_size: int, process_index, process_count):
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  process_index, process_count = int(process_index), int(process_count)
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} must be in [0, {process_count})")
-  if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(f"global_batch_size {global_batch_size} must be a positive "
-                     f"multiple of process_count {process_count}")
-  return process_index, process_count, global_batch_size // process_count
+    if process_index is None or process_count is None:
+        import jax  # pylint: disable=g-import-not-at-top
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    process_index, process_count = int(process_index), int(process_count)
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} must be in [0, {process_count})")
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} must be a positive "
+            f"multiple of process_count {process_count}"
+        )
+    return process_index, process_count, global_batch_size // process_count
 
 
 def _options(cfg):
-  tf = tf_module()
-  options = tf.data.Options()
-  options.deterministic = True
-  options.threading.max_intra_op_parallelism = 1
-  if int(cfg.get("threads", 0)) > 0:
-    options.threading.private_threadpool_size = int(cfg.threads)
-  return options
+    tf = tf_module()
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.max_intra_op_parallelism = 1
+    if int(cfg.get("threads", 0)) > 0:
+        options.threading.private_threadpool_size = int(cfg.threads)
+    return options
 
 
 def _parallel(cfg) -> int:
-  n = int(cfg.get("num_parallel_calls", -1))
-  return tf_module().data.AUTOTUNE if n < 0 else max(1, n)
+    n = int(cfg.get("num_parallel_calls", -1))
+    return tf_module().data.AUTOTUNE if n < 0 else max(1, n)
 
 
-def _map_images(ds, shard: Shard, process: Callable, fallback: Callable, cfg,
-                guarded: bool):
-  """Maps `process(encoded_bytes, elem)` over elements, in order, adding ok.
+def _map_images(ds, shard: Shard, process: Callable, fallback: Callable, cfg, guarded: bool):
+    """Maps `process(encoded_bytes, elem)` over elements, in order, adding ok.
 
-  guarded=False: a plain parallel map; a corrupt or unreadable image raises
-  a tf.errors.OpError when its batch is fetched. guarded=True: every element
-  is processed in its own tiny pipeline whose errors are caught, so a failing
-  element (or padding, valid=False) yields `fallback(elem)` with ok=False
-  (about 20% slower, hence only used around failures).
-  """
-  tf = tf_module()
-  par = _parallel(cfg)
+    guarded=False: a plain parallel map; a corrupt or unreadable image raises
+    a tf.errors.OpError when its batch is fetched. guarded=True: every element
+    is processed in its own tiny pipeline whose errors are caught, so a failing
+    element (or padding, valid=False) yields `fallback(elem)` with ok=False
+    (about 20% slower, hence only used around failures).
+    """
+    tf = tf_module()
+    par = _parallel(cfg)
 
-  def good(elem):
-    out = process(shard.load(elem["data"]), elem)
-    out["ok"] = tf.constant(True)
-    return out
+    def good(elem):
+        out = process(shard.load(elem["data"]), elem)
+        out["ok"] = tf.constant(True)
+        return out
 
-  def bad(elem):
-    out = fallback(elem)
-    out["ok"] = tf.constant(False)
-    return out
+    def bad(elem):
+        out = fallback(elem)
+        out["ok"] = tf.constant(False)
+        return out
 
-  if not guarded:
-    return ds.map(graph_fn(good), num_parallel_calls=par, deterministic=True)
+    if not guarded:
+        return ds.map(graph_fn(good), num_parallel_calls=par, deterministic=True)
 
-  def attempt(elem):
-    one = tf.data.Dataset.from_tensors(elem)
-    tried = one.filter(graph_fn(lambda e: e["valid"])).map(graph_fn(good))
-    return tried.ignore_errors().concatenate(one.map(graph_fn(bad))).take(1)
+    def attempt(elem):
+        one = tf.data.Dataset.from_tensors(elem)
+        tried = one.filter(graph_fn(lambda e: e["valid"])).map(graph_fn(good))
+        return tried.ignore_errors().concatenate(one.map(graph_fn(bad))).take(1)
 
-  cycle = 4 if par == tf.data.AUTOTUNE else par
-  return ds.interleave(graph_fn(attempt), cycle_length=cycle, block_length=1,
-                       num_parallel_calls=par, deterministic=True)
+    cycle = 4 if par == tf.data.AUTOTUNE else par
+    return ds.interleave(
+        graph_fn(attempt),
+        cycle_length=cycle,
+        block_length=1,
+        num_parallel_calls=par,
+        deterministic=True,
+    )
 
 
 def _with_key(cfg, out, elem):
-  if cfg.get("with_keys", False):
-    out["key"] = elem["key"]
-  return out
+    if cfg.get("with_keys", False):
+        out["key"] = elem["key"]
+    return out
 
 
-def _train_process_fn(cfg, seed: int, min_scale: float, with_labels: bool,
-                      augment_fn: Callable | None = None):
-  tf = tf_module()
-  size = int(cfg.image_size)
-  ratio = tuple(float(r) for r in cfg.crop_ratio)
-  scale = (float(min_scale), 1.0)
-  flip, antialias = bool(cfg.flip), bool(cfg.antialias)
-  data_augment.check_crop_params(scale, ratio)
+def _train_process_fn(
+    cfg, seed: int, min_scale: float, with_labels: bool, augment_fn: Callable | None = None
+):
+    tf = tf_module()
+    size = int(cfg.image_size)
+    ratio = tuple(float(r) for r in cfg.crop_ratio)
+    scale = (float(min_scale), 1.0)
+    flip, antialias = bool(cfg.flip), bool(cfg.antialias)
+    data_augment.check_crop_params(scale, ratio)
 
-  def process(data, elem):
-    base = tf.stack([tf.constant(seed, tf.int64), elem["epoch"]])
-    base = tf.random.experimental.stateless_fold_in(base, _AUG_TAG)
-    aug_seed = tf.random.experimental.stateless_fold_in(base, elem["key"])
-    out = {"image": data_augment.random_resized_crop(data, aug_seed, size, scale, ratio,
-                                                     flip, antialias, augment_fn)}
-    if with_labels:
-      out["label"] = tf.cast(elem["label"], tf.int32)
-    return _with_key(cfg, out, elem)
+    def process(data, elem):
+        base = tf.stack([tf.constant(seed, tf.int64), elem["epoch"]])
+        base = tf.random.experimental.stateless_fold_in(base, _AUG_TAG)
+        aug_seed = tf.random.experimental.stateless_fold_in(base, elem["key"])
+        out = {
+            "image": data_augment.random_resized_crop(
+                data, aug_seed, size, scale, ratio, flip, antialias, augment_fn
+            )
+        }
+        if with_labels:
+            out["label"] = tf.cast(elem["label"], tf.int32)
+        return _with_key(cfg, out, elem)
 
-  def fallback(elem):
-    out = {"image": tf.zeros([size, size, 3], tf.float32)}
-    if with_labels:
-      out["label"] = tf.cast(elem["label"], tf.int32)
-    return _with_key(cfg, out, elem)
+    def fallback(elem):
+        out = {"image": tf.zeros([size, size, 3], tf.float32)}
+        if with_labels:
+            out["label"] = tf.cast(elem["label"], tf.int32)
+        return _with_key(cfg, out, elem)
 
-  return process, fallback
+    return process, fallback
 
 
 class DataIterator:
-  """Iterator over numpy batches with its stream position.
+    """Iterator over numpy batches with its stream position.
 
-  Attributes:
-    position: index of the next batch in the stream (= start_step + batches
-      consumed); store it in checkpoints and pass it back as `start_step`.
-    skipped: corrupt/unreadable examples met so far by this process.
-    local_batch_size: examples per batch on this process.
+    Attributes:
+      position: index of the next batch in the stream (= start_step + batches
+        consumed); store it in checkpoints and pass it back as `start_step`.
+      skipped: corrupt/unreadable examples met so far by this process.
+      local_batch_size: examples per batch on this process.
 
-  Batches come from a fast pipeline; when fetching one fails (a corrupt or
-  unreadable image), the pipeline is rebuilt in guarded mode at the same
-  batch for `GUARDED_WINDOW` batches, then fast again. Since batch k is a
-  pure function of k, switching pipelines never changes the stream. After
-  `MAX_FAST_FAILURES` failures the iterator stays guarded.
-  """
-  GUARDED_WINDOW = 64
-  MAX_FAST_FAILURES = 8
+    Batches come from a fast pipeline; when fetching one fails (a corrupt or
+    unreadable image), the pipeline is rebuilt in guarded mode at the same
+    batch for `GUARDED_WINDOW` batches, then fast again. Since batch k is a
+    pure function of k, switching pipelines never changes the stream. After
+    `MAX_FAST_FAILURES` failures the iterator stays guarded.
+    """
 
-  def __init__(self, open_chunk: Callable[[int, bool], tuple[Any, int]],
-               start_step: int, local_batch_size: int,
-               total_batches: int | None = None, always_guarded: bool = False,
-               name: str = "data"):
-    self._open_chunk = open_chunk
-    self.position = int(start_step)
-    self.skipped = 0
-    self.local_batch_size = local_batch_size
-    self._total = total_batches
-    self._always_guarded = always_guarded
-    self._fast_failures = 0
-    self._name = name
-    self._it: Iterator | None = None
-    self._chunk_left = 0
+    GUARDED_WINDOW = 64
+    MAX_FAST_FAILURES = 8
 
-  def __iter__(self):
-    return self
+    def __init__(
+        self,
+        open_chunk: Callable[[int, bool], tuple[Any, int]],
+        start_step: int,
+        local_batch_size: int,
+        total_batches: int | None = None,
+        always_guarded: bool = False,
+        name: str = "data",
+    ):
+        self._open_chunk = open_chunk
+        self.position = int(start_step)
+        self.skipped = 0
+        self.local_batch_size = local_batch_size
+        self._total = total_batches
+        self._always_guarded = always_guarded
+        self._fast_failures = 0
+        self._name = name
+        self._it: Iterator | None = None
+        self._chunk_left = 0
 
-  def __len__(self) -> int:
-    if self._total is None:
-      raise TypeError(f"{self._name} iterator is infinite")
-    return self._total
+    def __iter__(self):
+        return self
 
-  def _open(self, guarded: bool):
-    ds, n = self._open_chunk(self.position, guarded)
-    if n < 1:
-      raise RuntimeError(f"{self._name}: empty pipeline at batch {self.position}")
-    if guarded and not self._always_guarded:
-      n = min(n, self.GUARDED_WINDOW)
-      ds = ds.take(n)
-    self._it, self._chunk_left, self._guarded = ds.as_numpy_iterator(), n, guarded
+    def __len__(self) -> int:
+        if self._total is None:
+            raise TypeError(f"{self._name} iterator is infinite")
+        return self._total
 
-  def _next_raw(self):
+    def _open(self, guarded: bool):
+        ds, n = self._open_chunk(self.position, guarded)
+        if n < 1:
+            raise RuntimeError(f"{self._name}: empty pipeline at batch {self.position}")
+        if guarded and not self._always_guarded:
+            n = min(n, self.GUARDED_WINDOW)
+            ds = ds.take(n)
+        self._it, self._chunk_left, self._guarded = ds.as_numpy_iterator(), n, guarded
+
+    def _next_raw(self):
+        tf = tf_module()
+        if self._total is not None and self.position >= self._total:
+            raise StopIteration
+        if self._it is None or self._chunk_left == 0:
+            self._open(self._always_guarded)
+        try:
+            batch = next(self._it)
+        except tf.errors.OpError as e:
+            if self._guarded:
+                raise
+            self._fast_failures += 1
+            log.info(
+                "%s: batch %d failed (%s); re-reading it in guarded mode",
+                self._name,
+                self.position,
+                type(e).__name__,
+            )
+            if self._fast_failures >= self.MAX_FAST_FAILURES:
+                self._always_guarded = True
+            self._open(True)
+            batch = next(self._it)
+        self._chunk_left -= 1
+        self.position += 1
+        return batch
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        while True:
+            batch = self._next_raw()
+            ok = batch.pop("ok")
+            bad = int((~ok & batch.get("mask", np.ones_like(ok))).sum())
+            if bad:
+                self.skipped += bad
+                log.warning(
+                    "%s: skipped %d corrupt or unreadable image(s) in batch %d "
+                    "(%d skipped so far on this process)",
+                    self._name,
+                    bad,
+                    self.position - 1,
+                    self.skipped,
+                )
+            if "mask" in batch:
+                batch["mask"] = batch["mask"] & ok
+                return batch
+            if ok.all():
+                return batch
+            good = np.flatnonzero(ok)
+            if good.size == 0:
+                log.warning(
+                    "%s: batch %d had no readable image; dropped", self._name, self.position - 1
+                )
+                continue
+            bad_rows = np.flatnonzero(~ok)
+            src = good[np.arange(bad_rows.size) % good.size]
+            for k in batch:
+                batch[k] = np.array(batch[k])  # as_numpy_iterator arrays are read-only
+                batch[k][bad_rows] = batch[k][src]
+            return batch
+
+    def close(self):
+        self._it = None
+
+
+def _stream_iterator(
+    cfg,
+    global_batch_size: int,
+    seed: int,
+    start_step: int,
+    process_index,
+    process_count,
+    scale_key: str,
+    with_labels: bool,
+    name: str,
+    augment_fn: Callable | None = None,
+) -> DataIterator:
     tf = tf_module()
-    if self._total is not None and self.position >= self._total:
-      raise StopIteration
-    if self._it is None or self._chunk_left == 0:
-      self._open(self._always_guarded)
-    try:
-      batch = next(self._it)
-    except tf.errors.OpError as e:
-      if self._guarded:
-        raise
-      self._fast_failures += 1
-      log.info("%s: batch %d failed (%s); re-reading it in guarded mode",
-               self._name, self.position, type(e).__name__)
-      if self._fast_failures >= self.MAX_FAST_FAILURES:
-        self._always_guarded = True
-      self._open(True)
-      batch = next(self._it)
-    self._chunk_left -= 1
-    self.position += 1
-    return batch
+    cfg = _resolve(cfg)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    p, pc, b = _process_layout(global_batch_size, process_index, process_count)
+    source = make_source(cfg)
+    if with_labels and not source.has_labels:
+        raise ValueError(
+            f"{name} iterator needs labels, but data set {cfg.name!r} has "
+            f"no label feature {cfg.get('label_key')!r}"
+        )
+    shard = source.shard(str(cfg.train_split), p, pc)
+    n = shard.num_examples
+    if n < 1:
+        raise ValueError(f"split {cfg.train_split!r} has no examples for process {p}")
+    if augment_fn is not None and not callable(augment_fn):
+        raise ValueError(f"augment_fn must be callable (image, seed) -> image, got {augment_fn!r}")
+    process, fallback = _train_process_fn(
+        cfg, int(seed), float(cfg[scale_key]), with_labels, augment_fn
+    )
+    options = _options(cfg)
+    # A chunk spans >= 2 epochs and >= 1 batch; shards whose epochs are cheap
+    # to list (in-memory index lists) take >= _MIN_CHUNK_BATCHES per chunk.
+    min_batches = _MIN_CHUNK_BATCHES if shard.cheap_epochs else 1
+    epochs_per_chunk = max(2, math.ceil(min_batches * b / n) + 1)
+    log.info(
+        "%s: %d examples on process %d/%d, local batch %d, start step %d",
+        name,
+        n,
+        p,
+        pc,
+        b,
+        start_step,
+    )
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    while True:
-      batch = self._next_raw()
-      ok = batch.pop("ok")
-      bad = int((~ok & batch.get("mask", np.ones_like(ok))).sum())
-      if bad:
-        self.skipped += bad
-        log.warning("%s: skipped %d corrupt or unreadable image(s) in batch %d "
-                    "(%d skipped so far on this process)", self._name, bad,
-                    self.position - 1, self.skipped)
-      if "mask" in batch:
-        batch["mask"] = batch["mask"] & ok
-        return batch
-      if ok.all():
-        return batch
-      good = np.flatnonzero(ok)
-      if good.size == 0:
-        log.warning("%s: batch %d had no readable image; dropped", self._name,
-                    self.position - 1)
-        continue
-      bad_rows = np.flatnonzero(~ok)
-      src = good[np.arange(bad_rows.size) % good.size]
-      for k in batch:
-        batch[k] = np.array(batch[k])  # as_numpy_iterator arrays are read-only
-        batch[k][bad_rows] = batch[k][src]
-      return batch
+    def open_chunk(step: int, guarded: bool):
+        epoch, offset = divmod(step * b, n)
+        ds = shard.stream(epoch, epochs_per_chunk, int(seed)).skip(offset)
+        ds = ds.map(graph_fn(lambda elem: {**elem, "valid": tf.constant(True)}))
+        num_batches = (epochs_per_chunk * n - offset) // b
+        ds = _map_images(ds, shard, process, fallback, cfg, guarded)
+        ds = ds.batch(b, drop_remainder=True).take(num_batches)
+        prefetch = int(cfg.get("prefetch", 2))
+        ds = ds.prefetch(tf.data.AUTOTUNE if prefetch < 0 else prefetch)
+        return ds.with_options(options), num_batches
 
-  def close(self):
-    self._it = None
+    return DataIterator(open_chunk, start_step, b, name=name)
 
 
-def _stream_iterator(cfg, global_batch_size: int, seed: int, start_step: int,
-                     process_index, process_count, scale_key: str,
-                     with_labels: bool, name: str,
-                     augment_fn: Callable | None = None) -> DataIterator:
-  tf = tf_module()
-  cfg = _resolve(cfg)
-  if start_step < 0:
-    raise ValueError(f"start_step must be >= 0, got {start_step}")
-  p, pc, b = _process_layout(global_batch_size, process_index, process_count)
-  source = make_source(cfg)
-  if with_labels and not source.has_labels:
-    raise ValueError(f"{name} iterator needs labels, but data set {cfg.name!r} has "
-                     f"no label feature {cfg.get('label_key')!r}")
-  shard = source.shard(str(cfg.train_split), p, pc)
-  n = shard.num_examples
-  if n < 1:
-    raise ValueError(f"split {cfg.train_split!r} has no examples for process {p}")
-  if augment_fn is not None and not callable(augment_fn):
-    raise ValueError(f"augment_fn must be callable (image, seed) -> image, got {augment_fn!r}")
-  process, fallback = _train_process_fn(cfg, int(seed), float(cfg[scale_key]),
-                                        with_labels, augment_fn)
-  options = _options(cfg)
-  # A chunk spans >= 2 epochs and >= 1 batch; shards whose epochs are cheap
-  # to list (in-memory index lists) take >= _MIN_CHUNK_BATCHES per chunk.
-  min_batches = _MIN_CHUNK_BATCHES if shard.cheap_epochs else 1
-  epochs_per_chunk = max(2, math.ceil(min_batches * b / n) + 1)
-  log.info("%s: %d examples on process %d/%d, local batch %d, start step %d",
-           name, n, p, pc, b, start_step)
+def create_pretrain_iterator(
+    cfg,
+    global_batch_size: int,
+    seed: int = 0,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> DataIterator:
+    """Infinite MAE pretraining batches {'image': float32 [B/P, S, S, 3]}.
 
-  def open_chunk(step: int, guarded: bool):
-    epoch, offset = divmod(step * b, n)
-    ds = shard.stream(epoch, epochs_per_chunk, int(seed)).skip(offset)
-    ds = ds.map(graph_fn(lambda elem: {**elem, "valid": tf.constant(True)}))
-    num_batches = (epochs_per_chunk * n - offset) // b
-    ds = _map_images(ds, shard, process, fallback, cfg, guarded)
-    ds = ds.batch(b, drop_remainder=True).take(num_batches)
-    prefetch = int(cfg.get("prefetch", 2))
-    ds = ds.prefetch(tf.data.AUTOTUNE if prefetch < 0 else prefetch)
-    return ds.with_options(options), num_batches
-
-  return DataIterator(open_chunk, start_step, b, name=name)
+    RandomResizedCrop(scale=(cfg.crop_min_scale, 1), ratio=cfg.crop_ratio,
+    bicubic) + horizontal flip + ImageNet normalization, over `cfg.train_split`.
+    `start_step=K` yields first the batch a fresh iterator yields as its K-th.
+    process_index/process_count default to jax.process_index()/process_count().
+    """
+    return _stream_iterator(
+        cfg,
+        global_batch_size,
+        seed,
+        start_step,
+        process_index,
+        process_count,
+        "crop_min_scale",
+        False,
+        "pretrain",
+    )
 
 
-def create_pretrain_iterator(cfg, global_batch_size: int, seed: int = 0,
-                             start_step: int = 0, process_index: int | None = None,
-                             process_count: int | None = None) -> DataIterator:
-  """Infinite MAE pretraining batches {'image': float32 [B/P, S, S, 3]}.
+def create_train_iterator(
+    cfg,
+    global_batch_size: int,
+    seed: int = 0,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    augment_fn: Callable | None = None,
+) -> DataIterator:
+    """Infinite labelled batches {'image': float32 [B/P,S,S,3], 'label': int32 [B/P]}.
 
-  RandomResizedCrop(scale=(cfg.crop_min_scale, 1), ratio=cfg.crop_ratio,
-  bicubic) + horizontal flip + ImageNet normalization, over `cfg.train_split`.
-  `start_step=K` yields first the batch a fresh iterator yields as its K-th.
-  process_index/process_count default to jax.process_index()/process_count().
-  """
-  return _stream_iterator(cfg, global_batch_size, seed, start_step, process_index,
-                          process_count, "crop_min_scale", False, "pretrain")
+    RandomResizedCrop(scale=(cfg.train_crop_min_scale, 1)) + flip, as the
+    reference linear probe. Same determinism and resumption as pretraining.
+
+    `augment_fn(image, seed) -> image` (optional, TF graph code) replaces the
+    final normalization of every example: it receives the cropped, flipped
+    float32 [S, S, 3] image in [0, 255] and a stateless int64 [2] seed (a pure
+    function of the example's crop seed), and returns the normalized float32
+    [S, S, 3] model input. Fine-tuning uses it for RandAugment + RandomErasing
+    (see `data_augment.random_resized_crop`).
+    """
+    return _stream_iterator(
+        cfg,
+        global_batch_size,
+        seed,
+        start_step,
+        process_index,
+        process_count,
+        "train_crop_min_scale",
+        True,
+        "train",
+        augment_fn,
+    )
 
 
-def create_train_iterator(cfg, global_batch_size: int, seed: int = 0,
-                          start_step: int = 0, process_index: int | None = None,
-                          process_count: int | None = None,
-                          augment_fn: Callable | None = None) -> DataIterator:
-  """Infinite labelled batches {'image': float32 [B/P,S,S,3], 'label': int32 [B/P]}.
+def create_eval_iterator(
+    cfg,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    split: str | None = None,
+) -> DataIterator:
+    """One pass over `split` (default cfg.eval_split), fixed order.
 
-  RandomResizedCrop(scale=(cfg.train_crop_min_scale, 1)) + flip, as the
-  reference linear probe. Same determinism and resumption as pretraining.
+    Yields {'image': float32 [B/P, S, S, 3], 'label': int32 [B/P],
+    'mask': bool [B/P]}: shorter side resized to int(S / cfg.eval_crop_fraction)
+    (bicubic), center crop S. Every process yields the same number of batches
+    (`len(it)`); padding and unreadable images have mask False.
+    """
+    tf = tf_module()
+    cfg = _resolve(cfg)
+    p, pc, b = _process_layout(global_batch_size, process_index, process_count)
+    split = str(cfg.eval_split if split is None else split)
+    source = make_source(cfg)
+    if not source.has_labels:
+        raise ValueError(
+            f"eval iterator needs labels, but data set {cfg.name!r} has "
+            f"no label feature {cfg.get('label_key')!r}"
+        )
+    shard = source.shard(split, p, pc)
+    sizes = source.shard_sizes(split, pc)
+    num_batches = max(math.ceil(max(sizes) / b), 1)
+    size, frac, antialias = int(cfg.image_size), float(cfg.eval_crop_fraction), bool(cfg.antialias)
+    options = _options(cfg)
 
-  `augment_fn(image, seed) -> image` (optional, TF graph code) replaces the
-  final normalization of every example: it receives the cropped, flipped
-  float32 [S, S, 3] image in [0, 255] and a stateless int64 [2] seed (a pure
-  function of the example's crop seed), and returns the normalized float32
-  [S, S, 3] model input. Fine-tuning uses it for RandAugment + RandomErasing
-  (see `data_augment.random_resized_crop`).
-  """
-  return _stream_iterator(cfg, global_batch_size, seed, start_step, process_index,
-                          process_count, "train_crop_min_scale", True, "train",
-                          augment_fn)
+    def process(data, elem):
+        return _with_key(
+            cfg,
+            {
+                "image": data_augment.center_crop_eval(data, size, frac, antialias),
+                "label": tf.cast(elem["label"], tf.int32),
+                "mask": tf.constant(True),
+            },
+            elem,
+        )
 
+    def fallback(elem):
+        return _with_key(
+            cfg,
+            {
+                "image": tf.zeros([size, size, 3], tf.float32),
+                "label": tf.cast(elem["label"], tf.int32),
+                "mask": elem["valid"],
+            },
+            elem,
+        )
 
-def create_eval_iterator(cfg, global_batch_size: int, process_index: int | None = None,
-                         process_count: int | None = None,
-                         split: str | None = None) -> DataIterator:
-  """One pass over `split` (default cfg.eval_split), fixed order.
+    def open_chunk(step: int, guarded: bool):
+        if step:
+            raise ValueError("eval iterators always start at batch 0")
 
-  Yields {'image': float32 [B/P, S, S, 3], 'label': int32 [B/P],
-  'mask': bool [B/P]}: shorter side resized to int(S / cfg.eval_crop_fraction)
-  (bicubic), center crop S. Every process yields the same number of batches
-  (`len(it)`); padding and unreadable images have mask False.
-  """
-  tf = tf_module()
-  cfg = _resolve(cfg)
-  p, pc, b = _process_layout(global_batch_size, process_index, process_count)
-  split = str(cfg.eval_split if split is None else split)
-  source = make_source(cfg)
-  if not source.has_labels:
-    raise ValueError(f"eval iterator needs labels, but data set {cfg.name!r} has "
-                     f"no label feature {cfg.get('label_key')!r}")
-  shard = source.shard(split, p, pc)
-  sizes = source.shard_sizes(split, pc)
-  num_batches = max(math.ceil(max(sizes) / b), 1)
-  size, frac, antialias = int(cfg.image_size), float(cfg.eval_crop_fraction), bool(cfg.antialias)
-  options = _options(cfg)
+        def tag(elem):
+            elem = dict(elem)
+            elem["valid"] = tf.constant(True)
+            return elem
 
-  def process(data, elem):
-    return _with_key(cfg, {
-        "image": data_augment.center_crop_eval(data, size, frac, antialias),
-        "label": tf.cast(elem["label"], tf.int32), "mask": tf.constant(True)}, elem)
+        ds = shard.elements(None, 0).map(graph_fn(tag))
+        pad = num_batches * b - shard.num_examples
+        if pad > 0:
+            dummy = {
+                "data": tf.constant(b""),
+                "label": tf.constant(-1, tf.int64),
+                "key": tf.constant(-1, tf.int64),
+                "valid": tf.constant(False),
+            }
+            ds = ds.concatenate(tf.data.Dataset.from_tensors(dummy).repeat(pad))
+        ds = _map_images(ds, shard, process, fallback, cfg, guarded)
+        ds = ds.batch(b, drop_remainder=True).prefetch(2)
+        return ds.with_options(options), num_batches
 
-  def fallback(elem):
-    return _with_key(cfg, {
-        "image": tf.zeros([size, size, 3], tf.float32),
-        "label": tf.cast(elem["label"], tf.int32), "mask": elem["valid"]}, elem)
-
-  def open_chunk(step: int, guarded: bool):
-    if step:
-      raise ValueError("eval iterators always start at batch 0")
-
-    def tag(elem):
-      elem = dict(elem)
-      elem["valid"] = tf.constant(True)
-      return elem
-
-    ds = shard.elements(None, 0).map(graph_fn(tag))
-    pad = num_batches * b - shard.num_examples
-    if pad > 0:
-      dummy = {"data": tf.constant(b""), "label": tf.constant(-1, tf.int64),
-               "key": tf.constant(-1, tf.int64), "valid": tf.constant(False)}
-      ds = ds.concatenate(tf.data.Dataset.from_tensors(dummy).repeat(pad))
-    ds = _map_images(ds, shard, process, fallback, cfg, guarded)
-    ds = ds.batch(b, drop_remainder=True).prefetch(2)
-    return ds.with_options(options), num_batches
-
-  log.info("eval: %d examples on process %d/%d in %d batches of %d", shard.num_examples,
-           p, pc, num_batches, b)
-  return DataIterator(open_chunk, 0, b, total_batches=num_batches,
-                      always_guarded=True, name="eval")
+    log.info(
+        "eval: %d examples on process %d/%d in %d batches of %d",
+        shard.num_examples,
+        p,
+        pc,
+        num_batches,
+        b,
+    )
+    return DataIterator(
+        open_chunk, 0, b, total_batches=num_batches, always_guarded=True, name="eval"
+    )

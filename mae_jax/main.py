@@ -5,6 +5,7 @@ the same command on the same workdir resumes from its latest complete checkpoint
 hosts, `jax.distributed` is initialized first: automatically on Cloud TPU VMs, or from
 `--coordinator_address`, `--num_processes` and `--process_id` elsewhere (e.g. SLURM).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -15,16 +16,19 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0, for multi-process runs off TPU VMs.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process runs off TPU VMs."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                                 "jax.distributed.initialize(): auto = on TPU pods or when "
-                                 "--coordinator_address is given.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "jax.distributed.initialize(): auto = on TPU pods or when --coordinator_address is given.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -50,6 +54,7 @@ def _on_tpu_pod() -> bool:
 
 def init_distributed() -> None:
     import jax
+
     explicit = _COORDINATOR.value is not None
     mode = _DISTRIBUTED.value
     if mode == "off" or (mode == "auto" and not explicit and not _on_tpu_pod()):
@@ -58,13 +63,19 @@ def init_distributed() -> None:
         if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
             raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
         if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
-            raise app.UsageError(f"--process_id={_PROCESS_ID.value} must be in "
-                                 f"[0, {_NUM_PROCESSES.value})")
+            raise app.UsageError(
+                f"--process_id={_PROCESS_ID.value} must be in [0, {_NUM_PROCESSES.value})"
+            )
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     else:
         jax.distributed.initialize()
-    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    logging.info(
+        "process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
 def main(argv):
@@ -74,6 +85,7 @@ def main(argv):
     logging.get_absl_handler().addFilter(_OnlyOwnInfo())
     init_distributed()
     from mae_jax import train
+
     config = _CONFIG.value
     task = config.get("task", "pretrain")
     if task not in TASKS:

@@ -12,6 +12,7 @@ On resume from a checkpoint older than the last logged step, call
 `truncate_after(workdir, step)` (primary process) before creating the writer so the
 re-run steps are not logged twice.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,313 +22,333 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 JSONL_NAME = "metrics.jsonl"
 
 
 def format_eta(seconds) -> str:
-  """Compact duration: '45s', '3m12s', '2h05m', '3d04h'; '?' when unknown (None/nan/inf)."""
-  if seconds is None:
-    return "?"
-  seconds = float(seconds)
-  if not math.isfinite(seconds):
-    return "?"
-  if seconds < 0:
-    raise ValueError(f"seconds must be >= 0, got {seconds}")
-  s = int(round(seconds))
-  if s < 60:
-    return f"{s}s"
-  m, s = divmod(s, 60)
-  if m < 60:
-    return f"{m}m{s:02d}s"
-  h, m = divmod(m, 60)
-  if h < 24:
-    return f"{h}h{m:02d}m"
-  d, h = divmod(h, 24)
-  return f"{d}d{h:02d}h"
+    """Compact duration: '45s', '3m12s', '2h05m', '3d04h'; '?' when unknown (None/nan/inf)."""
+    if seconds is None:
+        return "?"
+    seconds = float(seconds)
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 0:
+        raise ValueError(f"seconds must be >= 0, got {seconds}")
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m}m{s:02d}s"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h}h{m:02d}m"
+    d, h = divmod(h, 24)
+    return f"{d}d{h:02d}h"
 
 
 def _to_number(name: str, value) -> int | float:
-  """Python int/float from a Python, numpy or jax scalar (or size-1 array)."""
-  if isinstance(value, bool):
-    raise ValueError(f"metric {name!r} must be a number, got bool {value!r}")
-  if isinstance(value, int):
-    return value
-  if isinstance(value, numbers.Real):
-    return float(value)
-  try:
-    arr = np.asarray(value)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"metric {name!r} must be a scalar number, got {type(value).__name__}") from e
-  if arr.size != 1 or not (np.issubdtype(arr.dtype, np.number) and
-                           not np.issubdtype(arr.dtype, np.complexfloating)):
-    raise ValueError(f"metric {name!r} must be a real scalar, got dtype {arr.dtype} "
-                     f"shape {arr.shape}")
-  return float(arr.reshape(()))
+    """Python int/float from a Python, numpy or jax scalar (or size-1 array)."""
+    if isinstance(value, bool):
+        raise ValueError(f"metric {name!r} must be a number, got bool {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, numbers.Real):
+        return float(value)
+    try:
+        arr = np.asarray(value)
+    except Exception as e:  # pylint: disable=broad-except
+        raise ValueError(
+            f"metric {name!r} must be a scalar number, got {type(value).__name__}"
+        ) from e
+    if arr.size != 1 or not (
+        np.issubdtype(arr.dtype, np.number) and not np.issubdtype(arr.dtype, np.complexfloating)
+    ):
+        raise ValueError(
+            f"metric {name!r} must be a real scalar, got dtype {arr.dtype} shape {arr.shape}"
+        )
+    return float(arr.reshape(()))
 
 
 def _json_value(x: int | float) -> int | float | str:
-  if isinstance(x, float) and not math.isfinite(x):
-    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-  return x
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
 
 
 def _read_step(line: str) -> int | None:
-  try:
-    record = json.loads(line)
-    return int(record["step"])
-  except (ValueError, KeyError, TypeError):
-    return None
+    try:
+        record = json.loads(line)
+        return int(record["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def read_jsonl(workdir) -> list[dict]:
-  """All complete records of `workdir/metrics.jsonl` (a torn last line is skipped)."""
-  path = os.path.join(os.fspath(workdir), JSONL_NAME)
-  if not os.path.exists(path):
-    return []
-  records = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      try:
-        records.append(json.loads(line))
-      except ValueError:
-        continue
-  return records
+    """All complete records of `workdir/metrics.jsonl` (a torn last line is skipped)."""
+    path = os.path.join(os.fspath(workdir), JSONL_NAME)
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
 
 
 def truncate_after(workdir, step: int) -> int:
-  """Drops lines of `workdir/metrics.jsonl` whose step is > `step`, atomically.
+    """Drops lines of `workdir/metrics.jsonl` whose step is > `step`, atomically.
 
-  Unparseable lines (e.g. torn by a kill mid-write) are dropped too. Returns the
-  number of lines removed; a missing file is a no-op (0).
-  """
-  if isinstance(step, bool) or int(step) != step:
-    raise ValueError(f"step must be an int, got {step!r}")
-  step = int(step)
-  workdir = os.fspath(workdir)
-  path = os.path.join(workdir, JSONL_NAME)
-  if not os.path.exists(path):
-    return 0
-  with open(path, encoding="utf-8") as f:
-    lines = f.readlines()
-  kept = []
-  for line in lines:
-    s = _read_step(line)
-    if s is not None and s <= step:
-      kept.append(line if line.endswith("\n") else line + "\n")
-  removed = len(lines) - len(kept)
-  if removed == 0:
-    return 0
-  fd, tmp = tempfile.mkstemp(prefix=JSONL_NAME + ".", suffix=".tmp", dir=workdir)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.writelines(kept)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return removed
+    Unparseable lines (e.g. torn by a kill mid-write) are dropped too. Returns the
+    number of lines removed; a missing file is a no-op (0).
+    """
+    if isinstance(step, bool) or int(step) != step:
+        raise ValueError(f"step must be an int, got {step!r}")
+    step = int(step)
+    workdir = os.fspath(workdir)
+    path = os.path.join(workdir, JSONL_NAME)
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        s = _read_step(line)
+        if s is not None and s <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    removed = len(lines) - len(kept)
+    if removed == 0:
+        return 0
+    fd, tmp = tempfile.mkstemp(prefix=JSONL_NAME + ".", suffix=".tmp", dir=workdir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return removed
 
 
 def _format_lr(lr: float) -> str:
-  return f"{lr:.1e}" if math.isfinite(lr) else str(lr)
+    return f"{lr:.1e}" if math.isfinite(lr) else str(lr)
 
 
 class MetricsWriter:
-  """Writes metrics of the primary process to JSON lines, TensorBoard and the console.
+    """Writes metrics of the primary process to JSON lines, TensorBoard and the console.
 
-  Args:
-    workdir: directory for `metrics.jsonl` and the TensorBoard event files (created).
-    is_primary: False on non-primary processes: then every method is a no-op and no
-      file, directory or console line is produced.
-    total_steps: shown as `step/total` and used for the ETA, when given.
-    tensorboard: write TensorBoard event files (needs TensorFlow; falls back to JSON only).
-    console: print a progress line per `write_scalars` call (stdout, flushed).
-    clock: seconds source for the step rate (tests inject a fake clock).
-  """
+    Args:
+      workdir: directory for `metrics.jsonl` and the TensorBoard event files (created).
+      is_primary: False on non-primary processes: then every method is a no-op and no
+        file, directory or console line is produced.
+      total_steps: shown as `step/total` and used for the ETA, when given.
+      tensorboard: write TensorBoard event files (needs TensorFlow; falls back to JSON only).
+      console: print a progress line per `write_scalars` call (stdout, flushed).
+      clock: seconds source for the step rate (tests inject a fake clock).
+    """
 
-  def __init__(self, workdir, *, is_primary: bool = True, total_steps: int | None = None,
-               tensorboard: bool = True, console: bool = True,
-               clock: Callable[[], float] = time.monotonic,
-               ema_decay: float = 0.8):
-    if total_steps is not None and (isinstance(total_steps, bool) or int(total_steps) != total_steps
-                                    or total_steps < 1):
-      raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
-    if not 0.0 <= ema_decay < 1.0:
-      raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-    self.workdir = os.fspath(workdir)
-    self.is_primary = bool(is_primary)
-    self.total_steps = None if total_steps is None else int(total_steps)
-    self._console = console
-    self._clock = clock
-    self._ema_decay = ema_decay
-    self._last_time: float | None = None
-    self._last_step: int | None = None
-    self._steps_per_sec: float | None = None
-    self._file = None
-    self._tf = None
-    self._tb = None
-    self._closed = False
-    if not self.is_primary:
-      return
-    if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
-      raise ValueError(f"workdir {self.workdir!r} exists and is not a directory")
-    os.makedirs(self.workdir, exist_ok=True)
-    self._file = open(os.path.join(self.workdir, JSONL_NAME), "a", encoding="utf-8")
-    if tensorboard:
-      self._tb = self._open_tensorboard()
+    def __init__(
+        self,
+        workdir,
+        *,
+        is_primary: bool = True,
+        total_steps: int | None = None,
+        tensorboard: bool = True,
+        console: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        ema_decay: float = 0.8,
+    ):
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or int(total_steps) != total_steps or total_steps < 1
+        ):
+            raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        self.workdir = os.fspath(workdir)
+        self.is_primary = bool(is_primary)
+        self.total_steps = None if total_steps is None else int(total_steps)
+        self._console = console
+        self._clock = clock
+        self._ema_decay = ema_decay
+        self._last_time: float | None = None
+        self._last_step: int | None = None
+        self._steps_per_sec: float | None = None
+        self._file = None
+        self._tf = None
+        self._tb = None
+        self._closed = False
+        if not self.is_primary:
+            return
+        if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
+            raise ValueError(f"workdir {self.workdir!r} exists and is not a directory")
+        os.makedirs(self.workdir, exist_ok=True)
+        self._file = open(os.path.join(self.workdir, JSONL_NAME), "a", encoding="utf-8")
+        if tensorboard:
+            self._tb = self._open_tensorboard()
 
-  def _open_tensorboard(self):
-    try:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning("TensorBoard disabled (cannot import tensorflow: %s); "
-                      "writing %s only.", e, JSONL_NAME)
-      return None
-    try:
-      tf.config.set_visible_devices([], "GPU")
-    except Exception:  # pylint: disable=broad-except  # Already initialized: fine.
-      pass
-    self._tf = tf
-    return tf.summary.create_file_writer(self.workdir)
+    def _open_tensorboard(self):
+        try:
+            import tensorflow as tf  # pylint: disable=g-import-not-at-top
+        except Exception as e:  # pylint: disable=broad-except
+            logging.warning(
+                "TensorBoard disabled (cannot import tensorflow: %s); writing %s only.",
+                e,
+                JSONL_NAME,
+            )
+            return None
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except Exception:  # pylint: disable=broad-except  # Already initialized: fine.
+            pass
+        self._tf = tf
+        return tf.summary.create_file_writer(self.workdir)
 
-  @property
-  def tensorboard_enabled(self) -> bool:
-    return self._tb is not None
+    @property
+    def tensorboard_enabled(self) -> bool:
+        return self._tb is not None
 
-  @property
-  def steps_per_sec(self) -> float | None:
-    """Smoothed (EMA) steps per second between `write_scalars` calls, None until known."""
-    return self._steps_per_sec
+    @property
+    def steps_per_sec(self) -> float | None:
+        """Smoothed (EMA) steps per second between `write_scalars` calls, None until known."""
+        return self._steps_per_sec
 
-  # -------------------------------------------------------------------- scalars
-  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-    """Logs `scalars` (name -> Python/numpy/jax scalar) at `step` everywhere."""
-    if isinstance(step, bool) or int(step) != step or step < 0:
-      raise ValueError(f"step must be a non-negative int, got {step!r}")
-    step = int(step)
-    if "step" in scalars:
-      raise ValueError("scalars must not contain the reserved key 'step'")
-    values = {str(k): _to_number(str(k), v) for k, v in scalars.items()}
-    self._update_rate(step)
-    if not self.is_primary:
-      return
-    self._check_open()
-    record = {"step": step, **{k: _json_value(v) for k, v in values.items()}}
-    self._file.write(json.dumps(record, allow_nan=False) + "\n")
-    self._file.flush()
-    if self._tb is not None:
-      with self._tb.as_default(step=step):
-        for k, v in values.items():
-          self._tf.summary.scalar(k, float(v))
-    if self._console:
-      print(self.progress_line(step, values), flush=True, file=sys.stdout)
+    # -------------------------------------------------------------------- scalars
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        """Logs `scalars` (name -> Python/numpy/jax scalar) at `step` everywhere."""
+        if isinstance(step, bool) or int(step) != step or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        step = int(step)
+        if "step" in scalars:
+            raise ValueError("scalars must not contain the reserved key 'step'")
+        values = {str(k): _to_number(str(k), v) for k, v in scalars.items()}
+        self._update_rate(step)
+        if not self.is_primary:
+            return
+        self._check_open()
+        record = {"step": step, **{k: _json_value(v) for k, v in values.items()}}
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            with self._tb.as_default(step=step):
+                for k, v in values.items():
+                    self._tf.summary.scalar(k, float(v))
+        if self._console:
+            print(self.progress_line(step, values), flush=True, file=sys.stdout)
 
-  def _update_rate(self, step: int):
-    now = self._clock()
-    if self._last_step is not None and step > self._last_step and now > self._last_time:
-      rate = (step - self._last_step) / (now - self._last_time)
-      if self._steps_per_sec is None:
-        self._steps_per_sec = rate
-      else:
-        d = self._ema_decay
-        self._steps_per_sec = d * self._steps_per_sec + (1 - d) * rate
-    self._last_step, self._last_time = step, now
+    def _update_rate(self, step: int):
+        now = self._clock()
+        if self._last_step is not None and step > self._last_step and now > self._last_time:
+            rate = (step - self._last_step) / (now - self._last_time)
+            if self._steps_per_sec is None:
+                self._steps_per_sec = rate
+            else:
+                d = self._ema_decay
+                self._steps_per_sec = d * self._steps_per_sec + (1 - d) * rate
+        self._last_step, self._last_time = step, now
 
-  def eta_seconds(self, step: int) -> float | None:
-    """Seconds left to `total_steps` at the smoothed rate; None if unknown."""
-    if self.total_steps is None or not self._steps_per_sec:
-      return None
-    return max(0, self.total_steps - step) / self._steps_per_sec
+    def eta_seconds(self, step: int) -> float | None:
+        """Seconds left to `total_steps` at the smoothed rate; None if unknown."""
+        if self.total_steps is None or not self._steps_per_sec:
+            return None
+        return max(0, self.total_steps - step) / self._steps_per_sec
 
-  def progress_line(self, step: int, values: Mapping[str, float]) -> str:
-    """E.g. 'step 120/1000  loss 0.8123  lr 1.2e-04  312.4 img/s  ETA 3m12s'."""
-    parts = [f"step {step}/{self.total_steps}" if self.total_steps else f"step {step}"]
-    if "loss" in values:
-      parts.append(f"loss {float(values['loss']):.4f}")
-    if "lr" in values:
-      parts.append(f"lr {_format_lr(float(values['lr']))}")
-    if "images_per_sec" in values:
-      parts.append(f"{float(values['images_per_sec']):.1f} img/s")
-    if self.total_steps:
-      parts.append(f"ETA {format_eta(self.eta_seconds(step))}")
-    return "  ".join(parts)
+    def progress_line(self, step: int, values: Mapping[str, float]) -> str:
+        """E.g. 'step 120/1000  loss 0.8123  lr 1.2e-04  312.4 img/s  ETA 3m12s'."""
+        parts = [f"step {step}/{self.total_steps}" if self.total_steps else f"step {step}"]
+        if "loss" in values:
+            parts.append(f"loss {float(values['loss']):.4f}")
+        if "lr" in values:
+            parts.append(f"lr {_format_lr(float(values['lr']))}")
+        if "images_per_sec" in values:
+            parts.append(f"{float(values['images_per_sec']):.1f} img/s")
+        if self.total_steps:
+            parts.append(f"ETA {format_eta(self.eta_seconds(step))}")
+        return "  ".join(parts)
 
-  # ------------------------------------------------------------- images / text
-  def write_images(self, step: int, images: Mapping[str, Any]):
-    """TensorBoard images: each value uint8 (or float in [0, 1]) [H, W, C] or [N, H, W, C],
-    C in (1, 3, 4)."""
-    prepared = {}
-    for name, img in images.items():
-      arr = np.asarray(img)
-      if arr.ndim == 3:
-        arr = arr[None]
-      if arr.ndim != 4 or arr.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"image {name!r} must be [H, W, C] or [N, H, W, C] with C in "
-                         f"(1, 3, 4), got shape {np.shape(img)}")
-      if arr.dtype != np.uint8:
-        if not np.issubdtype(arr.dtype, np.floating):
-          raise ValueError(f"image {name!r} must be uint8 or float in [0, 1], got {arr.dtype}")
-        arr = np.clip(np.nan_to_num(arr.astype(np.float32)), 0.0, 1.0)
-      prepared[str(name)] = arr
-    if not self.is_primary or self._tb is None:
-      return
-    self._check_open()
-    with self._tb.as_default(step=int(step)):
-      for name, arr in prepared.items():
-        self._tf.summary.image(name, arr, max_outputs=arr.shape[0])
+    # ------------------------------------------------------------- images / text
+    def write_images(self, step: int, images: Mapping[str, Any]):
+        """TensorBoard images: each value uint8 (or float in [0, 1]) [H, W, C] or [N, H, W, C],
+        C in (1, 3, 4)."""
+        prepared = {}
+        for name, img in images.items():
+            arr = np.asarray(img)
+            if arr.ndim == 3:
+                arr = arr[None]
+            if arr.ndim != 4 or arr.shape[-1] not in (1, 3, 4):
+                raise ValueError(
+                    f"image {name!r} must be [H, W, C] or [N, H, W, C] with C in "
+                    f"(1, 3, 4), got shape {np.shape(img)}"
+                )
+            if arr.dtype != np.uint8:
+                if not np.issubdtype(arr.dtype, np.floating):
+                    raise ValueError(
+                        f"image {name!r} must be uint8 or float in [0, 1], got {arr.dtype}"
+                    )
+                arr = np.clip(np.nan_to_num(arr.astype(np.float32)), 0.0, 1.0)
+            prepared[str(name)] = arr
+        if not self.is_primary or self._tb is None:
+            return
+        self._check_open()
+        with self._tb.as_default(step=int(step)):
+            for name, arr in prepared.items():
+                self._tf.summary.image(name, arr, max_outputs=arr.shape[0])
 
-  def write_text(self, step: int, texts: Mapping[str, str]):
-    """TensorBoard text summaries (markdown), name -> str."""
-    for name, text in texts.items():
-      if not isinstance(text, str):
-        raise ValueError(f"text {name!r} must be a str, got {type(text).__name__}")
-    if not self.is_primary or self._tb is None:
-      return
-    self._check_open()
-    with self._tb.as_default(step=int(step)):
-      for name, text in texts.items():
-        self._tf.summary.text(str(name), text)
+    def write_text(self, step: int, texts: Mapping[str, str]):
+        """TensorBoard text summaries (markdown), name -> str."""
+        for name, text in texts.items():
+            if not isinstance(text, str):
+                raise ValueError(f"text {name!r} must be a str, got {type(text).__name__}")
+        if not self.is_primary or self._tb is None:
+            return
+        self._check_open()
+        with self._tb.as_default(step=int(step)):
+            for name, text in texts.items():
+                self._tf.summary.text(str(name), text)
 
-  def write_config(self, config):
-    """The config (ConfigDict or dict) as a TensorBoard text summary 'config' at step 0."""
-    as_dict = config.to_dict() if hasattr(config, "to_dict") else config
-    if not isinstance(as_dict, Mapping):
-      raise ValueError(f"config must be a ConfigDict or a dict, got {type(config).__name__}")
-    body = json.dumps(as_dict, indent=2, sort_keys=True, default=str)
-    # Indented lines render as a code block in TensorBoard's markdown.
-    self.write_text(0, {"config": "\n".join("    " + l for l in body.splitlines())})
+    def write_config(self, config):
+        """The config (ConfigDict or dict) as a TensorBoard text summary 'config' at step 0."""
+        as_dict = config.to_dict() if hasattr(config, "to_dict") else config
+        if not isinstance(as_dict, Mapping):
+            raise ValueError(f"config must be a ConfigDict or a dict, got {type(config).__name__}")
+        body = json.dumps(as_dict, indent=2, sort_keys=True, default=str)
+        # Indented lines render as a code block in TensorBoard's markdown.
+        self.write_text(0, {"config": "\n".join("    " + line for line in body.splitlines())})
 
-  # ------------------------------------------------------------------ lifecycle
-  def _check_open(self):
-    if self._closed:
-      raise ValueError("MetricsWriter is closed")
+    # ------------------------------------------------------------------ lifecycle
+    def _check_open(self):
+        if self._closed:
+            raise ValueError("MetricsWriter is closed")
 
-  def flush(self):
-    if self._file is not None and not self._closed:
-      self._file.flush()
-    if self._tb is not None and not self._closed:
-      self._tb.flush()
+    def flush(self):
+        if self._file is not None and not self._closed:
+            self._file.flush()
+        if self._tb is not None and not self._closed:
+            self._tb.flush()
 
-  def close(self):
-    if self._closed:
-      return
-    self.flush()
-    self._closed = True
-    if self._file is not None:
-      self._file.close()
-    if self._tb is not None:
-      self._tb.close()
+    def close(self):
+        if self._closed:
+            return
+        self.flush()
+        self._closed = True
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
 
-  def __enter__(self):
-    return self
+    def __enter__(self):
+        return self
 
-  def __exit__(self, *exc):
-    self.close()
+    def __exit__(self, *exc):
+        self.close()

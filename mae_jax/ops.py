@@ -9,11 +9,12 @@ Everything here is a pure function of arrays (no state, no classes), usable unde
 - patches are ordered row-major over the `h x w` grid, `L = h * w`;
 - `mask` is 1 for removed patches and 0 for kept ones, in the original patch order.
 """
+
 from __future__ import annotations
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _check_divisible(h: int, w: int, p: int) -> None:
@@ -39,8 +40,9 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
     return x.reshape(n, gh * gw, p * p * c)
 
 
-def unpatchify(patches: jax.Array, patch_size: int, grid_hw: tuple[int, int] | None = None,
-               channels: int = 3) -> jax.Array:
+def unpatchify(
+    patches: jax.Array, patch_size: int, grid_hw: tuple[int, int] | None = None, channels: int = 3
+) -> jax.Array:
     """Patch vectors `[N, L, p*p*C]` -> images `[N, h*p, w*p, C]`.
 
     `grid_hw` is the patch grid `(h, w)`; when omitted the grid must be square.
@@ -55,7 +57,7 @@ def unpatchify(patches: jax.Array, patch_size: int, grid_hw: tuple[int, int] | N
             f"(expected {p * p * channels})"
         )
     if grid_hw is None:
-        side = int(round(num_patches ** 0.5))
+        side = int(round(num_patches**0.5))
         if side * side != num_patches:
             raise ValueError(
                 f"{num_patches} patches do not form a square grid; pass grid_hw=(h, w)"
@@ -80,8 +82,14 @@ def check_mask_ratio(mask_ratio: float) -> None:
         raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
 
 
-def random_masking(batch_size: int, num_patches: int, mask_ratio: float, *,
-                   key: jax.Array | None = None, noise: jax.Array | None = None):
+def random_masking(
+    batch_size: int,
+    num_patches: int,
+    mask_ratio: float,
+    *,
+    key: jax.Array | None = None,
+    noise: jax.Array | None = None,
+):
     """Per-sample random masking by argsort of uniform noise (the reference's algorithm).
 
     Exactly one of `key` (a PRNG key; noise ~ U[0, 1) of shape `[N, L]` is drawn) or `noise`
@@ -131,7 +139,7 @@ def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
     if dim % 2:
         raise ValueError(f"sin-cos embedding dimension must be even, got {dim}")
     omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
-    omega = 1.0 / 10000 ** omega
+    omega = 1.0 / 10000**omega
     out = np.einsum("m,d->md", np.asarray(positions, np.float64).reshape(-1), omega)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
@@ -163,8 +171,9 @@ def normalize_targets(target: jax.Array, eps: float = 1e-6) -> jax.Array:
     return (target - mean) / jnp.sqrt(var + eps)
 
 
-def mae_loss(pred: jax.Array, target: jax.Array, mask: jax.Array,
-             norm_pix_loss: bool = False) -> jax.Array:
+def mae_loss(
+    pred: jax.Array, target: jax.Array, mask: jax.Array, norm_pix_loss: bool = False
+) -> jax.Array:
     """Masked MSE: per-patch mean over `[p*p*C]`, then mean over removed patches.
 
     `pred`, `target`: `[N, L, p*p*C]`; `mask`: `[N, L]` with 1 = removed. Computed in float32.

@@ -18,11 +18,13 @@ Semantics follow the official MAE release (facebookresearch/mae):
     Adam step and weight decay alike.
   * LARS as util/lars.py: trust ratio and weight decay on ndim > 1 params only.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,374 +38,401 @@ PyTree = Any
 
 
 def path_names(path: Sequence[Any]) -> tuple[str, ...]:
-  """Key path from `tree_flatten_with_path` -> plain names, e.g. ('blocks', '0', 'fc1', 'kernel').
+    """Key path from `tree_flatten_with_path` -> plain names, e.g. ('blocks', '0', 'fc1', 'kernel').
 
-  DictKey -> str(key), SequenceKey -> str(idx), GetAttrKey -> name, FlattenedIndexKey -> str(key).
-  A trailing `.value` (the array inside an `nnx.Variable`) is dropped.
-  """
-  names = []
-  for k in path:
-    if isinstance(k, jax.tree_util.DictKey):
-      names.append(str(k.key))
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      names.append(str(k.idx))
-    elif isinstance(k, jax.tree_util.GetAttrKey):
-      names.append(str(k.name))
-    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-      names.append(str(k.key))
-    else:
-      names.append(str(k))
-  if len(path) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] == 'value':
-    names.pop()
-  return tuple(names)
+    DictKey -> str(key), SequenceKey -> str(idx), GetAttrKey -> name, FlattenedIndexKey -> str(key).
+    A trailing `.value` (the array inside an `nnx.Variable`) is dropped.
+    """
+    names = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            names.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            names.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            names.append(str(k.name))
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            names.append(str(k.key))
+        else:
+            names.append(str(k))
+    if len(path) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
+        names.pop()
+    return tuple(names)
 
 
 def _matches(names: tuple[str, ...], patterns: Sequence[str]) -> bool:
-  """True if a pattern equals the dotted path, one of its names, or a dotted prefix of it."""
-  dotted = '.'.join(names)
-  for pat in patterns:
-    if pat == dotted or pat in names or dotted.startswith(pat + '.'):
-      return True
-  return False
+    """True if a pattern equals the dotted path, one of its names, or a dotted prefix of it."""
+    dotted = ".".join(names)
+    for pat in patterns:
+        if pat == dotted or pat in names or dotted.startswith(pat + "."):
+            return True
+    return False
 
 
 def _map_with_names(fn: Callable[[tuple[str, ...], Any], Any], tree: PyTree, *rest: PyTree):
-  return jax.tree_util.tree_map_with_path(lambda p, x, *r: fn(path_names(p), x, *r), tree, *rest)
+    return jax.tree_util.tree_map_with_path(lambda p, x, *r: fn(path_names(p), x, *r), tree, *rest)
 
 
 # ----------------------------------------------------------------------------- schedules
 
 
 def _check_number(name: str, value: Any, *, min_value: float = 0.0, allow_equal: bool = True):
-  if value is None or isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise ValueError(f'{name} must be a number, got {value!r}')
-  if not math.isfinite(value) or value < min_value or (not allow_equal and value == min_value):
-    op = '>=' if allow_equal else '>'
-    raise ValueError(f'{name} must be finite and {op} {min_value}, got {value!r}')
+    if value is None or isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < min_value or (not allow_equal and value == min_value):
+        op = ">=" if allow_equal else ">"
+        raise ValueError(f"{name} must be finite and {op} {min_value}, got {value!r}")
 
 
 def _is_int(value: Any) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def warmup_cosine_schedule(peak_lr: float, total_steps: int, warmup_steps: int,
-                           min_lr: float = 0.0) -> optax.Schedule:
-  """Linear warmup from 0 to `peak_lr` over `warmup_steps`, then half-cosine to `min_lr`.
+def warmup_cosine_schedule(
+    peak_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0
+) -> optax.Schedule:
+    """Linear warmup from 0 to `peak_lr` over `warmup_steps`, then half-cosine to `min_lr`.
 
-  step (int scalar, traced or not) -> float32 lr; the official MAE per-iteration formula.
-  Steps >= `total_steps` return `min_lr`.
-  """
-  _check_number('peak_lr', peak_lr)
-  _check_number('min_lr', min_lr)
-  if not _is_int(total_steps) or total_steps <= 0:
-    raise ValueError(f'total_steps must be a positive int, got {total_steps!r}')
-  if not _is_int(warmup_steps) or warmup_steps < 0:
-    raise ValueError(f'warmup_steps must be a non-negative int, got {warmup_steps!r}')
-  if warmup_steps > total_steps:
-    raise ValueError(f'warmup_steps={warmup_steps} must be <= total_steps={total_steps}')
-  peak, floor = float(peak_lr), float(min_lr)
-  warm = float(warmup_steps)
-  decay_len = float(max(total_steps - warmup_steps, 1))
+    step (int scalar, traced or not) -> float32 lr; the official MAE per-iteration formula.
+    Steps >= `total_steps` return `min_lr`.
+    """
+    _check_number("peak_lr", peak_lr)
+    _check_number("min_lr", min_lr)
+    if not _is_int(total_steps) or total_steps <= 0:
+        raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+    if not _is_int(warmup_steps) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
+    if warmup_steps > total_steps:
+        raise ValueError(f"warmup_steps={warmup_steps} must be <= total_steps={total_steps}")
+    peak, floor = float(peak_lr), float(min_lr)
+    warm = float(warmup_steps)
+    decay_len = float(max(total_steps - warmup_steps, 1))
 
-  def schedule(step):
-    t = jnp.asarray(step, jnp.float32)
-    warm_lr = peak * t / max(warm, 1.0)
-    frac = jnp.clip((t - warm) / decay_len, 0.0, 1.0)
-    cos_lr = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
-    return jnp.where(t < warm, warm_lr, cos_lr).astype(jnp.float32)
+    def schedule(step):
+        t = jnp.asarray(step, jnp.float32)
+        warm_lr = peak * t / max(warm, 1.0)
+        frac = jnp.clip((t - warm) / decay_len, 0.0, 1.0)
+        cos_lr = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+        return jnp.where(t < warm, warm_lr, cos_lr).astype(jnp.float32)
 
-  return schedule
+    return schedule
 
 
 def scaled_lr(base_lr: float, global_batch_size: int) -> float:
-  """The linear scaling rule: `base_lr * global_batch_size / 256`."""
-  _check_number('base_lr', base_lr)
-  if not _is_int(global_batch_size) or global_batch_size <= 0:
-    raise ValueError(f'global_batch_size must be a positive int, got {global_batch_size!r}')
-  return float(base_lr) * global_batch_size / 256.0
+    """The linear scaling rule: `base_lr * global_batch_size / 256`."""
+    _check_number("base_lr", base_lr)
+    if not _is_int(global_batch_size) or global_batch_size <= 0:
+        raise ValueError(f"global_batch_size must be a positive int, got {global_batch_size!r}")
+    return float(base_lr) * global_batch_size / 256.0
 
 
 # ----------------------------------------------------------------------------- per-param rules
 
 
 def _decays(names: tuple[str, ...], leaf: Any, exclude: Sequence[str]) -> bool:
-  return jnp.ndim(leaf) > 1 and not _matches(names, exclude)
+    return jnp.ndim(leaf) > 1 and not _matches(names, exclude)
 
 
 def weight_decay_mask(params: PyTree, exclude: Sequence[str] = ()) -> PyTree:
-  """Tree of Python bools: True where weight decay applies (ndim > 1 and name not excluded).
+    """Tree of Python bools: True where weight decay applies (ndim > 1 and name not excluded).
 
-  `exclude` entries match a full dotted path ('blocks.0.attn.qkv.kernel'), any single name
-  ('cls_token', 'pos_embed') or a dotted prefix ('blocks.0').
-  """
-  exclude = _as_names('exclude', exclude)
-  return _map_with_names(lambda n, x: bool(_decays(n, x, exclude)), params)
+    `exclude` entries match a full dotted path ('blocks.0.attn.qkv.kernel'), any single name
+    ('cls_token', 'pos_embed') or a dotted prefix ('blocks.0').
+    """
+    exclude = _as_names("exclude", exclude)
+    return _map_with_names(lambda n, x: bool(_decays(n, x, exclude)), params)
 
 
 def _layer_id(names: tuple[str, ...], num_layers: int) -> int:
-  for i, name in enumerate(names):
-    if name in ('cls_token', 'pos_embed', 'patch_embed'):
-      return 0
-    if name == 'blocks' and i + 1 < len(names):
-      try:
-        block = int(names[i + 1])
-      except ValueError:
-        continue
-      if not 0 <= block < num_layers:
-        raise ValueError(f'parameter {".".join(names)} is in block {block}, but num_layers='
-                         f'{num_layers}; expected block indices in [0, {num_layers})')
-      return block + 1
-  return num_layers + 1
+    for i, name in enumerate(names):
+        if name in ("cls_token", "pos_embed", "patch_embed"):
+            return 0
+        if name == "blocks" and i + 1 < len(names):
+            try:
+                block = int(names[i + 1])
+            except ValueError:
+                continue
+            if not 0 <= block < num_layers:
+                raise ValueError(
+                    f"parameter {'.'.join(names)} is in block {block}, but num_layers="
+                    f"{num_layers}; expected block indices in [0, {num_layers})"
+                )
+            return block + 1
+    return num_layers + 1
 
 
 def _check_num_layers(num_layers):
-  if not _is_int(num_layers) or num_layers < 0:
-    raise ValueError(f'num_layers must be a non-negative int, got {num_layers!r}')
+    if not _is_int(num_layers) or num_layers < 0:
+        raise ValueError(f"num_layers must be a non-negative int, got {num_layers!r}")
 
 
 def layer_ids(params: PyTree, num_layers: int) -> PyTree:
-  """Tree of int layer ids, the official MAE fine-tuning rule (util/lr_decay.py).
+    """Tree of int layer ids, the official MAE fine-tuning rule (util/lr_decay.py).
 
-  cls_token, pos_embed, patch_embed.* -> 0; blocks.i.* -> i + 1; everything else -> num_layers+1.
-  """
-  _check_num_layers(num_layers)
-  return _map_with_names(lambda n, x: _layer_id(n, num_layers), params)
+    cls_token, pos_embed, patch_embed.* -> 0; blocks.i.* -> i + 1; everything else -> num_layers+1.
+    """
+    _check_num_layers(num_layers)
+    return _map_with_names(lambda n, x: _layer_id(n, num_layers), params)
 
 
 def _check_decay(decay):
-  _check_number('layer_decay', decay, allow_equal=False)
-  if decay > 1:
-    raise ValueError(f'layer_decay must be in (0, 1], got {decay!r}')
+    _check_number("layer_decay", decay, allow_equal=False)
+    if decay > 1:
+        raise ValueError(f"layer_decay must be in (0, 1], got {decay!r}")
 
 
 def layerwise_lr_scales(params: PyTree, num_layers: int, decay: float) -> PyTree:
-  """Tree of float lr scales `decay ** (num_layers + 1 - layer_id)` (head 1.0, patch_embed least)."""
-  _check_num_layers(num_layers)
-  _check_decay(decay)
-  return _map_with_names(
-      lambda n, x: float(decay) ** (num_layers + 1 - _layer_id(n, num_layers)), params)
+    """Tree of float lr scales `decay ** (num_layers + 1 - layer_id)` (head 1.0, patch_embed least)."""
+    _check_num_layers(num_layers)
+    _check_decay(decay)
+    return _map_with_names(
+        lambda n, x: float(decay) ** (num_layers + 1 - _layer_id(n, num_layers)), params
+    )
 
 
 def _as_names(what: str, names: Any) -> tuple[str, ...]:
-  if names is None:
-    return ()
-  if isinstance(names, str):
-    raise ValueError(f'{what} must be a sequence of names, not the string {names!r}')
-  out = tuple(names)
-  for n in out:
-    if not isinstance(n, str):
-      raise ValueError(f'{what} must contain names (str), got {n!r} in {names!r}')
-  return out
+    if names is None:
+        return ()
+    if isinstance(names, str):
+        raise ValueError(f"{what} must be a sequence of names, not the string {names!r}")
+    out = tuple(names)
+    for n in out:
+        if not isinstance(n, str):
+            raise ValueError(f"{what} must contain names (str), got {n!r} in {names!r}")
+    return out
 
 
 # ----------------------------------------------------------------------------- transformations
 
 
-def add_masked_decayed_weights(weight_decay: float,
-                               exclude: Sequence[str] = ()) -> optax.GradientTransformation:
-  """update + weight_decay * param, only where `weight_decay_mask(params, exclude)` is True."""
-  _check_number('weight_decay', weight_decay)
-  exclude = _as_names('exclude', exclude)
-  wd = float(weight_decay)
+def add_masked_decayed_weights(
+    weight_decay: float, exclude: Sequence[str] = ()
+) -> optax.GradientTransformation:
+    """update + weight_decay * param, only where `weight_decay_mask(params, exclude)` is True."""
+    _check_number("weight_decay", weight_decay)
+    exclude = _as_names("exclude", exclude)
+    wd = float(weight_decay)
 
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
 
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError('add_masked_decayed_weights needs params in update(), got None')
-    if wd == 0.0:
-      return updates, state
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("add_masked_decayed_weights needs params in update(), got None")
+        if wd == 0.0:
+            return updates, state
 
-    def f(names, u, p):
-      if _decays(names, p, exclude):
-        return u + jnp.asarray(wd, u.dtype) * p.astype(u.dtype)
-      return u
+        def f(names, u, p):
+            if _decays(names, p, exclude):
+                return u + jnp.asarray(wd, u.dtype) * p.astype(u.dtype)
+            return u
 
-    return _map_with_names(f, updates, params), state
+        return _map_with_names(f, updates, params), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def scale_by_layer_decay(num_layers: int, decay: float) -> optax.GradientTransformation:
-  """Multiply each update by its `layerwise_lr_scales` entry (chosen from its key path)."""
-  _check_num_layers(num_layers)
-  _check_decay(decay)
+    """Multiply each update by its `layerwise_lr_scales` entry (chosen from its key path)."""
+    _check_num_layers(num_layers)
+    _check_decay(decay)
 
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
 
-  def update_fn(updates, state, params=None):
-    del params
-    def f(names, u):
-      scale = float(decay) ** (num_layers + 1 - _layer_id(names, num_layers))
-      return u * jnp.asarray(scale, u.dtype)
-    return _map_with_names(f, updates), state
+    def update_fn(updates, state, params=None):
+        del params
 
-  return optax.GradientTransformation(init_fn, update_fn)
+        def f(names, u):
+            scale = float(decay) ** (num_layers + 1 - _layer_id(names, num_layers))
+            return u * jnp.asarray(scale, u.dtype)
 
+        return _map_with_names(f, updates), state
 
-def scale_by_lars(weight_decay: float = 0.0,
-                  trust_coefficient: float = 0.001) -> optax.GradientTransformation:
-  """The LARS rescaling of util/lars.py, before momentum. For ndim > 1 params only:
-  g <- g + wd * p; g <- g * (trust * |p| / |g|) (ratio 1 when |p| or |g| is 0).
-  ndim <= 1 params pass through unchanged."""
-  _check_number('weight_decay', weight_decay)
-  _check_number('trust_coefficient', trust_coefficient)
-  wd, trust = float(weight_decay), float(trust_coefficient)
-
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError('scale_by_lars needs params in update(), got None')
-
-    def f(u, p):
-      if jnp.ndim(p) <= 1:
-        return u
-      p32, u32 = p.astype(jnp.float32), u.astype(jnp.float32)
-      u32 = u32 + wd * p32
-      p_norm = jnp.sqrt(jnp.sum(p32 * p32))
-      u_norm = jnp.sqrt(jnp.sum(u32 * u32))
-      safe_u = jnp.where(u_norm > 0, u_norm, 1.0)
-      ratio = jnp.where((p_norm > 0) & (u_norm > 0), trust * p_norm / safe_u, 1.0)
-      return (u32 * ratio).astype(u.dtype)
-
-    return jax.tree_util.tree_map(f, updates, params), state
-
-  return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
-def lars(learning_rate: float | optax.Schedule, momentum: float = 0.9, weight_decay: float = 0.0,
-         trust_coefficient: float = 0.001) -> optax.GradientTransformation:
-  """The official MAE LARS (util/lars.py) as an optax transformation.
+def scale_by_lars(
+    weight_decay: float = 0.0, trust_coefficient: float = 0.001
+) -> optax.GradientTransformation:
+    """The LARS rescaling of util/lars.py, before momentum. For ndim > 1 params only:
+    g <- g + wd * p; g <- g * (trust * |p| / |g|) (ratio 1 when |p| or |g| is 0).
+    ndim <= 1 params pass through unchanged."""
+    _check_number("weight_decay", weight_decay)
+    _check_number("trust_coefficient", trust_coefficient)
+    wd, trust = float(weight_decay), float(trust_coefficient)
 
-  ndim > 1: g <- g + wd*p; g <- g * trust*|p|/|g| (1 if a norm is 0); mu <- momentum*mu + g;
-  p <- p - lr*mu. ndim <= 1: mu <- momentum*mu + g; p <- p - lr*mu.
-  """
-  _check_number('momentum', momentum)
-  return optax.chain(
-      scale_by_lars(weight_decay, trust_coefficient),
-      optax.trace(decay=float(momentum), nesterov=False),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("scale_by_lars needs params in update(), got None")
+
+        def f(u, p):
+            if jnp.ndim(p) <= 1:
+                return u
+            p32, u32 = p.astype(jnp.float32), u.astype(jnp.float32)
+            u32 = u32 + wd * p32
+            p_norm = jnp.sqrt(jnp.sum(p32 * p32))
+            u_norm = jnp.sqrt(jnp.sum(u32 * u32))
+            safe_u = jnp.where(u_norm > 0, u_norm, 1.0)
+            ratio = jnp.where((p_norm > 0) & (u_norm > 0), trust * p_norm / safe_u, 1.0)
+            return (u32 * ratio).astype(u.dtype)
+
+        return jax.tree_util.tree_map(f, updates, params), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def lars(
+    learning_rate: float | optax.Schedule,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    trust_coefficient: float = 0.001,
+) -> optax.GradientTransformation:
+    """The official MAE LARS (util/lars.py) as an optax transformation.
+
+    ndim > 1: g <- g + wd*p; g <- g * trust*|p|/|g| (1 if a norm is 0); mu <- momentum*mu + g;
+    p <- p - lr*mu. ndim <= 1: mu <- momentum*mu + g; p <- p - lr*mu.
+    """
+    _check_number("momentum", momentum)
+    return optax.chain(
+        scale_by_lars(weight_decay, trust_coefficient),
+        optax.trace(decay=float(momentum), nesterov=False),
+        optax.scale_by_learning_rate(learning_rate),
+    )
 
 
 # ----------------------------------------------------------------------------- config
 
 
-OPTIMIZERS = ('adamw', 'lars', 'sgd')
+OPTIMIZERS = ("adamw", "lars", "sgd")
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
-  """The paper's pretraining recipe: AdamW (0.9, 0.95), wd 0.05, base lr 1.5e-4 * batch/256,
-  batch 4096, warmup then cosine to 0. Step counts are those of 800 ImageNet epochs at batch 4096
-  (312 steps/epoch, 40 warmup epochs); a training config sets them from its own epochs."""
-  c = ml_collections.ConfigDict()
-  c.name = 'adamw'
-  c.base_lr = 1.5e-4
-  c.lr = config_dict.placeholder(float)  # absolute lr; overrides base_lr * batch / 256
-  c.batch_size = 4096  # global batch, for the lr scaling rule
-  c.warmup_steps = 40 * 312
-  c.total_steps = 800 * 312
-  c.min_lr = 0.0
-  c.b1 = 0.9
-  c.b2 = 0.95
-  c.eps = 1e-8
-  c.weight_decay = 0.05
-  c.momentum = 0.9  # lars / sgd
-  c.trust_coefficient = 0.001  # lars
-  c.grad_clip_norm = config_dict.placeholder(float)  # None or 0: off
-  c.layer_decay = config_dict.placeholder(float)  # None: off; else needs num_layers
-  c.num_layers = config_dict.placeholder(int)  # encoder depth, for layer_decay
-  c.no_decay_names = ()  # extra names without weight decay, e.g. ('cls_token', 'pos_embed')
-  return c
+    """The paper's pretraining recipe: AdamW (0.9, 0.95), wd 0.05, base lr 1.5e-4 * batch/256,
+    batch 4096, warmup then cosine to 0. Step counts are those of 800 ImageNet epochs at batch 4096
+    (312 steps/epoch, 40 warmup epochs); a training config sets them from its own epochs."""
+    c = ml_collections.ConfigDict()
+    c.name = "adamw"
+    c.base_lr = 1.5e-4
+    c.lr = config_dict.placeholder(float)  # absolute lr; overrides base_lr * batch / 256
+    c.batch_size = 4096  # global batch, for the lr scaling rule
+    c.warmup_steps = 40 * 312
+    c.total_steps = 800 * 312
+    c.min_lr = 0.0
+    c.b1 = 0.9
+    c.b2 = 0.95
+    c.eps = 1e-8
+    c.weight_decay = 0.05
+    c.momentum = 0.9  # lars / sgd
+    c.trust_coefficient = 0.001  # lars
+    c.grad_clip_norm = config_dict.placeholder(float)  # None or 0: off
+    c.layer_decay = config_dict.placeholder(float)  # None: off; else needs num_layers
+    c.num_layers = config_dict.placeholder(int)  # encoder depth, for layer_decay
+    c.no_decay_names = ()  # extra names without weight decay, e.g. ('cls_token', 'pos_embed')
+    return c
 
 
 _KNOWN_KEYS = frozenset(default_optim_config().keys())
 
 
 def _get(cfg, key):
-  return cfg[key] if key in cfg else default_optim_config()[key]
+    return cfg[key] if key in cfg else default_optim_config()[key]
 
 
 def _check_keys(cfg):
-  unknown = sorted(set(cfg.keys()) - _KNOWN_KEYS)
-  if unknown:
-    raise ValueError(f'unknown optimizer config keys {unknown}; known keys: {sorted(_KNOWN_KEYS)}')
+    unknown = sorted(set(cfg.keys()) - _KNOWN_KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown optimizer config keys {unknown}; known keys: {sorted(_KNOWN_KEYS)}"
+        )
 
 
 def peak_learning_rate(optim_config: ml_collections.ConfigDict) -> float:
-  """`lr` when set, else `base_lr * batch_size / 256`."""
-  _check_keys(optim_config)
-  lr = _get(optim_config, 'lr')
-  if lr is not None:
-    _check_number('lr', lr)
-    return float(lr)
-  return scaled_lr(_get(optim_config, 'base_lr'), _get(optim_config, 'batch_size'))
+    """`lr` when set, else `base_lr * batch_size / 256`."""
+    _check_keys(optim_config)
+    lr = _get(optim_config, "lr")
+    if lr is not None:
+        _check_number("lr", lr)
+        return float(lr)
+    return scaled_lr(_get(optim_config, "base_lr"), _get(optim_config, "batch_size"))
 
 
 def learning_rate_fn(optim_config: ml_collections.ConfigDict) -> optax.Schedule:
-  """The schedule `create_optimizer` uses: step -> lr (float32), for logging."""
-  return warmup_cosine_schedule(
-      peak_learning_rate(optim_config), _get(optim_config, 'total_steps'),
-      _get(optim_config, 'warmup_steps'), _get(optim_config, 'min_lr'))
+    """The schedule `create_optimizer` uses: step -> lr (float32), for logging."""
+    return warmup_cosine_schedule(
+        peak_learning_rate(optim_config),
+        _get(optim_config, "total_steps"),
+        _get(optim_config, "warmup_steps"),
+        _get(optim_config, "min_lr"),
+    )
 
 
-def create_optimizer(optim_config: ml_collections.ConfigDict,
-                     params: PyTree | None = None) -> optax.GradientTransformation:
-  """Builds the optimizer from a config like `default_optim_config()`.
+def create_optimizer(
+    optim_config: ml_collections.ConfigDict, params: PyTree | None = None
+) -> optax.GradientTransformation:
+    """Builds the optimizer from a config like `default_optim_config()`.
 
-  Chain: [global-norm clip] -> direction (adam | lars rescale + momentum | wd + momentum)
-  -> [layer-wise lr scale, applied to the whole update incl. decay] -> -lr(step).
-  adamw: decoupled decay on `weight_decay_mask(params, no_decay_names)`.
-  lars: decay and trust ratio on ndim > 1 params (the official rule; no_decay_names unused).
-  sgd: PyTorch SGD (g + wd*p, masked like adamw, then momentum).
-  `params` (optional) is checked against the config (e.g. block indices vs num_layers).
-  """
-  _check_keys(optim_config)
-  g = lambda k: _get(optim_config, k)
-  name = g('name')
-  if name not in OPTIMIZERS:
-    raise ValueError(f'unknown optimizer name {name!r}; expected one of {OPTIMIZERS}')
-  schedule = learning_rate_fn(optim_config)
-  for k in ('weight_decay', 'eps', 'momentum'):
-    _check_number(k, g(k))
-  for k in ('b1', 'b2'):
-    _check_number(k, g(k))
-    if g(k) >= 1:
-      raise ValueError(f'{k} must be in [0, 1), got {g(k)!r}')
-  no_decay = _as_names('no_decay_names', g('no_decay_names'))
-  clip = g('grad_clip_norm')
-  if clip is not None:
-    _check_number('grad_clip_norm', clip)
-  layer_decay = g('layer_decay')
-  num_layers = g('num_layers')
-  if layer_decay is not None:
-    _check_decay(layer_decay)
-    if num_layers is None:
-      raise ValueError(f'layer_decay={layer_decay} needs num_layers (the encoder depth), got None')
-    _check_num_layers(num_layers)
-    if params is not None:
-      layer_ids(params, num_layers)  # raises on block indices >= num_layers
+    Chain: [global-norm clip] -> direction (adam | lars rescale + momentum | wd + momentum)
+    -> [layer-wise lr scale, applied to the whole update incl. decay] -> -lr(step).
+    adamw: decoupled decay on `weight_decay_mask(params, no_decay_names)`.
+    lars: decay and trust ratio on ndim > 1 params (the official rule; no_decay_names unused).
+    sgd: PyTorch SGD (g + wd*p, masked like adamw, then momentum).
+    `params` (optional) is checked against the config (e.g. block indices vs num_layers).
+    """
+    _check_keys(optim_config)
 
-  parts = []
-  if clip:
-    parts.append(optax.clip_by_global_norm(float(clip)))
-  wd = float(g('weight_decay'))
-  if name == 'adamw':
-    parts += [optax.scale_by_adam(b1=float(g('b1')), b2=float(g('b2')), eps=float(g('eps'))),
-              add_masked_decayed_weights(wd, no_decay)]
-  elif name == 'lars':
-    parts += [scale_by_lars(wd, float(g('trust_coefficient'))),
-              optax.trace(decay=float(g('momentum')))]
-  else:  # sgd
-    parts += [add_masked_decayed_weights(wd, no_decay), optax.trace(decay=float(g('momentum')))]
-  if layer_decay is not None:
-    parts.append(scale_by_layer_decay(num_layers, float(layer_decay)))
-  parts.append(optax.scale_by_learning_rate(schedule))
-  return optax.chain(*parts)
+    def g(k):
+        return _get(optim_config, k)
+
+    name = g("name")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer name {name!r}; expected one of {OPTIMIZERS}")
+    schedule = learning_rate_fn(optim_config)
+    for k in ("weight_decay", "eps", "momentum"):
+        _check_number(k, g(k))
+    for k in ("b1", "b2"):
+        _check_number(k, g(k))
+        if g(k) >= 1:
+            raise ValueError(f"{k} must be in [0, 1), got {g(k)!r}")
+    no_decay = _as_names("no_decay_names", g("no_decay_names"))
+    clip = g("grad_clip_norm")
+    if clip is not None:
+        _check_number("grad_clip_norm", clip)
+    layer_decay = g("layer_decay")
+    num_layers = g("num_layers")
+    if layer_decay is not None:
+        _check_decay(layer_decay)
+        if num_layers is None:
+            raise ValueError(
+                f"layer_decay={layer_decay} needs num_layers (the encoder depth), got None"
+            )
+        _check_num_layers(num_layers)
+        if params is not None:
+            layer_ids(params, num_layers)  # raises on block indices >= num_layers
+
+    parts = []
+    if clip:
+        parts.append(optax.clip_by_global_norm(float(clip)))
+    wd = float(g("weight_decay"))
+    if name == "adamw":
+        parts += [
+            optax.scale_by_adam(b1=float(g("b1")), b2=float(g("b2")), eps=float(g("eps"))),
+            add_masked_decayed_weights(wd, no_decay),
+        ]
+    elif name == "lars":
+        parts += [
+            scale_by_lars(wd, float(g("trust_coefficient"))),
+            optax.trace(decay=float(g("momentum"))),
+        ]
+    else:  # sgd
+        parts += [add_masked_decayed_weights(wd, no_decay), optax.trace(decay=float(g("momentum")))]
+    if layer_decay is not None:
+        parts.append(scale_by_layer_decay(num_layers, float(layer_decay)))
+    parts.append(optax.scale_by_learning_rate(schedule))
+    return optax.chain(*parts)

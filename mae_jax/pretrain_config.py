@@ -1,4 +1,5 @@
 """The pretraining config every `configs/*.py` recipe starts from (the paper's recipe)."""
+
 from __future__ import annotations
 
 import ml_collections
@@ -14,15 +15,23 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "pretrain"
     c.seed = 0
-    c.model = ml_collections.ConfigDict(dict(
-        name=model_name, norm_pix_loss=True, mask_ratio=0.75, dtype="bfloat16",
-        param_dtype="float32", remat=False, attention_impl=config_dict.placeholder(str)))
+    c.model = ml_collections.ConfigDict(
+        dict(
+            name=model_name,
+            norm_pix_loss=True,
+            mask_ratio=0.75,
+            dtype="bfloat16",
+            param_dtype="float32",
+            remat=False,
+            attention_impl=config_dict.placeholder(str),
+        )
+    )
     c.data = input_pipeline.default_data_config()
     c.data.source = "tfds"
     c.data.name = "imagenet2012"
     c.data.image_size = 224
     c.data.crop_min_scale = 0.2
-    c.batch_size = 4096              # global
+    c.batch_size = 4096  # global
     c.grad_accum_steps = 1
     c.epochs = 800
     c.warmup_epochs = 40

@@ -7,14 +7,17 @@ split over `data` and `fsdp`; parameters and optimizer state carry `logical_axes
 parallel are mesh shapes, not separate code paths. A parameter dimension that a mesh axis does
 not divide stays replicated along it.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-import numpy as np
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
 from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -45,13 +48,15 @@ def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
         if num_devices % known:
             raise ValueError(
                 f"mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not divisible by "
-                f"the fixed axes' product {known}")
+                f"the fixed axes' product {known}"
+            )
         sizes[fills[0]] = num_devices // known
     total = int(np.prod(sizes))
     if total != num_devices:
         raise ValueError(
             f"mesh {dict(zip(MESH_AXES, sizes))} needs {total} devices but {num_devices} are "
-            f"available; change config.mesh (e.g. set one axis to -1)")
+            f"available; change config.mesh (e.g. set one axis to -1)"
+        )
     return tuple(sizes)
 
 
@@ -75,8 +80,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def logical_to_spec(logical_axes: Iterable[str | None] | None, shape: Sequence[int],
-                    mesh: Mesh, rules: Iterable[tuple[str, str | None]] = DEFAULT_RULES) -> P:
+def logical_to_spec(
+    logical_axes: Iterable[str | None] | None,
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Iterable[tuple[str, str | None]] = DEFAULT_RULES,
+) -> P:
     """PartitionSpec for one array from its logical axis names (divisibility-checked)."""
     if logical_axes is None:
         return P()
@@ -96,8 +105,9 @@ def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def state_shardings(abstract_tree: Any, mesh: Mesh,
-                    rules: Iterable[tuple[str, str | None]] = DEFAULT_RULES) -> Any:
+def state_shardings(
+    abstract_tree: Any, mesh: Mesh, rules: Iterable[tuple[str, str | None]] = DEFAULT_RULES
+) -> Any:
     """Shardings for a pytree holding `nnx.Variable`s (params, optimizer state) and plain
     leaves (step counters): Variables by their `logical_axes`, everything else replicated.
 
@@ -120,4 +130,5 @@ def global_batch(local: Any, mesh: Mesh) -> Any:
     batch axes. On one process this is a plain device_put with the batch sharding."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local
+    )

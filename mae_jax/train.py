@@ -4,12 +4,14 @@
 the same workdir resumes from the latest complete checkpoint (parameters, optimizer state,
 step, and the data position; the masking noise is a function of `(seed, step)`).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,15 +24,41 @@ from mae_jax import checkpointing, flops, input_pipeline, metrics, models, optim
 from mae_jax import sharding as shd
 from mae_jax import train_step as ts
 
-TOP_LEVEL_KEYS = frozenset({
-    "seed", "model", "data", "batch_size", "grad_accum_steps", "epochs", "warmup_epochs",
-    "total_steps", "optim", "mesh", "sharding_rules", "checkpoint_every_steps",
-    "keep_checkpoints", "log_every_steps", "reconstruction_every_steps", "peak_tflops",
-    "knn_every_steps", "task",
-})
+TOP_LEVEL_KEYS = frozenset(
+    {
+        "seed",
+        "model",
+        "data",
+        "batch_size",
+        "grad_accum_steps",
+        "epochs",
+        "warmup_epochs",
+        "total_steps",
+        "optim",
+        "mesh",
+        "sharding_rules",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "log_every_steps",
+        "reconstruction_every_steps",
+        "peak_tflops",
+        "knn_every_steps",
+        "task",
+    }
+)
 # Model fields that define the parameter shapes: a workdir's checkpoint must agree on them.
-ARCHITECTURE_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
-                       "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mlp_ratio")
+ARCHITECTURE_FIELDS = (
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "decoder_embed_dim",
+    "decoder_depth",
+    "decoder_num_heads",
+    "mlp_ratio",
+)
 
 
 class TrainingError(RuntimeError):
@@ -40,6 +68,7 @@ class TrainingError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Resolved numbers of a run."""
+
     model: models.MAEConfig
     total_steps: int
     warmup_steps: int
@@ -61,8 +90,10 @@ def plan(config, num_train_examples: int | None) -> Plan:
         raise ValueError(f"config.batch_size must be positive, got {config.batch_size}")
     accum = config.grad_accum_steps
     if accum <= 0 or config.batch_size % accum:
-        raise ValueError(f"config.grad_accum_steps={accum} must be positive and divide "
-                         f"config.batch_size={config.batch_size}")
+        raise ValueError(
+            f"config.grad_accum_steps={accum} must be positive and divide "
+            f"config.batch_size={config.batch_size}"
+        )
     steps_per_epoch = None
     if num_train_examples:
         steps_per_epoch = max(1, num_train_examples // config.batch_size)
@@ -70,8 +101,11 @@ def plan(config, num_train_examples: int | None) -> Plan:
         if config.total_steps <= 0:
             raise ValueError(f"config.total_steps must be positive, got {config.total_steps}")
         total = int(config.total_steps)
-        warmup = int(round(config.warmup_epochs / max(config.epochs, 1e-9) * total)) \
-            if config.epochs else 0
+        warmup = (
+            int(round(config.warmup_epochs / max(config.epochs, 1e-9) * total))
+            if config.epochs
+            else 0
+        )
     else:
         if steps_per_epoch is None:
             raise ValueError("the data set size is unknown: set config.total_steps")
@@ -93,21 +127,28 @@ def check_mesh(config, mesh) -> None:
         raise ValueError(
             f"global batch {config.batch_size} (micro-batch {per_step} with grad_accum_steps="
             f"{config.grad_accum_steps}) is not divisible by the data-parallel size {dp} "
-            f"(mesh {dict(mesh.shape)}); change config.batch_size or config.mesh")
+            f"(mesh {dict(mesh.shape)}); change config.batch_size or config.mesh"
+        )
     if config.batch_size % jax.process_count():
-        raise ValueError(f"global batch {config.batch_size} is not divisible by the process "
-                         f"count {jax.process_count()}")
+        raise ValueError(
+            f"global batch {config.batch_size} is not divisible by the process "
+            f"count {jax.process_count()}"
+        )
 
 
 def check_workdir_model(meta: dict, mcfg: models.MAEConfig, ckpt_dir: str, step: int) -> None:
     saved = meta.get("model") or {}
-    diffs = {k: (saved.get(k), getattr(mcfg, k)) for k in ARCHITECTURE_FIELDS
-             if saved.get(k) != getattr(mcfg, k)}
+    diffs = {
+        k: (saved.get(k), getattr(mcfg, k))
+        for k in ARCHITECTURE_FIELDS
+        if saved.get(k) != getattr(mcfg, k)
+    }
     if diffs:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diffs.items())
         raise ValueError(
             f"the workdir's checkpoint {ckpt_dir} (step {step}) holds another model "
-            f"({saved.get('name')!r}: {detail}); use a new --workdir or the matching config")
+            f"({saved.get('name')!r}: {detail}); use a new --workdir or the matching config"
+        )
 
 
 # ------------------------------------------------------------------------------ state I/O
@@ -121,8 +162,9 @@ def _strip(tree):
 
 
 def _rewrap(template, values):
-    return jax.tree.map(lambda v, x: v.replace(x) if _is_var(v) else x, template, values,
-                        is_leaf=_is_var)
+    return jax.tree.map(
+        lambda v, x: v.replace(x) if _is_var(v) else x, template, values, is_leaf=_is_var
+    )
 
 
 def to_checkpoint(state: dict) -> dict:
@@ -135,8 +177,11 @@ def to_checkpoint(state: dict) -> dict:
 
 def abstract_checkpoint(abstract_state: dict, shardings: dict, params_only: bool = False):
     """ShapeDtypeStructs carrying the target shardings, in the on-disk layout."""
-    both = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        _strip(abstract_state), _strip(shardings))
+    both = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        _strip(abstract_state),
+        _strip(shardings),
+    )
     out = {"params": nnx.to_pure_dict(both["params"])}
     if not params_only:
         out.update({k: v for k, v in both.items() if k != "params"})
@@ -172,6 +217,7 @@ class Task:
     `check_meta(meta, step, ckpt_dir)` refuses a workdir of another model. `periodic(writer, state,
     host_batch, step)` may log extras (reconstructions, evaluation) and return scalars.
     """
+
     name: str
     fns: ts.StepFns
     total_steps: int
@@ -185,8 +231,7 @@ class Task:
     final: Callable[[Any, dict, int], dict | None] | None = None
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[[Any], Task]
-        ) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[[Any], Task]) -> dict:
     """Init or resume `make_task(mesh)`'s state in `workdir` and train it to the end.
 
     Common config keys: seed, mesh, checkpoint_every_steps, keep_checkpoints, log_every_steps,
@@ -195,8 +240,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[[An
     mesh = shd.make_mesh(config.mesh)
     task = make_task(mesh)
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    ckpt = checkpointing.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints,
-                                      save_interval_steps=config.checkpoint_every_steps)
+    ckpt = checkpointing.Checkpointer(
+        ckpt_dir,
+        max_to_keep=config.keep_checkpoints,
+        save_interval_steps=config.checkpoint_every_steps,
+    )
     latest = ckpt.latest_step()
     meta = {}
     if latest is not None:
@@ -208,8 +256,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[[An
     if latest is None:
         state = fns.init()
         data_position = 0
-        logging.info("%s: initialized (%s trainable parameters)", task.name,
-                     f"{_count(state['params']):,}")
+        logging.info(
+            "%s: initialized (%s trainable parameters)", task.name, f"{_count(state['params']):,}"
+        )
     else:
         params_only = bool(meta.get("params_only"))
         target = abstract_checkpoint(fns.abstract_state, fns.state_shardings, params_only)
@@ -227,8 +276,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[[An
 
     if jax.process_index() == 0:  # drop lines of steps after the checkpoint, before appending
         metrics.truncate_after(workdir, start)
-    writer = metrics.MetricsWriter(workdir, is_primary=jax.process_index() == 0,
-                                   total_steps=task.total_steps)
+    writer = metrics.MetricsWriter(
+        workdir, is_primary=jax.process_index() == 0, total_steps=task.total_steps
+    )
     writer.write_config(config)
     data = task.make_data(data_position)
     key = jax.random.key(config.seed)
@@ -236,13 +286,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[[An
     last_good = latest
     last: dict = {}
     t_last, step_last = time.perf_counter(), start
-    logging.info("%s: steps %d..%d on mesh %s", task.name, start, task.total_steps,
-                 dict(mesh.shape))
+    logging.info(
+        "%s: steps %d..%d on mesh %s", task.name, start, task.total_steps, dict(mesh.shape)
+    )
 
     def save(step, force=False):
-        return ckpt.save(step, to_checkpoint(state), {
-            **task.meta(), "data_position": data.position, "seed": config.seed, "step": step,
-            "skipped_images": data.skipped}, force=force)
+        return ckpt.save(
+            step,
+            to_checkpoint(state),
+            {
+                **task.meta(),
+                "data_position": data.position,
+                "seed": config.seed,
+                "step": step,
+                "skipped_images": data.skipped,
+            },
+            force=force,
+        )
 
     try:
         for step in range(start, task.total_steps):
@@ -257,8 +317,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[[An
                 if bad >= 0:
                     raise TrainingError(
                         f"non-finite loss at step {bad}; stopping. The last good checkpoint is "
-                        f"step {last_good} in {ckpt_dir}" if last_good is not None else
-                        f"non-finite loss at step {bad}; stopping (no checkpoint was saved yet)")
+                        f"step {last_good} in {ckpt_dir}"
+                        if last_good is not None
+                        else f"non-finite loss at step {bad}; stopping (no checkpoint was saved yet)"
+                    )
             values = {}
             if is_log:
                 values = {k: float(v) for k, v in jax.device_get(m).items()}
@@ -267,8 +329,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[[An
                 t_last, step_last = now, done
                 values.update(images_per_sec=ips, skipped_images=data.skipped)
                 if task.flops_per_image:
-                    values["tflops_per_device"] = (ips * task.flops_per_image / 1e12
-                                                   / jax.device_count())
+                    values["tflops_per_device"] = (
+                        ips * task.flops_per_image / 1e12 / jax.device_count()
+                    )
                     if peak:
                         values["mfu"] = values["tflops_per_device"] / peak
             if task.periodic is not None:
@@ -295,10 +358,19 @@ def pretrain_step_fns(config, p: Plan, mesh) -> ts.StepFns:
     """The jitted, sharded MAE train step of `config` (resolved as `p`) on `mesh`."""
     tx = optim.create_optimizer(p.optim)
     lr_fn = optim.learning_rate_fn(p.optim)
-    rules = tuple(tuple(r) for r in config.sharding_rules) if config.get("sharding_rules") \
+    rules = (
+        tuple(tuple(r) for r in config.sharding_rules)
+        if config.get("sharding_rules")
         else shd.DEFAULT_RULES
-    return ts.build(lambda: models.create(p.model, seed=config.seed), tx, lr_fn, mesh,
-                    accum_steps=config.grad_accum_steps, rules=rules)
+    )
+    return ts.build(
+        lambda: models.create(p.model, seed=config.seed),
+        tx,
+        lr_fn,
+        mesh,
+        accum_steps=config.grad_accum_steps,
+        rules=rules,
+    )
 
 
 def pretrain_task(config, mesh) -> Task:
@@ -315,14 +387,18 @@ def pretrain_task(config, mesh) -> Task:
         return None
 
     return Task(
-        name=f"pretrain {p.model.name}", fns=fns, total_steps=p.total_steps,
+        name=f"pretrain {p.model.name}",
+        fns=fns,
+        total_steps=p.total_steps,
         batch_size=config.batch_size,
         make_data=lambda start: input_pipeline.create_pretrain_iterator(
-            config.data, global_batch_size=config.batch_size, seed=config.seed,
-            start_step=start),
+            config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start
+        ),
         meta=lambda: {"model": dataclasses.asdict(p.model), "task": "pretrain"},
         check_meta=lambda meta, step, ckpt_dir: check_workdir_model(meta, p.model, ckpt_dir, step),
-        flops_per_image=flops.mae_train_flops_per_image(p.model), periodic=periodic)
+        flops_per_image=flops.mae_train_flops_per_image(p.model),
+        periodic=periodic,
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

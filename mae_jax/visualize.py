@@ -14,6 +14,7 @@ Command line (writes one PNG, a row per image):
 Without `--images`, a few photos bundled with scikit-image are used (no network). Without
 `--checkpoint`, the model is randomly initialized (a warning says so).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,8 @@ import functools
 import os
 import sys
 import warnings
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +40,7 @@ PANELS = ("original", "masked", "reconstruction", "reconstruction + visible")
 
 class Reconstruction(NamedTuple):
     """Normalized float32 images `[N, H, W, C]` for the four panels, and the mask `[N, L]`."""
+
     original: jax.Array
     masked: jax.Array
     reconstruction: jax.Array
@@ -76,8 +79,14 @@ def _forward(graphdef, state, images, noise, mask_ratio):
     return out.pred, out.mask
 
 
-def reconstruct(model, images, *, key: jax.Array | None = None, noise: jax.Array | None = None,
-                mask_ratio: float | None = None) -> Reconstruction:
+def reconstruct(
+    model,
+    images,
+    *,
+    key: jax.Array | None = None,
+    noise: jax.Array | None = None,
+    mask_ratio: float | None = None,
+) -> Reconstruction:
     """Run `model` (an `MAE`) on normalized `images [N, H, W, C]` and build the four panels.
 
     The mask comes from `noise [N, L]` if given, else from `key` (uniform noise, as the model).
@@ -99,11 +108,17 @@ def reconstruct(model, images, *, key: jax.Array | None = None, noise: jax.Array
         pred = denormalize_patches(pred, target)
     grid = (c.grid_size, c.grid_size)
     recon = ops.unpatchify(pred, c.patch_size, grid, c.in_chans)
-    mask_img = ops.unpatchify(jnp.repeat(mask[..., None], c.patch_dim, axis=-1), c.patch_size,
-                              grid, c.in_chans)
+    mask_img = ops.unpatchify(
+        jnp.repeat(mask[..., None], c.patch_dim, axis=-1), c.patch_size, grid, c.in_chans
+    )
     masked = images * (1.0 - mask_img)
-    return Reconstruction(original=images, masked=masked, reconstruction=recon,
-                          pasted=masked + recon * mask_img, mask=mask)
+    return Reconstruction(
+        original=images,
+        masked=masked,
+        reconstruction=recon,
+        pasted=masked + recon * mask_img,
+        mask=mask,
+    )
 
 
 def grid_from_panels(panels: Sequence, pad: int = 2, pad_value: int = 255) -> np.ndarray:
@@ -111,25 +126,33 @@ def grid_from_panels(panels: Sequence, pad: int = 2, pad_value: int = 255) -> np
     a column per panel, separated by `pad` pixels of `pad_value`."""
     panels = [np.asarray(p) for p in panels]
     if not panels or any(p.shape != panels[0].shape or p.ndim != 4 for p in panels):
-        raise ValueError(f"panels must be equal-shape [N, H, W, 3] arrays, got "
-                         f"{[p.shape for p in panels]}")
+        raise ValueError(
+            f"panels must be equal-shape [N, H, W, 3] arrays, got {[p.shape for p in panels]}"
+        )
     n, h, w, ch = panels[0].shape
     cols = len(panels)
     out = np.full((n * h + (n + 1) * pad, cols * w + (cols + 1) * pad, ch), pad_value, np.uint8)
     for i in range(n):
         for j, panel in enumerate(panels):
             y, x = pad + i * (h + pad), pad + j * (w + pad)
-            out[y:y + h, x:x + w] = panel[i]
+            out[y : y + h, x : x + w] = panel[i]
     return out
 
 
-def reconstruction_grid(model, images, *, key: jax.Array | None = None,
-                        noise: jax.Array | None = None, mask_ratio: float | None = None,
-                        pad: int = 2) -> np.ndarray:
+def reconstruction_grid(
+    model,
+    images,
+    *,
+    key: jax.Array | None = None,
+    noise: jax.Array | None = None,
+    mask_ratio: float | None = None,
+    pad: int = 2,
+) -> np.ndarray:
     """uint8 `[N*H + (N+1)*pad, 4*W + 5*pad, 3]`: per image, the four panels of `PANELS`."""
     r = reconstruct(model, images, key=key, noise=noise, mask_ratio=mask_ratio)
-    return grid_from_panels([to_uint8(p) for p in (r.original, r.masked, r.reconstruction,
-                                                   r.pasted)], pad=pad)
+    return grid_from_panels(
+        [to_uint8(p) for p in (r.original, r.masked, r.reconstruction, r.pasted)], pad=pad
+    )
 
 
 def save_png(path, grid: np.ndarray) -> None:
@@ -179,8 +202,11 @@ def default_images(img_size: int, names: Sequence[str] = DEFAULT_IMAGES) -> np.n
     import skimage.data
     from PIL import Image
 
-    return normalize(np.stack([_square(Image.fromarray(getattr(skimage.data, name)()), img_size)
-                               for name in names]))
+    return normalize(
+        np.stack(
+            [_square(Image.fromarray(getattr(skimage.data, name)()), img_size) for name in names]
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -194,8 +220,10 @@ def _checkpoint_dir(path) -> str:
     if (root / "checkpoints").is_dir():
         return str(root / "checkpoints")
     if not root.is_dir():
-        raise ValueError(f"checkpoint directory {path!r} does not exist (expected a workdir "
-                         f"with checkpoints/ or a checkpoints directory)")
+        raise ValueError(
+            f"checkpoint directory {path!r} does not exist (expected a workdir "
+            f"with checkpoints/ or a checkpoints directory)"
+        )
     return str(root)
 
 
@@ -219,14 +247,19 @@ def restore_mae(workdir, step: int | None = None, **overrides):
                 raise ValueError(f"no complete checkpoint in {directory!r}")
         meta = ckpt.read_meta(step)
         if "model" not in meta:
-            raise ValueError(f"checkpoint meta at step {step} has no 'model' entry (the model "
-                             f"config); keys: {sorted(meta)}")
+            raise ValueError(
+                f"checkpoint meta at step {step} has no 'model' entry (the model "
+                f"config); keys: {sorted(meta)}"
+            )
         config = models.resolve(meta["model"], **overrides)
         abstract = nnx.eval_shape(lambda: models.create(config))
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = {"params": jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-            nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))}
+        target = {
+            "params": jax.tree.map(
+                lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                nnx.to_pure_dict(nnx.state(abstract, nnx.Param)),
+            )
+        }
         restored = ckpt.restore_partial(step, target)  # parameters only
     finally:
         ckpt.close()
@@ -244,17 +277,27 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mae_jax.visualize",
         description="Write a PNG grid of MAE reconstructions: original | masked | "
-                    "reconstruction | reconstruction + visible, one row per image.")
+        "reconstruction | reconstruction + visible, one row per image.",
+    )
     p.add_argument("--output", required=True, help="PNG file to write")
-    p.add_argument("--images", nargs="+", default=None,
-                   help="image files (default: photos bundled with scikit-image)")
-    p.add_argument("--model", default=None,
-                   help="model preset (default: from the checkpoint, else mae_vit_base_patch16)")
-    p.add_argument("--checkpoint", default=None,
-                   help="pretraining workdir (with checkpoints/) or checkpoints directory")
+    p.add_argument(
+        "--images",
+        nargs="+",
+        default=None,
+        help="image files (default: photos bundled with scikit-image)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model preset (default: from the checkpoint, else mae_vit_base_patch16)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="pretraining workdir (with checkpoints/) or checkpoints directory",
+    )
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--img-size", type=int, default=None,
-                   help="image size (default: the model's)")
+    p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--seed", type=int, default=0, help="seed of the masks (and a random model)")
     return p
@@ -269,23 +312,31 @@ def main(argv: Sequence[str] | None = None) -> str:
     if args.checkpoint is not None:
         model, step, _ = restore_mae(args.checkpoint, args.step, **overrides)
         if args.model is not None and args.model != model.config.name:
-            warnings.warn(f"--model {args.model} ignored: the checkpoint holds "
-                          f"{model.config.name}")
+            warnings.warn(
+                f"--model {args.model} ignored: the checkpoint holds {model.config.name}",
+                stacklevel=2,
+            )
         print(f"loaded {model.config.name} from {args.checkpoint} at step {step}")
     else:
         if args.step is not None:
             raise ValueError("--step needs --checkpoint")
         name = args.model or "mae_vit_base_patch16"
         model = models.create(name, seed=args.seed, **overrides)
-        warnings.warn(f"no --checkpoint given: {name} is RANDOMLY INITIALIZED; its "
-                      f"reconstructions are meaningless", stacklevel=1)
+        warnings.warn(
+            f"no --checkpoint given: {name} is RANDOMLY INITIALIZED; its "
+            f"reconstructions are meaningless",
+            stacklevel=1,
+        )
     size = model.config.img_size
-    images = (load_images(args.images, size) if args.images else default_images(size))
-    grid = reconstruction_grid(model, images, key=jax.random.key(args.seed),
-                               mask_ratio=args.mask_ratio)
+    images = load_images(args.images, size) if args.images else default_images(size)
+    grid = reconstruction_grid(
+        model, images, key=jax.random.key(args.seed), mask_ratio=args.mask_ratio
+    )
     save_png(args.output, grid)
-    print(f"wrote {args.output}: {grid.shape[1]}x{grid.shape[0]}, {len(images)} rows of "
-          f"{' | '.join(PANELS)}")
+    print(
+        f"wrote {args.output}: {grid.shape[1]}x{grid.shape[0]}, {len(images)} rows of "
+        f"{' | '.join(PANELS)}"
+    )
     return args.output
 
 

@@ -1,4 +1,5 @@
 """Loading `configs/*.py` files in tests (as `--config=` does)."""
+
 import importlib.util
 import os
 

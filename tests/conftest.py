@@ -1,4 +1,5 @@
 """Test setup: force the CPU with 8 simulated devices before JAX starts."""
+
 import os
 
 os.environ["XLA_FLAGS"] = (

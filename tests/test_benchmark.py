@@ -1,21 +1,19 @@
 """Benchmark (throughput, MFU) and AOT compile check: arithmetic, CLI runs on the CPU, errors."""
+
 import json
 import os
 import subprocess
 import sys
 import types
 
+import jax
 import numpy as np
 import pytest
-import jax
+from config_files import ROOT, load_config
 
 from mae_jax import aot, benchmark, flops, models, optim
 from mae_jax import sharding as shd
 from mae_jax import train_step as ts
-
-from config_files import ROOT, load_config
-
-
 
 
 def tiny_config(batch=16, **mesh):
@@ -32,8 +30,14 @@ def run_module(args, devices=2, timeout=300):
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # ------------------------------------------------------------------------------ arithmetic
@@ -45,11 +49,13 @@ def hand_count_vit_b16() -> float:
     MLP 4D: qkv 6TD^2 + proj 2TD^2 + MLP 16TD^2 = 24TD^2, plus QK^T and AV 4T^2D.
     """
     block = lambda t, d: 24 * t * d * d + 4 * t * t * d  # noqa: E731
-    fwd = (2 * 196 * 768 * 768            # patch embedding (on all patches, as the conv)
-           + 12 * block(50, 768)          # encoder
-           + 2 * 50 * 768 * 512           # decoder_embed
-           + 8 * block(197, 512)          # decoder
-           + 2 * 197 * 512 * 768)         # decoder_pred
+    fwd = (
+        2 * 196 * 768 * 768  # patch embedding (on all patches, as the conv)
+        + 12 * block(50, 768)  # encoder
+        + 2 * 50 * 768 * 512  # decoder_embed
+        + 8 * block(197, 512)  # decoder
+        + 2 * 197 * 512 * 768
+    )  # decoder_pred
     return 3.0 * fwd
 
 
@@ -85,26 +91,52 @@ def test_step_time_statistics():
     assert r["images_per_sec"] == pytest.approx(10 / 0.3)
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(step_times_s=[]), "step time"), (dict(step_times_s=[0.0]), "step time"),
-    (dict(batch_size=0), "batch_size"), (dict(peak_tflops=-1.0), "peak_tflops"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(step_times_s=[]), "step time"),
+        (dict(step_times_s=[0.0]), "step time"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(peak_tflops=-1.0), "peak_tflops"),
+    ],
+)
 def test_throughput_rejects_bad_values(kw, match):
-    args = dict(step_times_s=[0.1], batch_size=8, flops_per_image=1e9, num_devices=1,
-                peak_tflops=None)
+    args = dict(
+        step_times_s=[0.1], batch_size=8, flops_per_image=1e9, num_devices=1, peak_tflops=None
+    )
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         benchmark.throughput(**args)
 
 
 def test_report_says_na_without_peak():
-    r = dict(benchmark.throughput([0.2, 0.3], 8, 1e9, 1, None), model="m", dtype="float32",
-             param_dtype="float32", remat=False, attention_impl=None, global_batch=8,
-             grad_accum_steps=1, mesh={"data": 1}, num_devices=1, device_kind="cpu",
-             backend="cpu", jax_version=jax.__version__, first_call_s=1.0, trace_s=0.1,
-             lower_s=0.1, xla_compile_s=0.5, process_cpu_s_per_step=0.4,
-             load_average_1min=1.0, steps=2, warmup=1, flops_per_image=1e9,
-             peak_memory_bytes=2 ** 30, peak_memory_kind="process max RSS", final_loss=1.0)
+    r = dict(
+        benchmark.throughput([0.2, 0.3], 8, 1e9, 1, None),
+        model="m",
+        dtype="float32",
+        param_dtype="float32",
+        remat=False,
+        attention_impl=None,
+        global_batch=8,
+        grad_accum_steps=1,
+        mesh={"data": 1},
+        num_devices=1,
+        device_kind="cpu",
+        backend="cpu",
+        jax_version=jax.__version__,
+        first_call_s=1.0,
+        trace_s=0.1,
+        lower_s=0.1,
+        xla_compile_s=0.5,
+        process_cpu_s_per_step=0.4,
+        load_average_1min=1.0,
+        steps=2,
+        warmup=1,
+        flops_per_image=1e9,
+        peak_memory_bytes=2**30,
+        peak_memory_kind="process max RSS",
+        final_loss=1.0,
+    )
     text = benchmark.format_report(r)
     assert "MFU: n/a (peak unknown; pass --peak_tflops)" in text
     text = benchmark.format_report(dict(r, mfu=0.5, peak_tflops_per_device=800.0))
@@ -113,29 +145,51 @@ def test_report_says_na_without_peak():
 
 def test_peak_memory_falls_back_to_rss_on_cpu():
     nbytes, what = benchmark.peak_memory(jax.devices()[:2])
-    assert nbytes > 50 * 2 ** 20 and "RSS" in what
+    assert nbytes > 50 * 2**20 and "RSS" in what
 
 
 def test_no_tensorflow_at_import():
-    code = ("import sys, mae_jax.benchmark, mae_jax.aot; "
-            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+    code = (
+        "import sys, mae_jax.benchmark, mae_jax.aot; "
+        "assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------ benchmark CLI
-LABELS = ("model:", "global batch:", "device:", "compile: first call", "step time: median",
-          "host:",
-          "images/s:", "model TFLOP/s:", "MFU:", "memory:", "final loss:")
+LABELS = (
+    "model:",
+    "global batch:",
+    "device:",
+    "compile: first call",
+    "step time: median",
+    "host:",
+    "images/s:",
+    "model TFLOP/s:",
+    "MFU:",
+    "memory:",
+    "final loss:",
+)
 
 
 @pytest.mark.slow
 def test_benchmark_cli_runs_on_cpu_and_prints_every_figure(tmp_path):
     out_json = tmp_path / "bench.json"
-    res = run_module(["mae_jax.benchmark", "--config=configs/smoke.py",
-                      "--config.model.name=mae_vit_test", "--config.batch_size=8",
-                      "--steps=3", "--warmup=1", "--peak_tflops=0.5", f"--json={out_json}"])
+    res = run_module(
+        [
+            "mae_jax.benchmark",
+            "--config=configs/smoke.py",
+            "--config.model.name=mae_vit_test",
+            "--config.batch_size=8",
+            "--steps=3",
+            "--warmup=1",
+            "--peak_tflops=0.5",
+            f"--json={out_json}",
+        ]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     for label in LABELS:
         assert label in res.stdout, (label, res.stdout)
@@ -149,7 +203,8 @@ def test_benchmark_cli_runs_on_cpu_and_prints_every_figure(tmp_path):
     model.name = "mae_vit_test"
     assert r["flops_per_image"] == flops.mae_train_flops_per_image(models.resolve(model))
     assert r["mfu"] == pytest.approx(
-        r["images_per_sec"] * r["flops_per_image"] / 2 / 0.5e12, rel=1e-9)
+        r["images_per_sec"] * r["flops_per_image"] / 2 / 0.5e12, rel=1e-9
+    )
     assert f"{100 * r['mfu']:.2f}%" in res.stdout
     assert r["peak_memory_bytes"] > 0 and "RSS" in r["peak_memory_kind"]
     assert r["process_cpu_s_per_step"] > 0
@@ -157,8 +212,14 @@ def test_benchmark_cli_runs_on_cpu_and_prints_every_figure(tmp_path):
 
 
 def test_benchmark_cli_rejects_indivisible_batch():
-    res = run_module(["mae_jax.benchmark", "--config=configs/smoke.py",
-                      "--config.model.name=mae_vit_test", "--config.batch_size=3"])
+    res = run_module(
+        [
+            "mae_jax.benchmark",
+            "--config=configs/smoke.py",
+            "--config.model.name=mae_vit_test",
+            "--config.batch_size=3",
+        ]
+    )
     assert res.returncode == 2
     assert "global batch 3" in res.stderr and "not divisible" in res.stderr
 
@@ -171,31 +232,50 @@ def test_benchmark_rejects_bad_step_counts():
 
 
 # ------------------------------------------------------------------------------ AOT
-@pytest.mark.parametrize("name,chips,grid,hbm", [
-    ("v4-8", 4, (2, 2, 1), 32.0), ("v4-32", 16, (2, 2, 4), 32.0),
-    ("v5p-64", 32, (2, 4, 4), 95.0), ("v4-128", 64, (4, 4, 4), 32.0),
-    ("v5e-16", 16, (4, 4), 16.0), ("v5litepod-8", 8, (2, 4), 16.0),
-    ("v6e-256", 256, (16, 16), 32.0), ("h100-8", 8, (), 80.0),
-])
+@pytest.mark.parametrize(
+    "name,chips,grid,hbm",
+    [
+        ("v4-8", 4, (2, 2, 1), 32.0),
+        ("v4-32", 16, (2, 2, 4), 32.0),
+        ("v5p-64", 32, (2, 4, 4), 95.0),
+        ("v4-128", 64, (4, 4, 4), 32.0),
+        ("v5e-16", 16, (4, 4), 16.0),
+        ("v5litepod-8", 8, (2, 4), 16.0),
+        ("v6e-256", 256, (16, 16), 32.0),
+        ("h100-8", 8, (), 80.0),
+    ],
+)
 def test_parse_topology(name, chips, grid, hbm):
     t = aot.parse_topology(name)
     assert (t.num_devices, t.shape, t.hbm_gib) == (chips, grid, hbm)
 
 
-@pytest.mark.parametrize("name,match", [
-    ("v9-32", "unknown accelerator"), ("tpu", "unknown topology"), ("v4-12", "power of two"),
-    ("v4-4", "power of two"), ("v5e-2", "counts chips"), ("", "unknown topology"),
-])
+@pytest.mark.parametrize(
+    "name,match",
+    [
+        ("v9-32", "unknown accelerator"),
+        ("tpu", "unknown topology"),
+        ("v4-12", "power of two"),
+        ("v4-4", "power of two"),
+        ("v5e-2", "counts chips"),
+        ("", "unknown topology"),
+    ],
+)
 def test_parse_topology_rejects_bad_names(name, match):
     with pytest.raises(ValueError, match=match):
         aot.parse_topology(name)
 
 
 def test_memory_report_arithmetic():
-    fake = types.SimpleNamespace(memory_analysis=lambda: types.SimpleNamespace(
-        argument_size_in_bytes=10 * aot.GIB, output_size_in_bytes=10 * aot.GIB,
-        alias_size_in_bytes=9 * aot.GIB, temp_size_in_bytes=5 * aot.GIB,
-        generated_code_size_in_bytes=0))
+    fake = types.SimpleNamespace(
+        memory_analysis=lambda: types.SimpleNamespace(
+            argument_size_in_bytes=10 * aot.GIB,
+            output_size_in_bytes=10 * aot.GIB,
+            alias_size_in_bytes=9 * aot.GIB,
+            temp_size_in_bytes=5 * aot.GIB,
+            generated_code_size_in_bytes=0,
+        )
+    )
     r = aot.memory_report(fake, hbm_gib=16.0)
     assert r["total_bytes"] == 16 * aot.GIB and r["fits"] and r["fraction_of_hbm"] == 1.0
     assert not aot.memory_report(fake, hbm_gib=15.9)["fits"]
@@ -208,10 +288,16 @@ def test_aot_program_is_the_training_step():
     mesh = shd.make_mesh(config.mesh, devices=jax.devices()[:4])
     lowered, p = aot.lower_train_step(config, mesh)
     compiled = lowered.compile()
-    fns = ts.build(lambda: models.create(p.model, seed=config.seed),
-                   optim.create_optimizer(p.optim), optim.learning_rate_fn(p.optim), mesh)
-    images = jax.device_put(np.random.default_rng(0).normal(size=(8, 32, 32, 3))
-                            .astype(np.float32), shd.batch_sharding(mesh))
+    fns = ts.build(
+        lambda: models.create(p.model, seed=config.seed),
+        optim.create_optimizer(p.optim),
+        optim.learning_rate_fn(p.optim),
+        mesh,
+    )
+    images = jax.device_put(
+        np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype(np.float32),
+        shd.batch_sharding(mesh),
+    )
     key = jax.random.key(3)
     s_ref, m_ref = fns.step(fns.init(), {"image": images}, key)
     s_aot, m_aot = compiled(fns.init(), images, key, fns.rest)
@@ -259,9 +345,17 @@ def test_aot_cli_errors():
 @pytest.mark.skipif(aot.find_libtpu() is None, reason="libtpu (TPU compiler) not installed")
 def test_aot_cli_compiles_for_tpu_without_hardware(tmp_path):
     out_json = tmp_path / "aot.json"
-    res = run_module(["mae_jax.aot", "--config=configs/smoke.py",
-                      "--config.model.name=mae_vit_test", "--topology=v4-8", "--backend=tpu",
-                      f"--json={out_json}"], timeout=600)
+    res = run_module(
+        [
+            "mae_jax.aot",
+            "--config=configs/smoke.py",
+            "--config.model.name=mae_vit_test",
+            "--topology=v4-8",
+            "--backend=tpu",
+            f"--json={out_json}",
+        ],
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "compiled for backend: tpu (TPU v4)" in res.stdout and "FITS" in res.stdout
     r = json.loads(out_json.read_text())

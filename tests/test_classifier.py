@@ -1,15 +1,21 @@
 """ViT classifier for fine-tuning / linear probing: shapes, timm names, weight transfer from MAE,
 drop path, BatchNorm head, layer-wise lr decay."""
-import numpy as np
-import pytest
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from mae_jax import models, ops, optim
-from mae_jax.models.classifier import (ViTClassifier, classifier_from_mae, create_classifier,
-                                       drop_path_rates, load_encoder_params)
+from mae_jax.models.classifier import (
+    ViTClassifier,
+    classifier_from_mae,
+    create_classifier,
+    drop_path_rates,
+    load_encoder_params,
+)
 from mae_jax.models.vit import FixedEmbedding
 
 
@@ -23,8 +29,11 @@ def param_names(model):
 
 def test_shapes_and_dtypes():
     x = images()
-    for kw, train in ((dict(), True), (dict(global_pool=False, linear_probe=True), True),
-                      (dict(dtype="bfloat16", drop_path_rate=0.1), False)):
+    for kw, train in (
+        (dict(), True),
+        (dict(global_pool=False, linear_probe=True), True),
+        (dict(dtype="bfloat16", drop_path_rate=0.1), False),
+    ):
         clf = create_classifier("mae_vit_test", 10, **kw)
         logits = clf(x, train=train)
         assert logits.shape == (4, 10) and logits.dtype == jnp.float32
@@ -35,8 +44,15 @@ def test_shapes_and_dtypes():
 def test_param_names_mirror_timm():
     gap = create_classifier("mae_vit_test", 10)
     names = param_names(gap)
-    assert {"fc_norm.scale", "fc_norm.bias", "head.kernel", "head.bias", "cls_token",
-            "patch_embed.proj.kernel", "blocks.1.attn.qkv.kernel"} <= names
+    assert {
+        "fc_norm.scale",
+        "fc_norm.bias",
+        "head.kernel",
+        "head.bias",
+        "cls_token",
+        "patch_embed.proj.kernel",
+        "blocks.1.attn.qkv.kernel",
+    } <= names
     assert not any(n.startswith("norm.") or "decoder" in n or "mask_token" in n for n in names)
     assert gap.head.kernel.get_value().shape == (32, 10)
 
@@ -84,8 +100,7 @@ def test_encoder_copied_from_mae_matches_encode():
     tokens = gap.tokens(x)
     np.testing.assert_allclose(cls.tokens(x), tokens, rtol=1e-6, atol=1e-6)
     pooled = tokens[:, 1:].mean(1)
-    ref = (pooled - pooled.mean(-1, keepdims=True)) / jnp.sqrt(pooled.var(-1, keepdims=True)
-                                                               + 1e-6)
+    ref = (pooled - pooled.mean(-1, keepdims=True)) / jnp.sqrt(pooled.var(-1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(gap.features(x), ref, rtol=1e-4, atol=1e-4)
 
     # the copied parameters are equal; the head is not touched by the copy
@@ -99,8 +114,9 @@ def test_encoder_copied_from_mae_matches_encode():
     # config overrides: another resolution (fixed sin-cos recomputed), same encoder weights
     big = classifier_from_mae(mae, 10, img_size=48, global_pool=False)
     assert big.config.img_size == 48 and big.pos_embed.get_value().shape == (1, 37, 32)
-    np.testing.assert_array_equal(big.blocks[0].attn.qkv.kernel.get_value(),
-                                  mae.blocks[0].attn.qkv.kernel.get_value())
+    np.testing.assert_array_equal(
+        big.blocks[0].attn.qkv.kernel.get_value(), mae.blocks[0].attn.qkv.kernel.get_value()
+    )
 
 
 def test_load_encoder_params_rejects_mismatch():
@@ -111,8 +127,9 @@ def test_load_encoder_params_rejects_mismatch():
     wider = nnx.eval_shape(lambda: models.create("mae_vit_test", embed_dim=64))
     with pytest.raises(ValueError, match="shape"):
         load_encoder_params(clf, nnx.to_pure_dict(nnx.state(wider, nnx.Param)))
-    params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: models.create("mae_vit_test")),
-                                        nnx.Param))
+    params = nnx.to_pure_dict(
+        nnx.state(nnx.eval_shape(lambda: models.create("mae_vit_test")), nnx.Param)
+    )
     del params["cls_token"]
     with pytest.raises(ValueError, match="missing.*cls_token"):
         load_encoder_params(clf, params)
@@ -120,8 +137,9 @@ def test_load_encoder_params_rejects_mismatch():
 
 def test_drop_path_rates_and_eval_is_deterministic():
     assert drop_path_rates(0.1, 3) == pytest.approx([0.0, 0.05, 0.1])
-    clf = nnx.eval_shape(lambda: create_classifier("mae_vit_small_patch16", 5,
-                                                   drop_path_rate=0.3, img_size=32))
+    clf = nnx.eval_shape(
+        lambda: create_classifier("mae_vit_small_patch16", 5, drop_path_rate=0.3, img_size=32)
+    )
     rates = [0.0 if b.drop_path is None else b.drop_path.rate for b in clf.blocks]
     np.testing.assert_allclose(rates, np.linspace(0, 0.3, 12), rtol=1e-6)
 
@@ -160,8 +178,9 @@ def test_layerwise_lr_decay_scales_per_depth():
     by_name = {}
     for path, v in jax.tree_util.tree_flatten_with_path(nnx.state(clf, nnx.Param))[0]:
         by_name[".".join(optim.path_names(path))] = v
-    scale_of = {".".join(optim.path_names(p)): s
-                for p, s in jax.tree_util.tree_flatten_with_path(scales)[0]}
+    scale_of = {
+        ".".join(optim.path_names(p)): s for p, s in jax.tree_util.tree_flatten_with_path(scales)[0]
+    }
     assert set(scale_of) == set(by_name)
     for name, s in scale_of.items():
         if name.startswith("blocks."):
@@ -179,9 +198,11 @@ def test_layerwise_lr_decay_scales_per_depth():
     params = nnx.state(clf, nnx.Param)
     tx = optim.create_optimizer(cfg, params)
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
-    up = {".".join(optim.path_names(p)): float(np.asarray(u).ravel()[0])
-          for p, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
-    assert up["blocks.0.mlp.fc1.kernel"] == pytest.approx(-decay ** 2)
+    up = {
+        ".".join(optim.path_names(p)): float(np.asarray(u).ravel()[0])
+        for p, u in jax.tree_util.tree_flatten_with_path(updates)[0]
+    }
+    assert up["blocks.0.mlp.fc1.kernel"] == pytest.approx(-(decay**2))
     assert up["blocks.1.norm1.scale"] == pytest.approx(-decay)
     assert up["head.kernel"] == pytest.approx(-1.0)
 
@@ -201,6 +222,7 @@ def test_jitted_finetune_step_grads_reach_every_param():
             logits = model(x, train=True)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             return loss, nnx.state(model, nnx.Not(nnx.Param))
+
         return jax.grad(loss_fn, has_aux=True)(params, rest)
 
     g, new_rest = grads(params, rest)
@@ -208,8 +230,10 @@ def test_jitted_finetune_step_grads_reach_every_param():
     assert not np.allclose(g["head"]["kernel"].get_value(), g2["head"]["kernel"].get_value())
     for path, leaf in jax.tree_util.tree_flatten_with_path(g)[0]:
         assert float(jnp.abs(leaf).sum()) > 0, f"no gradient reaches {path}"
-    assert not any("pos_embed" in ".".join(optim.path_names(p))
-                   for p, _ in jax.tree_util.tree_flatten_with_path(g)[0])
+    assert not any(
+        "pos_embed" in ".".join(optim.path_names(p))
+        for p, _ in jax.tree_util.tree_flatten_with_path(g)[0]
+    )
 
 
 def test_bad_arguments():

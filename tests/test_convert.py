@@ -3,6 +3,7 @@
 Tests that need torch / transformers / timm live in test_convert_torch.py and
 test_convert_timm.py.
 """
+
 import dataclasses
 import os
 import subprocess
@@ -22,8 +23,17 @@ from mae_jax.models import create, resolve
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A model with a 6x6 grid, 3 encoder and 2 decoder blocks, encoder != decoder width.
-BIGGER = dict(name="mae_vit_test", img_size=48, patch_size=8, embed_dim=64, depth=3,
-              num_heads=4, decoder_embed_dim=48, decoder_depth=2, decoder_num_heads=4)
+BIGGER = dict(
+    name="mae_vit_test",
+    img_size=48,
+    patch_size=8,
+    embed_dim=64,
+    depth=3,
+    num_heads=4,
+    decoder_embed_dim=48,
+    decoder_depth=2,
+    decoder_num_heads=4,
+)
 
 
 def randomized(name_or_config, seed=0, **overrides):
@@ -44,8 +54,10 @@ def params_of(model):
 
 
 def flat(tree):
-    return {jax.tree_util.keystr(p): np.asarray(v)
-            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        jax.tree_util.keystr(p): np.asarray(v)
+        for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 def assert_same_params(a, b, *, skip_prefix=None):
@@ -81,10 +93,13 @@ def test_export_import_gives_identical_parameters(fmt, config):
             warnings.simplefilter("error")
             back = convert.from_pytorch(sd, config, seed=7)
         assert_same_params(model, back)
-        np.testing.assert_array_equal(np.asarray(back.decoder_pos_embed.get_value()),
-                                      np.asarray(model.decoder_pos_embed.get_value()))
-    np.testing.assert_array_equal(np.asarray(back.pos_embed.get_value()),
-                                  np.asarray(model.pos_embed.get_value()))
+        np.testing.assert_array_equal(
+            np.asarray(back.decoder_pos_embed.get_value()),
+            np.asarray(model.decoder_pos_embed.get_value()),
+        )
+    np.testing.assert_array_equal(
+        np.asarray(back.pos_embed.get_value()), np.asarray(model.pos_embed.get_value())
+    )
 
 
 def test_round_trip_keeps_bfloat16_storage_and_exports_float32():
@@ -99,20 +114,28 @@ def test_round_trip_keeps_bfloat16_storage_and_exports_float32():
 # ----------------------------------------------------------------------------- key sets
 def reference_keys(depth, decoder_depth):
     """The official MaskedAutoencoderViT key set, written from REFERENCE.md."""
+
     def block(prefix):
-        return [f"{prefix}.{m}.{leaf}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2",
-                                                  "mlp.fc1", "mlp.fc2")
-                for leaf in ("weight", "bias")]
+        return [
+            f"{prefix}.{m}.{leaf}"
+            for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+            for leaf in ("weight", "bias")
+        ]
 
     keys = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
     for i in range(depth):
         keys += block(f"blocks.{i}")
-    keys += ["norm.weight", "norm.bias", "mask_token", "decoder_pos_embed",
-             "decoder_embed.weight", "decoder_embed.bias"]
+    keys += [
+        "norm.weight",
+        "norm.bias",
+        "mask_token",
+        "decoder_pos_embed",
+        "decoder_embed.weight",
+        "decoder_embed.bias",
+    ]
     for i in range(decoder_depth):
         keys += block(f"decoder_blocks.{i}")
-    keys += ["decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight",
-             "decoder_pred.bias"]
+    keys += ["decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias"]
     return keys
 
 
@@ -123,10 +146,12 @@ PAPER = [  # name, D, depth, patch, entries, numbers, encoder numbers (REFERENCE
 ]
 
 
-@pytest.mark.parametrize("name,dim,depth,patch,entries,numbers,enc_numbers", PAPER,
-                         ids=[p[0] for p in PAPER])
-def test_official_export_has_the_reference_keys_and_shapes(name, dim, depth, patch, entries,
-                                                           numbers, enc_numbers):
+@pytest.mark.parametrize(
+    "name,dim,depth,patch,entries,numbers,enc_numbers", PAPER, ids=[p[0] for p in PAPER]
+)
+def test_official_export_has_the_reference_keys_and_shapes(
+    name, dim, depth, patch, entries, numbers, enc_numbers
+):
     config = resolve(name)
     shapes = convert.pytorch_shapes(config, "official")
     ref = reference_keys(depth, 8)
@@ -135,13 +160,20 @@ def test_official_export_has_the_reference_keys_and_shapes(name, dim, depth, pat
     assert sum(int(np.prod(s)) for s in shapes.values()) == numbers
     tokens = 1 + (224 // patch) ** 2
     expect = {
-        "cls_token": (1, 1, dim), "pos_embed": (1, tokens, dim),
-        "patch_embed.proj.weight": (dim, 3, patch, patch), "patch_embed.proj.bias": (dim,),
-        "blocks.0.attn.qkv.weight": (3 * dim, dim), "blocks.0.attn.qkv.bias": (3 * dim,),
-        "blocks.0.attn.proj.weight": (dim, dim), "blocks.0.mlp.fc1.weight": (4 * dim, dim),
-        "blocks.0.mlp.fc2.weight": (dim, 4 * dim), "norm.weight": (dim,),
-        "mask_token": (1, 1, 512), "decoder_pos_embed": (1, tokens, 512),
-        "decoder_embed.weight": (512, dim), "decoder_blocks.7.attn.qkv.weight": (1536, 512),
+        "cls_token": (1, 1, dim),
+        "pos_embed": (1, tokens, dim),
+        "patch_embed.proj.weight": (dim, 3, patch, patch),
+        "patch_embed.proj.bias": (dim,),
+        "blocks.0.attn.qkv.weight": (3 * dim, dim),
+        "blocks.0.attn.qkv.bias": (3 * dim,),
+        "blocks.0.attn.proj.weight": (dim, dim),
+        "blocks.0.mlp.fc1.weight": (4 * dim, dim),
+        "blocks.0.mlp.fc2.weight": (dim, 4 * dim),
+        "norm.weight": (dim,),
+        "mask_token": (1, 1, 512),
+        "decoder_pos_embed": (1, tokens, 512),
+        "decoder_embed.weight": (512, dim),
+        "decoder_blocks.7.attn.qkv.weight": (1536, 512),
         "decoder_pred.weight": (patch * patch * 3, 512),
     }
     for key, shape in expect.items():
@@ -161,22 +193,25 @@ def test_export_matches_pytorch_shapes_and_hf_splits_qkv():
     d = BIGGER["embed_dim"]
     for i, part in enumerate(("query", "key", "value")):
         pre = f"vit.encoder.layer.2.attention.attention.{part}"
-        np.testing.assert_array_equal(hf[f"{pre}.weight"],
-                                      off["blocks.2.attn.qkv.weight"][i * d:(i + 1) * d])
-        np.testing.assert_array_equal(hf[f"{pre}.bias"],
-                                      off["blocks.2.attn.qkv.bias"][i * d:(i + 1) * d])
-    pairs = {"vit.encoder.layer.0.attention.output.dense.weight": "blocks.0.attn.proj.weight",
-             "vit.encoder.layer.0.intermediate.dense.weight": "blocks.0.mlp.fc1.weight",
-             "vit.encoder.layer.0.output.dense.bias": "blocks.0.mlp.fc2.bias",
-             "vit.encoder.layer.1.layernorm_before.weight": "blocks.1.norm1.weight",
-             "vit.encoder.layer.1.layernorm_after.bias": "blocks.1.norm2.bias",
-             "vit.layernorm.weight": "norm.weight",
-             "vit.embeddings.position_embeddings": "pos_embed",
-             "decoder.decoder_layers.1.attention.output.dense.weight":
-                 "decoder_blocks.1.attn.proj.weight",
-             "decoder.decoder_pred.weight": "decoder_pred.weight",
-             "decoder.decoder_pos_embed": "decoder_pos_embed",
-             "decoder.mask_token": "mask_token"}
+        np.testing.assert_array_equal(
+            hf[f"{pre}.weight"], off["blocks.2.attn.qkv.weight"][i * d : (i + 1) * d]
+        )
+        np.testing.assert_array_equal(
+            hf[f"{pre}.bias"], off["blocks.2.attn.qkv.bias"][i * d : (i + 1) * d]
+        )
+    pairs = {
+        "vit.encoder.layer.0.attention.output.dense.weight": "blocks.0.attn.proj.weight",
+        "vit.encoder.layer.0.intermediate.dense.weight": "blocks.0.mlp.fc1.weight",
+        "vit.encoder.layer.0.output.dense.bias": "blocks.0.mlp.fc2.bias",
+        "vit.encoder.layer.1.layernorm_before.weight": "blocks.1.norm1.weight",
+        "vit.encoder.layer.1.layernorm_after.bias": "blocks.1.norm2.bias",
+        "vit.layernorm.weight": "norm.weight",
+        "vit.embeddings.position_embeddings": "pos_embed",
+        "decoder.decoder_layers.1.attention.output.dense.weight": "decoder_blocks.1.attn.proj.weight",
+        "decoder.decoder_pred.weight": "decoder_pred.weight",
+        "decoder.decoder_pos_embed": "decoder_pos_embed",
+        "decoder.mask_token": "mask_token",
+    }
     for hk, ok in pairs.items():
         np.testing.assert_array_equal(hf[hk], off[ok], err_msg=hk)
 
@@ -193,14 +228,15 @@ def test_official_layouts_compute_what_pytorch_modules_compute():
     conv = np.zeros((2, g, g, w.shape[0]), np.float64)
     for i in range(g):
         for j in range(g):
-            window = x[:, i * p:(i + 1) * p, j * p:(j + 1) * p, :]  # N, u, v, c
+            window = x[:, i * p : (i + 1) * p, j * p : (j + 1) * p, :]  # N, u, v, c
             conv[:, i, j] = np.einsum("nuvc,dcuv->nd", window, w) + b
     ours = np.asarray(model.patch_embed(ops.patchify(jnp.asarray(x), p)))
     np.testing.assert_allclose(ours, conv.reshape(2, g * g, -1), rtol=1e-4, atol=1e-4)
     h = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
     fc1 = h @ sd["blocks.1.mlp.fc1.weight"].T + sd["blocks.1.mlp.fc1.bias"]
-    np.testing.assert_allclose(np.asarray(model.blocks[1].mlp.fc1(jnp.asarray(h))), fc1,
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(model.blocks[1].mlp.fc1(jnp.asarray(h))), fc1, rtol=1e-4, atol=1e-4
+    )
 
 
 # ----------------------------------------------------------------------------- validation
@@ -232,8 +268,10 @@ def test_partial_decoder_is_an_error_and_unexpected_keys_can_be_dropped():
     partial = {k: v for k, v in sd.items() if not k.startswith("decoder_blocks")}
     with pytest.raises(ValueError, match="missing keys .*decoder_blocks.0.attn.proj.bias"):
         convert.from_pytorch(partial, "mae_vit_test")
-    with_head = dict(sd, **{"head.weight": np.zeros((10, 32), np.float32),
-                            "head.bias": np.zeros((10,), np.float32)})
+    with_head = dict(
+        sd,
+        **{"head.weight": np.zeros((10, 32), np.float32), "head.bias": np.zeros((10,), np.float32)},
+    )
     with pytest.raises(ValueError, match="unexpected keys \\(2\\): head.weight, head.bias"):
         convert.from_pytorch(with_head, "mae_vit_test")
     with pytest.warns(UserWarning, match="ignoring 2 unexpected key"):
@@ -243,8 +281,9 @@ def test_partial_decoder_is_an_error_and_unexpected_keys_can_be_dropped():
 
 def test_encoder_only_official_file_warns_and_keeps_the_encoder():
     model = randomized("mae_vit_test", seed=5)
-    sd = {k: v for k, v in convert.to_pytorch(model, "official").items()
-          if not k.startswith(DECODER)}
+    sd = {
+        k: v for k, v in convert.to_pytorch(model, "official").items() if not k.startswith(DECODER)
+    }
     wrapped = {"model": sd}  # the published files' wrapper
     with pytest.warns(UserWarning, match="encoder only.*decoder of mae_vit_test is freshly"):
         back = convert.from_pytorch(wrapped, "mae_vit_test", seed=3)
@@ -255,8 +294,9 @@ def test_detect_format_wrappers_and_prefixes():
     model = randomized("mae_vit_test")
     off = convert.to_pytorch(model, "official")
     assert convert.detect_format(off) == "official"
-    assert convert.detect_format({k: v for k, v in off.items()
-                                  if not k.startswith(DECODER)}) == "timm"
+    assert (
+        convert.detect_format({k: v for k, v in off.items() if not k.startswith(DECODER)}) == "timm"
+    )
     assert convert.detect_format(convert.to_pytorch(model, "hf")) == "hf"
     with pytest.raises(ValueError, match="unrecognized state dict.*found: a, b"):
         convert.detect_format({"a": 1, "b": 2})
@@ -268,12 +308,15 @@ def test_detect_format_wrappers_and_prefixes():
 
 def _rename_to_transformers5(key):
     """transformers 5's in-memory names (its conversion mapping), written independently."""
-    for old, new in (("vit.encoder.layer.", "vit.layers."),
-                     ("attention.attention.query", "attention.q_proj"),
-                     ("attention.attention.key", "attention.k_proj"),
-                     ("attention.attention.value", "attention.v_proj"),
-                     ("attention.output.dense", "attention.o_proj"),
-                     ("intermediate.dense", "mlp.fc1"), ("output.dense", "mlp.fc2")):
+    for old, new in (
+        ("vit.encoder.layer.", "vit.layers."),
+        ("attention.attention.query", "attention.q_proj"),
+        ("attention.attention.key", "attention.k_proj"),
+        ("attention.attention.value", "attention.v_proj"),
+        ("attention.output.dense", "attention.o_proj"),
+        ("intermediate.dense", "mlp.fc1"),
+        ("output.dense", "mlp.fc2"),
+    ):
         key = key.replace(old, new)
     return key
 
@@ -285,10 +328,12 @@ def test_hf_newer_and_model_only_namings_are_accepted():
     assert "vit.layers.0.attention.q_proj.weight" in renamed
     assert "decoder.decoder_layers.0.mlp.fc2.bias" in renamed
     assert_same_params(model, convert.from_pytorch(renamed, "mae_vit_test"))
-    saved = {k.replace("decoder.decoder_layers.", "decoder.decoder_encoder.layer."): v
-             for k, v in hf.items()}  # what transformers 5's save_pretrained writes
+    saved = {
+        k.replace("decoder.decoder_layers.", "decoder.decoder_encoder.layer."): v
+        for k, v in hf.items()
+    }  # what transformers 5's save_pretrained writes
     assert_same_params(model, convert.from_pytorch(saved, "mae_vit_test"))
-    encoder_model = {k[len("vit."):]: v for k, v in hf.items() if k.startswith("vit.")}
+    encoder_model = {k[len("vit.") :]: v for k, v in hf.items() if k.startswith("vit.")}
     with pytest.warns(UserWarning, match="encoder only"):
         back = convert.from_pytorch(encoder_model, "mae_vit_test")  # ViTMAEModel keys
     assert_same_params(model, back, skip_prefix=DECODER)
@@ -298,10 +343,18 @@ def test_hf_config_fields_and_architecture_check():
     config = resolve(BIGGER, norm_pix_loss=True)
     cfg = convert.hf_config(config, img_size=64)
     assert cfg["model_type"] == "vit_mae" and cfg["architectures"] == ["ViTMAEForPreTraining"]
-    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
-            cfg["intermediate_size"]) == (64, 3, 4, 256)
-    assert (cfg["decoder_hidden_size"], cfg["decoder_num_hidden_layers"],
-            cfg["decoder_num_attention_heads"], cfg["decoder_intermediate_size"]) == (48, 2, 4, 192)
+    assert (
+        cfg["hidden_size"],
+        cfg["num_hidden_layers"],
+        cfg["num_attention_heads"],
+        cfg["intermediate_size"],
+    ) == (64, 3, 4, 256)
+    assert (
+        cfg["decoder_hidden_size"],
+        cfg["decoder_num_hidden_layers"],
+        cfg["decoder_num_attention_heads"],
+        cfg["decoder_intermediate_size"],
+    ) == (48, 2, 4, 192)
     assert (cfg["image_size"], cfg["patch_size"], cfg["num_channels"]) == (64, 8, 3)
     assert cfg["norm_pix_loss"] is True and cfg["mask_ratio"] == 0.75
     assert (cfg["layer_norm_eps"], cfg["hidden_act"], cfg["qkv_bias"]) == (1e-6, "gelu", True)
@@ -321,8 +374,10 @@ def test_bicubic_matrix_properties():
     # Upsampling 2x: output 1 sits at source 0.25 between taps -1..2 (clamped at 0).
     a = -0.75
     t = 0.25
-    w = [((a * x - 5 * a) * x + 8 * a) * x - 4 * a if x > 1 else
-         ((a + 2) * x - (a + 3)) * x * x + 1 for x in (1 + t, t, 1 - t, 2 - t)]
+    w = [
+        ((a * x - 5 * a) * x + 8 * a) * x - 4 * a if x > 1 else ((a + 2) * x - (a + 3)) * x * x + 1
+        for x in (1 + t, t, 1 - t, 2 - t)
+    ]
     np.testing.assert_allclose(posembed.bicubic_matrix(4, 8)[1], [w[0] + w[1], w[2], w[3], 0])
 
 
@@ -345,8 +400,7 @@ def test_sincos_tables_are_regenerated_on_another_grid():
     np.testing.assert_array_equal(sd["pos_embed"][0], ops.sincos_2d(32, 8))
     np.testing.assert_array_equal(sd["decoder_pos_embed"][0], ops.sincos_2d(32, 8))
     back = convert.from_pytorch(sd, "mae_vit_test")  # grid 8 file into the grid-4 model
-    np.testing.assert_array_equal(np.asarray(back.pos_embed.get_value())[0],
-                                  ops.sincos_2d(32, 4))
+    np.testing.assert_array_equal(np.asarray(back.pos_embed.get_value())[0], ops.sincos_2d(32, 4))
     assert_same_params(model, back)
     with pytest.raises(ValueError, match="positive multiple of the patch size 8"):
         convert.to_pytorch(model, "official", img_size=60)
@@ -390,8 +444,14 @@ def test_convert_works_without_torch(tmp_path):
         print("OK", len(sd), "torch" in sys.modules and sys.modules["torch"] is not None)
     """)
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         env=env, cwd=REPO, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "OK 62 False" in res.stdout
     assert "IMPORT-ERROR writing" in res.stdout and "needs the 'torch' package" in res.stdout
@@ -403,13 +463,21 @@ def _save_run(workdir, steps_models):
     the model config in meta (the trainer's contract)."""
     from mae_jax.checkpointing import Checkpointer
 
-    ck = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False,
-                      enable_preemption_save=False, max_to_keep=None)
+    ck = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        async_save=False,
+        enable_preemption_save=False,
+        max_to_keep=None,
+    )
     for step, model in steps_models:
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         opt_state = {"mu": jax.tree.map(jnp.zeros_like, params), "count": jnp.asarray(step)}
-        ck.save(step, {"params": params, "opt_state": opt_state, "step": step},
-                {"model": dataclasses.asdict(model.config), "epoch": 1}, force=True)
+        ck.save(
+            step,
+            {"params": params, "opt_state": opt_state, "step": step},
+            {"model": dataclasses.asdict(model.config), "epoch": 1},
+            force=True,
+        )
     ck.wait()
     ck.close()
 
@@ -425,6 +493,7 @@ def workdir(tmp_path_factory):
 
 def _load(path):
     from safetensors.numpy import load_file
+
     return load_file(path)
 
 
@@ -438,11 +507,29 @@ def test_cli_export_latest_and_given_step(workdir, tmp_path, capsys):
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     out3 = str(tmp_path / "enc3.safetensors")
-    assert cli.main(["export", "--workdir", path, "--step", "3", "--format", "timm",
-                     "--output", out3, "--img-size", "64"]) == 0
+    assert (
+        cli.main(
+            [
+                "export",
+                "--workdir",
+                path,
+                "--step",
+                "3",
+                "--format",
+                "timm",
+                "--output",
+                out3,
+                "--img-size",
+                "64",
+            ]
+        )
+        == 0
+    )
     got3 = _load(out3)
-    np.testing.assert_array_equal(got3["blocks.2.attn.qkv.weight"],
-                                  convert.to_pytorch(early, "timm")["blocks.2.attn.qkv.weight"])
+    np.testing.assert_array_equal(
+        got3["blocks.2.attn.qkv.weight"],
+        convert.to_pytorch(early, "timm")["blocks.2.attn.qkv.weight"],
+    )
     assert got3["pos_embed"].shape == (1, 65, 64)
 
 
@@ -458,6 +545,7 @@ def test_cli_import_export_round_trip_through_checkpoints(workdir, tmp_path, cap
     assert cli.main(args) == 0
     assert "wrote step 0" in capsys.readouterr().out
     from mae_jax.checkpointing import Checkpointer
+
     with Checkpointer(os.path.join(new, "checkpoints"), enable_preemption_save=False) as ck:
         assert ck.all_steps() == [0]
         meta = ck.read_meta(0)
@@ -480,31 +568,95 @@ def test_cli_errors(workdir, tmp_path, capsys):
     path, _, _ = workdir
     out = tmp_path / "x.safetensors"
     out.write_bytes(b"keep me")
-    assert cli.main(["export", "--workdir", path, "--format", "timm", "--output",
-                     str(out)]) == 1
+    assert cli.main(["export", "--workdir", path, "--format", "timm", "--output", str(out)]) == 1
     assert "already exists; pass --force" in capsys.readouterr().err
     assert out.read_bytes() == b"keep me"
-    assert cli.main(["export", "--workdir", path, "--format", "timm", "--output", str(out),
-                     "--force"]) == 0
+    assert (
+        cli.main(["export", "--workdir", path, "--format", "timm", "--output", str(out), "--force"])
+        == 0
+    )
     assert set(_load(str(out))) == set(convert.pytorch_shapes(resolve(BIGGER), "timm"))
-    assert cli.main(["export", "--workdir", str(tmp_path / "nope"), "--format", "timm",
-                     "--output", str(tmp_path / "y.safetensors")]) == 1
+    assert (
+        cli.main(
+            [
+                "export",
+                "--workdir",
+                str(tmp_path / "nope"),
+                "--format",
+                "timm",
+                "--output",
+                str(tmp_path / "y.safetensors"),
+            ]
+        )
+        == 1
+    )
     assert "no checkpoint directory" in capsys.readouterr().err
-    assert cli.main(["export", "--workdir", path, "--step", "5", "--format", "timm",
-                     "--output", str(tmp_path / "y.safetensors")]) == 1
+    assert (
+        cli.main(
+            [
+                "export",
+                "--workdir",
+                path,
+                "--step",
+                "5",
+                "--format",
+                "timm",
+                "--output",
+                str(tmp_path / "y.safetensors"),
+            ]
+        )
+        == 1
+    )
     assert "no checkpoint for step 5" in capsys.readouterr().err
-    assert cli.main(["export", "--workdir", path, "--format", "official", "--output",
-                     str(tmp_path / "y.npz")]) == 1
+    assert (
+        cli.main(
+            [
+                "export",
+                "--workdir",
+                path,
+                "--format",
+                "official",
+                "--output",
+                str(tmp_path / "y.npz"),
+            ]
+        )
+        == 1
+    )
     assert "must be a .pth file" in capsys.readouterr().err
-    assert cli.main(["import", "--input", str(out), "--model", "mae_vit_test",
-                     "--workdir", path]) == 1
+    assert (
+        cli.main(["import", "--input", str(out), "--model", "mae_vit_test", "--workdir", path]) == 1
+    )
     assert "already holds checkpoints (steps [3, 7])" in capsys.readouterr().err
-    assert cli.main(["import", "--input", str(out), "--model", "mae_vit_test",
-                     "--workdir", str(tmp_path / "w")]) == 1
+    assert (
+        cli.main(
+            [
+                "import",
+                "--input",
+                str(out),
+                "--model",
+                "mae_vit_test",
+                "--workdir",
+                str(tmp_path / "w"),
+            ]
+        )
+        == 1
+    )
     assert "mis-shaped keys" in capsys.readouterr().err  # BIGGER's file, mae_vit_test model
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
-    assert cli.main(["import", "--input", str(tmp_path / "missing.pth"), "--model",
-                     "mae_vit_test", "--workdir", str(tmp_path / "w")]) == 1
+    assert (
+        cli.main(
+            [
+                "import",
+                "--input",
+                str(tmp_path / "missing.pth"),
+                "--model",
+                "mae_vit_test",
+                "--workdir",
+                str(tmp_path / "w"),
+            ]
+        )
+        == 1
+    )
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -513,13 +665,46 @@ def test_cli_module_entry_point(workdir, tmp_path):
     path, _, late = workdir
     out = str(tmp_path / "m.safetensors")
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-    res = subprocess.run([sys.executable, "-m", "mae_jax.convert", "export", "--workdir", path,
-                          "--format", "timm", "--output", out], capture_output=True, text=True,
-                         env=env, cwd=REPO, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mae_jax.convert",
+            "export",
+            "--workdir",
+            path,
+            "--format",
+            "timm",
+            "--output",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
-    np.testing.assert_array_equal(_load(out)["norm.bias"],
-                                  convert.to_pytorch(late, "timm")["norm.bias"])
-    res = subprocess.run([sys.executable, "-m", "mae_jax.convert", "export", "--workdir", path,
-                          "--format", "timm", "--output", out], capture_output=True, text=True,
-                         env=env, cwd=REPO, timeout=300)
+    np.testing.assert_array_equal(
+        _load(out)["norm.bias"], convert.to_pytorch(late, "timm")["norm.bias"]
+    )
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mae_jax.convert",
+            "export",
+            "--workdir",
+            path,
+            "--format",
+            "timm",
+            "--output",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert res.returncode == 1 and "error:" in res.stderr

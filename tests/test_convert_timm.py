@@ -9,6 +9,7 @@ the ViT computed here never touches torchvision. With a working torchvision, the
 used (set MAE_JAX_TIMM_PYTHON to run timm under another interpreter). Either way the model
 code, weight loading and forward pass are timm's own.
 """
+
 import importlib.util
 import json
 import os
@@ -25,14 +26,16 @@ pytest.importorskip("safetensors")
 if importlib.util.find_spec("timm") is None:
     pytest.skip("timm is not installed", allow_module_level=True)
 
+from test_convert import BIGGER, DECODER, randomized  # noqa: E402
+
 from mae_jax import convert  # noqa: E402
 from mae_jax.models import resolve  # noqa: E402
 
-from test_convert import BIGGER, DECODER, randomized  # noqa: E402
-
-NAMED = {"vit_base_patch16_224": "mae_vit_base_patch16",
-         "vit_large_patch16_224": "mae_vit_large_patch16",
-         "vit_huge_patch14_224": "mae_vit_huge_patch14"}
+NAMED = {
+    "vit_base_patch16_224": "mae_vit_base_patch16",
+    "vit_large_patch16_224": "mae_vit_large_patch16",
+    "vit_huge_patch14_224": "mae_vit_huge_patch14",
+}
 
 SCRIPT = textwrap.dedent(r'''
     import importlib.abc, importlib.machinery, json, sys, types
@@ -143,9 +146,16 @@ SCRIPT = textwrap.dedent(r'''
 
 
 def timm_kwargs(config):
-    return dict(img_size=config.img_size, patch_size=config.patch_size,
-                in_chans=config.in_chans, embed_dim=config.embed_dim, depth=config.depth,
-                num_heads=config.num_heads, mlp_ratio=config.mlp_ratio, qkv_bias=True)
+    return dict(
+        img_size=config.img_size,
+        patch_size=config.patch_size,
+        in_chans=config.in_chans,
+        embed_dim=config.embed_dim,
+        depth=config.depth,
+        num_heads=config.num_heads,
+        mlp_ratio=config.mlp_ratio,
+        qkv_bias=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -153,29 +163,45 @@ def timm_run(tmp_path_factory):
     """Prepare every file, run timm once, return (result, models, paths)."""
     tmp = tmp_path_factory.mktemp("timm")
     rng = np.random.default_rng(0)
-    job = {"ours_to_timm": [], "timm_to_ours": [], "finetune": [], "named": list(NAMED),
-           "result": str(tmp / "result.json")}
+    job = {
+        "ours_to_timm": [],
+        "timm_to_ours": [],
+        "finetune": [],
+        "named": list(NAMED),
+        "result": str(tmp / "result.json"),
+    }
     models, images = {}, {}
     for tag, cfg in (("test", "mae_vit_test"), ("bigger", BIGGER)):
         model = randomized(cfg, seed=3)
         c = model.config
         x = rng.standard_normal((2, c.img_size, c.img_size, 3)).astype(np.float32)
         np.save(tmp / f"{tag}_x.npy", x.transpose(0, 3, 1, 2).copy())  # NCHW for torch
-        convert.save(convert.to_pytorch(model, "timm"), str(tmp / f"{tag}.safetensors"),
-                     "timm", c)
-        job["ours_to_timm"].append({"kwargs": timm_kwargs(c), "file": str(tmp / f"{tag}.safetensors"),
-                                    "images": str(tmp / f"{tag}_x.npy"),
-                                    "out": str(tmp / f"{tag}_feats.npy")})
-        job["timm_to_ours"].append({"kwargs": timm_kwargs(c), "seed": 5,
-                                    "file": str(tmp / f"{tag}_timm.safetensors"),
-                                    "images": str(tmp / f"{tag}_x.npy"),
-                                    "out": str(tmp / f"{tag}_timm_feats.npy")})
+        convert.save(convert.to_pytorch(model, "timm"), str(tmp / f"{tag}.safetensors"), "timm", c)
+        job["ours_to_timm"].append(
+            {
+                "kwargs": timm_kwargs(c),
+                "file": str(tmp / f"{tag}.safetensors"),
+                "images": str(tmp / f"{tag}_x.npy"),
+                "out": str(tmp / f"{tag}_feats.npy"),
+            }
+        )
+        job["timm_to_ours"].append(
+            {
+                "kwargs": timm_kwargs(c),
+                "seed": 5,
+                "file": str(tmp / f"{tag}_timm.safetensors"),
+                "images": str(tmp / f"{tag}_x.npy"),
+                "out": str(tmp / f"{tag}_timm_feats.npy"),
+            }
+        )
         models[tag], images[tag] = model, x
     pth = str(tmp / "bigger.pth")
-    convert.save(convert.to_pytorch(models["bigger"], "official"), pth, "official",
-                 models["bigger"].config)
-    job["finetune"].append({"file": pth, "kwargs": dict(timm_kwargs(models["bigger"].config),
-                                                        img_size=64)})
+    convert.save(
+        convert.to_pytorch(models["bigger"], "official"), pth, "official", models["bigger"].config
+    )
+    job["finetune"].append(
+        {"file": pth, "kwargs": dict(timm_kwargs(models["bigger"].config), img_size=64)}
+    )
     job_file = tmp / "job.json"
     job_file.write_text(json.dumps(job))
     script = tmp / "run_timm.py"
@@ -183,8 +209,13 @@ def timm_run(tmp_path_factory):
     # MAE_JAX_TIMM_PYTHON: another interpreter for timm (e.g. a venv with a CUDA torch and its
     # real torchvision); it needs torch, timm, safetensors and numpy only.
     python = os.environ.get("MAE_JAX_TIMM_PYTHON", sys.executable)
-    res = subprocess.run([python, str(script), str(job_file)], capture_output=True,
-                         text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    res = subprocess.run(
+        [python, str(script), str(job_file)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     result = json.loads(open(job["result"]).read())
     print("timm", result["timm"], "torchvision:", result["torchvision"])
@@ -201,8 +232,11 @@ def test_timm_vit_from_our_export_gives_our_encoder_features(timm_run, tag):
     _, models, images, tmp = timm_run
     theirs = np.load(tmp / f"{tag}_feats.npy")
     ours = np.asarray(models[tag].encode(jnp.asarray(images[tag])))
-    assert ours.shape == theirs.shape == (2, 1 + models[tag].config.num_patches,
-                                          models[tag].config.embed_dim)
+    assert (
+        ours.shape
+        == theirs.shape
+        == (2, 1 + models[tag].config.num_patches, models[tag].config.embed_dim)
+    )
     assert _relerr(ours, theirs) < 1e-5
 
 
@@ -224,8 +258,7 @@ def test_official_finetuning_load_of_our_pth(timm_run):
     result, _, _, _ = timm_run
     ft = result["finetune"]
     assert ft["missing"] == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
-    assert all(k.startswith(DECODER) or k in ("norm.weight", "norm.bias")
-               for k in ft["unexpected"])
+    assert all(k.startswith(DECODER) or k in ("norm.weight", "norm.bias") for k in ft["unexpected"])
     assert ft["pos_embed"] == [1, 1 + 8 * 8, BIGGER["embed_dim"]] and ft["same_qkv"]
 
 

@@ -4,6 +4,7 @@ Needs torch, safetensors and transformers (skipped otherwise). Hugging Face's
 `ViTMAEForPreTraining` is an independent implementation of MAE: loaded from our export and given
 the same images and `noise`, it must return our loss, predictions and mask.
 """
+
 import argparse
 import dataclasses
 import os
@@ -16,12 +17,19 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
+from test_convert import (  # noqa: E402
+    BIGGER,
+    DECODER,
+    _save_run,
+    assert_same_params,
+    flat,  # noqa: E402
+    params_of,
+    randomized,
+)
+
 from mae_jax import convert  # noqa: E402
 from mae_jax.convert import cli, mapping  # noqa: E402
 from mae_jax.models import resolve  # noqa: E402
-
-from test_convert import (BIGGER, DECODER, _save_run, assert_same_params, flat,  # noqa: E402
-                          params_of, randomized)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -41,8 +49,9 @@ def test_official_pth_is_a_model_wrapped_float32_state_dict(tmp_path):
     assert list(raw) == ["model"]
     assert list(raw["model"]) == list(sd)
     assert all(t.dtype == torch.float32 for t in raw["model"].values())
-    np.testing.assert_array_equal(raw["model"]["blocks.1.attn.qkv.weight"].numpy(),
-                                  sd["blocks.1.attn.qkv.weight"])
+    np.testing.assert_array_equal(
+        raw["model"]["blocks.1.attn.qkv.weight"].numpy(), sd["blocks.1.attn.qkv.weight"]
+    )
     assert_same_params(model, convert.from_pytorch(path, "mae_vit_test"))
     with pytest.raises(FileExistsError, match="already exists"):
         convert.save(sd, path, "official", model.config)
@@ -63,8 +72,9 @@ def test_pth_with_arbitrary_objects_is_refused(tmp_path):
     marker = str(tmp_path / "pwned")
     sd = convert.to_pytorch(randomized("mae_vit_test"), "official")
     path = str(tmp_path / "evil.pth")
-    torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()},
-                "payload": _Evil(marker)}, path)
+    torch.save(
+        {"model": {k: torch.from_numpy(v) for k, v in sd.items()}, "payload": _Evil(marker)}, path
+    )
     with pytest.raises(ValueError, match="weights_only=True"):
         convert.from_pytorch(path, "mae_vit_test")
     assert not os.path.exists(marker)
@@ -81,18 +91,28 @@ def test_official_training_checkpoint_layout_loads(tmp_path):
     model = randomized("mae_vit_test", seed=2)
     sd = {k: torch.from_numpy(v) for k, v in convert.to_pytorch(model, "official").items()}
     path = str(tmp_path / "checkpoint-799.pth")
-    torch.save({"model": sd, "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}},
-                                           "param_groups": [{"lr": 1e-3, "params": [0]}]},
-                "epoch": 799, "scaler": {"scale": 65536.0},
-                "args": argparse.Namespace(model="mae_vit_base_patch16", norm_pix_loss=True)},
-               path)
+    torch.save(
+        {
+            "model": sd,
+            "optimizer": {
+                "state": {0: {"exp_avg": torch.zeros(3)}},
+                "param_groups": [{"lr": 1e-3, "params": [0]}],
+            },
+            "epoch": 799,
+            "scaler": {"scale": 65536.0},
+            "args": argparse.Namespace(model="mae_vit_base_patch16", norm_pix_loss=True),
+        },
+        path,
+    )
     assert_same_params(model, convert.from_pytorch(path, "mae_vit_test"))
 
 
 def test_half_precision_tensors_are_widened(tmp_path):
     model = randomized("mae_vit_test", seed=3)
-    sd = {k: torch.from_numpy(v).to(torch.bfloat16)
-          for k, v in convert.to_pytorch(model, "official").items()}
+    sd = {
+        k: torch.from_numpy(v).to(torch.bfloat16)
+        for k, v in convert.to_pytorch(model, "official").items()
+    }
     back = convert.from_pytorch(sd, "mae_vit_test")
     want = sd["blocks.0.mlp.fc1.weight"].float().numpy().T
     np.testing.assert_array_equal(np.asarray(back.blocks[0].mlp.fc1.kernel.get_value()), want)
@@ -106,8 +126,9 @@ def _official_interpolate(table, new_grid):
     extra, pos = t[:, :1], t[:, 1:]
     g = int(round(pos.shape[1] ** 0.5))
     img = pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    img = torch.nn.functional.interpolate(img, size=(new_grid, new_grid), mode="bicubic",
-                                          align_corners=False)
+    img = torch.nn.functional.interpolate(
+        img, size=(new_grid, new_grid), mode="bicubic", align_corners=False
+    )
     return torch.cat([extra, img.permute(0, 2, 3, 1).flatten(1, 2)], dim=1).numpy()
 
 
@@ -126,7 +147,8 @@ transformers = pytest.importorskip("transformers")
 
 def _hf_model(directory):
     model, info = transformers.ViTMAEForPreTraining.from_pretrained(
-        directory, output_loading_info=True, attn_implementation="eager")
+        directory, output_loading_info=True, attn_implementation="eager"
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert not info["mismatched_keys"], info
     return model.eval()
@@ -139,8 +161,10 @@ def _compare_with_hf(ours, hf, seed):
     noise = rng.random((3, c.num_patches)).astype(np.float32)
     out = ours(jnp.asarray(images), noise=jnp.asarray(noise))
     with torch.no_grad():
-        ref = hf(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
-                 noise=torch.from_numpy(noise))
+        ref = hf(
+            pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
+            noise=torch.from_numpy(noise),
+        )
     np.testing.assert_array_equal(np.asarray(out.mask), ref.mask.numpy())
     np.testing.assert_array_equal(np.asarray(out.ids_restore), ref.ids_restore.numpy())
     assert relerr(out.loss, ref.loss.numpy()) < 1e-5, (float(out.loss), ref.loss.item())
@@ -150,8 +174,7 @@ def _compare_with_hf(ours, hf, seed):
 
 @pytest.mark.parametrize("norm_pix_loss", [False, True], ids=["pix", "normpix"])
 @pytest.mark.parametrize("config", ["mae_vit_test", BIGGER], ids=["test", "bigger"])
-def test_hf_loaded_from_our_export_gives_our_loss_and_predictions(config, norm_pix_loss,
-                                                                   tmp_path):
+def test_hf_loaded_from_our_export_gives_our_loss_and_predictions(config, norm_pix_loss, tmp_path):
     ours = randomized(config, seed=4, norm_pix_loss=norm_pix_loss)
     directory = str(tmp_path / "hf")
     convert.save(convert.to_pytorch(ours, "hf"), directory, "hf", ours.config)
@@ -167,7 +190,8 @@ def test_our_model_from_a_transformers_saved_model_matches_it(tmp_path):
     config = resolve(BIGGER, norm_pix_loss=True)
     torch.manual_seed(0)
     hf = transformers.ViTMAEForPreTraining(
-        transformers.ViTMAEConfig(**convert.hf_config(config))).eval()
+        transformers.ViTMAEConfig(**convert.hf_config(config))
+    ).eval()
     with torch.no_grad():  # make every tensor non-trivial (HF inits biases to zero)
         for name, p in hf.named_parameters():
             if "pos_embed" not in name and "position_embeddings" not in name:
@@ -180,15 +204,16 @@ def test_our_model_from_a_transformers_saved_model_matches_it(tmp_path):
     assert_same_params(ours, in_memory)
 
 
-@pytest.mark.parametrize("name", ["mae_vit_base_patch16", "mae_vit_large_patch16",
-                                  "mae_vit_huge_patch14"])
+@pytest.mark.parametrize(
+    "name", ["mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"]
+)
 def test_hf_export_keys_and_shapes_match_transformers_for_paper_models(name):
     config = resolve(name)
     with torch.device("meta"):
         hf = transformers.ViTMAEForPreTraining(
-            transformers.ViTMAEConfig(**convert.hf_config(config)))
-    theirs = {k: tuple(v.shape) for k, v in
-              mapping.normalize_hf_names(hf.state_dict()).items()}
+            transformers.ViTMAEConfig(**convert.hf_config(config))
+        )
+    theirs = {k: tuple(v.shape) for k, v in mapping.normalize_hf_names(hf.state_dict()).items()}
     assert theirs == convert.pytorch_shapes(config, "hf")
 
 
@@ -224,5 +249,6 @@ def test_cli_official_pth_round_trip(tmp_path, capsys):
     assert "decoder freshly initialized" in captured.out
     meta_cfg = dataclasses.asdict(model.config)
     from mae_jax.checkpointing import Checkpointer
+
     with Checkpointer(os.path.join(args[6], "checkpoints"), enable_preemption_save=False) as ck:
         assert ck.read_meta(0)["model"] == meta_cfg

@@ -1,13 +1,15 @@
 """Fine-tuning: a sharded step on 8 simulated devices, gradients reach every parameter, pretrained
 weights are taken over, the input pipeline's augmentation hook, the RandAugment spec, a short
 run with evaluation."""
+
 import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
-import jax
+from config_files import load_config, override
 from flax import nnx
 
 from mae_jax import input_pipeline, models
@@ -16,10 +18,6 @@ from mae_jax.checkpointing import Checkpointer
 from mae_jax.evaluate import classify_step as cs
 from mae_jax.evaluate import finetune
 from mae_jax.evaluate.mixup import smooth_one_hot
-
-from config_files import load_config, override
-
-
 
 
 def small(**kw):
@@ -37,8 +35,9 @@ def small(**kw):
 def write_params_checkpoint(workdir, model):
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     meta = {"model": dataclasses.asdict(model.config), "params_only": True, "source": "test"}
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False,
-                        enable_preemption_save=False)
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"), async_save=False, enable_preemption_save=False
+    )
     try:
         ckpt.save(0, {"params": params}, meta, force=True)
         ckpt.wait()
@@ -51,12 +50,13 @@ def _flat(tree):
     """nnx.State or nested dict -> {'blocks/0/attn/qkv/kernel': numpy array}."""
     if isinstance(tree, nnx.State):
         tree = nnx.to_pure_dict(tree)
-    return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v) for path, v in
-            jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+        for path, v in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+    }
 
 
-def test_finetune_step_on_a_2x4_mesh_reaches_every_parameter_and_matches_data_parallel(
-        tmp_path):
+def test_finetune_step_on_a_2x4_mesh_reaches_every_parameter_and_matches_data_parallel(tmp_path):
     pre = str(tmp_path / "pre")
     saved = _flat(write_params_checkpoint(pre, models.create("mae_vit_test", seed=5)))
     config = small(pretrained=pre, **{"mesh.data": 2, "mesh.fsdp": 4})
@@ -66,8 +66,13 @@ def test_finetune_step_on_a_2x4_mesh_reaches_every_parameter_and_matches_data_pa
     assert set(state) == {"params", "opt_state", "step", "nonfinite_step"}
     params0 = _flat(state["params"])
     # the encoder is the checkpoint's; global pooling: a new fc_norm, the MAE's norm unused
-    assert {k.split("/")[0] for k in params0} == {"patch_embed", "cls_token", "blocks",
-                                                  "fc_norm", "head"}
+    assert {k.split("/")[0] for k in params0} == {
+        "patch_embed",
+        "cls_token",
+        "blocks",
+        "fc_norm",
+        "head",
+    }
     for k, v in params0.items():
         if k.split("/")[0] in ("patch_embed", "cls_token", "blocks"):
             np.testing.assert_array_equal(v, saved[k], err_msg=k)
@@ -79,8 +84,11 @@ def test_finetune_step_on_a_2x4_mesh_reaches_every_parameter_and_matches_data_pa
     # gradients of the training loss (drop path on, mixed soft targets) reach every parameter
     graphdef, rest = task.fns.graphdef, task.fns.rest
     targets = smooth_one_hot(arrays["label"], 10, 0.1)
-    grads_fn = jax.jit(lambda s, x, t: cs.loss_and_grads(
-        s, x, t, jax.random.key(1), graphdef=graphdef, rest=rest, drop_path=True)[1])
+    grads_fn = jax.jit(
+        lambda s, x, t: cs.loss_and_grads(
+            s, x, t, jax.random.key(1), graphdef=graphdef, rest=rest, drop_path=True
+        )[1]
+    )
     grads = _flat(grads_fn(state, arrays["image"], targets))
     assert grads.keys() == params0.keys()
     for k, g in grads.items():
@@ -103,8 +111,11 @@ def test_finetune_step_on_a_2x4_mesh_reaches_every_parameter_and_matches_data_pa
     dp_task = finetune.finetune_task(dp_config, dp_mesh, str(tmp_path / "run_dp"))
     dp_arrays = {k: shd.global_batch(batch[k], dp_mesh) for k in dp_task.device_keys}
     _, dp_m = dp_task.fns.step(dp_task.fns.init(), dp_arrays, jax.random.key(0))
-    np.testing.assert_allclose([float(dp_m["loss"]), float(dp_m["grad_norm"])],
-                               [float(m["loss"]), float(m["grad_norm"])], rtol=1e-4)
+    np.testing.assert_allclose(
+        [float(dp_m["loss"]), float(dp_m["grad_norm"])],
+        [float(m["loss"]), float(m["grad_norm"])],
+        rtol=1e-4,
+    )
 
 
 def test_plan_takes_the_recipe_numbers(tmp_path):
@@ -118,18 +129,27 @@ def test_plan_takes_the_recipe_numbers(tmp_path):
     with pytest.raises(ValueError, match="config.mixup must be an alpha"):
         finetune.finetune_task(small(mixup=-1.0), shd.make_mesh(small().mesh), str(tmp_path))
     with pytest.raises(ValueError, match="config.task must be 'finetune'"):
-        finetune.finetune_task(small(task="linear_probe"), shd.make_mesh(small().mesh),
-                               str(tmp_path))
+        finetune.finetune_task(
+            small(task="linear_probe"), shd.make_mesh(small().mesh), str(tmp_path)
+        )
 
 
 def test_rand_augment_spec():
     assert finetune.parse_rand_augment("rand-m9-mstd0.5-inc1") == {
-        "num_ops": 2, "magnitude": 9.0, "magnitude_std": 0.5, "prob": 0.5}
+        "num_ops": 2,
+        "magnitude": 9.0,
+        "magnitude_std": 0.5,
+        "prob": 0.5,
+    }
     assert finetune.parse_rand_augment("rand-n3-m7-p0.8-inc1")["num_ops"] == 3
     assert finetune.parse_rand_augment("") is None
-    for bad, match in [("rand-m9", "increasing op set"), ("auto-m9-inc1", "start with 'rand-'"),
-                       ("rand-m9-w0-inc1", "unsupported field 'w'"), ("rand-mx-inc1", "parse"),
-                       ("rand-m12-inc1", "0 <= m <= 10")]:
+    for bad, match in [
+        ("rand-m9", "increasing op set"),
+        ("auto-m9-inc1", "start with 'rand-'"),
+        ("rand-m9-w0-inc1", "unsupported field 'w'"),
+        ("rand-mx-inc1", "parse"),
+        ("rand-m12-inc1", "0 <= m <= 10"),
+    ]:
         with pytest.raises(ValueError, match=match):
             finetune.parse_rand_augment(bad)
     with pytest.raises(ValueError, match="reprob"):
@@ -142,11 +162,13 @@ def test_input_pipeline_augment_hook():
     cfg.source, cfg.name, cfg.image_size = "embedded", None, 32
 
     def batches(augment_fn, start=0, n=2):
-        it = input_pipeline.create_train_iterator(cfg, 8, seed=3, start_step=start,
-                                                  augment_fn=augment_fn)
+        it = input_pipeline.create_train_iterator(
+            cfg, 8, seed=3, start_step=start, augment_fn=augment_fn
+        )
         return [next(it) for _ in range(n)]
 
     from mae_jax import data_augment
+
     plain = batches(None)
     same = batches(lambda image, seed: data_augment.normalize(image))
     for a, b in zip(plain, same):  # the hook does not change the crop / flip randomness
@@ -169,8 +191,7 @@ def _rows(workdir):
 
 def test_short_finetune_run_logs_evaluation_and_writes_results(tmp_path):
     workdir = str(tmp_path / "run")
-    last = finetune.train_and_evaluate(small(eval_every_steps=2, checkpoint_every_steps=4),
-                                       workdir)
+    last = finetune.train_and_evaluate(small(eval_every_steps=2, checkpoint_every_steps=4), workdir)
     rows = _rows(workdir)
     assert [r["step"] for r in rows] == [1, 2, 4]
     assert "eval_top1" in rows[1] and "eval_top5" in rows[2]

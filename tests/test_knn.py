@@ -1,16 +1,16 @@
 """kNN classifier (DINO-style weighted votes, cosine similarity, chunked) and top-k metrics."""
-import numpy as np
-import pytest
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 
 from mae_jax import models
 from mae_jax.evaluate import knn, metrics
 
 
-def brute_force(train, train_labels, test, test_labels, num_classes, k, temperature,
-                weighting):
+def brute_force(train, train_labels, test, test_labels, num_classes, k, temperature, weighting):
     """Reference in plain numpy (float64): full similarity matrix, stable sorts."""
     train = train / np.linalg.norm(train, axis=1, keepdims=True)
     test = test / np.linalg.norm(test, axis=1, keepdims=True)
@@ -24,9 +24,13 @@ def brute_force(train, train_labels, test, test_labels, num_classes, k, temperat
             scores[q, train_labels[idx[q, j]]] += weights[q, j]
     order = np.argsort(-scores, axis=1, kind="stable")
     top5 = min(5, k, num_classes)
-    hit1 = (order[:, 0] == test_labels)
-    hit5 = np.array([test_labels[q] in order[q, :top5] and scores[q, test_labels[q]] > 0
-                     for q in range(len(test))])
+    hit1 = order[:, 0] == test_labels
+    hit5 = np.array(
+        [
+            test_labels[q] in order[q, :top5] and scores[q, test_labels[q]] > 0
+            for q in range(len(test))
+        ]
+    )
     return scores, idx, hit1.mean(), hit5.mean()
 
 
@@ -37,8 +41,16 @@ def test_separable_clusters_are_classified_perfectly():
     train = (centers[train_labels] + 0.1 * rng.normal(size=(180, 16))).astype(np.float32)
     test = (centers[test_labels] + 0.1 * rng.normal(size=(60, 16))).astype(np.float32)
     for weighting in knn.WEIGHTINGS:
-        acc = knn.knn_accuracy(train, train_labels, test, test_labels, k=20,
-                               weighting=weighting, query_chunk=16, bank_chunk=64)
+        acc = knn.knn_accuracy(
+            train,
+            train_labels,
+            test,
+            test_labels,
+            k=20,
+            weighting=weighting,
+            query_chunk=16,
+            bank_chunk=64,
+        )
         assert acc == {"top1": 1.0, "top5": 1.0}
 
 
@@ -61,22 +73,44 @@ def test_matches_brute_force_with_chunking(weighting):
     train_labels = rng.integers(0, 7, 101)
     test_labels = rng.integers(0, 7, 37)
     k, temperature = 9, 0.07
-    scores_ref, idx_ref, top1, top5 = brute_force(train, train_labels, test, test_labels, 7, k,
-                                                  temperature, weighting)
+    scores_ref, idx_ref, top1, top5 = brute_force(
+        train, train_labels, test, test_labels, 7, k, temperature, weighting
+    )
     # chunk sizes that do not divide the sizes: padding of both queries and bank
     sims, ids = knn.nearest_neighbors(test, train, k, query_chunk=8, bank_chunk=13)
     np.testing.assert_array_equal(ids, idx_ref)
-    scores = knn.knn_classify(train, train_labels, test, num_classes=7, k=k,
-                              temperature=temperature, weighting=weighting, query_chunk=8,
-                              bank_chunk=13)
+    scores = knn.knn_classify(
+        train,
+        train_labels,
+        test,
+        num_classes=7,
+        k=k,
+        temperature=temperature,
+        weighting=weighting,
+        query_chunk=8,
+        bank_chunk=13,
+    )
     np.testing.assert_allclose(scores, scores_ref, rtol=2e-4)
-    acc = knn.knn_accuracy(train, train_labels, test, test_labels, num_classes=7, k=k,
-                           temperature=temperature, weighting=weighting, query_chunk=8,
-                           bank_chunk=13)
+    acc = knn.knn_accuracy(
+        train,
+        train_labels,
+        test,
+        test_labels,
+        num_classes=7,
+        k=k,
+        temperature=temperature,
+        weighting=weighting,
+        query_chunk=8,
+        bank_chunk=13,
+    )
     assert acc["top1"] == pytest.approx(top1) and acc["top5"] == pytest.approx(top5)
     # one chunk gives the same
-    assert knn.knn_accuracy(train, train_labels, test, test_labels, num_classes=7, k=k,
-                            weighting=weighting) == acc
+    assert (
+        knn.knn_accuracy(
+            train, train_labels, test, test_labels, num_classes=7, k=k, weighting=weighting
+        )
+        == acc
+    )
 
 
 def test_temperature_weighting_differs_from_majority():
@@ -118,9 +152,13 @@ def test_encoder_features_from_mae():
 
 
 def test_topk_accuracy():
-    scores = jnp.array([[0.1, 0.5, 0.2, 0.0, 0.0, 0.0, 0.0],
-                        [0.9, 0.05, 0.01, 0.02, 0.03, 0.04, -1.0],
-                        [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]])
+    scores = jnp.array(
+        [
+            [0.1, 0.5, 0.2, 0.0, 0.0, 0.0, 0.0],
+            [0.9, 0.05, 0.01, 0.02, 0.03, 0.04, -1.0],
+            [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+        ]
+    )
     labels = jnp.array([1, 6, 1])
     acc = metrics.topk_accuracy(scores, labels)
     assert float(acc["top1"]) == pytest.approx(1 / 3)

@@ -3,6 +3,7 @@
 No gcloud is needed: dry runs print commands, and the supervisor gets a scripted runner.
 The remote run/status/stop scripts are executed for real with a fake venv under a temp $HOME.
 """
+
 import importlib.util
 import io
 import os
@@ -26,10 +27,18 @@ BASE = ["--project=my-proj", "--zone=us-central2-b", "--name=mae-pod"]
 GIT = ["--git-url=https://github.com/example/mae-jax.git", "--git-rev=0123abcd"]
 # The two examples of the issue: a v4-32 TPU VM, and a v5e-16 queued resource; both spot.
 EXAMPLES = {
-    "v4-32": dict(flags=["--accelerator-type=v4-32", "--spot"], accel="v4-32",
-                  version="tpu-ubuntu2204-base", queued=False),
-    "v5e-16": dict(flags=["--accelerator-type=v5e-16", "--spot", "--queued"],
-                   accel="v5litepod-16", version="v2-alpha-tpuv5-lite", queued=True),
+    "v4-32": dict(
+        flags=["--accelerator-type=v4-32", "--spot"],
+        accel="v4-32",
+        version="tpu-ubuntu2204-base",
+        queued=False,
+    ),
+    "v5e-16": dict(
+        flags=["--accelerator-type=v5e-16", "--spot", "--queued"],
+        accel="v5litepod-16",
+        version="v2-alpha-tpuv5-lite",
+        queued=True,
+    ),
 }
 
 
@@ -47,7 +56,7 @@ def dry(argv, env=None):
 def remote(argv):
     """The --command=... script of a gcloud ssh argv."""
     (cmd,) = [a for a in argv if a.startswith("--command=")]
-    return cmd[len("--command="):]
+    return cmd[len("--command=") :]
 
 
 def assert_loc(argv):
@@ -57,24 +66,28 @@ def assert_loc(argv):
 # --------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("value,canonical,hosts,version", [
-    ("v4-8", "v4-8", 1, "tpu-ubuntu2204-base"),
-    ("v4-32", "v4-32", 4, "tpu-ubuntu2204-base"),
-    ("v3-32", "v3-32", 4, "tpu-ubuntu2204-base"),
-    ("v5p-64", "v5p-64", 8, "v2-alpha-tpuv5"),
-    ("v5e-16", "v5litepod-16", 4, "v2-alpha-tpuv5-lite"),
-    ("v5litepod-8", "v5litepod-8", 1, "v2-alpha-tpuv5-lite"),
-    ("v6e-8", "v6e-8", 1, "v2-alpha-tpuv6e"),
-    ("v6e-256", "v6e-256", 64, "v2-alpha-tpuv6e"),
-])
+@pytest.mark.parametrize(
+    "value,canonical,hosts,version",
+    [
+        ("v4-8", "v4-8", 1, "tpu-ubuntu2204-base"),
+        ("v4-32", "v4-32", 4, "tpu-ubuntu2204-base"),
+        ("v3-32", "v3-32", 4, "tpu-ubuntu2204-base"),
+        ("v5p-64", "v5p-64", 8, "v2-alpha-tpuv5"),
+        ("v5e-16", "v5litepod-16", 4, "v2-alpha-tpuv5-lite"),
+        ("v5litepod-8", "v5litepod-8", 1, "v2-alpha-tpuv5-lite"),
+        ("v6e-8", "v6e-8", 1, "v2-alpha-tpuv6e"),
+        ("v6e-256", "v6e-256", 64, "v2-alpha-tpuv6e"),
+    ],
+)
 def test_accelerator_types(value, canonical, hosts, version):
     assert tpu.canonical_accelerator_type(value) == canonical
     assert tpu.num_hosts(value) == hosts
     assert tpu.default_runtime_version(value) == version
 
 
-@pytest.mark.parametrize("bad", ["v4", "v4-12", "v4-0", "v5e-3", "v6e-12", "v7-8", "tpu-v4-32",
-                                 "V4-32", "v4-32 ", ""])
+@pytest.mark.parametrize(
+    "bad", ["v4", "v4-12", "v4-0", "v5e-3", "v6e-12", "v7-8", "tpu-v4-32", "V4-32", "v4-32 ", ""]
+)
 def test_bad_accelerator_types_refused(bad):
     with pytest.raises(tpu.SettingError, match="bad accelerator type"):
         tpu.parse_accelerator_type(bad)
@@ -95,8 +108,7 @@ def test_dry_run_create(example):
     assert f"--accelerator-type={ex['accel']}" in argv
     assert "--spot" in argv and "--preemptible" not in argv
     if ex["queued"]:
-        assert argv[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create",
-                            "mae-pod-qr"]
+        assert argv[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "mae-pod-qr"]
         assert "--node-id=mae-pod" in argv
         assert f"--runtime-version={ex['version']}" in argv
     else:
@@ -105,10 +117,18 @@ def test_dry_run_create(example):
 
 
 def test_dry_run_create_options():
-    rc, (argv,), _ = dry(["create", *BASE, "--accelerator-type=v4-8", "--preemptible",
-                          "--internal-ip", "--runtime-version=tpu-ubuntu2204-base",
-                          "--service-account=sa@my-proj.iam.gserviceaccount.com",
-                          "--create-arg=--network=my-net"])
+    rc, (argv,), _ = dry(
+        [
+            "create",
+            *BASE,
+            "--accelerator-type=v4-8",
+            "--preemptible",
+            "--internal-ip",
+            "--runtime-version=tpu-ubuntu2204-base",
+            "--service-account=sa@my-proj.iam.gserviceaccount.com",
+            "--create-arg=--network=my-net",
+        ]
+    )
     assert rc == 0
     assert "--preemptible" in argv and "--spot" not in argv and "--internal-ips" in argv
     assert "--service-account=sa@my-proj.iam.gserviceaccount.com" in argv
@@ -121,8 +141,9 @@ def test_dry_run_create_options():
 @pytest.mark.parametrize("example", sorted(EXAMPLES))
 def test_dry_run_install_from_git(example):
     ex = EXAMPLES[example]
-    rc, cmds, _ = dry(["install", *BASE, *GIT, "--jax-version=0.10.2"]
-                      + (["--queued"] if ex["queued"] else []))
+    rc, cmds, _ = dry(
+        ["install", *BASE, *GIT, "--jax-version=0.10.2"] + (["--queued"] if ex["queued"] else [])
+    )
     assert rc == 0 and len(cmds) == 1
     (argv,) = cmds
     assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "mae-pod"]
@@ -162,8 +183,17 @@ def test_dry_run_install_from_wheel(tmp_path):
 @pytest.mark.parametrize("example", sorted(EXAMPLES))
 def test_dry_run_run(example):
     ex = EXAMPLES[example]
-    rc, cmds, _ = dry(["run", *BASE, f"--accelerator-type={ex['accel']}", "--bucket=my-bucket",
-                       "--", "--config.num_epochs=800", "--config.data_dir=gs://my-bucket/tfds"])
+    rc, cmds, _ = dry(
+        [
+            "run",
+            *BASE,
+            f"--accelerator-type={ex['accel']}",
+            "--bucket=my-bucket",
+            "--",
+            "--config.num_epochs=800",
+            "--config.data_dir=gs://my-bucket/tfds",
+        ]
+    )
     assert rc == 0 and len(cmds) == 1
     (argv,) = cmds
     assert "--worker=all" in argv and argv[4] == "ssh"
@@ -172,17 +202,29 @@ def test_dry_run_run(example):
     # the training command, nested in the detached `sh -c`, with the gs:// workdir
     inner = shlex.split(script.split("setsid nohup sh -c ", 1)[1])[0]
     assert shlex.split(inner.split(";")[0])[1:] == [
-        "-m", "mae_jax.main", "--config=configs/mae_vit_large.py",
-        "--workdir=gs://my-bucket/mae-jax/mae_vit_large", "--config.num_epochs=800",
-        "--config.data_dir=gs://my-bucket/tfds"]
+        "-m",
+        "mae_jax.main",
+        "--config=configs/mae_vit_large.py",
+        "--workdir=gs://my-bucket/mae-jax/mae_vit_large",
+        "--config.num_epochs=800",
+        "--config.data_dir=gs://my-bucket/tfds",
+    ]
     assert "nohup" in script and "< /dev/null &" in script
     assert 'LOG="$HOME"/mae-logs/mae_vit_large.$(hostname).log' in script  # per worker
 
 
 def test_dry_run_run_workdir_and_names():
-    rc, (argv,), _ = dry(["run", *BASE, "--accelerator-type=v4-32",
-                          "--workdir=gs://other/runs/vitl", "--config=configs/mae_vit_huge.py",
-                          "--run-name=vith-800ep", "--env=TFDS_DATA_DIR=gs://other/tfds"])
+    rc, (argv,), _ = dry(
+        [
+            "run",
+            *BASE,
+            "--accelerator-type=v4-32",
+            "--workdir=gs://other/runs/vitl",
+            "--config=configs/mae_vit_huge.py",
+            "--run-name=vith-800ep",
+            "--env=TFDS_DATA_DIR=gs://other/tfds",
+        ]
+    )
     assert rc == 0
     script = remote(argv)
     assert "--workdir=gs://other/runs/vitl" in script
@@ -203,13 +245,19 @@ def test_dry_run_logs_stop_delete(example):
     assert remote(logs) == 'tail -n 100 -F "$HOME"/mae-logs/mae_vit_large.$(hostname).log'
     rc, (stop,), _ = dry(["stop", *BASE, *q, "--grace=30"])
     assert rc == 0 and "--worker=all" in stop
-    assert 'kill -TERM -"$P"' in remote(stop) and '-lt 30' in remote(stop)
+    assert 'kill -TERM -"$P"' in remote(stop) and "-lt 30" in remote(stop)
     rc, (delete,), _ = dry(["delete", *BASE, *q])
     assert rc == 0
     assert_loc(delete)
     if ex["queued"]:
-        assert delete[:6] == ["gcloud", "compute", "tpus", "queued-resources", "delete",
-                              "mae-pod-qr"]
+        assert delete[:6] == [
+            "gcloud",
+            "compute",
+            "tpus",
+            "queued-resources",
+            "delete",
+            "mae-pod-qr",
+        ]
         assert "--force" in delete and "--quiet" in delete
     else:
         assert delete[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "mae-pod"]
@@ -219,8 +267,18 @@ def test_dry_run_logs_stop_delete(example):
 @pytest.mark.parametrize("example", sorted(EXAMPLES))
 def test_dry_run_supervise(example):
     ex = EXAMPLES[example]
-    rc, cmds, text = dry(["supervise", *BASE, *ex["flags"], *GIT, "--bucket=gs://my-bucket",
-                          "--max-restarts=5", "--", "--config.num_epochs=800"])
+    rc, cmds, text = dry(
+        [
+            "supervise",
+            *BASE,
+            *ex["flags"],
+            *GIT,
+            "--bucket=gs://my-bucket",
+            "--max-restarts=5",
+            "--",
+            "--config.num_epochs=800",
+        ]
+    )
     assert rc == 0
     describe, status, delete, create, install, run = cmds
     group = "queued-resources" if ex["queued"] else "tpu-vm"
@@ -239,9 +297,14 @@ def test_dry_run_supervise(example):
 
 
 def test_env_vars_provide_settings():
-    env = {"MAE_TPU_PROJECT": "env-proj", "MAE_TPU_ZONE": "europe-west4-a",
-           "MAE_TPU_NAME": "env-tpu", "MAE_TPU_TYPE": "v5p-64", "MAE_BUCKET": "env-bucket",
-           "MAE_GIT_URL": "https://example.com/mae.git"}
+    env = {
+        "MAE_TPU_PROJECT": "env-proj",
+        "MAE_TPU_ZONE": "europe-west4-a",
+        "MAE_TPU_NAME": "env-tpu",
+        "MAE_TPU_TYPE": "v5p-64",
+        "MAE_BUCKET": "env-bucket",
+        "MAE_GIT_URL": "https://example.com/mae.git",
+    }
     rc, (argv,), _ = dry(["create"], env=env)
     assert rc == 0
     assert argv[5] == "env-tpu" and "--project=env-proj" in argv
@@ -258,20 +321,36 @@ def test_env_vars_provide_settings():
 # --------------------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize("argv,missing,how", [
-    (["create", "--zone=us-central2-b", "--accelerator-type=v4-32"], "project", "MAE_TPU_PROJECT"),
-    (["create", "--project=my-proj", "--accelerator-type=v4-32"], "zone", "MAE_TPU_ZONE"),
-    (["create", "--project=my-proj", "--zone=us-central2-b"], "accelerator_type",
-     "MAE_TPU_TYPE"),
-    (["run", "--project=my-proj", "--zone=us-central2-b", "--accelerator-type=v4-32"], "bucket",
-     "MAE_BUCKET"),
-    (["run", "--project=my-proj", "--zone=us-central2-b", "--bucket=b-1"], "accelerator_type",
-     "MAE_TPU_TYPE"),
-    (["install", "--project=my-proj", "--zone=us-central2-b"], "git_url", "MAE_GIT_URL"),
-    (["supervise", *BASE, "--accelerator-type=v5e-16", *GIT], "bucket", "MAE_BUCKET"),
-    (["delete", "--zone=us-central2-b"], "project", "MAE_TPU_PROJECT"),
-    (["logs", "--project=my-proj"], "zone", "MAE_TPU_ZONE"),
-])
+@pytest.mark.parametrize(
+    "argv,missing,how",
+    [
+        (
+            ["create", "--zone=us-central2-b", "--accelerator-type=v4-32"],
+            "project",
+            "MAE_TPU_PROJECT",
+        ),
+        (["create", "--project=my-proj", "--accelerator-type=v4-32"], "zone", "MAE_TPU_ZONE"),
+        (
+            ["create", "--project=my-proj", "--zone=us-central2-b"],
+            "accelerator_type",
+            "MAE_TPU_TYPE",
+        ),
+        (
+            ["run", "--project=my-proj", "--zone=us-central2-b", "--accelerator-type=v4-32"],
+            "bucket",
+            "MAE_BUCKET",
+        ),
+        (
+            ["run", "--project=my-proj", "--zone=us-central2-b", "--bucket=b-1"],
+            "accelerator_type",
+            "MAE_TPU_TYPE",
+        ),
+        (["install", "--project=my-proj", "--zone=us-central2-b"], "git_url", "MAE_GIT_URL"),
+        (["supervise", *BASE, "--accelerator-type=v5e-16", *GIT], "bucket", "MAE_BUCKET"),
+        (["delete", "--zone=us-central2-b"], "project", "MAE_TPU_PROJECT"),
+        (["logs", "--project=my-proj"], "zone", "MAE_TPU_ZONE"),
+    ],
+)
 @pytest.mark.parametrize("dry_run", [True, False])
 def test_missing_settings_refused(argv, missing, how, dry_run, capsys):
     class Forbidden:
@@ -279,27 +358,36 @@ def test_missing_settings_refused(argv, missing, how, dry_run, capsys):
             raise AssertionError(f"ran {argv}")
 
     out = io.StringIO()
-    rc = tpu.main(argv + (["--dry-run"] if dry_run else []), env={}, out=out,
-                  runner=Forbidden())
+    rc = tpu.main(argv + (["--dry-run"] if dry_run else []), env={}, out=out, runner=Forbidden())
     assert rc == 2 and out.getvalue() == ""
     err = capsys.readouterr().err
     assert f"missing setting '{missing}'" in err and how in err
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["run", *BASE, "--accelerator-type=v4-32", "--workdir=/home/me/run"], "is not on gs://"),
-    (["run", *BASE, "--accelerator-type=v5e-16", "--workdir=runs/x"], "4 hosts"),
-    (["create", *BASE, "--accelerator-type=v4-32", "--spot", "--preemptible"], "exclude"),
-    (["create", *BASE, "--accelerator-type=v4-32", "--queued", "--preemptible"], "--spot"),
-    (["create", "--project=my-proj", "--zone=uscentral", "--accelerator-type=v4-8"], "bad zone"),
-    (["create", *BASE[:2], "--name=Bad_Name", "--accelerator-type=v4-8"], "bad TPU name"),
-    (["install", *BASE, *GIT, "--python-version=3.10"], "3.11 or newer"),
-    (["run", *BASE, "--accelerator-type=v4-8", "--bucket=gs://my-bucket", "--env=NOEQUALS"],
-     "--env"),
-    (["logs", *BASE, "--", "--config.x=1"], "run/supervise"),
-    (["supervise", *BASE, "--accelerator-type=v4-8", "--spot", *GIT, "--workdir=/tmp/run"],
-     "checkpoints must live in Cloud Storage"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["run", *BASE, "--accelerator-type=v4-32", "--workdir=/home/me/run"], "is not on gs://"),
+        (["run", *BASE, "--accelerator-type=v5e-16", "--workdir=runs/x"], "4 hosts"),
+        (["create", *BASE, "--accelerator-type=v4-32", "--spot", "--preemptible"], "exclude"),
+        (["create", *BASE, "--accelerator-type=v4-32", "--queued", "--preemptible"], "--spot"),
+        (
+            ["create", "--project=my-proj", "--zone=uscentral", "--accelerator-type=v4-8"],
+            "bad zone",
+        ),
+        (["create", *BASE[:2], "--name=Bad_Name", "--accelerator-type=v4-8"], "bad TPU name"),
+        (["install", *BASE, *GIT, "--python-version=3.10"], "3.11 or newer"),
+        (
+            ["run", *BASE, "--accelerator-type=v4-8", "--bucket=gs://my-bucket", "--env=NOEQUALS"],
+            "--env",
+        ),
+        (["logs", *BASE, "--", "--config.x=1"], "run/supervise"),
+        (
+            ["supervise", *BASE, "--accelerator-type=v4-8", "--spot", *GIT, "--workdir=/tmp/run"],
+            "checkpoints must live in Cloud Storage",
+        ),
+    ],
+)
 def test_bad_settings_refused(argv, message, capsys):
     rc, cmds, _ = dry(argv)
     assert rc == 2 and cmds == []
@@ -311,8 +399,12 @@ def test_dry_run_flag_after_separator_refused(capsys):
         def run(self, argv):
             raise AssertionError(f"ran {argv}")
 
-    rc = tpu.main(["run", *BASE, "--accelerator-type=v4-8", "--bucket=my-bucket", "--",
-                   "--dry-run"], env={}, runner=Forbidden(), out=io.StringIO())
+    rc = tpu.main(
+        ["run", *BASE, "--accelerator-type=v4-8", "--bucket=my-bucket", "--", "--dry-run"],
+        env={},
+        runner=Forbidden(),
+        out=io.StringIO(),
+    )
     assert rc == 2 and "put it before `--`" in capsys.readouterr().err
 
 
@@ -352,8 +444,10 @@ class FakeCloud:
         if k == "describe":
             state = self.states.pop(0)
             if state == "MISSING":
-                return 1, ("ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: "
-                           "Resource 'projects/p/locations/z/nodes/mae-pod' was not found\n")
+                return 1, (
+                    "ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: "
+                    "Resource 'projects/p/locations/z/nodes/mae-pod' was not found\n"
+                )
             if state == "API_ERROR":
                 return 1, "ERROR: (gcloud) There was a problem refreshing your credentials.\n"
             return 0, state + "\n"
@@ -372,30 +466,52 @@ def make_supervisor(cloud, queued=False, max_restarts=3, skip_first_install=Fals
     accel = "v5litepod-16" if queued else "v4-32"
     c = tpu.CreateSpec(accel, tpu.default_runtime_version(accel), spot=True)
     i = tpu.InstallSpec(git_url="https://github.com/example/mae-jax.git", git_rev="0123abcd")
-    r = tpu.RunSpec("vitl", "configs/mae_vit_large.py", "gs://my-bucket/vitl",
-                    ("--config.num_epochs=800",))
+    r = tpu.RunSpec(
+        "vitl", "configs/mae_vit_large.py", "gs://my-bucket/vitl", ("--config.num_epochs=800",)
+    )
     sleeps = []
     logs = []
-    sup = tpu.Supervisor(s, c, i, r, cloud, max_restarts=max_restarts, poll_s=30,
-                         sleep=sleeps.append, log=logs.append,
-                         skip_first_install=skip_first_install)
+    sup = tpu.Supervisor(
+        s,
+        c,
+        i,
+        r,
+        cloud,
+        max_restarts=max_restarts,
+        poll_s=30,
+        sleep=sleeps.append,
+        log=logs.append,
+        skip_first_install=skip_first_install,
+    )
     return sup, sleeps, logs
 
 
 def test_supervise_healthy_preempted_recreated_restarted():
     cloud = FakeCloud(
         states=["READY", "READY", "PREEMPTED", "CREATING", "READY", "READY", "READY"],
-        statuses=["NOT_STARTED", "RUNNING", "NOT_STARTED", "RUNNING", "EXITED 0"])
+        statuses=["NOT_STARTED", "RUNNING", "NOT_STARTED", "RUNNING", "EXITED 0"],
+    )
     sup, sleeps, logs = make_supervisor(cloud)
     assert sup.loop() == 0
     assert cloud.kinds() == [
-        "describe", "status", "install", "run",      # first start
-        "describe", "status",                        # healthy, running
-        "describe", "delete", "create",              # preempted: recreate
-        "describe",                                  # CREATING: wait
-        "describe", "status", "install", "run",      # READY: reinstall, restart
-        "describe", "status",                        # running again
-        "describe", "status",                        # exited 0: done
+        "describe",
+        "status",
+        "install",
+        "run",  # first start
+        "describe",
+        "status",  # healthy, running
+        "describe",
+        "delete",
+        "create",  # preempted: recreate
+        "describe",  # CREATING: wait
+        "describe",
+        "status",
+        "install",
+        "run",  # READY: reinstall, restart
+        "describe",
+        "status",  # running again
+        "describe",
+        "status",  # exited 0: done
     ]
     assert sup.restarts == 1
     runs = [argv for k, argv in cloud.calls if k == "run"]
@@ -413,7 +529,8 @@ def test_supervise_healthy_preempted_recreated_restarted():
 def test_supervise_max_restarts_reached():
     cloud = FakeCloud(
         states=["READY", "PREEMPTED", "READY", "PREEMPTED", "READY", "PREEMPTED"],
-        statuses=["NOT_STARTED", "NOT_STARTED", "NOT_STARTED"])
+        statuses=["NOT_STARTED", "NOT_STARTED", "NOT_STARTED"],
+    )
     sup, _, logs = make_supervisor(cloud, max_restarts=2)
     assert sup.loop() == 1
     assert sup.restarts == 2
@@ -424,8 +541,7 @@ def test_supervise_max_restarts_reached():
 
 
 def test_supervise_zero_restarts_gives_up_at_first_preemption():
-    cloud = FakeCloud(states=["READY", "READY", "PREEMPTED"],
-                      statuses=["NOT_STARTED", "RUNNING"])
+    cloud = FakeCloud(states=["READY", "READY", "PREEMPTED"], statuses=["NOT_STARTED", "RUNNING"])
     sup, _, _ = make_supervisor(cloud, max_restarts=0)
     assert sup.loop() == 1
     assert "create" not in cloud.kinds() and "delete" not in cloud.kinds()
@@ -433,14 +549,26 @@ def test_supervise_zero_restarts_gives_up_at_first_preemption():
 
 def test_supervise_queued_resource_suspended():
     cloud = FakeCloud(
-        states=["ACTIVE", "SUSPENDED", "WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE",
-                "ACTIVE"],
-        statuses=["RUNNING", "NOT_STARTED", "EXITED 0"])
+        states=["ACTIVE", "SUSPENDED", "WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE", "ACTIVE"],
+        statuses=["RUNNING", "NOT_STARTED", "EXITED 0"],
+    )
     sup, _, _ = make_supervisor(cloud, queued=True)
     assert sup.loop() == 0
-    assert cloud.kinds() == ["describe", "status", "describe", "delete", "create", "describe",
-                             "describe", "describe", "status", "install", "run", "describe",
-                             "status"]
+    assert cloud.kinds() == [
+        "describe",
+        "status",
+        "describe",
+        "delete",
+        "create",
+        "describe",
+        "describe",
+        "describe",
+        "status",
+        "install",
+        "run",
+        "describe",
+        "status",
+    ]
     assert sup.restarts == 1  # the run was found running, so the relaunch is a restart
     describe = cloud.calls[0][1]
     assert describe[3:6] == ["queued-resources", "describe", "mae-pod-qr"]
@@ -451,19 +579,34 @@ def test_supervise_queued_resource_suspended():
 
 
 def test_supervise_creates_missing_slice_and_retries_failed_create():
-    cloud = FakeCloud(states=["MISSING", "MISSING", "READY", "READY"],
-                      statuses=["NOT_STARTED", "EXITED 0"], create_rcs=[1, 0])
+    cloud = FakeCloud(
+        states=["MISSING", "MISSING", "READY", "READY"],
+        statuses=["NOT_STARTED", "EXITED 0"],
+        create_rcs=[1, 0],
+    )
     sup, _, _ = make_supervisor(cloud, max_restarts=0, skip_first_install=True)
     assert sup.loop() == 0
     # missing: no delete; the failed create is retried; a created slice always gets installed
-    assert cloud.kinds() == ["describe", "create", "describe", "create", "describe", "status",
-                             "install", "run", "describe", "status"]
+    assert cloud.kinds() == [
+        "describe",
+        "create",
+        "describe",
+        "create",
+        "describe",
+        "status",
+        "install",
+        "run",
+        "describe",
+        "status",
+    ]
     assert sup.restarts == 0
 
 
 def test_supervise_skip_first_install_on_existing_slice():
-    cloud = FakeCloud(states=["READY", "PREEMPTED", "READY", "READY"],
-                      statuses=["NOT_STARTED", "NOT_STARTED", "EXITED 0"])
+    cloud = FakeCloud(
+        states=["READY", "PREEMPTED", "READY", "READY"],
+        statuses=["NOT_STARTED", "NOT_STARTED", "EXITED 0"],
+    )
     sup, _, _ = make_supervisor(cloud, skip_first_install=True)
     assert sup.loop() == 0
     kinds = cloud.kinds()
@@ -472,8 +615,9 @@ def test_supervise_skip_first_install_on_existing_slice():
 
 
 def test_supervise_never_deletes_on_api_errors():
-    cloud = FakeCloud(states=["API_ERROR", "UNKNOWN_STATE", "REPAIRING", "READY"],
-                      statuses=["EXITED 0"])
+    cloud = FakeCloud(
+        states=["API_ERROR", "UNKNOWN_STATE", "REPAIRING", "READY"], statuses=["EXITED 0"]
+    )
     sup, _, _ = make_supervisor(cloud)
     sup.max_polls = 4
     assert sup.loop() == 0
@@ -481,8 +625,9 @@ def test_supervise_never_deletes_on_api_errors():
 
 
 def test_supervise_crash_on_healthy_slice_stops():
-    cloud = FakeCloud(states=["READY"] * 4,
-                      statuses=["NOT_STARTED", "RUNNING", "EXITED 1", "EXITED 1"])
+    cloud = FakeCloud(
+        states=["READY"] * 4, statuses=["NOT_STARTED", "RUNNING", "EXITED 1", "EXITED 1"]
+    )
     sup, _, logs = make_supervisor(cloud)
     assert sup.loop() == 1
     assert cloud.kinds().count("run") == 1
@@ -497,23 +642,41 @@ def test_supervise_external_stop_ends_supervision():
 
 
 def test_supervise_cli_with_injected_runner():
-    cloud = FakeCloud(states=["READY", "PREEMPTED", "READY", "READY"],
-                      statuses=["NOT_STARTED", "NOT_STARTED", "EXITED 0"])
+    cloud = FakeCloud(
+        states=["READY", "PREEMPTED", "READY", "READY"],
+        statuses=["NOT_STARTED", "NOT_STARTED", "EXITED 0"],
+    )
     sleeps = []
-    rc = tpu.main(["supervise", *BASE, "--accelerator-type=v4-32", "--spot", *GIT,
-                   "--bucket=my-bucket", "--max-restarts=1", "--poll-interval=5"],
-                  env={}, runner=cloud, sleep=sleeps.append, out=io.StringIO())
+    rc = tpu.main(
+        [
+            "supervise",
+            *BASE,
+            "--accelerator-type=v4-32",
+            "--spot",
+            *GIT,
+            "--bucket=my-bucket",
+            "--max-restarts=1",
+            "--poll-interval=5",
+        ],
+        env={},
+        runner=cloud,
+        sleep=sleeps.append,
+        out=io.StringIO(),
+    )
     assert rc == 0
     assert cloud.kinds().count("run") == 2 and sleeps == [5, 5, 5]
 
 
-@pytest.mark.parametrize("rc,out,state", [
-    (0, "READY\n", "READY"),
-    (0, "WARNING: something\nPREEMPTED\n", "PREEMPTED"),
-    (0, "", "UNKNOWN"),
-    (1, "ERROR: NOT_FOUND: Resource 'x' was not found", "MISSING"),
-    (1, "ERROR: permission denied", "UNKNOWN"),
-])
+@pytest.mark.parametrize(
+    "rc,out,state",
+    [
+        (0, "READY\n", "READY"),
+        (0, "WARNING: something\nPREEMPTED\n", "PREEMPTED"),
+        (0, "", "UNKNOWN"),
+        (1, "ERROR: NOT_FOUND: Resource 'x' was not found", "MISSING"),
+        (1, "ERROR: permission denied", "UNKNOWN"),
+    ],
+)
 def test_parse_state(rc, out, state):
     assert tpu.parse_state(rc, out) == state
 
@@ -535,11 +698,21 @@ def test_remote_scripts_parse(shell, tmp_path):
     configs = tmp_path / "configs"
     configs.mkdir()
     cmds = []
-    for argv in (["install", *BASE, *GIT], ["install", *BASE, f"--wheel={wheel}",
-                                             f"--configs-dir={configs}"],
-                 ["run", *BASE, "--accelerator-type=v4-32", "--bucket=my-bucket", "--",
-                  "--config.note=it's quoted"],
-                 ["stop", *BASE], ["logs", *BASE], ["status", *BASE]):
+    for argv in (
+        ["install", *BASE, *GIT],
+        ["install", *BASE, f"--wheel={wheel}", f"--configs-dir={configs}"],
+        [
+            "run",
+            *BASE,
+            "--accelerator-type=v4-32",
+            "--bucket=my-bucket",
+            "--",
+            "--config.note=it's quoted",
+        ],
+        ["stop", *BASE],
+        ["logs", *BASE],
+        ["status", *BASE],
+    ):
         rc, c, _ = dry(argv)
         assert rc == 0
         cmds += [a for a in c if a[4] == "ssh"]
@@ -550,8 +723,7 @@ def test_remote_scripts_parse(shell, tmp_path):
 
 def _sh(script, home):
     env = {"HOME": str(home), "PATH": os.environ["PATH"]}
-    p = subprocess.run(["sh", "-c", script], capture_output=True, text=True, env=env,
-                       timeout=60)
+    p = subprocess.run(["sh", "-c", script], capture_output=True, text=True, env=env, timeout=60)
     return p.returncode, p.stdout + p.stderr
 
 
@@ -574,8 +746,10 @@ def test_remote_run_status_stop_for_real(tmp_path):
     venv_bin.mkdir(parents=True)
     fake = venv_bin / "python"
     # A fake interpreter: logs its arguments, then sleeps (or exits with $FAKE_EXIT).
-    fake.write_text('#!/bin/sh\necho "args: $*"\necho "cwd: $(pwd)"\n'
-                    'if [ -n "$FAKE_EXIT" ]; then exit "$FAKE_EXIT"; fi\nexec sleep 300\n')
+    fake.write_text(
+        '#!/bin/sh\necho "args: $*"\necho "cwd: $(pwd)"\n'
+        'if [ -n "$FAKE_EXIT" ]; then exit "$FAKE_EXIT"; fi\nexec sleep 300\n'
+    )
     fake.chmod(0o755)
     r = tpu.RunSpec("vitl", "configs/mae_vit_large.py", "gs://b/vitl", ("--config.x=it's",))
     log = home / "mae-logs" / f"vitl.{subprocess.check_output(['hostname'], text=True).strip()}.log"
@@ -584,8 +758,10 @@ def test_remote_run_status_stop_for_real(tmp_path):
     assert rc == 0 and "started vitl" in out
     assert _wait_for(lambda: log.exists() and "cwd:" in log.read_text())
     text = log.read_text()
-    assert ("args: -m mae_jax.main --config=configs/mae_vit_large.py --workdir=gs://b/vitl "
-            "--config.x=it's") in text
+    assert (
+        "args: -m mae_jax.main --config=configs/mae_vit_large.py --workdir=gs://b/vitl "
+        "--config.x=it's"
+    ) in text
     assert f"cwd: {home / 'mae-jax'}" in text
     assert _sh(tpu.status_script(r), home) == (0, "RUNNING\n")
     rc, out = _sh(tpu.run_script(r), home)  # a second start is refused
@@ -594,13 +770,15 @@ def test_remote_run_status_stop_for_real(tmp_path):
 
     rc, out = _sh(tpu.stop_script(r, grace_s=10), home)
     assert rc == 0 and "stopped vitl" in out
-    assert _wait_for(lambda: not os.path.exists(f"/proc/{pid}")
-                     or open(f"/proc/{pid}/stat").read().split()[2] == "Z")
+    assert _wait_for(
+        lambda: (
+            not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        )
+    )
     assert _sh(tpu.status_script(r), home) == (0, "NOT_STARTED\n")
 
     # a run that ends on its own leaves its exit code for the supervisor
-    r2 = tpu.RunSpec("crash", "configs/mae_vit_large.py", "gs://b/crash",
-                     env=("FAKE_EXIT=3",))
+    r2 = tpu.RunSpec("crash", "configs/mae_vit_large.py", "gs://b/crash", env=("FAKE_EXIT=3",))
     rc, out = _sh(tpu.run_script(r2), home)
     assert rc == 0
     assert _wait_for(lambda: _sh(tpu.status_script(r2), home)[1] == "EXITED 3\n")
@@ -613,17 +791,32 @@ def test_remote_run_status_stop_for_real(tmp_path):
 
 
 def test_cli_from_repo_root():
-    argv = [sys.executable, "launch/tpu.py", "create", *BASE, "--accelerator-type=v5e-16",
-            "--spot", "--dry-run"]
-    p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "MAE_TPU_PROJECT": ""})
+    argv = [
+        sys.executable,
+        "launch/tpu.py",
+        "create",
+        *BASE,
+        "--accelerator-type=v5e-16",
+        "--spot",
+        "--dry-run",
+    ]
+    p = subprocess.run(
+        argv, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "MAE_TPU_PROJECT": ""}
+    )
     assert p.returncode == 0, p.stderr
-    assert p.stdout == ("gcloud compute tpus tpu-vm create mae-pod --zone=us-central2-b "
-                        "--project=my-proj --accelerator-type=v5litepod-16 "
-                        "--version=v2-alpha-tpuv5-lite --spot\n")
+    assert p.stdout == (
+        "gcloud compute tpus tpu-vm create mae-pod --zone=us-central2-b "
+        "--project=my-proj --accelerator-type=v5litepod-16 "
+        "--version=v2-alpha-tpuv5-lite --spot\n"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAE_")}
-    p = subprocess.run([sys.executable, "launch/tpu.py", "delete", "--zone=us-central2-b",
-                        "--dry-run"], cwd=ROOT, capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [sys.executable, "launch/tpu.py", "delete", "--zone=us-central2-b", "--dry-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert p.returncode == 2 and p.stdout == ""
     assert "missing setting 'project'" in p.stderr
 
@@ -634,8 +827,14 @@ def test_slurm_example():
     assert p.returncode == 0, p.stderr
     text = open(path).read()
     assert "#SBATCH --ntasks-per-node=1" in text
-    for flag in ("python -m mae_jax.main", "--coordinator_address=", "--num_processes=",
-                 "--process_id=", "$SLURM_PROCID", "srun"):
+    for flag in (
+        "python -m mae_jax.main",
+        "--coordinator_address=",
+        "--num_processes=",
+        "--process_id=",
+        "$SLURM_PROCID",
+        "srun",
+    ):
         assert flag in text
 
 
@@ -646,17 +845,24 @@ def test_real_mode_runs_gcloud(tmp_path):
     bindir.mkdir()
     record = tmp_path / "calls.txt"
     fake = bindir / "gcloud"
-    fake.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done >> "$RECORD"\n'
-                    'echo "--" >> "$RECORD"\n'
-                    'case "$*" in *describe*) echo READY;; *delete*) echo "boom" >&2; '
-                    'exit 7;; esac\n')
+    fake.write_text(
+        '#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done >> "$RECORD"\n'
+        'echo "--" >> "$RECORD"\n'
+        'case "$*" in *describe*) echo READY;; *delete*) echo "boom" >&2; '
+        "exit 7;; esac\n"
+    )
     fake.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAE_")}
     env.update(PATH=f"{bindir}:{env['PATH']}", RECORD=str(record))
 
     def cli(*argv):
-        return subprocess.run([sys.executable, "launch/tpu.py", *argv, *BASE], cwd=ROOT,
-                              capture_output=True, text=True, env=env)
+        return subprocess.run(
+            [sys.executable, "launch/tpu.py", *argv, *BASE],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
 
     p = cli("create", "--accelerator-type=v4-32", "--spot")
     assert p.returncode == 0, p.stderr

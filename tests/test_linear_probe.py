@@ -1,5 +1,6 @@
 """Linear probing: only the head learns, the encoder comes from a checkpoint, resume, errors, and
 (slow) a short pretraining beats the random encoder under the probe."""
+
 import dataclasses
 import json
 import os
@@ -7,9 +8,10 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
-import jax
+from config_files import ROOT, load_config, override
 from flax import nnx
 
 from mae_jax import models
@@ -17,10 +19,6 @@ from mae_jax import sharding as shd
 from mae_jax.checkpointing import Checkpointer
 from mae_jax.evaluate import classify_step as cs
 from mae_jax.evaluate import linear_probe
-
-from config_files import ROOT, load_config, override
-
-
 
 
 def small(**kw):
@@ -40,8 +38,9 @@ def write_params_checkpoint(workdir, model):
     writes it."""
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     meta = {"model": dataclasses.asdict(model.config), "params_only": True, "source": "test"}
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False,
-                        enable_preemption_save=False)
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"), async_save=False, enable_preemption_save=False
+    )
     try:
         ckpt.save(0, {"params": params}, meta, force=True)
         ckpt.wait()
@@ -54,8 +53,10 @@ def _flat(tree):
     """nnx.State or nested dict -> {'blocks/0/attn/qkv/kernel': numpy array}."""
     if isinstance(tree, nnx.State):
         tree = nnx.to_pure_dict(tree)
-    return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v) for path, v in
-            jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+        for path, v in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+    }
 
 
 def _metrics(workdir):
@@ -71,14 +72,16 @@ def test_only_the_head_learns_and_batchnorm_statistics_move(tmp_path):
     mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     task = linear_probe.linear_probe_task(config, mesh, str(tmp_path / "run"))
     state = task.fns.init()
-    assert set(state) == {"params", "frozen", "batch_stats", "opt_state", "step",
-                          "nonfinite_step"}
+    assert set(state) == {"params", "frozen", "batch_stats", "opt_state", "step", "nonfinite_step"}
     assert set(nnx.to_pure_dict(state["params"])) == {"head"}
     frozen0, head0 = _flat(state["frozen"]), _flat(state["params"])
     stats0 = _flat(state["batch_stats"])
     # the encoder (and its final norm: cls-token pooling) is the checkpoint's, bit for bit
-    want = {k: v for k, v in _flat(saved).items()
-            if k.split("/")[0] in ("patch_embed", "cls_token", "blocks", "norm")}
+    want = {
+        k: v
+        for k, v in _flat(saved).items()
+        if k.split("/")[0] in ("patch_embed", "cls_token", "blocks", "norm")
+    }
     assert frozen0.keys() == want.keys()
     for k in want:
         np.testing.assert_array_equal(frozen0[k], want[k], err_msg=k)
@@ -137,8 +140,10 @@ def test_bad_pretrained_paths_and_models_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="pretrained_step=7 .*available steps: \\[0\\]"):
         cs.plan(small(pretrained=pre, pretrained_step=7), linear_probe.KNOWN_KEYS)
     with pytest.raises(ValueError, match="another encoder.*embed_dim: checkpoint 32 vs config 128"):
-        cs.plan(small(pretrained=pre, **{"model.name": "mae_vit_tiny_patch4_32"}),
-                linear_probe.KNOWN_KEYS)
+        cs.plan(
+            small(pretrained=pre, **{"model.name": "mae_vit_tiny_patch4_32"}),
+            linear_probe.KNOWN_KEYS,
+        )
     # an empty model name takes the architecture from the checkpoint
     p = cs.plan(small(pretrained=pre, **{"model.name": ""}), linear_probe.KNOWN_KEYS)
     assert p.model.embed_dim == 32 and p.model.depth == 2 and p.num_classes == 10
@@ -161,9 +166,20 @@ def test_main_reports_a_bad_pretrained_path(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
     missing = str(tmp_path / "missing")
     out = subprocess.run(
-        [sys.executable, "-m", "mae_jax.main", "--config=configs/linprobe_smoke.py",
-         f"--workdir={tmp_path / 'run'}", f"--config.pretrained={missing}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "mae_jax.main",
+            "--config=configs/linprobe_smoke.py",
+            f"--workdir={tmp_path / 'run'}",
+            f"--config.pretrained={missing}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 1
     assert f"error: config.pretrained='{missing}' does not exist" in out.stderr
 
@@ -179,8 +195,9 @@ def test_pretrained_encoder_beats_its_random_initialization(tmp_path):
     pre, init = str(tmp_path / "pretrain"), str(tmp_path / "init")
     train.train_and_evaluate(pre_config, pre)
     # the pretraining's initial weights (train.pretrain_task builds them the same way)
-    write_params_checkpoint(init, models.create(models.resolve(pre_config.model),
-                                                seed=pre_config.seed))
+    write_params_checkpoint(
+        init, models.create(models.resolve(pre_config.model), seed=pre_config.seed)
+    )
     accuracy = {}
     for name, source in (("pretrained", pre), ("random", init)):
         config = load_config("configs/linprobe_smoke.py")
@@ -188,7 +205,9 @@ def test_pretrained_encoder_beats_its_random_initialization(tmp_path):
         workdir = str(tmp_path / f"probe_{name}")
         linear_probe.train_and_evaluate(config, workdir)
         accuracy[name] = cs.read_results(workdir)["top1"]
-    print(f"linear probe top-1: pretrained {accuracy['pretrained']:.2f}%, "
-          f"random init {accuracy['random']:.2f}%")
+    print(
+        f"linear probe top-1: pretrained {accuracy['pretrained']:.2f}%, "
+        f"random init {accuracy['random']:.2f}%"
+    )
     # measured: pretrained 73-75%, random 67-68% (a margin of 6.3-7.2 points over 3 seeds)
     assert accuracy["pretrained"] >= accuracy["random"] + 3.0, accuracy

@@ -1,5 +1,6 @@
 """launch/local_pod.py: dry run, failure propagation, signal forwarding, and (slow) a real
 2-process x 4-device training run that is killed, resumes, and matches one 8-device process."""
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,16 @@ import local_pod  # noqa: E402  pylint: disable=g-import-not-at-top
 # parameters FSDP-sharded over all 8 devices, i.e. across the 2 processes (cross-process
 # all-gathers in the step, Orbax saving shards of both processes, reconstruction grids that
 # gather the parameters).
-SETTINGS = {"model.name": "mae_vit_test", "batch_size": 16, "total_steps": 12,
-            "checkpoint_every_steps": 4, "log_every_steps": 1, "reconstruction_every_steps": 4,
-            "mesh.data": 1, "mesh.fsdp": 8}
+SETTINGS = {
+    "model.name": "mae_vit_test",
+    "batch_size": 16,
+    "total_steps": 12,
+    "checkpoint_every_steps": 4,
+    "log_every_steps": 1,
+    "reconstruction_every_steps": 4,
+    "mesh.data": 1,
+    "mesh.fsdp": 8,
+}
 OVERRIDES = [f"--config.{k}={v}" for k, v in SETTINGS.items()]
 RUN_TIMEOUT = 480
 
@@ -39,21 +47,40 @@ def _launcher_env(**extra) -> dict:
 
 
 def _launch(args, env=None, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, LAUNCHER, *args], cwd=REPO,
-                            env=env or _launcher_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, LAUNCHER, *args],
+        cwd=REPO,
+        env=env or _launcher_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 # ------------------------------------------------------------------------------- dry run
 def test_dry_run_prints_the_exact_commands(tmp_path):
     wd = tmp_path / "wd"
     out = subprocess.run(
-        [sys.executable, LAUNCHER, "--num-processes=3", "--devices-per-process=2",
-         "--config=configs/smoke.py", f"--workdir={wd}", "--port=12345", "--dry-run", "--",
-         "--config.total_steps=5", "--config.batch_size=12"],
-        cwd=REPO, env=_launcher_env(XLA_FLAGS="--xla_cpu_foo=1 "
-                                    "--xla_force_host_platform_device_count=8"),
-        capture_output=True, text=True, check=True).stdout
+        [
+            sys.executable,
+            LAUNCHER,
+            "--num-processes=3",
+            "--devices-per-process=2",
+            "--config=configs/smoke.py",
+            f"--workdir={wd}",
+            "--port=12345",
+            "--dry-run",
+            "--",
+            "--config.total_steps=5",
+            "--config.batch_size=12",
+        ],
+        cwd=REPO,
+        env=_launcher_env(XLA_FLAGS="--xla_cpu_foo=1 --xla_force_host_platform_device_count=8"),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     lines = out.strip().splitlines()
     assert len(lines) == 3
     for i, line in enumerate(lines):
@@ -63,40 +90,67 @@ def test_dry_run_prints_the_exact_commands(tmp_path):
         assert argv[0] == "env"
         assert env["JAX_PLATFORMS"] == "cpu"
         # An inherited device count is replaced, other XLA flags are kept.
-        assert env["XLA_FLAGS"] == ("--xla_cpu_foo=1 "
-                                    "--xla_force_host_platform_device_count=2")
+        assert env["XLA_FLAGS"] == ("--xla_cpu_foo=1 --xla_force_host_platform_device_count=2")
         assert env["PYTHONPATH"].split(os.pathsep)[0] == REPO
         assert argv[k:] == [
-            sys.executable, "-m", "mae_jax.main", "--config=configs/smoke.py",
-            f"--workdir={wd}", "--coordinator_address=127.0.0.1:12345", "--num_processes=3",
-            f"--process_id={i}", "--config.total_steps=5", "--config.batch_size=12"]
+            sys.executable,
+            "-m",
+            "mae_jax.main",
+            "--config=configs/smoke.py",
+            f"--workdir={wd}",
+            "--coordinator_address=127.0.0.1:12345",
+            "--num_processes=3",
+            f"--process_id={i}",
+            "--config.total_steps=5",
+            "--config.batch_size=12",
+        ]
     assert not wd.exists()  # a dry run starts nothing, writes nothing
 
 
 def test_dry_run_picks_a_free_port_and_rejects_bad_settings(tmp_path):
-    out = subprocess.run([sys.executable, LAUNCHER, f"--workdir={tmp_path}", "--dry-run"],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, LAUNCHER, f"--workdir={tmp_path}", "--dry-run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     ports = set(re.findall(r"--coordinator_address=127\.0\.0\.1:(\d+)", out))
     assert len(ports) == 1 and 0 < int(ports.pop()) < 65536
     assert out.count("--num_processes=2") == 2  # default 2 processes x 4 devices
     assert "--xla_force_host_platform_device_count=4" in out
-    for bad, word in [("--num-processes=0", "--num-processes"),
-                      ("--devices-per-process=0", "--devices-per-process"),
-                      ("--port=70000", "--port")]:
-        r = subprocess.run([sys.executable, LAUNCHER, f"--workdir={tmp_path}", bad,
-                            "--dry-run"], cwd=REPO, capture_output=True, text=True)
+    for bad, word in [
+        ("--num-processes=0", "--num-processes"),
+        ("--devices-per-process=0", "--devices-per-process"),
+        ("--port=70000", "--port"),
+    ]:
+        r = subprocess.run(
+            [sys.executable, LAUNCHER, f"--workdir={tmp_path}", bad, "--dry-run"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 2 and word in r.stderr, (bad, r.stderr)
 
 
 def test_process_env_and_command():
-    env = local_pod.process_env(3, base={"XLA_FLAGS": "--xla_force_host_platform_device_count=9",
-                                         "PYTHONPATH": "/x"})
+    env = local_pod.process_env(
+        3, base={"XLA_FLAGS": "--xla_force_host_platform_device_count=9", "PYTHONPATH": "/x"}
+    )
     assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=3"
     assert env["PYTHONPATH"] == os.pathsep.join([REPO, "/x"])
     cmd = local_pod.train_command("py", "c.py", "/w", 7, 2, 1, ["--a=1"])
-    assert cmd == ["py", "-m", "mae_jax.main", "--config=c.py", "--workdir=/w",
-                   "--coordinator_address=127.0.0.1:7", "--num_processes=2",
-                   "--process_id=1", "--a=1"]
+    assert cmd == [
+        "py",
+        "-m",
+        "mae_jax.main",
+        "--config=c.py",
+        "--workdir=/w",
+        "--coordinator_address=127.0.0.1:7",
+        "--num_processes=2",
+        "--process_id=1",
+        "--a=1",
+    ]
 
 
 # ------------------------------------------------------------------------------- failures
@@ -129,14 +183,23 @@ def fake_module(tmp_path):
 def test_a_failing_process_stops_the_others(tmp_path, fake_module):
     wd = tmp_path / "wd"
     t0 = time.monotonic()
-    p = _launch(["--module=fake_main", f"--workdir={wd}", "--num-processes=3", "--grace=20",
-                 "--", "--mode=fail"], env=fake_module)
+    p = _launch(
+        [
+            "--module=fake_main",
+            f"--workdir={wd}",
+            "--num-processes=3",
+            "--grace=20",
+            "--",
+            "--mode=fail",
+        ],
+        env=fake_module,
+    )
     out, err = p.communicate(timeout=60)
     assert p.returncode == 3, (out, err)
     assert time.monotonic() - t0 < 30  # the sleeping processes were stopped, not waited for
     assert "process 1 exited with code 3" in out
     assert "ValueError: process 1 broke on purpose" in err  # the failing process's log tail
-    assert "[p0] fake process 0 of 3 up" in out             # process 0 is streamed
+    assert "[p0] fake process 0 of 3 up" in out  # process 0 is streamed
     for i in (0, 2):  # the others got SIGTERM
         assert (wd / f"term_{i}").read_text() == str(int(signal.SIGTERM))
     for i in range(3):
@@ -145,8 +208,7 @@ def test_a_failing_process_stops_the_others(tmp_path, fake_module):
 
 def test_signals_are_forwarded(tmp_path, fake_module):
     wd = tmp_path / "wd"
-    p = _launch(["--module=fake_main", f"--workdir={wd}", "--", "--mode=clean"],
-                env=fake_module)
+    p = _launch(["--module=fake_main", f"--workdir={wd}", "--", "--mode=clean"], env=fake_module)
     deadline = time.monotonic() + 30
     logs = [wd / "logs" / f"process_{i}.log" for i in range(2)]
     while not all(f.exists() and "up" in f.read_text() for f in logs):
@@ -163,8 +225,15 @@ def test_signals_are_forwarded(tmp_path, fake_module):
 def test_bad_config_fails_the_real_command(tmp_path):
     """The real training command on 2 processes: a global batch that the 8 devices do not
     divide stops both, and the launcher shows the error and exits non-zero."""
-    p = _launch([f"--workdir={tmp_path}", "--grace=10", "--",
-                 "--config.model.name=mae_vit_test", "--config.batch_size=15"])
+    p = _launch(
+        [
+            f"--workdir={tmp_path}",
+            "--grace=10",
+            "--",
+            "--config.model.name=mae_vit_test",
+            "--config.batch_size=15",
+        ]
+    )
     out, err = p.communicate(timeout=180)
     assert p.returncode == 1, (out, err)
     assert "global batch 15" in err and "not divisible" in err
@@ -185,8 +254,11 @@ def _alive(pid: int) -> bool:
 
 
 def _steps(ckpt_dir) -> list[int]:
-    return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) \
-        if os.path.isdir(ckpt_dir) else []
+    return (
+        sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+        if os.path.isdir(ckpt_dir)
+        else []
+    )
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -200,6 +272,7 @@ def _losses(workdir) -> dict[int, float]:
 def _event_tags(workdir) -> set[str]:
     import tensorflow as tf
     from tensorboard.compat.proto import event_pb2
+
     tags = set()
     for name in os.listdir(workdir):
         if name.startswith("events.out.tfevents"):
@@ -215,8 +288,10 @@ def _reference_losses(workdir, monkeypatch) -> dict[int, float]:
     import importlib.util
 
     from mae_jax import input_pipeline, train
-    spec = importlib.util.spec_from_file_location("smoke", os.path.join(REPO, "configs",
-                                                                       "smoke.py"))
+
+    spec = importlib.util.spec_from_file_location(
+        "smoke", os.path.join(REPO, "configs", "smoke.py")
+    )
     smoke = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(smoke)
     config = smoke.get_config()
@@ -231,9 +306,17 @@ def _reference_losses(workdir, monkeypatch) -> dict[int, float]:
 
     class TwoProcesses:
         def __init__(self, cfg, global_batch_size, seed, start_step):
-            self.its = [real(cfg, global_batch_size=global_batch_size, seed=seed,
-                             start_step=start_step, process_index=i, process_count=2)
-                        for i in range(2)]
+            self.its = [
+                real(
+                    cfg,
+                    global_batch_size=global_batch_size,
+                    seed=seed,
+                    start_step=start_step,
+                    process_index=i,
+                    process_count=2,
+                )
+                for i in range(2)
+            ]
 
         position = property(lambda self: self.its[0].position)
         skipped = property(lambda self: sum(it.skipped for it in self.its))
@@ -241,10 +324,15 @@ def _reference_losses(workdir, monkeypatch) -> dict[int, float]:
         def __next__(self):
             return {"image": np.concatenate([next(it)["image"] for it in self.its])}
 
-    monkeypatch.setattr(input_pipeline, "create_pretrain_iterator",
-                        lambda cfg, *, global_batch_size, seed, start_step:
-                        TwoProcesses(cfg, global_batch_size, seed, start_step))
+    monkeypatch.setattr(
+        input_pipeline,
+        "create_pretrain_iterator",
+        lambda cfg, *, global_batch_size, seed, start_step: TwoProcesses(
+            cfg, global_batch_size, seed, start_step
+        ),
+    )
     import jax
+
     assert jax.process_count() == 1 and jax.device_count() == 8
     train.train_and_evaluate(config, str(workdir))
     return _losses(workdir)
@@ -252,17 +340,30 @@ def _reference_losses(workdir, monkeypatch) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_two_processes_train_checkpoint_get_killed_resume_and_match_one_process(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     wd = tmp_path / "pod"
-    args = [f"--workdir={wd}", "--num-processes=2", "--devices-per-process=4", "--grace=10",
-            "--", *OVERRIDES]
+    args = [
+        f"--workdir={wd}",
+        "--num-processes=2",
+        "--devices-per-process=4",
+        "--grace=10",
+        "--",
+        *OVERRIDES,
+    ]
     ckpt_dir = wd / "checkpoints"
 
     # 1. Train until a checkpoint exists, then SIGKILL the launcher and every process.
     out_path = tmp_path / "launcher1.out"
     with open(out_path, "w") as out_file:
-        p = subprocess.Popen([sys.executable, LAUNCHER, *args], cwd=REPO, env=_launcher_env(),
-                             stdout=out_file, stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(
+            [sys.executable, LAUNCHER, *args],
+            cwd=REPO,
+            env=_launcher_env(),
+            stdout=out_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + RUN_TIMEOUT
     try:
         while not _steps(ckpt_dir):

@@ -1,12 +1,13 @@
 """Mixup / CutMix (JAX) and RandAugment / RandomErasing (TensorFlow), against timm's rules and
 Pillow's pixel arithmetic."""
+
 import math
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import pytest
 
 from mae_jax.evaluate import mixup as M
 
@@ -20,8 +21,7 @@ from mae_jax.evaluate import augment as A  # noqa: E402
 
 def constant_batch(n=8, hw=(16, 20)):
     """Image i is filled with the value i, so the source of every pixel is readable."""
-    return jnp.broadcast_to(jnp.arange(n, dtype=jnp.float32)[:, None, None, None],
-                            (n, *hw, 3))
+    return jnp.broadcast_to(jnp.arange(n, dtype=jnp.float32)[:, None, None, None], (n, *hw, 3))
 
 
 def test_smooth_one_hot():
@@ -126,7 +126,9 @@ def test_soft_target_cross_entropy():
     hard = M.smooth_one_hot(labels, 7, 0.0)
     np.testing.assert_allclose(
         M.soft_target_cross_entropy(logits, hard),
-        optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), rtol=1e-6)
+        optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(),
+        rtol=1e-6,
+    )
     soft = M.smooth_one_hot(labels, 7, 0.1)
     ref = -(soft * jax.nn.log_softmax(logits)).sum(1).mean()
     np.testing.assert_allclose(M.soft_target_cross_entropy(logits, soft), ref, rtol=1e-6)
@@ -151,8 +153,8 @@ def test_mixup_bad_input():
 
 def photo(size=48):
     import skimage.data
-    return np.asarray(Image.fromarray(skimage.data.astronaut()).resize((size, size),
-                                                                         Image.BICUBIC))
+
+    return np.asarray(Image.fromarray(skimage.data.astronaut()).resize((size, size), Image.BICUBIC))
 
 
 def low_contrast(size=48):
@@ -166,19 +168,22 @@ PIXEL_OPS = [
     ("posterize1", lambda x: A.posterize(x, 1), lambda p: ImageOps.posterize(p, 1)),
     ("posterize3", lambda x: A.posterize(x, 3), lambda p: ImageOps.posterize(p, 3)),
     ("solarize", lambda x: A.solarize(x, 90), lambda p: ImageOps.solarize(p, 90)),
-    ("solarize_add", lambda x: A.solarize_add(x, 70),
-     lambda p: p.point([min(255, i + 70) if i < 128 else i for i in range(256)] * 3)),
+    (
+        "solarize_add",
+        lambda x: A.solarize_add(x, 70),
+        lambda p: p.point([min(255, i + 70) if i < 128 else i for i in range(256)] * 3),
+    ),
     ("color", lambda x: A.color(x, 0.3), lambda p: ImageEnhance.Color(p).enhance(0.3)),
     ("color+", lambda x: A.color(x, 1.8), lambda p: ImageEnhance.Color(p).enhance(1.8)),
     ("contrast", lambda x: A.contrast(x, 0.4), lambda p: ImageEnhance.Contrast(p).enhance(0.4)),
-    ("contrast+", lambda x: A.contrast(x, 1.7),
-     lambda p: ImageEnhance.Contrast(p).enhance(1.7)),
-    ("brightness", lambda x: A.brightness(x, 1.6),
-     lambda p: ImageEnhance.Brightness(p).enhance(1.6)),
-    ("sharpness", lambda x: A.sharpness(x, 0.2),
-     lambda p: ImageEnhance.Sharpness(p).enhance(0.2)),
-    ("sharpness+", lambda x: A.sharpness(x, 1.9),
-     lambda p: ImageEnhance.Sharpness(p).enhance(1.9)),
+    ("contrast+", lambda x: A.contrast(x, 1.7), lambda p: ImageEnhance.Contrast(p).enhance(1.7)),
+    (
+        "brightness",
+        lambda x: A.brightness(x, 1.6),
+        lambda p: ImageEnhance.Brightness(p).enhance(1.6),
+    ),
+    ("sharpness", lambda x: A.sharpness(x, 0.2), lambda p: ImageEnhance.Sharpness(p).enhance(0.2)),
+    ("sharpness+", lambda x: A.sharpness(x, 1.9), lambda p: ImageEnhance.Sharpness(p).enhance(1.9)),
 ]
 
 
@@ -190,16 +195,31 @@ def test_pixel_ops_match_pillow_exactly(name, ours, pil):
 
 FILL = A.IMAGENET_FILL
 GEOMETRIC = [
-    ("rotate", lambda x, i: A.rotate(x, 17.0, interpolation=i),
-     lambda p, r: p.rotate(17.0, resample=r, fillcolor=FILL)),
-    ("shear_x", lambda x, i: A.shear_x(x, -0.27, interpolation=i),
-     lambda p, r: p.transform(p.size, Image.AFFINE, (1, -0.27, 0, 0, 1, 0), r, fillcolor=FILL)),
-    ("shear_y", lambda x, i: A.shear_y(x, 0.2, interpolation=i),
-     lambda p, r: p.transform(p.size, Image.AFFINE, (1, 0, 0, 0.2, 1, 0), r, fillcolor=FILL)),
-    ("translate_x", lambda x, i: A.translate_x(x, 9.7, interpolation=i),
-     lambda p, r: p.transform(p.size, Image.AFFINE, (1, 0, 9.7, 0, 1, 0), r, fillcolor=FILL)),
-    ("translate_y", lambda x, i: A.translate_y(x, -12.3, interpolation=i),
-     lambda p, r: p.transform(p.size, Image.AFFINE, (1, 0, 0, 0, 1, -12.3), r, fillcolor=FILL)),
+    (
+        "rotate",
+        lambda x, i: A.rotate(x, 17.0, interpolation=i),
+        lambda p, r: p.rotate(17.0, resample=r, fillcolor=FILL),
+    ),
+    (
+        "shear_x",
+        lambda x, i: A.shear_x(x, -0.27, interpolation=i),
+        lambda p, r: p.transform(p.size, Image.AFFINE, (1, -0.27, 0, 0, 1, 0), r, fillcolor=FILL),
+    ),
+    (
+        "shear_y",
+        lambda x, i: A.shear_y(x, 0.2, interpolation=i),
+        lambda p, r: p.transform(p.size, Image.AFFINE, (1, 0, 0, 0.2, 1, 0), r, fillcolor=FILL),
+    ),
+    (
+        "translate_x",
+        lambda x, i: A.translate_x(x, 9.7, interpolation=i),
+        lambda p, r: p.transform(p.size, Image.AFFINE, (1, 0, 9.7, 0, 1, 0), r, fillcolor=FILL),
+    ),
+    (
+        "translate_y",
+        lambda x, i: A.translate_y(x, -12.3, interpolation=i),
+        lambda p, r: p.transform(p.size, Image.AFFINE, (1, 0, 0, 0, 1, -12.3), r, fillcolor=FILL),
+    ),
 ]
 
 
@@ -207,8 +227,9 @@ GEOMETRIC = [
 def test_geometric_ops_match_pillow_exactly(name, ours, pil):
     img = photo()
     for interp, resample in (("bicubic", Image.BICUBIC), ("bilinear", Image.BILINEAR)):
-        np.testing.assert_array_equal(np.asarray(ours(img, interp)),
-                                      np.asarray(pil(Image.fromarray(img), resample)))
+        np.testing.assert_array_equal(
+            np.asarray(ours(img, interp)), np.asarray(pil(Image.fromarray(img), resample))
+        )
 
 
 def test_every_op_keeps_shape_dtype_and_changes_the_image():
@@ -221,21 +242,27 @@ def test_every_op_keeps_shape_dtype_and_changes_the_image():
         A.apply_op("Cutout", img, 9.0, 1.0)
 
 
-@pytest.mark.parametrize("op,expected", [
-    ("Rotate", lambda x, s: A.rotate(x, s * 27.0)),
-    ("ShearX", lambda x, s: A.shear_x(x, s * 0.27)),
-    ("TranslateYRel", lambda x, s: A.translate_y(x, s * 0.405 * 32)),
-    ("PosterizeIncreasing", lambda x, s: A.posterize(x, 1)),   # 4 - int(3.6)
-    ("SolarizeIncreasing", lambda x, s: A.solarize(x, 26)),    # 256 - int(230.4)
-    ("SolarizeAdd", lambda x, s: A.solarize_add(x, 99)),       # int(99.0)
-    ("ColorIncreasing", lambda x, s: A.color(x, 1 + s * 0.81)),
-])
+@pytest.mark.parametrize(
+    "op,expected",
+    [
+        ("Rotate", lambda x, s: A.rotate(x, s * 27.0)),
+        ("ShearX", lambda x, s: A.shear_x(x, s * 0.27)),
+        ("TranslateYRel", lambda x, s: A.translate_y(x, s * 0.405 * 32)),
+        ("PosterizeIncreasing", lambda x, s: A.posterize(x, 1)),  # 4 - int(3.6)
+        ("SolarizeIncreasing", lambda x, s: A.solarize(x, 26)),  # 256 - int(230.4)
+        ("SolarizeAdd", lambda x, s: A.solarize_add(x, 99)),  # int(99.0)
+        ("ColorIncreasing", lambda x, s: A.color(x, 1 + s * 0.81)),
+    ],
+)
 def test_rand_augment_levels_follow_timm(op, expected):
     img = photo(32)
     outs = set()
     for seed in range(4):
-        out = np.asarray(A.rand_augment(img, [seed, 1], num_ops=1, magnitude=9.0,
-                                        magnitude_std=0.0, prob=1.0, ops=(op,)))
+        out = np.asarray(
+            A.rand_augment(
+                img, [seed, 1], num_ops=1, magnitude=9.0, magnitude_std=0.0, prob=1.0, ops=(op,)
+            )
+        )
         candidates = [np.asarray(expected(img, s)) for s in (1.0, -1.0)]
         assert any(np.array_equal(out, c) for c in candidates), op
         outs.add(out.tobytes())
@@ -254,7 +281,8 @@ def test_rand_augment_is_pure_and_runs_in_tf_data():
     assert len({o.tobytes() for o in outs}) >= 4
     # graph mode inside tf.data gives the same result for the same seed
     ds = tf.data.Dataset.from_tensors((img, tf.constant([3, 4], tf.int64))).map(
-        lambda x, s: A.rand_augment(x, s))
+        lambda x, s: A.rand_augment(x, s)
+    )
     np.testing.assert_array_equal(next(iter(ds)), a)
     with pytest.raises(ValueError, match="uint8"):
         A.rand_augment(img.astype(np.float32), [0, 0])
@@ -296,7 +324,7 @@ def test_random_erasing_box_statistics_follow_timm():
         changed = np.asarray(A.random_erasing(x, [seed, 3], prob=1.0))[..., 0] != 0
         rows, cols = np.where(changed)
         h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
-        areas.append(h * w / 64 ** 2)
+        areas.append(h * w / 64**2)
         logs.append(math.log(h / w))
     assert abs(np.mean(areas) - (0.02 + 1 / 3) / 2) < 0.04
     assert abs(np.mean(logs)) < 0.25

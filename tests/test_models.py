@@ -1,8 +1,9 @@
 """The NNX MAE model: presets, parameter counts, forward semantics, gradients, bad input."""
-import numpy as np
-import pytest
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 
 from mae_jax import models, ops
@@ -32,8 +33,9 @@ def test_paper_presets_have_official_trainable_counts(name):
 
 def test_position_embeddings_are_fixed_sincos():
     m = models.create("mae_vit_test")
-    np.testing.assert_array_equal(np.asarray(m.pos_embed.get_value())[0],
-                                  ops.sincos_2d(32, m.config.grid_size))
+    np.testing.assert_array_equal(
+        np.asarray(m.pos_embed.get_value())[0], ops.sincos_2d(32, m.config.grid_size)
+    )
     assert isinstance(m.pos_embed, FixedEmbedding) and not isinstance(m.pos_embed, nnx.Param)
 
 
@@ -86,8 +88,9 @@ def test_visible_only_embedding_equals_embed_then_gather():
     patches = ops.patchify(images, 8)
     ids_keep, _, _ = ops.random_masking(2, 16, 0.75, key=jax.random.key(2))
     full = m._embed(patches, None)
-    np.testing.assert_allclose(m._embed(patches, ids_keep), ops.gather_tokens(full, ids_keep),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        m._embed(patches, ids_keep), ops.gather_tokens(full, ids_keep), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_loss_is_masked_mse_of_pred():
@@ -132,8 +135,11 @@ def test_remat_gives_same_loss_and_grads():
     for remat in (False, True):
         m = models.create("mae_vit_test", seed=0, remat=remat)
         graphdef, params, rest = nnx.split(m, nnx.Param, ...)
-        f = jax.jit(jax.value_and_grad(
-            lambda p: nnx.merge(graphdef, p, rest)(images, noise=noise).loss))
+        f = jax.jit(
+            jax.value_and_grad(
+                lambda p, g=graphdef, r=rest: nnx.merge(g, p, r)(images, noise=noise).loss
+            )
+        )
         results.append(f(params))
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
@@ -160,14 +166,17 @@ def test_paper_presets_forward_under_jit_in_bf16(name):
     assert pred.dtype == jnp.float32 and pred.shape == (1, m.config.num_patches, m.config.patch_dim)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (jnp.zeros((2, 30, 30, 3)), "not divisible by the patch size 8"),
-    (jnp.zeros((2, 32, 32, 1)), "1 channels"),
-    (jnp.zeros((2, 32, 40, 3)), "non-square"),
-    (jnp.zeros((2, 64, 64, 3)), "built for 32x32"),
-    (jnp.zeros((2, 3, 32, 32)), "channels"),
-    (jnp.zeros((32, 32, 3)), "NHWC"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (jnp.zeros((2, 30, 30, 3)), "not divisible by the patch size 8"),
+        (jnp.zeros((2, 32, 32, 1)), "1 channels"),
+        (jnp.zeros((2, 32, 40, 3)), "non-square"),
+        (jnp.zeros((2, 64, 64, 3)), "built for 32x32"),
+        (jnp.zeros((2, 3, 32, 32)), "channels"),
+        (jnp.zeros((32, 32, 3)), "NHWC"),
+    ],
+)
 def test_bad_images_raise_value_error(bad, match):
     m = models.create("mae_vit_test")
     with pytest.raises(ValueError, match=match):

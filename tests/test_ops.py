@@ -1,9 +1,11 @@
 """Property tests of the pure MAE ops against the reference's conventions."""
-import numpy as np
-import pytest
+
 import jax
 import jax.numpy as jnp
-from hypothesis import given, settings, strategies as st
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mae_jax import ops
 
@@ -20,14 +22,21 @@ def reference_patchify_nchw(imgs_nchw: np.ndarray, p: int) -> np.ndarray:
 
 
 @SETTINGS
-@given(n=st.integers(1, 3), gh=st.integers(1, 4), gw=st.integers(1, 4), p=st.sampled_from([1, 2, 4]),
-       c=st.sampled_from([1, 3]), seed=st.integers(0, 2**31 - 1))
+@given(
+    n=st.integers(1, 3),
+    gh=st.integers(1, 4),
+    gw=st.integers(1, 4),
+    p=st.sampled_from([1, 2, 4]),
+    c=st.sampled_from([1, 3]),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_patchify_roundtrip_and_official_order(n, gh, gw, p, c, seed):
     x = np.random.default_rng(seed).normal(size=(n, gh * p, gw * p, c)).astype(np.float32)
     patches = ops.patchify(jnp.asarray(x), p)
     assert patches.shape == (n, gh * gw, p * p * c)
-    np.testing.assert_array_equal(np.asarray(patches),
-                                  reference_patchify_nchw(x.transpose(0, 3, 1, 2), p))
+    np.testing.assert_array_equal(
+        np.asarray(patches), reference_patchify_nchw(x.transpose(0, 3, 1, 2), p)
+    )
     back = ops.unpatchify(patches, p, (gh, gw), channels=c)
     np.testing.assert_array_equal(np.asarray(back), x)
 
@@ -58,8 +67,12 @@ def reference_masking(noise: np.ndarray, ratio: float):
 
 
 @SETTINGS
-@given(n=st.integers(1, 6), length=st.integers(1, 64),
-       ratio=st.sampled_from([0.0, 0.1, 0.5, 0.75, 0.9, 0.99]), seed=st.integers(0, 2**31 - 1))
+@given(
+    n=st.integers(1, 6),
+    length=st.integers(1, 64),
+    ratio=st.sampled_from([0.0, 0.1, 0.5, 0.75, 0.9, 0.99]),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_random_masking_matches_reference(n, length, ratio, seed):
     noise = np.random.default_rng(seed).random((n, length)).astype(np.float32)
     ids_keep, mask, ids_restore = ops.random_masking(n, length, ratio, noise=jnp.asarray(noise))
@@ -71,11 +84,15 @@ def test_random_masking_matches_reference(n, length, ratio, seed):
     # every sample keeps exactly int(L * (1 - ratio)) patches, and those are the kept ids
     np.testing.assert_array_equal(np.asarray(mask).sum(1), length - keep)
     for i in range(n):
-        assert set(np.asarray(ids_keep[i]).tolist()) == set(np.flatnonzero(np.asarray(mask[i]) == 0))
+        assert set(np.asarray(ids_keep[i]).tolist()) == set(
+            np.flatnonzero(np.asarray(mask[i]) == 0)
+        )
     # ids_restore inverts the shuffle
     ids_shuffle = np.argsort(noise, axis=1, kind="stable")
-    np.testing.assert_array_equal(np.take_along_axis(ids_shuffle, np.asarray(ids_restore), 1),
-                                  np.tile(np.arange(length), (n, 1)))
+    np.testing.assert_array_equal(
+        np.take_along_axis(ids_shuffle, np.asarray(ids_restore), 1),
+        np.tile(np.arange(length), (n, 1)),
+    )
 
 
 def test_masks_differ_between_samples_and_keys():
@@ -172,5 +189,6 @@ def test_ops_work_under_jit_vmap_and_grad():
     per = jax.vmap(lambda im: ops.patchify(im[None], 4)[0])(x)
     np.testing.assert_array_equal(per, ops.patchify(x, 4))
     g = jax.grad(lambda p: ops.mae_loss(p, ops.patchify(x, 4), masked[1], True))(
-        jnp.zeros((2, 4, 48)))
+        jnp.zeros((2, 4, 48))
+    )
     assert g.shape == (2, 4, 48) and bool(jnp.all(jnp.isfinite(g)))

@@ -1,4 +1,5 @@
 """Pretraining: sharded step equivalence, gradient accumulation, the loop, resume, bad configs."""
+
 import json
 import os
 import signal
@@ -6,17 +7,15 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
-import jax
+from config_files import ROOT, load_config, override
 from flax import nnx
 
-from mae_jax import models, optim, train, train_step as ts
+from mae_jax import models, optim, train
 from mae_jax import sharding as shd
-
-from config_files import ROOT, load_config, override
-
-
+from mae_jax import train_step as ts
 
 
 def small(**kw):
@@ -42,16 +41,19 @@ def _optimizer(batch=16):
 def _run_steps(mesh_shape, accum=1, steps=1, batch=16):
     tx, lr_fn = _optimizer(batch)
     mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, mesh_shape)))
-    fns = ts.build(lambda: models.create("mae_vit_test", seed=0), tx, lr_fn, mesh,
-                   accum_steps=accum)
+    fns = ts.build(
+        lambda: models.create("mae_vit_test", seed=0), tx, lr_fn, mesh, accum_steps=accum
+    )
     state = fns.init()
     images = np.asarray(jax.random.normal(jax.random.key(0), (batch, 32, 32, 3)))
     losses = []
     for _ in range(steps):
         state, m = fns.step(state, {"image": shd.global_batch(images, mesh)}, jax.random.key(1))
         losses.append(float(m["loss"]))
-    params = {"/".join(map(str, k)): np.asarray(v) for k, v in
-              jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state["params"]))[0]}
+    params = {
+        "/".join(map(str, k)): np.asarray(v)
+        for k, v in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state["params"]))[0]
+    }
     return losses, params, float(m["grad_norm"])
 
 
@@ -62,8 +64,9 @@ def test_one_step_is_the_same_on_every_mesh():
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
         np.testing.assert_allclose(gn, ref_gn, rtol=1e-4)
         for k in ref_params:
-            np.testing.assert_allclose(params[k], ref_params[k], rtol=1e-4, atol=1e-5,
-                                       err_msg=f"{shape}: {k}")
+            np.testing.assert_allclose(
+                params[k], ref_params[k], rtol=1e-4, atol=1e-5, err_msg=f"{shape}: {k}"
+            )
 
 
 def test_gradient_accumulation_equals_full_batch():
@@ -71,8 +74,7 @@ def test_gradient_accumulation_equals_full_batch():
     acc_loss, acc_params, _ = _run_steps((2, 4, 1), accum=4, steps=2, batch=32)
     np.testing.assert_allclose(acc_loss, full_loss, rtol=1e-5)
     for k in full_params:
-        np.testing.assert_allclose(acc_params[k], full_params[k], rtol=1e-4, atol=1e-5,
-                                   err_msg=k)
+        np.testing.assert_allclose(acc_params[k], full_params[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
 def test_params_and_optimizer_state_are_fsdp_sharded():
@@ -112,6 +114,7 @@ def test_training_loop_writes_metrics_config_and_checkpoints(tmp_path):
 
 def test_resume_continues_like_an_uninterrupted_run(tmp_path):
     import shutil
+
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(small(), workdir)
     expected = {r["step"]: r["loss"] for r in _metrics(workdir)}
@@ -124,13 +127,16 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path):
         assert got[step] == pytest.approx(expected[step], rel=1e-6), step
 
 
-@pytest.mark.parametrize("overrides,match", [
-    ({"batch_size": 12}, "not divisible by the data-parallel size 8"),
-    ({"mesh.data": 16}, "needs 16 devices but 8 are available"),
-    ({"grad_accum_steps": 3}, "grad_accum_steps=3"),
-    ({"model.name": "mae_vit_gigantic"}, "unknown model preset"),
-    ({"optim.name": "adam_w"}, "unknown optimizer name"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"batch_size": 12}, "not divisible by the data-parallel size 8"),
+        ({"mesh.data": 16}, "needs 16 devices but 8 are available"),
+        ({"grad_accum_steps": 3}, "grad_accum_steps=3"),
+        ({"model.name": "mae_vit_gigantic"}, "unknown model preset"),
+        ({"optim.name": "adam_w"}, "unknown optimizer name"),
+    ],
+)
 def test_bad_configs_fail_before_compiling(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         train.train_and_evaluate(small(**overrides), str(tmp_path / "bad"))
@@ -155,17 +161,28 @@ def test_nonfinite_loss_stops_with_step_and_last_checkpoint(tmp_path):
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(small(total_steps=3), workdir)  # checkpoint at 3
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-    with pytest.raises(train.TrainingError, match=r"non-finite loss at step 5; .*last good checkpoint is step 3"):
+    with pytest.raises(
+        train.TrainingError, match=r"non-finite loss at step 5; .*last good checkpoint is step 3"
+    ):
         train.train_and_evaluate(small(**{"optim.lr": 1e30}), workdir)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
 def _main_cmd(workdir, *extra):
-    return [sys.executable, "-m", "mae_jax.main", f"--config={ROOT}/configs/smoke.py",
-            f"--workdir={workdir}", "--config.model.name=mae_vit_test",
-            "--config.batch_size=16", "--config.total_steps=40", "--config.log_every_steps=1",
-            "--config.checkpoint_every_steps=5", "--config.reconstruction_every_steps=0",
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "mae_jax.main",
+        f"--config={ROOT}/configs/smoke.py",
+        f"--workdir={workdir}",
+        "--config.model.name=mae_vit_test",
+        "--config.batch_size=16",
+        "--config.total_steps=40",
+        "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=5",
+        "--config.reconstruction_every_steps=0",
+        *extra,
+    ]
 
 
 def _env():
@@ -183,8 +200,13 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
     work = str(tmp_path / "killed")
     rng = np.random.default_rng(0)
     for attempt in range(2):  # kill twice at random moments after training has started
-        proc = subprocess.Popen(_main_cmd(work), env=_env(), cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            _main_cmd(work),
+            env=_env(),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.time() + 120
         while time.time() < deadline:
             path = os.path.join(work, "metrics.jsonl")

@@ -1,17 +1,19 @@
 """Reconstruction grids and the `python -m mae_jax.visualize` command."""
+
 import dataclasses
 import os
 import subprocess
 import sys
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 from PIL import Image
 
-from mae_jax import models, ops, visualize as V
+from mae_jax import models, ops
+from mae_jax import visualize as V
 from mae_jax.checkpointing import Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,8 +28,9 @@ def test_pixel_round_trip_and_patch_denormalization():
     pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
     np.testing.assert_array_equal(V.to_uint8(V.normalize(pixels)), pixels)
     target = jax.random.normal(jax.random.key(0), (2, 5, 48)) * 3 + 1
-    np.testing.assert_allclose(V.denormalize_patches(ops.normalize_targets(target), target),
-                               target, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        V.denormalize_patches(ops.normalize_targets(target), target), target, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_reconstruction_panels(model):
@@ -37,9 +40,11 @@ def test_reconstruction_panels(model):
     _, mask, _ = ops.random_masking(2, 16, 0.75, noise=noise)
     np.testing.assert_array_equal(r.mask, mask)
     removed = np.repeat(np.asarray(mask)[..., None], 8 * 8 * 3, -1).astype(bool)
-    patches = lambda x: np.asarray(ops.patchify(x, 8))
-    orig, masked, recon, pasted = map(patches, (r.original, r.masked, r.reconstruction,
-                                                r.pasted))
+
+    def patches(x):
+        return np.asarray(ops.patchify(x, 8))
+
+    orig, masked, recon, pasted = map(patches, (r.original, r.masked, r.reconstruction, r.pasted))
     np.testing.assert_array_equal(orig, patches(images))
     np.testing.assert_array_equal(masked[~removed], orig[~removed])
     np.testing.assert_array_equal(masked[removed], 0.0)
@@ -73,8 +78,7 @@ def test_cli_random_model_writes_png(tmp_path):
     Image.fromarray(np.full((30, 50, 3), 200, np.uint8)).save(src)
     out2 = tmp_path / "files.png"
     with pytest.warns(UserWarning):
-        V.main(["--output", str(out2), "--model", "mae_vit_test", "--images", str(src),
-                str(src)])
+        V.main(["--output", str(out2), "--model", "mae_vit_test", "--images", str(src), str(src)])
     with Image.open(out2) as im:
         assert im.size == (4 * 32 + 10, 2 * 32 + 6)
         first = np.asarray(im)[2:34, 2:34]
@@ -84,8 +88,9 @@ def test_cli_random_model_writes_png(tmp_path):
 def save_run(workdir, model, step):
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     state = {"params": params, "opt_state": {"mu": params}, "step": step}
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False,
-                        enable_preemption_save=False)
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"), async_save=False, enable_preemption_save=False
+    )
     ckpt.save(step, state, {"model": dataclasses.asdict(model.config), "step": step}, force=True)
     ckpt.close()
 
@@ -96,8 +101,11 @@ def test_restore_and_cli_from_checkpoint(tmp_path, model):
     save_run(tmp_path, trained, 5)
     restored, step, meta = V.restore_mae(str(tmp_path))
     assert step == 5 and meta["step"] == 5 and restored.config.norm_pix_loss
-    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(trained, nnx.Param)),
-                 nnx.to_pure_dict(nnx.state(restored, nnx.Param)))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        nnx.to_pure_dict(nnx.state(trained, nnx.Param)),
+        nnx.to_pure_dict(nnx.state(restored, nnx.Param)),
+    )
     older, step, _ = V.restore_mae(str(tmp_path / "checkpoints"), step=1)
     assert step == 1
     np.testing.assert_array_equal(older.cls_token.get_value(), model.cls_token.get_value())
@@ -110,8 +118,9 @@ def test_restore_and_cli_from_checkpoint(tmp_path, model):
     with Image.open(out) as im:
         assert im.size == (4 * 48 + 10, 4 * 48 + 10)
     # same grid as building it by hand from the restored model
-    expected = V.reconstruction_grid(big, V.default_images(48), key=jax.random.key(0),
-                                     mask_ratio=0.75)
+    expected = V.reconstruction_grid(
+        big, V.default_images(48), key=jax.random.key(0), mask_ratio=0.75
+    )
     np.testing.assert_array_equal(np.asarray(Image.open(out)), expected)
 
 
@@ -133,9 +142,23 @@ def test_module_entry_point(tmp_path):
     out = tmp_path / "cli.png"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, "-m", "mae_jax.visualize", "--output", str(out), "--model",
-         "mae_vit_test", "--seed", "3"], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "mae_jax.visualize",
+            "--output",
+            str(out),
+            "--model",
+            "mae_vit_test",
+            "--seed",
+            "3",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "RANDOMLY INITIALIZED" in proc.stderr and "wrote" in proc.stdout
     with Image.open(out) as im:

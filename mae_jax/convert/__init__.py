@@ -17,29 +17,43 @@ Formats:
 Only numpy and jax are needed to convert; torch (for `.pth`) and safetensors are imported
 lazily by the file functions. `.pth` files are read with `torch.load(weights_only=True)` only.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from mae_jax.convert import files, mapping, posembed
-from mae_jax.convert.files import (check_hf_config, hf_config, load_state_dict, save)
+from mae_jax.convert.files import check_hf_config, hf_config, load_state_dict, save
 from mae_jax.convert.mapping import FORMATS, detect_format, pytorch_shapes
 from mae_jax.convert.posembed import interpolate_pos_embed, resize_pos_embed
 from mae_jax.models import MAE, create, resolve
 from mae_jax.models.config import MAEConfig
 
 __all__ = [
-    "FORMATS", "Converted", "build_model", "check_hf_config", "detect_format", "from_pytorch",
+    "FORMATS",
+    "Converted",
+    "build_model",
+    "check_hf_config",
+    "detect_format",
+    "from_pytorch",
     "hf_config",
-    "interpolate_pos_embed", "load_state_dict", "params_to_pytorch", "pytorch_shapes",
-    "read_pytorch", "resize_pos_embed", "save", "target_grid", "to_pytorch",
+    "interpolate_pos_embed",
+    "load_state_dict",
+    "params_to_pytorch",
+    "pytorch_shapes",
+    "read_pytorch",
+    "resize_pos_embed",
+    "save",
+    "target_grid",
+    "to_pytorch",
 ]
 
 
@@ -47,46 +61,66 @@ def target_grid(config: MAEConfig, img_size: int | None) -> int:
     """Patch grid side for `img_size` (default: the config's image size)."""
     if img_size is None:
         return config.grid_size
-    if (not isinstance(img_size, int) or isinstance(img_size, bool) or img_size <= 0
-            or img_size % config.patch_size):
+    if (
+        not isinstance(img_size, int)
+        or isinstance(img_size, bool)
+        or img_size <= 0
+        or img_size % config.patch_size
+    ):
         raise ValueError(
             f"img_size must be a positive multiple of the patch size {config.patch_size}, "
-            f"got {img_size!r}")
+            f"got {img_size!r}"
+        )
     return img_size // config.patch_size
 
 
 # ----------------------------------------------------------------------------- export
-def params_to_pytorch(params: Mapping, config: MAEConfig, format: str = "official", *,
-                      img_size: int | None = None, pos_embed: Any = None,
-                      decoder_pos_embed: Any = None) -> dict[str, np.ndarray]:
+def params_to_pytorch(
+    params: Mapping,
+    config: MAEConfig,
+    format: str = "official",
+    *,
+    img_size: int | None = None,
+    pos_embed: Any = None,
+    decoder_pos_embed: Any = None,
+) -> dict[str, np.ndarray]:
     """Our params tree (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`) -> flat float32 numpy
     state dict in `format`. Position tables (`[1, 1+L, D]`, default: fixed sin-cos) are
     resized to `img_size`'s grid when given (see `resize_pos_embed`)."""
     config = resolve(config)
     grid = target_grid(config, img_size)
     tables = []
-    for table, dim in ((pos_embed, config.embed_dim), (decoder_pos_embed,
-                                                       config.decoder_embed_dim)):
+    for table, dim in (
+        (pos_embed, config.embed_dim),
+        (decoder_pos_embed, config.decoder_embed_dim),
+    ):
         if table is None:
             from mae_jax import ops  # pylint: disable=import-outside-toplevel
+
             tables.append(ops.sincos_2d(dim, grid)[None])
         else:
             tables.append(resize_pos_embed(np.asarray(table, np.float32), grid))
-    return mapping.params_to_pytorch(params, config, format, pos_embed=tables[0],
-                                     decoder_pos_embed=tables[1])
+    return mapping.params_to_pytorch(
+        params, config, format, pos_embed=tables[0], decoder_pos_embed=tables[1]
+    )
 
 
-def to_pytorch(model: MAE, format: str = "official", *, img_size: int | None = None
-               ) -> dict[str, np.ndarray]:
+def to_pytorch(
+    model: MAE, format: str = "official", *, img_size: int | None = None
+) -> dict[str, np.ndarray]:
     """`model` -> flat `{torch name: float32 numpy array}` in `format` ('official', 'timm',
     'hf'). With `img_size`, position tables are those of that image size's grid (the exact
     sin-cos table for the fixed embeddings, else bicubic interpolation)."""
     mapping.check_format(format)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return params_to_pytorch(
-        params, model.config, format, img_size=img_size,
+        params,
+        model.config,
+        format,
+        img_size=img_size,
         pos_embed=np.asarray(model.pos_embed.get_value(), np.float32),
-        decoder_pos_embed=np.asarray(model.decoder_pos_embed.get_value(), np.float32))
+        decoder_pos_embed=np.asarray(model.decoder_pos_embed.get_value(), np.float32),
+    )
 
 
 # ----------------------------------------------------------------------------- import
@@ -94,16 +128,15 @@ def to_pytorch(model: MAE, format: str = "official", *, img_size: int | None = N
 class Converted:
     """A PyTorch state dict read into our layout (see `read_pytorch`)."""
 
-    params: dict            # our params tree (numpy), decoder entries only if `has_decoder`
-    pos_tables: dict        # {'pos_embed': [1,1+L,D], 'decoder_pos_embed': ...} at our grid
-    format: str             # detected: 'official', 'timm' or 'hf'
+    params: dict  # our params tree (numpy), decoder entries only if `has_decoder`
+    pos_tables: dict  # {'pos_embed': [1,1+L,D], 'decoder_pos_embed': ...} at our grid
+    format: str  # detected: 'official', 'timm' or 'hf'
     has_decoder: bool
     source: str
-    sincos: bool            # all position tables read are the fixed sin-cos ones
+    sincos: bool  # all position tables read are the fixed sin-cos ones
 
 
-def read_pytorch(state_dict_or_path: Any, name_or_config: Any, *, strict: bool = True
-                 ) -> Converted:
+def read_pytorch(state_dict_or_path: Any, name_or_config: Any, *, strict: bool = True) -> Converted:
     """Read and validate a PyTorch state dict (or a `.pth` / `.safetensors` file / HF directory)
     for the model `name_or_config`; the format is detected from the keys.
 
@@ -131,17 +164,23 @@ def read_pytorch(state_dict_or_path: Any, name_or_config: Any, *, strict: bool =
     has_decoder = any(k in sd for k in mapping.decoder_torch_keys(config, fmt))
     missing, unexpected, misshaped = mapping.check_state_dict(sd, config, fmt, has_decoder)
     if unexpected and not strict:
-        warnings.warn(f"{source}: ignoring {len(unexpected)} unexpected key(s): "
-                      f"{mapping.format_list(unexpected)}", stacklevel=2)
+        warnings.warn(
+            f"{source}: ignoring {len(unexpected)} unexpected key(s): "
+            f"{mapping.format_list(unexpected)}",
+            stacklevel=2,
+        )
         sd = {k: v for k, v in sd.items() if k not in set(unexpected)}
         unexpected = []
     if missing or unexpected or misshaped:
-        raise mapping.mismatch_error(f"{source} ({fmt} format) for model {config.name}",
-                                     missing, unexpected, misshaped)
+        raise mapping.mismatch_error(
+            f"{source} ({fmt} format) for model {config.name}", missing, unexpected, misshaped
+        )
     if not has_decoder:
         warnings.warn(
             f"{source} holds the encoder only ({fmt} format): the decoder of {config.name} is "
-            f"freshly initialized", stacklevel=2)
+            f"freshly initialized",
+            stacklevel=2,
+        )
     params, tables = mapping.pytorch_to_params(sd, config, fmt, has_decoder)
     sincos = all(posembed.is_sincos(t) for t in tables.values())
     tables = {k: resize_pos_embed(t, config.grid_size) for k, t in tables.items()}
@@ -155,8 +194,10 @@ def _assign(target: dict, source: Mapping, path: tuple = ()) -> None:
             continue
         old = target[key]
         if tuple(old.shape) != tuple(np.shape(value)):
-            raise ValueError(f"{'.'.join(map(str, path + (key,)))}: shape {np.shape(value)} "
-                             f"does not fit {tuple(old.shape)}")
+            raise ValueError(
+                f"{'.'.join(map(str, path + (key,)))}: shape {np.shape(value)} "
+                f"does not fit {tuple(old.shape)}"
+            )
         target[key] = jnp.asarray(value, dtype=old.dtype)
 
 
@@ -175,11 +216,13 @@ def build_model(converted: Converted, name_or_config: Any, *, seed: int = 0) -> 
     return model
 
 
-def from_pytorch(state_dict_or_path: Any, name_or_config: Any, *, seed: int = 0,
-                 strict: bool = True) -> MAE:
+def from_pytorch(
+    state_dict_or_path: Any, name_or_config: Any, *, seed: int = 0, strict: bool = True
+) -> MAE:
     """Our MAE (`mae_jax.models.create(name_or_config, seed=seed)`) with the weights of a
     PyTorch state dict, a `.pth` / `.safetensors` file or a Hugging Face directory, in any of
     `FORMATS` (detected). See `read_pytorch` for validation, encoder-only inputs and position
     tables."""
-    return build_model(read_pytorch(state_dict_or_path, name_or_config, strict=strict),
-                       name_or_config, seed=seed)
+    return build_model(
+        read_pytorch(state_dict_or_path, name_or_config, strict=strict), name_or_config, seed=seed
+    )

@@ -1,4 +1,5 @@
 """`python -m mae_jax.convert export|import ...` (see `mae_jax.convert.cli`)."""
+
 import sys
 
 from mae_jax.convert.cli import main

@@ -4,6 +4,7 @@ directories (`config.json` + `model.safetensors`).
 
 torch / safetensors are imported lazily, only by the functions that need them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,8 @@ import importlib
 import json
 import os
 import tempfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +34,8 @@ def _require(module: str, purpose: str):
     except ImportError as e:
         raise ImportError(
             f"{purpose} needs the '{module.split('.')[0]}' package (pip install "
-            f"'mae-jax[torch]'): {e}") from e
+            f"'mae-jax[torch]'): {e}"
+        ) from e
 
 
 # ----------------------------------------------------------------------------- reading
@@ -62,10 +65,11 @@ def unwrap(obj: Any) -> dict[str, np.ndarray]:
         if isinstance(value, Mapping) or not (hasattr(value, "shape")):
             raise ValueError(
                 f"state dict entry {key!r} is a {type(value).__name__}, not a tensor; "
-                f"is this a full training checkpoint without a 'model' entry?")
+                f"is this a full training checkpoint without a 'model' entry?"
+            )
         out[key] = tensor_to_numpy(value)
     if out and all(k.startswith("module.") for k in out):
-        out = {k[len("module."):]: v for k, v in out.items()}
+        out = {k[len("module.") :]: v for k, v in out.items()}
     return out
 
 
@@ -85,7 +89,8 @@ def load_torch_file(path: str) -> Any:
             raise
         raise ValueError(
             f"could not load {path} with torch.load(weights_only=True); files holding "
-            f"arbitrary Python objects are refused. torch said: {e}") from e
+            f"arbitrary Python objects are refused. torch said: {e}"
+        ) from e
 
 
 def load_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -120,7 +125,8 @@ def load_hf_dir(directory: str) -> dict[str, np.ndarray]:
         return unwrap(load_torch_file(legacy))
     raise ValueError(
         f"{directory} is a directory without {HF_WEIGHTS}, {HF_INDEX} or pytorch_model.bin; "
-        f"expected a Hugging Face model directory")
+        f"expected a Hugging Face model directory"
+    )
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -137,7 +143,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return unwrap(load_torch_file(path))
     raise ValueError(
         f"cannot tell the file type of {path}: expected a {'/'.join(TORCH_EXTS)} file, a "
-        f"{SAFETENSORS_EXT} file or a Hugging Face model directory")
+        f"{SAFETENSORS_EXT} file or a Hugging Face model directory"
+    )
 
 
 # ----------------------------------------------------------------------------- HF config
@@ -168,10 +175,18 @@ def hf_config(config: MAEConfig, img_size: int | None = None) -> dict:
     }
 
 
-_HF_STRUCTURE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                 "decoder_hidden_size", "decoder_num_hidden_layers",
-                 "decoder_num_attention_heads", "decoder_intermediate_size", "patch_size",
-                 "num_channels")
+_HF_STRUCTURE = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "decoder_hidden_size",
+    "decoder_num_hidden_layers",
+    "decoder_num_attention_heads",
+    "decoder_intermediate_size",
+    "patch_size",
+    "num_channels",
+)
 
 
 def check_hf_config(hf: Mapping, config: MAEConfig) -> list[str]:
@@ -179,20 +194,23 @@ def check_hf_config(hf: Mapping, config: MAEConfig) -> list[str]:
     (heads do not show in shapes); return notes on numeric settings that differ (LayerNorm eps,
     activation), which load but change results slightly."""
     ours = hf_config(config)
-    bad = [f"{k}={hf[k]!r} (model: {ours[k]!r})" for k in _HF_STRUCTURE
-           if k in hf and hf[k] != ours[k]]
+    bad = [
+        f"{k}={hf[k]!r} (model: {ours[k]!r})" for k in _HF_STRUCTURE if k in hf and hf[k] != ours[k]
+    ]
     if hf.get("qkv_bias", True) is not True:
         bad.append("qkv_bias=False (model: True)")
     if bad:
-        raise ValueError(f"the Hugging Face config.json does not match model {config.name}: "
-                         + ", ".join(bad))
+        raise ValueError(
+            f"the Hugging Face config.json does not match model {config.name}: " + ", ".join(bad)
+        )
     notes = []
     eps = hf.get("layer_norm_eps", 1e-12)
     if abs(eps - 1e-6) > 1e-12:
         notes.append(f"config.json has layer_norm_eps={eps}; this model uses 1e-6")
     if hf.get("hidden_act", "gelu") != "gelu":
-        notes.append(f"config.json has hidden_act={hf['hidden_act']!r}; this model uses "
-                     f"exact 'gelu'")
+        notes.append(
+            f"config.json has hidden_act={hf['hidden_act']!r}; this model uses exact 'gelu'"
+        )
     return notes
 
 
@@ -218,18 +236,21 @@ def _atomic_write(path: str, write) -> None:
         raise
 
 
-def save_torch_file(state_dict: Mapping[str, np.ndarray], path: str, *,
-                    overwrite: bool = False) -> None:
+def save_torch_file(
+    state_dict: Mapping[str, np.ndarray], path: str, *, overwrite: bool = False
+) -> None:
     """`torch.save({'model': state_dict}, path)` with float32 tensors (the official layout)."""
     torch = _require("torch", f"writing {path}")
     _check_target(path, overwrite)
-    tensors = {k: torch.from_numpy(np.array(v, order="C", copy=True))
-               for k, v in state_dict.items()}
+    tensors = {
+        k: torch.from_numpy(np.array(v, order="C", copy=True)) for k, v in state_dict.items()
+    }
     _atomic_write(path, lambda tmp: torch.save({"model": tensors}, tmp))
 
 
-def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str, *,
-                     overwrite: bool = False) -> None:
+def save_safetensors(
+    state_dict: Mapping[str, np.ndarray], path: str, *, overwrite: bool = False
+) -> None:
     """A `.safetensors` file (metadata `format: pt`, as PyTorch libraries expect)."""
     st = _require("safetensors.numpy", f"writing {path}")
     _check_target(path, overwrite)
@@ -237,15 +258,21 @@ def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str, *,
     _atomic_write(path, lambda tmp: st.save_file(arrays, tmp, metadata={"format": "pt"}))
 
 
-def save_hf_dir(state_dict: Mapping[str, np.ndarray], hf_cfg: Mapping, directory: str, *,
-                overwrite: bool = False) -> None:
+def save_hf_dir(
+    state_dict: Mapping[str, np.ndarray],
+    hf_cfg: Mapping,
+    directory: str,
+    *,
+    overwrite: bool = False,
+) -> None:
     """A Hugging Face model directory: `config.json` + `model.safetensors`."""
     if os.path.exists(directory):
         if not os.path.isdir(directory):
             raise FileExistsError(f"{directory} exists and is not a directory")
         if os.listdir(directory) and not overwrite:
             raise FileExistsError(
-                f"{directory} already exists and is not empty; pass overwrite (--force)")
+                f"{directory} already exists and is not empty; pass overwrite (--force)"
+            )
     os.makedirs(directory, exist_ok=True)
     save_safetensors(state_dict, os.path.join(directory, HF_WEIGHTS), overwrite=True)
     cfg_path = os.path.join(directory, HF_CONFIG)
@@ -258,8 +285,15 @@ def save_hf_dir(state_dict: Mapping[str, np.ndarray], hf_cfg: Mapping, directory
     _atomic_write(cfg_path, write)
 
 
-def save(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike, fmt: str,
-         config: MAEConfig, *, img_size: int | None = None, overwrite: bool = False) -> str:
+def save(
+    state_dict: Mapping[str, np.ndarray],
+    path: str | os.PathLike,
+    fmt: str,
+    config: MAEConfig,
+    *,
+    img_size: int | None = None,
+    overwrite: bool = False,
+) -> str:
     """Write `state_dict` (from `to_pytorch(..., fmt)`) to `path`: a directory for 'hf';
     otherwise `.pth`/`.pt` (torch, `{'model': ...}` wrapper) or `.safetensors`. Returns path."""
     mapping.check_format(fmt)
@@ -274,5 +308,6 @@ def save(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike, fmt: str
         save_safetensors(state_dict, path, overwrite=overwrite)
     else:
         raise ValueError(
-            f"output {path} must end with .pth, .pt or .safetensors for the {fmt!r} format")
+            f"output {path} must end with .pth, .pt or .safetensors for the {fmt!r} format"
+        )
     return path

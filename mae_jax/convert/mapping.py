@@ -8,13 +8,15 @@ patch vectors), and in the HF format the fused `qkv` split into `query`, `key`, 
 
 Everything here is numpy/jax only; torch is never imported.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
 import re
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -33,8 +35,8 @@ TENSOR, POS, LINEAR, NORM, PATCH, QKV = "tensor", "pos", "linear", "norm", "patc
 class Rule:
     """One module (or tensor) of our tree and its PyTorch name(s)."""
 
-    ours: tuple            # path in our tree: a leaf (TENSOR/POS) or a module prefix
-    theirs: tuple          # PyTorch name prefix(es); three for QKV (query, key, value)
+    ours: tuple  # path in our tree: a leaf (TENSOR/POS) or a module prefix
+    theirs: tuple  # PyTorch name prefix(es); three for QKV (query, key, value)
     kind: str
     decoder: bool
 
@@ -57,8 +59,15 @@ def _block_rules(ours: tuple, theirs: str, hf: bool, decoder: bool) -> list[Rule
     if hf:
         return [
             r(("norm1",), ["layernorm_before"], NORM),
-            r(("attn", "qkv"), ["attention.attention.query", "attention.attention.key",
-                                "attention.attention.value"], QKV),
+            r(
+                ("attn", "qkv"),
+                [
+                    "attention.attention.query",
+                    "attention.attention.key",
+                    "attention.attention.value",
+                ],
+                QKV,
+            ),
             r(("attn", "proj"), ["attention.output.dense"], LINEAR),
             r(("norm2",), ["layernorm_after"], NORM),
             r(("mlp", "fc1"), ["intermediate.dense"], LINEAR),
@@ -79,16 +88,24 @@ def rules(config: MAEConfig, fmt: str) -> list[Rule]:
     check_format(fmt)
     hf = fmt == "hf"
     if hf:
-        enc = [Rule(("cls_token",), ("vit.embeddings.cls_token",), TENSOR, False),
-               Rule(("pos_embed",), ("vit.embeddings.position_embeddings",), POS, False),
-               Rule(("patch_embed", "proj"), ("vit.embeddings.patch_embeddings.projection",),
-                    PATCH, False)]
+        enc = [
+            Rule(("cls_token",), ("vit.embeddings.cls_token",), TENSOR, False),
+            Rule(("pos_embed",), ("vit.embeddings.position_embeddings",), POS, False),
+            Rule(
+                ("patch_embed", "proj"),
+                ("vit.embeddings.patch_embeddings.projection",),
+                PATCH,
+                False,
+            ),
+        ]
         block, norm = "vit.encoder.layer", "vit.layernorm"
         dec_prefix, dec_block = "decoder.", "decoder.decoder_layers"
     else:
-        enc = [Rule(("cls_token",), ("cls_token",), TENSOR, False),
-               Rule(("pos_embed",), ("pos_embed",), POS, False),
-               Rule(("patch_embed", "proj"), ("patch_embed.proj",), PATCH, False)]
+        enc = [
+            Rule(("cls_token",), ("cls_token",), TENSOR, False),
+            Rule(("pos_embed",), ("pos_embed",), POS, False),
+            Rule(("patch_embed", "proj"), ("patch_embed.proj",), PATCH, False),
+        ]
         block, norm = "blocks", "norm"
         dec_prefix, dec_block = "", "decoder_blocks"
     for i in range(config.depth):
@@ -96,13 +113,17 @@ def rules(config: MAEConfig, fmt: str) -> list[Rule]:
     enc.append(Rule(("norm",), (norm,), NORM, False))
     if fmt == "timm":
         return enc
-    dec = [Rule(("decoder_embed",), (f"{dec_prefix}decoder_embed",), LINEAR, True),
-           Rule(("mask_token",), (f"{dec_prefix}mask_token",), TENSOR, True),
-           Rule(("decoder_pos_embed",), (f"{dec_prefix}decoder_pos_embed",), POS, True)]
+    dec = [
+        Rule(("decoder_embed",), (f"{dec_prefix}decoder_embed",), LINEAR, True),
+        Rule(("mask_token",), (f"{dec_prefix}mask_token",), TENSOR, True),
+        Rule(("decoder_pos_embed",), (f"{dec_prefix}decoder_pos_embed",), POS, True),
+    ]
     for i in range(config.decoder_depth):
         dec += _block_rules(("decoder_blocks", i), f"{dec_block}.{i}", hf, True)
-    dec += [Rule(("decoder_norm",), (f"{dec_prefix}decoder_norm",), NORM, True),
-            Rule(("decoder_pred",), (f"{dec_prefix}decoder_pred",), LINEAR, True)]
+    dec += [
+        Rule(("decoder_norm",), (f"{dec_prefix}decoder_norm",), NORM, True),
+        Rule(("decoder_pred",), (f"{dec_prefix}decoder_pred",), LINEAR, True),
+    ]
     return enc + dec
 
 
@@ -120,8 +141,9 @@ def _set(tree: dict, path: tuple, value: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- ours -> torch
-def _to_torch(params: Mapping, config: MAEConfig, fmt: str, pos_embed, decoder_pos_embed
-              ) -> dict[str, Any]:
+def _to_torch(
+    params: Mapping, config: MAEConfig, fmt: str, pos_embed, decoder_pos_embed
+) -> dict[str, Any]:
     """Layout conversion with array methods only, so it also runs on tracers (shapes)."""
     p, c = config.patch_size, config.in_chans
     out: dict[str, Any] = {}
@@ -146,14 +168,19 @@ def _to_torch(params: Mapping, config: MAEConfig, fmt: str, pos_embed, decoder_p
             kernel, bias = node["kernel"], node["bias"]
             dim = kernel.shape[0]
             for j, part in enumerate(rule.theirs):
-                out[f"{part}.weight"] = kernel[:, j * dim:(j + 1) * dim].T
-                out[f"{part}.bias"] = bias[j * dim:(j + 1) * dim]
+                out[f"{part}.weight"] = kernel[:, j * dim : (j + 1) * dim].T
+                out[f"{part}.bias"] = bias[j * dim : (j + 1) * dim]
     return out
 
 
-def params_to_pytorch(params: Mapping, config: MAEConfig, fmt: str = "official", *,
-                      pos_embed: np.ndarray | None = None,
-                      decoder_pos_embed: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def params_to_pytorch(
+    params: Mapping,
+    config: MAEConfig,
+    fmt: str = "official",
+    *,
+    pos_embed: np.ndarray | None = None,
+    decoder_pos_embed: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """Our params (pure dict) -> flat `{torch name: float32 numpy array}` for `fmt`.
 
     `pos_embed` / `decoder_pos_embed` `[1, 1+L, D]` default to the fixed sin-cos tables of
@@ -166,8 +193,13 @@ def params_to_pytorch(params: Mapping, config: MAEConfig, fmt: str = "official",
         pos_embed = ops.sincos_2d(config.embed_dim, g)[None]
     if decoder_pos_embed is None:
         decoder_pos_embed = ops.sincos_2d(config.decoder_embed_dim, g)[None]
-    out = _to_torch(params, config, fmt, np.asarray(pos_embed, np.float32),
-                    np.asarray(decoder_pos_embed, np.float32))
+    out = _to_torch(
+        params,
+        config,
+        fmt,
+        np.asarray(pos_embed, np.float32),
+        np.asarray(decoder_pos_embed, np.float32),
+    )
     return {k: np.array(v, dtype=np.float32, order="C", copy=True) for k, v in out.items()}
 
 
@@ -191,8 +223,9 @@ def abstract_params(config: MAEConfig) -> dict:
     return jax.tree.map(lambda x: x, tree)  # a fresh copy of the cached containers
 
 
-def pytorch_shapes(config: MAEConfig, fmt: str = "official", grid: int | None = None
-                   ) -> dict[str, tuple[int, ...]]:
+def pytorch_shapes(
+    config: MAEConfig, fmt: str = "official", grid: int | None = None
+) -> dict[str, tuple[int, ...]]:
     """`{torch name: shape}` of `fmt`'s state dict for `config` (position tables on `grid`,
     default the config's), computed without allocating any parameter."""
     check_format(fmt)
@@ -200,8 +233,9 @@ def pytorch_shapes(config: MAEConfig, fmt: str = "official", grid: int | None = 
     f32 = np.float32
     pos = jax.ShapeDtypeStruct((1, 1 + g * g, config.embed_dim), f32)
     dpos = jax.ShapeDtypeStruct((1, 1 + g * g, config.decoder_embed_dim), f32)
-    out = jax.eval_shape(lambda prm, a, b: _to_torch(prm, config, fmt, a, b),
-                         abstract_params(config), pos, dpos)
+    out = jax.eval_shape(
+        lambda prm, a, b: _to_torch(prm, config, fmt, a, b), abstract_params(config), pos, dpos
+    )
     return {k: tuple(v.shape) for k, v in out.items()}
 
 
@@ -217,16 +251,21 @@ def _from_torch(sd: Mapping[str, np.ndarray], rule: Rule):
         return {"kernel": sd[f"{name}.weight"].T, "bias": sd[f"{name}.bias"]}
     if rule.kind == PATCH:
         w = sd[f"{name}.weight"]  # [D, C, p, p]
-        return {"kernel": w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0]),
-                "bias": sd[f"{name}.bias"]}
+        return {
+            "kernel": w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0]),
+            "bias": sd[f"{name}.bias"],
+        }
     if rule.kind == QKV:
-        return {"kernel": np.concatenate([sd[f"{n}.weight"].T for n in rule.theirs], axis=1),
-                "bias": np.concatenate([sd[f"{n}.bias"] for n in rule.theirs], axis=0)}
+        return {
+            "kernel": np.concatenate([sd[f"{n}.weight"].T for n in rule.theirs], axis=1),
+            "bias": np.concatenate([sd[f"{n}.bias"] for n in rule.theirs], axis=0),
+        }
     raise AssertionError(rule.kind)
 
 
-def pytorch_to_params(sd: Mapping[str, np.ndarray], config: MAEConfig, fmt: str,
-                      with_decoder: bool) -> tuple[dict, dict]:
+def pytorch_to_params(
+    sd: Mapping[str, np.ndarray], config: MAEConfig, fmt: str, with_decoder: bool
+) -> tuple[dict, dict]:
     """Numpy state dict (already validated) -> `(params pure dict, position tables)`.
 
     Without `with_decoder`, only encoder entries are read. Position tables are returned as
@@ -247,7 +286,8 @@ def pytorch_to_params(sd: Mapping[str, np.ndarray], config: MAEConfig, fmt: str,
 
 # ----------------------------------------------------------------------------- key handling
 _HF_NEW_NAME = re.compile(
-    r"^(vit\.layers|decoder\.decoder_layers)\.(\d+)\.(attention\.[qkvo]_proj|mlp\.fc[12])\.")
+    r"^(vit\.layers|decoder\.decoder_layers)\.(\d+)\.(attention\.[qkvo]_proj|mlp\.fc[12])\."
+)
 _HF_NEW_TO_CLASSIC = {
     "attention.q_proj": "attention.attention.query",
     "attention.k_proj": "attention.attention.key",
@@ -270,13 +310,13 @@ def normalize_hf_names(sd: Mapping[str, Any]) -> dict[str, Any]:
         if key.startswith(("embeddings.", "encoder.layer.", "layernorm.", "layers.")):
             key = "vit." + key
         if key.startswith(_HF_SAVED_DECODER):
-            key = "decoder.decoder_layers." + key[len(_HF_SAVED_DECODER):]
+            key = "decoder.decoder_layers." + key[len(_HF_SAVED_DECODER) :]
         m = _HF_NEW_NAME.match(key)
         if m:
             stack = "vit.encoder.layer" if m.group(1) == "vit.layers" else m.group(1)
-            key = f"{stack}.{m.group(2)}.{_HF_NEW_TO_CLASSIC[m.group(3)]}.{key[m.end():]}"
+            key = f"{stack}.{m.group(2)}.{_HF_NEW_TO_CLASSIC[m.group(3)]}.{key[m.end() :]}"
         elif key.startswith("vit.layers."):  # layer norms of the newer naming
-            key = "vit.encoder.layer." + key[len("vit.layers."):]
+            key = "vit.encoder.layer." + key[len("vit.layers.") :]
         out[key] = value
     return out
 
@@ -284,8 +324,7 @@ def normalize_hf_names(sd: Mapping[str, Any]) -> dict[str, Any]:
 def detect_format(keys: Iterable[str]) -> str:
     """'hf', 'official' (MAE with decoder) or 'timm' (encoder keys only) from state-dict keys."""
     keys = list(keys)
-    if any(k.startswith(("vit.", "embeddings.patch_embeddings", "decoder.decoder_"))
-           for k in keys):
+    if any(k.startswith(("vit.", "embeddings.patch_embeddings", "decoder.decoder_")) for k in keys):
         return "hf"
     if "patch_embed.proj.weight" in keys or any(k.startswith("blocks.") for k in keys):
         decoder = any(k.startswith(("decoder_", "mask_token")) for k in keys)
@@ -293,7 +332,8 @@ def detect_format(keys: Iterable[str]) -> str:
     shown = ", ".join(sorted(keys)[:8]) or "(no keys)"
     raise ValueError(
         "unrecognized state dict: expected official MAE / timm keys ('patch_embed.proj.weight', "
-        f"'blocks.0...') or Hugging Face ViTMAE keys ('vit.embeddings...'); found: {shown}")
+        f"'blocks.0...') or Hugging Face ViTMAE keys ('vit.embeddings...'); found: {shown}"
+    )
 
 
 def format_list(items: list[str], limit: int = 25) -> str:
@@ -301,8 +341,9 @@ def format_list(items: list[str], limit: int = 25) -> str:
     return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def check_state_dict(sd: Mapping[str, np.ndarray], config: MAEConfig, fmt: str,
-                     with_decoder: bool) -> tuple[list[str], list[str], list[str]]:
+def check_state_dict(
+    sd: Mapping[str, np.ndarray], config: MAEConfig, fmt: str, with_decoder: bool
+) -> tuple[list[str], list[str], list[str]]:
     """Compare keys and shapes with `config`'s model (decoder keys only `with_decoder`):
     returns `(missing, unexpected, mis-shaped)` lists, all empty when the state dict fits.
     Position tables may be on any square grid of the right width."""
@@ -319,12 +360,11 @@ def check_state_dict(sd: Mapping[str, np.ndarray], config: MAEConfig, fmt: str,
             continue
         got = tuple(np.shape(sd[k]))
         if k in pos_keys:
-            ok = (len(got) == 3 and got[0] == 1 and got[2] == shape[2]
-                  and _is_square_table(got[1]))
+            ok = len(got) == 3 and got[0] == 1 and got[2] == shape[2] and _is_square_table(got[1])
         else:
             ok = got == shape
         if not ok:
-            want = (f"(1, 1 + h*w, {shape[2]}), e.g. {shape}" if k in pos_keys else str(shape))
+            want = f"(1, 1 + h*w, {shape[2]}), e.g. {shape}" if k in pos_keys else str(shape)
             misshaped.append(f"{k}: file {got}, expected {want}")
     return missing, unexpected, misshaped
 
@@ -346,5 +386,9 @@ def mismatch_error(what: str, missing, unexpected, misshaped) -> ValueError:
 
 
 def decoder_torch_keys(config: MAEConfig, fmt: str) -> set[str]:
-    return {k for r in rules(config, "hf" if fmt == "hf" else "official") if r.decoder
-            for k in r.torch_keys()}
+    return {
+        k
+        for r in rules(config, "hf" if fmt == "hf" else "official")
+        if r.decoder
+        for k in r.torch_keys()
+    }

@@ -3,6 +3,7 @@
 A table is `[1, 1 + h*w, D]` (a leading cls row, then the patch rows in row-major grid
 order), as in the official release. Everything here is numpy only (no torch, no jax).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,8 @@ def grid_of(num_tokens: int, num_extra: int = 1) -> int:
     if n <= 0 or side * side != n:
         raise ValueError(
             f"a position table with {num_tokens} rows ({num_extra} extra) does not hold a square "
-            f"patch grid")
+            f"patch grid"
+        )
     return side
 
 

@@ -29,23 +29,36 @@ to draw a box of area `U(0.02, 1/3) * H * W` and aspect `exp(U(log 0.3, log 1/0.
 (`h = round(sqrt(area * aspect))`, `w = round(sqrt(area / aspect))`); the first box that fits
 (`h < H`, `w < W`) is placed uniformly and filled with per-pixel N(0, 1) noise ('pixel' mode).
 """
+
 from __future__ import annotations
 
 import math
 
 OP_NAMES = (
-    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
-    "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
-    "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel",
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "PosterizeIncreasing",
+    "SolarizeIncreasing",
+    "SolarizeAdd",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
     "TranslateYRel",
 )
 IMAGENET_FILL = (124, 116, 104)  # timm: round(255 * ImageNet mean)
-MAX_LEVEL = 10.0                 # timm's _LEVEL_DENOM
+MAX_LEVEL = 10.0  # timm's _LEVEL_DENOM
 INTERPOLATIONS = ("bicubic", "bilinear")
 
 
 def _tf():
     import tensorflow as tf
+
     return tf
 
 
@@ -62,8 +75,9 @@ def _check_uint8_image(image):
 def _f64(x):
     """A float64 tensor; Python numbers are converted directly (not through float32)."""
     tf = _tf()
-    if isinstance(x, (int, float)) or (isinstance(x, (tuple, list)) and not any(
-            tf.is_tensor(v) for v in x)):
+    if isinstance(x, (int, float)) or (
+        isinstance(x, (tuple, list)) and not any(tf.is_tensor(v) for v in x)
+    ):
         return tf.constant(x, tf.float64)
     if isinstance(x, (tuple, list)):
         return tf.stack([_f64(v) for v in x])
@@ -156,7 +170,8 @@ def _luma(image):
     tf = _tf()
     x = tf.cast(image, tf.int32)
     return tf.bitwise.right_shift(
-        x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471 + 0x8000, 16)
+        x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471 + 0x8000, 16
+    )
 
 
 def blend(degenerate, image, factor):
@@ -253,14 +268,14 @@ def affine(image, matrix, fill=IMAGENET_FILL, interpolation="bicubic"):
     x0, y0 = tf.cast(x0, tf.int32), tf.cast(y0, tf.int32)
     offsets = (0, 1) if interpolation == "bilinear" else (-1, 0, 1, 2)
     taps = tf.constant(offsets, tf.int32)
-    xx = tf.clip_by_value(x0[..., None] + taps, 0, w - 1)            # [H, W, T]
-    yy = tf.clip_by_value(y0[..., None] + taps, 0, h - 1)            # [H, W, T]
-    idx = yy[..., :, None] * w + xx[..., None, :]                    # [H, W, T, T]
+    xx = tf.clip_by_value(x0[..., None] + taps, 0, w - 1)  # [H, W, T]
+    yy = tf.clip_by_value(y0[..., None] + taps, 0, h - 1)  # [H, W, T]
+    idx = yy[..., :, None] * w + xx[..., None, :]  # [H, W, T, T]
     flat = tf.reshape(tf.cast(image, tf.float64), [-1, 3])
-    values = tf.gather(flat, idx)                                    # [H, W, T(y), T(x), 3]
+    values = tf.gather(flat, idx)  # [H, W, T(y), T(x), 3]
     interp = _bilinear if interpolation == "bilinear" else _bicubic
-    rows = interp(tf.unstack(values, axis=3), dx[..., None, None])   # [H, W, T(y), 3]
-    out = interp(tf.unstack(rows, axis=2), dy[..., None])            # [H, W, 3]
+    rows = interp(tf.unstack(values, axis=3), dx[..., None, None])  # [H, W, T(y), 3]
+    out = interp(tf.unstack(rows, axis=2), dy[..., None])  # [H, W, 3]
     out = tf.floor(tf.clip_by_value(out, 0.0, 255.0))
     fill = tf.cast(tf.broadcast_to(tf.convert_to_tensor(fill), [3]), tf.float64)
     out = tf.where(inside[..., None], out, fill)
@@ -284,37 +299,34 @@ def rotate(image, degrees, fill=IMAGENET_FILL, interpolation="bicubic"):
 def shear_x(image, factor, fill=IMAGENET_FILL, interpolation="bicubic"):
     tf = _tf()
     one, zero = tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)
-    return affine(image, tf.stack([one, _f64(factor), zero, zero, one, zero]),
-                  fill, interpolation)
+    return affine(image, tf.stack([one, _f64(factor), zero, zero, one, zero]), fill, interpolation)
 
 
 def shear_y(image, factor, fill=IMAGENET_FILL, interpolation="bicubic"):
     tf = _tf()
     one, zero = tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)
-    return affine(image, tf.stack([one, zero, zero, _f64(factor), one, zero]),
-                  fill, interpolation)
+    return affine(image, tf.stack([one, zero, zero, _f64(factor), one, zero]), fill, interpolation)
 
 
 def translate_x(image, pixels, fill=IMAGENET_FILL, interpolation="bicubic"):
     """Output pixel x samples input x + pixels (content moves left for positive pixels)."""
     tf = _tf()
     one, zero = tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)
-    return affine(image, tf.stack([one, zero, _f64(pixels), zero, one, zero]),
-                  fill, interpolation)
+    return affine(image, tf.stack([one, zero, _f64(pixels), zero, one, zero]), fill, interpolation)
 
 
 def translate_y(image, pixels, fill=IMAGENET_FILL, interpolation="bicubic"):
     tf = _tf()
     one, zero = tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)
-    return affine(image, tf.stack([one, zero, zero, zero, one, _f64(pixels)]),
-                  fill, interpolation)
+    return affine(image, tf.stack([one, zero, zero, zero, one, _f64(pixels)]), fill, interpolation)
 
 
 # ----------------------------------------------------------------------------- RandAugment
 
 
-def apply_op(name, image, magnitude, sign, *, fill=IMAGENET_FILL, interpolation="bicubic",
-             translate_pct=0.45):
+def apply_op(
+    name, image, magnitude, sign, *, fill=IMAGENET_FILL, interpolation="bicubic", translate_pct=0.45
+):
     """Apply op `name` of `OP_NAMES` at `magnitude` (0..10) with `sign` (+1/-1, used by the
     signed ops) to a uint8 `[H, W, 3]` image, as timm's level functions."""
     tf = _tf()
@@ -359,15 +371,28 @@ def apply_op(name, image, magnitude, sign, *, fill=IMAGENET_FILL, interpolation=
 def _seed(seed):
     tf = _tf()
     seed = tf.convert_to_tensor(seed)
-    if (seed.shape.rank not in (None, 1) or seed.shape.as_list() not in ([None], [2])
-            or not seed.dtype.is_integer):
+    if (
+        seed.shape.rank not in (None, 1)
+        or seed.shape.as_list() not in ([None], [2])
+        or not seed.dtype.is_integer
+    ):
         raise ValueError(f"seed must be an int [2] tensor (a stateless seed), got {seed!r}")
     return tf.ensure_shape(tf.cast(seed, tf.int64), [2])
 
 
-def rand_augment(image, seed, *, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5,
-                 ops=OP_NAMES, fill=IMAGENET_FILL, interpolation="bicubic",
-                 translate_pct=0.45):
+def rand_augment(
+    image,
+    seed,
+    *,
+    num_ops=2,
+    magnitude=9.0,
+    magnitude_std=0.5,
+    prob=0.5,
+    ops=OP_NAMES,
+    fill=IMAGENET_FILL,
+    interpolation="bicubic",
+    translate_pct=0.45,
+):
     """timm RandAugment (`rand-m9-mstd0.5-inc1` by default) on a uint8 `[H, W, 3]` image.
 
     Pure: the output is a function of `(image, seed)` only. Returns uint8 `[H, W, 3]`.
@@ -380,17 +405,19 @@ def rand_augment(image, seed, *, num_ops=2, magnitude=9.0, magnitude_std=0.5, pr
     if not 0 <= float(prob) <= 1:
         raise ValueError(f"prob must be in [0, 1], got {prob!r}")
     if not 0 <= float(magnitude) <= MAX_LEVEL or float(magnitude_std) < 0:
-        raise ValueError(f"magnitude must be in [0, 10] and magnitude_std >= 0, got "
-                         f"{magnitude!r}, {magnitude_std!r}")
+        raise ValueError(
+            f"magnitude must be in [0, 10] and magnitude_std >= 0, got "
+            f"{magnitude!r}, {magnitude_std!r}"
+        )
     ops = tuple(ops)
     for name in ops:
         if name not in OP_NAMES:
             raise ValueError(f"unknown RandAugment op {name!r}; known: {OP_NAMES}")
     static_shape = image.shape
-    for seeds in tf.unstack(tf.random.experimental.stateless_split(seed, max(num_ops, 1))
-                            )[:num_ops]:
-        s_op, s_apply, s_mag, s_sign = tf.unstack(tf.random.experimental.stateless_split(seeds,
-                                                                                         4))
+    for seeds in tf.unstack(tf.random.experimental.stateless_split(seed, max(num_ops, 1)))[
+        :num_ops
+    ]:
+        s_op, s_apply, s_mag, s_sign = tf.unstack(tf.random.experimental.stateless_split(seeds, 4))
         op = tf.random.stateless_uniform([], s_op, 0, len(ops), dtype=tf.int32)
         apply = tf.random.stateless_uniform([], s_apply) < prob
         mag = magnitude + magnitude_std * tf.random.stateless_normal([], s_mag)
@@ -399,12 +426,24 @@ def rand_augment(image, seed, *, num_ops=2, magnitude=9.0, magnitude_std=0.5, pr
 
         def branch(name, img=image, mag=mag, sign=sign):
             return lambda: tf.ensure_shape(
-                apply_op(name, img, mag, sign, fill=fill, interpolation=interpolation,
-                         translate_pct=translate_pct), static_shape)
+                apply_op(
+                    name,
+                    img,
+                    mag,
+                    sign,
+                    fill=fill,
+                    interpolation=interpolation,
+                    translate_pct=translate_pct,
+                ),
+                static_shape,
+            )
 
         current = image
-        image = tf.cond(apply, lambda: tf.switch_case(op, [branch(n) for n in ops]),
-                        lambda: current)
+        image = tf.cond(
+            apply,
+            lambda op=op: tf.switch_case(op, [branch(n) for n in ops]),
+            lambda current=current: current,
+        )
         image = tf.ensure_shape(image, static_shape)
     return image
 
@@ -412,8 +451,17 @@ def rand_augment(image, seed, *, num_ops=2, magnitude=9.0, magnitude_std=0.5, pr
 # ----------------------------------------------------------------------------- erasing
 
 
-def random_erasing(image, seed, *, prob=0.25, min_area=0.02, max_area=1 / 3, min_aspect=0.3,
-                   max_aspect=None, attempts=10):
+def random_erasing(
+    image,
+    seed,
+    *,
+    prob=0.25,
+    min_area=0.02,
+    max_area=1 / 3,
+    min_aspect=0.3,
+    max_aspect=None,
+    attempts=10,
+):
     """timm RandomErasing (mode 'pixel', one box) on a normalized float `[H, W, C]` image.
 
     Pure function of `(image, seed)`; returns the same shape and dtype.
@@ -422,7 +470,8 @@ def random_erasing(image, seed, *, prob=0.25, min_area=0.02, max_area=1 / 3, min
     image = tf.convert_to_tensor(image)
     if not image.dtype.is_floating or image.shape.rank != 3:
         raise ValueError(
-            f"image must be a normalized float [H, W, C], got {image.dtype.name} {image.shape}")
+            f"image must be a normalized float [H, W, C], got {image.dtype.name} {image.shape}"
+        )
     seed = _seed(seed)
     if not 0 <= float(prob) <= 1:
         raise ValueError(f"prob must be in [0, 1], got {prob!r}")
@@ -432,22 +481,29 @@ def random_erasing(image, seed, *, prob=0.25, min_area=0.02, max_area=1 / 3, min
     if not 0 < min_aspect <= max_aspect:
         raise ValueError(f"need 0 < min_aspect <= max_aspect, got {min_aspect}, {max_aspect}")
     s_do, s_area, s_aspect, s_top, s_left, s_noise = tf.unstack(
-        tf.random.experimental.stateless_split(seed, 6))
+        tf.random.experimental.stateless_split(seed, 6)
+    )
     shape = tf.shape(image)
     h, w = shape[0], shape[1]
     hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
     area = tf.random.stateless_uniform([attempts], s_area, min_area, max_area) * hf * wf
-    aspect = tf.exp(tf.random.stateless_uniform(
-        [attempts], s_aspect, math.log(min_aspect), math.log(max_aspect)))
+    aspect = tf.exp(
+        tf.random.stateless_uniform(
+            [attempts], s_aspect, math.log(min_aspect), math.log(max_aspect)
+        )
+    )
     bh = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)  # round half to even, as Python
     bw = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
     fits = (bw < w) & (bh < h)
     first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
     bh, bw = bh[first], bw[first]
-    top = tf.cast(tf.floor(tf.random.stateless_uniform([], s_top) *
-                           tf.cast(h - bh + 1, tf.float32)), tf.int32)
-    left = tf.cast(tf.floor(tf.random.stateless_uniform([], s_left) *
-                            tf.cast(w - bw + 1, tf.float32)), tf.int32)
+    top = tf.cast(
+        tf.floor(tf.random.stateless_uniform([], s_top) * tf.cast(h - bh + 1, tf.float32)), tf.int32
+    )
+    left = tf.cast(
+        tf.floor(tf.random.stateless_uniform([], s_left) * tf.cast(w - bw + 1, tf.float32)),
+        tf.int32,
+    )
     erase = (tf.random.stateless_uniform([], s_do) < prob) & tf.reduce_any(fits)
 
     def erased():

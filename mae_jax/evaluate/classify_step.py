@@ -16,12 +16,13 @@ passed separately, as in pretraining (`StepFns.graphdef`, `StepFns.rest`).
 Randomness of step `t` comes from `fold_in(key, t)` only (mixup/cutmix and drop path), so a
 resumed run is the same as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +32,8 @@ import optax
 from absl import logging
 from flax import nnx
 
-from mae_jax import flops, input_pipeline, models, optim
+from mae_jax import flops, input_pipeline, models, optim, train
 from mae_jax import sharding as shd
-from mae_jax import train
 from mae_jax import train_step as ts
 from mae_jax.evaluate.metrics import topk_correct
 from mae_jax.evaluate.mixup import soft_target_cross_entropy
@@ -43,12 +43,31 @@ from mae_jax.models.classifier import ENCODER_KEYS, ViTClassifier
 Prepare = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 # Config keys every classification config has (task-specific keys are added by each task).
-COMMON_KEYS = frozenset({
-    "task", "seed", "pretrained", "pretrained_step", "model", "num_classes", "global_pool",
-    "data", "batch_size", "eval_batch_size", "epochs", "warmup_epochs", "total_steps", "optim",
-    "mesh", "sharding_rules", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
-    "eval_every_steps", "peak_tflops",
-})
+COMMON_KEYS = frozenset(
+    {
+        "task",
+        "seed",
+        "pretrained",
+        "pretrained_step",
+        "model",
+        "num_classes",
+        "global_pool",
+        "data",
+        "batch_size",
+        "eval_batch_size",
+        "epochs",
+        "warmup_epochs",
+        "total_steps",
+        "optim",
+        "mesh",
+        "sharding_rules",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "log_every_steps",
+        "eval_every_steps",
+        "peak_tflops",
+    }
+)
 # Encoder fields that fix the parameter shapes: a pretrained checkpoint must agree on them.
 ENCODER_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
 RESULTS_FILE = "eval_results.json"
@@ -60,6 +79,7 @@ _PREPARE_TAG = 2
 @dataclasses.dataclass(frozen=True)
 class ClassifyFns:
     """`fns` (for `train.run`) and `eval_step(state, images, labels, mask) -> sums`."""
+
     fns: ts.StepFns
     eval_step: Callable[[dict, jax.Array, jax.Array, jax.Array], dict]
 
@@ -68,8 +88,9 @@ def split_classifier(model: ViTClassifier, trainable: nnx.filterlib.Filter):
     """`model` -> `(graphdef, parts, rest)`: `parts` maps 'params' (the `trainable` Params),
     'frozen' (the other Params) and 'batch_stats' (BatchStats) to `nnx.State`s, empty ones left
     out; `rest` holds everything else (fixed tables, RNG streams)."""
-    graphdef, params, frozen, stats, rest = nnx.split(model, trainable, nnx.Param, nnx.BatchStat,
-                                                      ...)
+    graphdef, params, frozen, stats, rest = nnx.split(
+        model, trainable, nnx.Param, nnx.BatchStat, ...
+    )
     parts = {"params": params}
     if jax.tree.leaves(frozen):
         parts["frozen"] = frozen
@@ -79,8 +100,12 @@ def split_classifier(model: ViTClassifier, trainable: nnx.filterlib.Filter):
 
 
 def init_state(parts: dict, tx: optax.GradientTransformation) -> dict:
-    return {**parts, "opt_state": tx.init(parts["params"]), "step": jnp.zeros((), jnp.int32),
-            "nonfinite_step": jnp.full((), -1, jnp.int32)}
+    return {
+        **parts,
+        "opt_state": tx.init(parts["params"]),
+        "step": jnp.zeros((), jnp.int32),
+        "nonfinite_step": jnp.full((), -1, jnp.int32),
+    }
 
 
 def _merge(graphdef, state: dict, rest, params=None):
@@ -89,8 +114,16 @@ def _merge(graphdef, state: dict, rest, params=None):
     return nnx.merge(graphdef, *parts, rest, copy=True)
 
 
-def loss_and_grads(state: dict, images: jax.Array, targets: jax.Array, drop_key: jax.Array, *,
-                   graphdef, rest, drop_path: bool):
+def loss_and_grads(
+    state: dict,
+    images: jax.Array,
+    targets: jax.Array,
+    drop_key: jax.Array,
+    *,
+    graphdef,
+    rest,
+    drop_path: bool,
+):
     """`((loss, (logits, batch_stats or None)), grads)` of the soft-target cross-entropy of
     `images [B, H, W, C]` against `targets [B, C]`, w.r.t. `state['params']` only; the model
     runs in training mode (drop path from `drop_key`, BatchNorm on batch statistics)."""
@@ -106,9 +139,19 @@ def loss_and_grads(state: dict, images: jax.Array, targets: jax.Array, drop_key:
     return jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
 
 
-def train_step(state: dict, images: jax.Array, labels: jax.Array, key: jax.Array, *, graphdef,
-               rest, tx: optax.GradientTransformation, lr_fn, prepare: Prepare,
-               drop_path: bool) -> tuple[dict, dict]:
+def train_step(
+    state: dict,
+    images: jax.Array,
+    labels: jax.Array,
+    key: jax.Array,
+    *,
+    graphdef,
+    rest,
+    tx: optax.GradientTransformation,
+    lr_fn,
+    prepare: Prepare,
+    drop_path: bool,
+) -> tuple[dict, dict]:
     """One update on the global batch: `images [B, H, W, C]` normalized NHWC, `labels [B]` int.
 
     `prepare` turns labels into soft targets (mixup/cutmix/label smoothing) with its own key;
@@ -118,26 +161,43 @@ def train_step(state: dict, images: jax.Array, labels: jax.Array, key: jax.Array
     step_key = jax.random.fold_in(key, step)
     images, targets = prepare(jax.random.fold_in(step_key, _PREPARE_TAG), images, labels)
     (loss, (logits, stats)), grads = loss_and_grads(
-        state, images, targets, jax.random.fold_in(step_key, _DROP_PATH_TAG), graphdef=graphdef,
-        rest=rest, drop_path=drop_path)
+        state,
+        images,
+        targets,
+        jax.random.fold_in(step_key, _DROP_PATH_TAG),
+        graphdef=graphdef,
+        rest=rest,
+        drop_path=drop_path,
+    )
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss)
-    nonfinite_step = jnp.where((state["nonfinite_step"] < 0) & ~finite, step + 1,
-                               state["nonfinite_step"])
-    new_state = {**state, "params": params, "opt_state": opt_state, "step": step + 1,
-                 "nonfinite_step": nonfinite_step}
+    nonfinite_step = jnp.where(
+        (state["nonfinite_step"] < 0) & ~finite, step + 1, state["nonfinite_step"]
+    )
+    new_state = {
+        **state,
+        "params": params,
+        "opt_state": opt_state,
+        "step": step + 1,
+        "nonfinite_step": nonfinite_step,
+    }
     if stats is not None:
         new_state["batch_stats"] = stats
     correct = topk_correct(logits, targets, ks=(1,))["top1"]
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(step),
-               "param_norm": optax.tree.norm(params),
-               "train_top1": 100.0 * correct / images.shape[0]}
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.tree.norm(grads),
+        "lr": lr_fn(step),
+        "param_norm": optax.tree.norm(params),
+        "train_top1": 100.0 * correct / images.shape[0],
+    }
     return new_state, metrics
 
 
-def eval_step(state: dict, images: jax.Array, labels: jax.Array, mask: jax.Array, *, graphdef,
-              rest) -> dict:
+def eval_step(
+    state: dict, images: jax.Array, labels: jax.Array, mask: jax.Array, *, graphdef, rest
+) -> dict:
     """Sums over the real (`mask`) examples of a batch: top1/top5 hits, loss, count."""
     model = _merge(graphdef, state, rest)
     logits = model(images, train=False)
@@ -150,9 +210,17 @@ def eval_step(state: dict, images: jax.Array, labels: jax.Array, mask: jax.Array
     return sums
 
 
-def build(model_fn: Callable[[], ViTClassifier], trainable: nnx.filterlib.Filter,
-          tx: optax.GradientTransformation, lr_fn, mesh, *, prepare: Prepare,
-          drop_path: bool = False, rules=shd.DEFAULT_RULES) -> ClassifyFns:
+def build(
+    model_fn: Callable[[], ViTClassifier],
+    trainable: nnx.filterlib.Filter,
+    tx: optax.GradientTransformation,
+    lr_fn,
+    mesh,
+    *,
+    prepare: Prepare,
+    drop_path: bool = False,
+    rules=shd.DEFAULT_RULES,
+) -> ClassifyFns:
     """Abstract state, shardings, and jitted init / train / eval steps for `model_fn`'s model.
 
     `init()` returns a freshly initialized sharded state (no pretrained weights: see
@@ -164,23 +232,42 @@ def build(model_fn: Callable[[], ViTClassifier], trainable: nnx.filterlib.Filter
     state_sh = shd.state_shardings(abstract_state, mesh, rules)
     rest_sh = shd.state_shardings(abstract_rest, mesh, rules)
     rest = jax.jit(lambda: split_classifier(model_fn(), trainable)[2], out_shardings=rest_sh)()
-    init = jax.jit(lambda: init_state(split_classifier(model_fn(), trainable)[1], tx),
-                   out_shardings=state_sh)
+    init = jax.jit(
+        lambda: init_state(split_classifier(model_fn(), trainable)[1], tx), out_shardings=state_sh
+    )
     batch_sh, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
     step_fn = jax.jit(
         lambda state, images, labels, key, rest: train_step(
-            state, images, labels, key, graphdef=graphdef, rest=rest, tx=tx, lr_fn=lr_fn,
-            prepare=prepare, drop_path=drop_path),
+            state,
+            images,
+            labels,
+            key,
+            graphdef=graphdef,
+            rest=rest,
+            tx=tx,
+            lr_fn=lr_fn,
+            prepare=prepare,
+            drop_path=drop_path,
+        ),
         in_shardings=(state_sh, batch_sh, batch_sh, rep, rest_sh),
-        out_shardings=(state_sh, rep), donate_argnums=(0,))
+        out_shardings=(state_sh, rep),
+        donate_argnums=(0,),
+    )
     eval_fn = jax.jit(
         lambda state, images, labels, mask, rest: eval_step(
-            state, images, labels, mask, graphdef=graphdef, rest=rest),
-        in_shardings=(state_sh, batch_sh, batch_sh, batch_sh, rest_sh), out_shardings=rep)
+            state, images, labels, mask, graphdef=graphdef, rest=rest
+        ),
+        in_shardings=(state_sh, batch_sh, batch_sh, batch_sh, rest_sh),
+        out_shardings=rep,
+    )
     fns = ts.StepFns(
         init=init,
         step=lambda s, batch, k: step_fn(s, batch["image"], batch["label"], k, rest),
-        state_shardings=state_sh, abstract_state=abstract_state, graphdef=graphdef, rest=rest)
+        state_shardings=state_sh,
+        abstract_state=abstract_state,
+        graphdef=graphdef,
+        rest=rest,
+    )
     return ClassifyFns(fns=fns, eval_step=lambda s, x, y, m: eval_fn(s, x, y, m, rest))
 
 
@@ -200,14 +287,19 @@ def evaluate(cfns: ClassifyFns, state: dict, data_config, batch_size: int, mesh)
     n = totals.get("count", 0.0)
     if n <= 0:
         raise ValueError(f"the eval split {data_config.eval_split!r} has no examples")
-    return {"top1": 100.0 * totals["top1"] / n, "top5": 100.0 * totals["top5"] / n,
-            "loss": totals["loss"] / n, "num_examples": int(n)}
+    return {
+        "top1": 100.0 * totals["top1"] / n,
+        "top5": 100.0 * totals["top5"] / n,
+        "loss": totals["loss"] / n,
+        "num_examples": int(n),
+    }
 
 
 # ----------------------------------------------------------------------------- pretrained
 @dataclasses.dataclass(frozen=True)
 class Pretrained:
     """A located pretrained checkpoint: its directory, step and meta (no arrays read yet)."""
+
     directory: str
     step: int
     meta: dict
@@ -228,7 +320,8 @@ def _checkpoints_dir(path: str) -> str:
         raise ValueError(
             f"config.pretrained={path!r} does not exist or is not a directory; expected a "
             f"pretraining workdir (with checkpoints/) or one written by "
-            f"`python -m mae_jax.convert import`")
+            f"`python -m mae_jax.convert import`"
+        )
     return str(root / "checkpoints") if (root / "checkpoints").is_dir() else str(root)
 
 
@@ -239,24 +332,26 @@ def locate_pretrained(path: str, step: int | None = None) -> Pretrained:
     from mae_jax.checkpointing import Checkpointer
 
     directory = _checkpoints_dir(path)
-    ckpt = Checkpointer(directory, max_to_keep=None, async_save=False,
-                        enable_preemption_save=False)
+    ckpt = Checkpointer(directory, max_to_keep=None, async_save=False, enable_preemption_save=False)
     try:
         steps = ckpt.all_steps()
         if not steps:
-            raise ValueError(f"config.pretrained={path!r}: no complete checkpoint in "
-                             f"{directory!r}")
+            raise ValueError(f"config.pretrained={path!r}: no complete checkpoint in {directory!r}")
         if step is None:
             step = steps[-1]
         elif step not in steps:
-            raise ValueError(f"config.pretrained_step={step} is not a checkpoint of "
-                             f"{directory!r}; available steps: {steps}")
+            raise ValueError(
+                f"config.pretrained_step={step} is not a checkpoint of "
+                f"{directory!r}; available steps: {steps}"
+            )
         meta = ckpt.read_meta(step)
     finally:
         ckpt.close()
     if "model" not in meta:
-        raise ValueError(f"checkpoint {step} in {directory!r} has no 'model' config in its meta "
-                         f"(keys {sorted(meta)}); is it an mae-jax pretraining checkpoint?")
+        raise ValueError(
+            f"checkpoint {step} in {directory!r} has no 'model' config in its meta "
+            f"(keys {sorted(meta)}); is it an mae-jax pretraining checkpoint?"
+        )
     return Pretrained(directory, int(step), meta)
 
 
@@ -266,8 +361,9 @@ def encoder_keys(global_pool: bool) -> tuple[str, ...]:
     return ENCODER_KEYS + (() if global_pool else ("norm",))
 
 
-def load_pretrained(state: dict, shardings: dict, pretrained: Pretrained,
-                    keys: tuple[str, ...]) -> dict:
+def load_pretrained(
+    state: dict, shardings: dict, pretrained: Pretrained, keys: tuple[str, ...]
+) -> dict:
     """Copy the pretrained encoder (`keys` of its `params`) into `state` ('params' and/or
     'frozen'), reading only those arrays, straight into their target shardings."""
     import orbax.checkpoint as ocp
@@ -283,17 +379,23 @@ def load_pretrained(state: dict, shardings: dict, pretrained: Pretrained,
             if top in keys:
                 target[top] = jax.tree.map(
                     lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                    values[top], sh[top])
+                    values[top],
+                    sh[top],
+                )
                 where[top] = entry
     missing = sorted(set(keys) - set(target))
     if missing:
         raise ValueError(f"the classifier has no parameters {missing} to load")
     path = epath.Path(pretrained.directory) / str(pretrained.step) / "state"
     with ocp.PyTreeCheckpointer() as reader:
-        restored = reader.restore(path, args=ocp.args.PyTreeRestore(
-            item={"params": target},
-            restore_args=ocp.checkpoint_utils.construct_restore_args({"params": target}),
-            partial_restore=True))["params"]
+        restored = reader.restore(
+            path,
+            args=ocp.args.PyTreeRestore(
+                item={"params": target},
+                restore_args=ocp.checkpoint_utils.construct_restore_args({"params": target}),
+                partial_restore=True,
+            ),
+        )["params"]
     for top, entry in where.items():
         nnx.replace_by_pure_dict(state[entry], {top: restored[top]})
     return state
@@ -303,6 +405,7 @@ def load_pretrained(state: dict, shardings: dict, pretrained: Pretrained,
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Resolved numbers of a classification run."""
+
     model: models.MAEConfig
     num_classes: int
     total_steps: int
@@ -323,12 +426,15 @@ def resolve_model(config, pretrained: Pretrained | None) -> models.MAEConfig:
     """The encoder config: `config.model` (a preset name plus overrides), whose architecture
     must match the pretrained checkpoint's; with `config.model.name` empty it is taken from
     the checkpoint's meta (the other `config.model` fields still apply)."""
-    fields = dict(config.model.to_dict()) if hasattr(config.model, "to_dict") \
-        else {"name": config.model}
+    fields = (
+        dict(config.model.to_dict()) if hasattr(config.model, "to_dict") else {"name": config.model}
+    )
     if not fields.get("name"):
         if pretrained is None:
-            raise ValueError("config.model.name is empty and there is no config.pretrained "
-                             "checkpoint to take the architecture from")
+            raise ValueError(
+                "config.model.name is empty and there is no config.pretrained "
+                "checkpoint to take the architecture from"
+            )
         base = pretrained.model
         fields.pop("name", None)
         mcfg = models.resolve(base, **{k: v for k, v in fields.items() if v is not None})
@@ -336,19 +442,26 @@ def resolve_model(config, pretrained: Pretrained | None) -> models.MAEConfig:
         mcfg = models.resolve(fields)
     if pretrained is not None:
         saved = pretrained.model
-        diffs = {f: (getattr(saved, f), getattr(mcfg, f)) for f in ENCODER_FIELDS
-                 if getattr(saved, f) != getattr(mcfg, f)}
+        diffs = {
+            f: (getattr(saved, f), getattr(mcfg, f))
+            for f in ENCODER_FIELDS
+            if getattr(saved, f) != getattr(mcfg, f)
+        }
         if diffs:
-            detail = ", ".join(f"{f}: checkpoint {a!r} vs config {b!r}"
-                               for f, (a, b) in diffs.items())
+            detail = ", ".join(
+                f"{f}: checkpoint {a!r} vs config {b!r}" for f, (a, b) in diffs.items()
+            )
             raise ValueError(
                 f"config.pretrained holds another encoder ({saved.name!r}; {detail}); set "
-                f"config.model.name={saved.name!r} (or empty to take it from the checkpoint)")
+                f"config.model.name={saved.name!r} (or empty to take it from the checkpoint)"
+            )
     size = int(config.data.image_size)
     if mcfg.img_size != size:
-        raise ValueError(f"model img_size {mcfg.img_size} != config.data.image_size {size}; "
-                         f"set config.model.img_size={size} (position tables are fixed sin-cos, "
-                         f"any multiple of the patch size {mcfg.patch_size} works)")
+        raise ValueError(
+            f"model img_size {mcfg.img_size} != config.data.image_size {size}; "
+            f"set config.model.img_size={size} (position tables are fixed sin-cos, "
+            f"any multiple of the patch size {mcfg.patch_size} works)"
+        )
     return mcfg
 
 
@@ -361,8 +474,7 @@ def plan(config, known_keys: frozenset[str]) -> Plan:
     pretrained = None
     if config.pretrained:
         step = config.get("pretrained_step")
-        pretrained = locate_pretrained(config.pretrained,
-                                       None if step is None else int(step))
+        pretrained = locate_pretrained(config.pretrained, None if step is None else int(step))
     mcfg = resolve_model(config, pretrained)
     batch = _positive_int("batch_size", config.batch_size)
     eval_batch = _positive_int("eval_batch_size", config.get("eval_batch_size") or batch)
@@ -371,8 +483,9 @@ def plan(config, known_keys: frozenset[str]) -> Plan:
     if num_classes is None:
         num_classes = info.num_classes if info else None
         if not num_classes:
-            raise ValueError("the data set does not say how many classes it has: set "
-                             "config.num_classes")
+            raise ValueError(
+                "the data set does not say how many classes it has: set config.num_classes"
+            )
     num_classes = _positive_int("num_classes", num_classes)
     steps_per_epoch = None
     if info and info.num_train_examples:
@@ -409,15 +522,18 @@ def check_mesh(config, p: Plan, mesh) -> None:
             raise ValueError(
                 f"config.{name}={batch} is not divisible by the data-parallel size {dp} (mesh "
                 f"{dict(mesh.shape)}) and the process count {jax.process_count()}; change it "
-                f"or config.mesh")
+                f"or config.mesh"
+            )
 
 
 def classifier_flops_per_image(c: models.MAEConfig, num_classes: int) -> float:
     """Forward FLOPs of the classifier on one image (matrix products, multiply-add = 2)."""
     tokens = 1 + c.num_patches
-    return float(2 * c.num_patches * c.patch_dim * c.embed_dim
-                 + c.depth * flops.block_flops(tokens, c.embed_dim, c.mlp_ratio)
-                 + 2 * c.embed_dim * num_classes)
+    return float(
+        2 * c.num_patches * c.patch_dim * c.embed_dim
+        + c.depth * flops.block_flops(tokens, c.embed_dim, c.mlp_ratio)
+        + 2 * c.embed_dim * num_classes
+    )
 
 
 # ----------------------------------------------------------------------------- the task
@@ -428,21 +544,37 @@ def check_workdir(meta: dict, expected: dict, ckpt_dir: str, step: int) -> None:
     if meta.get("task") != expected["task"]:
         diffs.append(f"task: checkpoint {meta.get('task')!r} vs config {expected['task']!r}")
     if meta.get("num_classes") != expected["num_classes"]:
-        diffs.append(f"num_classes: checkpoint {meta.get('num_classes')!r} vs config "
-                     f"{expected['num_classes']!r}")
+        diffs.append(
+            f"num_classes: checkpoint {meta.get('num_classes')!r} vs config "
+            f"{expected['num_classes']!r}"
+        )
     for f in ENCODER_FIELDS + ("img_size",):
         if saved_model.get(f) != expected["model"].get(f):
-            diffs.append(f"{f}: checkpoint {saved_model.get(f)!r} vs config "
-                         f"{expected['model'].get(f)!r}")
+            diffs.append(
+                f"{f}: checkpoint {saved_model.get(f)!r} vs config {expected['model'].get(f)!r}"
+            )
     if diffs:
-        raise ValueError(f"the workdir's checkpoint {ckpt_dir} (step {step}) is of another run "
-                         f"({'; '.join(diffs)}); use a new --workdir or the matching config")
+        raise ValueError(
+            f"the workdir's checkpoint {ckpt_dir} (step {step}) is of another run "
+            f"({'; '.join(diffs)}); use a new --workdir or the matching config"
+        )
 
 
-def classification_task(config, mesh, workdir: str, *, name: str, p: Plan, model_fn, trainable,
-                        prepare: Prepare, drop_path: bool, global_pool: bool,
-                        flops_per_image: float | None,
-                        augment_fn: Callable | None = None) -> train.Task:
+def classification_task(
+    config,
+    mesh,
+    workdir: str,
+    *,
+    name: str,
+    p: Plan,
+    model_fn,
+    trainable,
+    prepare: Prepare,
+    drop_path: bool,
+    global_pool: bool,
+    flops_per_image: float | None,
+    augment_fn: Callable | None = None,
+) -> train.Task:
     """The `train.Task` of a linear probe / fine-tuning run in `workdir` (both differ only in
     the model, the trainable filter, `prepare`, the optimizer config and `augment_fn`).
 
@@ -452,35 +584,54 @@ def classification_task(config, mesh, workdir: str, *, name: str, p: Plan, model
     check_mesh(config, p, mesh)
     tx = optim.create_optimizer(p.optim)
     lr_fn = optim.learning_rate_fn(p.optim)
-    rules = tuple(tuple(r) for r in config.sharding_rules) if config.get("sharding_rules") \
+    rules = (
+        tuple(tuple(r) for r in config.sharding_rules)
+        if config.get("sharding_rules")
         else shd.DEFAULT_RULES
-    cfns = build(model_fn, trainable, tx, lr_fn, mesh, prepare=prepare, drop_path=drop_path,
-                 rules=rules)
+    )
+    cfns = build(
+        model_fn, trainable, tx, lr_fn, mesh, prepare=prepare, drop_path=drop_path, rules=rules
+    )
     base_init = cfns.fns.init
 
     def init():
         state = base_init()
         if p.pretrained is None:
-            logging.warning("config.pretrained is empty: the encoder is RANDOMLY INITIALIZED "
-                            "(a baseline, not an evaluation of a pretrained model)")
+            logging.warning(
+                "config.pretrained is empty: the encoder is RANDOMLY INITIALIZED "
+                "(a baseline, not an evaluation of a pretrained model)"
+            )
             return state
-        state = load_pretrained(state, cfns.fns.state_shardings, p.pretrained,
-                                encoder_keys(global_pool))
-        logging.info("loaded the pretrained encoder from %s (step %d)", p.pretrained.directory,
-                     p.pretrained.step)
+        state = load_pretrained(
+            state, cfns.fns.state_shardings, p.pretrained, encoder_keys(global_pool)
+        )
+        logging.info(
+            "loaded the pretrained encoder from %s (step %d)",
+            p.pretrained.directory,
+            p.pretrained.step,
+        )
         return state
 
     fns = dataclasses.replace(cfns.fns, init=init)
     cfns = dataclasses.replace(cfns, fns=fns)
-    meta = {"model": dataclasses.asdict(p.model), "task": config.task,
-            "num_classes": p.num_classes,
-            "pretrained": p.pretrained.directory if p.pretrained else "",
-            "pretrained_step": p.pretrained.step if p.pretrained else None}
+    meta = {
+        "model": dataclasses.asdict(p.model),
+        "task": config.task,
+        "num_classes": p.num_classes,
+        "pretrained": p.pretrained.directory if p.pretrained else "",
+        "pretrained_step": p.pretrained.step if p.pretrained else None,
+    }
 
     def run_eval(state, step):
         r = evaluate(cfns, state, config.data, p.eval_batch_size, mesh)
-        logging.info("%s: step %d: eval top-1 %.2f%%, top-5 %.2f%% on %d examples", name, step,
-                     r["top1"], r["top5"], r["num_examples"])
+        logging.info(
+            "%s: step %d: eval top-1 %.2f%%, top-5 %.2f%% on %d examples",
+            name,
+            step,
+            r["top1"],
+            r["top5"],
+            r["num_examples"],
+        )
         return r
 
     def periodic(writer, state, batch, step):
@@ -493,9 +644,15 @@ def classification_task(config, mesh, workdir: str, *, name: str, p: Plan, model
     def final(writer, state, step):
         r = run_eval(state, step)
         if jax.process_index() == 0:
-            out = {**r, "step": step, "task": config.task, "model": p.model.name,
-                   "num_classes": p.num_classes, "pretrained": meta["pretrained"],
-                   "pretrained_step": meta["pretrained_step"]}
+            out = {
+                **r,
+                "step": step,
+                "task": config.task,
+                "model": p.model.name,
+                "num_classes": p.num_classes,
+                "pretrained": meta["pretrained"],
+                "pretrained_step": meta["pretrained_step"],
+            }
             path = os.path.join(workdir, RESULTS_FILE)
             with open(path + ".tmp", "w") as f:
                 json.dump(out, f, indent=2, sort_keys=True)
@@ -503,14 +660,24 @@ def classification_task(config, mesh, workdir: str, *, name: str, p: Plan, model
         return {"eval_top1": r["top1"], "eval_top5": r["top5"], "eval_loss": r["loss"]}
 
     return train.Task(
-        name=name, fns=fns, total_steps=p.total_steps, batch_size=config.batch_size,
+        name=name,
+        fns=fns,
+        total_steps=p.total_steps,
+        batch_size=config.batch_size,
         make_data=lambda start: input_pipeline.create_train_iterator(
-            config.data, global_batch_size=config.batch_size, seed=config.seed,
-            start_step=start, augment_fn=augment_fn),
+            config.data,
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+            start_step=start,
+            augment_fn=augment_fn,
+        ),
         meta=lambda: meta,
         check_meta=lambda m, step, ckpt_dir: check_workdir(m, meta, ckpt_dir, step),
-        device_keys=("image", "label"), flops_per_image=flops_per_image,
-        periodic=periodic, final=final)
+        device_keys=("image", "label"),
+        flops_per_image=flops_per_image,
+        periodic=periodic,
+        final=final,
+    )
 
 
 def read_results(workdir: str) -> dict:

@@ -12,6 +12,7 @@ in the tf.data input pipeline (`input_pipeline.create_train_iterator(augment_fn=
 cutmix on device inside the train step. Checkpoints, resume, sharding and metrics are
 pretraining's (`mae_jax.train.run`).
 """
+
 from __future__ import annotations
 
 import re
@@ -26,8 +27,16 @@ from mae_jax.evaluate.mixup import mixup_cutmix, smooth_one_hot
 from mae_jax.models.classifier import FINETUNE_HEAD_STD, ViTClassifier
 
 TASK = "finetune"
-KNOWN_KEYS = cs.COMMON_KEYS | {"drop_path_rate", "mixup", "cutmix", "mixup_prob",
-                               "mixup_switch_prob", "label_smoothing", "rand_augment", "reprob"}
+KNOWN_KEYS = cs.COMMON_KEYS | {
+    "drop_path_rate",
+    "mixup",
+    "cutmix",
+    "mixup_prob",
+    "mixup_switch_prob",
+    "label_smoothing",
+    "rand_augment",
+    "reprob",
+}
 
 
 def base_config(model_name: str) -> ml_collections.ConfigDict:
@@ -36,31 +45,37 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = TASK
     c.seed = 0
-    c.pretrained = ""                 # pretraining / imported workdir ('' = random init)
+    c.pretrained = ""  # pretraining / imported workdir ('' = random init)
     c.pretrained_step = config_dict.placeholder(int)  # None: its latest checkpoint
-    c.model = ml_collections.ConfigDict(dict(
-        name=model_name, dtype="bfloat16", param_dtype="float32", remat=False,
-        attention_impl=config_dict.placeholder(str)))
-    c.num_classes = config_dict.placeholder(int)      # None: from the data set
-    c.global_pool = True              # mean of the patch tokens + fc_norm
+    c.model = ml_collections.ConfigDict(
+        dict(
+            name=model_name,
+            dtype="bfloat16",
+            param_dtype="float32",
+            remat=False,
+            attention_impl=config_dict.placeholder(str),
+        )
+    )
+    c.num_classes = config_dict.placeholder(int)  # None: from the data set
+    c.global_pool = True  # mean of the patch tokens + fc_norm
     c.drop_path_rate = 0.1
-    c.mixup = 0.8                     # mixup alpha (0 = off)
-    c.cutmix = 1.0                    # cutmix alpha (0 = off)
-    c.mixup_prob = 1.0                # probability of mixing a batch at all
-    c.mixup_switch_prob = 0.5         # probability of cutmix when both are on
+    c.mixup = 0.8  # mixup alpha (0 = off)
+    c.cutmix = 1.0  # cutmix alpha (0 = off)
+    c.mixup_prob = 1.0  # probability of mixing a batch at all
+    c.mixup_switch_prob = 0.5  # probability of cutmix when both are on
     c.label_smoothing = 0.1
     c.rand_augment = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec ('' = off)
-    c.reprob = 0.25                   # random erasing probability (0 = off)
+    c.reprob = 0.25  # random erasing probability (0 = off)
     c.data = input_pipeline.default_data_config()
     c.data.source = "tfds"
     c.data.name = "imagenet2012"
     c.data.image_size = 224
     c.data.train_crop_min_scale = 0.08  # timm's RandomResizedCrop scale (0.08, 1)
-    c.batch_size = 1024               # global
+    c.batch_size = 1024  # global
     c.eval_batch_size = config_dict.placeholder(int)  # None: batch_size
     c.epochs = 100
     c.warmup_epochs = 5
-    c.total_steps = config_dict.placeholder(int)      # overrides epochs
+    c.total_steps = config_dict.placeholder(int)  # overrides epochs
     c.optim = optim.default_optim_config()
     c.optim.name = "adamw"
     c.optim.base_lr = 5e-4
@@ -76,7 +91,7 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.log_every_steps = 50
-    c.eval_every_steps = 0            # 0: evaluate only at the end
+    c.eval_every_steps = 0  # 0: evaluate only at the end
     c.peak_tflops = config_dict.placeholder(float)
     return c
 
@@ -93,8 +108,7 @@ def parse_rand_augment(spec: str | None) -> dict | None:
     if not spec:
         return None
     if not isinstance(spec, str):
-        raise ValueError(f"rand_augment must be a string like 'rand-m9-mstd0.5-inc1', got "
-                         f"{spec!r}")
+        raise ValueError(f"rand_augment must be a string like 'rand-m9-mstd0.5-inc1', got {spec!r}")
     parts = spec.split("-")
     if parts[0] != "rand":
         raise ValueError(f"rand_augment {spec!r} must start with 'rand-' (timm's format)")
@@ -116,11 +130,14 @@ def parse_rand_augment(spec: str | None) -> dict | None:
         elif key == "inc":
             increasing = bool(int(value))
         else:
-            raise ValueError(f"rand_augment {spec!r}: unsupported field {key!r} (supported: m, "
-                             f"n, mstd, p, inc)")
+            raise ValueError(
+                f"rand_augment {spec!r}: unsupported field {key!r} (supported: m, n, mstd, p, inc)"
+            )
     if not increasing:
-        raise ValueError(f"rand_augment {spec!r}: only the increasing op set is implemented; "
-                         f"add '-inc1' (the official recipe's setting)")
+        raise ValueError(
+            f"rand_augment {spec!r}: only the increasing op set is implemented; "
+            f"add '-inc1' (the official recipe's setting)"
+        )
     if not 0 <= out["magnitude"] <= 10 or out["magnitude_std"] < 0 or not 0 <= out["prob"] <= 1:
         raise ValueError(f"rand_augment {spec!r}: need 0 <= m <= 10, mstd >= 0, 0 <= p <= 1")
     return out
@@ -152,13 +169,31 @@ def make_augment_fn(rand_augment: str | None, reprob: float):
     return augment_fn
 
 
-def prepare(key, images, labels, *, num_classes: int, mixup: float, cutmix: float,
-            prob: float, switch_prob: float, smoothing: float):
+def prepare(
+    key,
+    images,
+    labels,
+    *,
+    num_classes: int,
+    mixup: float,
+    cutmix: float,
+    prob: float,
+    switch_prob: float,
+    smoothing: float,
+):
     """Mixup / cutmix (timm batch mode) with label smoothing, or only label smoothing."""
     if mixup > 0 or cutmix > 0:
-        return mixup_cutmix(key, images, labels, num_classes, mixup_alpha=mixup,
-                            cutmix_alpha=cutmix, prob=prob, switch_prob=switch_prob,
-                            label_smoothing=smoothing)
+        return mixup_cutmix(
+            key,
+            images,
+            labels,
+            num_classes,
+            mixup_alpha=mixup,
+            cutmix_alpha=cutmix,
+            prob=prob,
+            switch_prob=switch_prob,
+            label_smoothing=smoothing,
+        )
     return images, smooth_one_hot(labels, num_classes, smoothing)
 
 
@@ -182,8 +217,9 @@ def _check(config) -> None:
 def finetune_task(config, mesh, workdir: str) -> train.Task:
     """The fine-tuning `train.Task` of `config` on `mesh` (validated before compiling)."""
     if config.get("task") != TASK:
-        raise ValueError(f"config.task must be {TASK!r} for fine-tuning, got "
-                         f"{config.get('task')!r}")
+        raise ValueError(
+            f"config.task must be {TASK!r} for fine-tuning, got {config.get('task')!r}"
+        )
     p = cs.plan(config, KNOWN_KEYS)
     _check(config)
     augment_fn = make_augment_fn(config.rand_augment, config.reprob)
@@ -191,20 +227,38 @@ def finetune_task(config, mesh, workdir: str) -> train.Task:
     rate = float(config.drop_path_rate)
 
     def model_fn():
-        return ViTClassifier(p.model, p.num_classes, global_pool=global_pool,
-                             drop_path_rate=rate, linear_probe=False,
-                             head_init_std=FINETUNE_HEAD_STD,
-                             rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+        return ViTClassifier(
+            p.model,
+            p.num_classes,
+            global_pool=global_pool,
+            drop_path_rate=rate,
+            linear_probe=False,
+            head_init_std=FINETUNE_HEAD_STD,
+            rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
+        )
 
-    mix = dict(num_classes=p.num_classes, mixup=float(config.mixup), cutmix=float(config.cutmix),
-               prob=float(config.mixup_prob), switch_prob=float(config.mixup_switch_prob),
-               smoothing=float(config.label_smoothing))
+    mix = dict(
+        num_classes=p.num_classes,
+        mixup=float(config.mixup),
+        cutmix=float(config.cutmix),
+        prob=float(config.mixup_prob),
+        switch_prob=float(config.mixup_switch_prob),
+        smoothing=float(config.label_smoothing),
+    )
     return cs.classification_task(
-        config, mesh, workdir, name=f"finetune {p.model.name}", p=p, model_fn=model_fn,
-        trainable=nnx.Param, prepare=lambda k, x, y: prepare(k, x, y, **mix),
-        drop_path=rate > 0, global_pool=global_pool,
+        config,
+        mesh,
+        workdir,
+        name=f"finetune {p.model.name}",
+        p=p,
+        model_fn=model_fn,
+        trainable=nnx.Param,
+        prepare=lambda k, x, y: prepare(k, x, y, **mix),
+        drop_path=rate > 0,
+        global_pool=global_pool,
         flops_per_image=3.0 * cs.classifier_flops_per_image(p.model, p.num_classes),
-        augment_fn=augment_fn)
+        augment_fn=augment_fn,
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

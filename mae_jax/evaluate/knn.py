@@ -7,6 +7,7 @@ scores are ranked, ties broken towards the lower class id; a class with no vote 
 correct prediction. Both the queries and the bank are processed in chunks (a running top-k is
 merged chunk by chunk), so neither the similarity matrix nor the bank needs to fit at once.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,8 +38,15 @@ def _chunk_topk(queries, bank, bank_valid, best_sims, best_ids, offset, *, k):
     return new_sims, jnp.take_along_axis(all_ids, pos, axis=1)
 
 
-def nearest_neighbors(queries, bank, k: int = 20, *, query_chunk: int = 1024,
-                      bank_chunk: int = 65536, normalize: bool = True):
+def nearest_neighbors(
+    queries,
+    bank,
+    k: int = 20,
+    *,
+    query_chunk: int = 1024,
+    bank_chunk: int = 65536,
+    normalize: bool = True,
+):
     """Top-`k` cosine neighbours of each query: `(sims [Q, k] float32, ids [Q, k] int32)`,
     most similar first. `queries [Q, D]`, `bank [M, D]` (numpy or jax arrays)."""
     queries = jnp.asarray(queries, jnp.float32)
@@ -46,7 +54,8 @@ def nearest_neighbors(queries, bank, k: int = 20, *, query_chunk: int = 1024,
     if queries.ndim != 2 or bank.ndim != 2 or queries.shape[1] != bank.shape[1]:
         raise ValueError(
             f"queries [Q, D] and bank [M, D] must be 2-D with the same D, got {queries.shape} "
-            f"and {bank.shape}")
+            f"and {bank.shape}"
+        )
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= bank.shape[0]:
         raise ValueError(f"k must be an integer in [1, bank size {bank.shape[0]}], got {k!r}")
     for name, v in (("query_chunk", query_chunk), ("bank_chunk", bank_chunk)):
@@ -63,7 +72,7 @@ def nearest_neighbors(queries, bank, k: int = 20, *, query_chunk: int = 1024,
     valid = jnp.arange(nb * bank_chunk) < m
     out_sims, out_ids = [], []
     for start in range(0, queries.shape[0], query_chunk):
-        q = queries[start:start + query_chunk]
+        q = queries[start : start + query_chunk]
         n = q.shape[0]
         if n < query_chunk:
             q = jnp.pad(q, ((0, query_chunk - n), (0, 0)))
@@ -71,15 +80,28 @@ def nearest_neighbors(queries, bank, k: int = 20, *, query_chunk: int = 1024,
         ids = jnp.zeros((query_chunk, k), jnp.int32)
         for b in range(nb):
             lo = b * bank_chunk
-            sims, ids = _chunk_topk(q, bank[lo:lo + bank_chunk], valid[lo:lo + bank_chunk],
-                                    sims, ids, jnp.int32(lo), k=k)
+            sims, ids = _chunk_topk(
+                q,
+                bank[lo : lo + bank_chunk],
+                valid[lo : lo + bank_chunk],
+                sims,
+                ids,
+                jnp.int32(lo),
+                k=k,
+            )
         out_sims.append(sims[:n])
         out_ids.append(ids[:n])
     return jnp.concatenate(out_sims), jnp.concatenate(out_ids)
 
 
-def vote(neighbor_sims, neighbor_labels, num_classes: int, *, temperature: float = 0.07,
-         weighting: str = "temperature") -> jax.Array:
+def vote(
+    neighbor_sims,
+    neighbor_labels,
+    num_classes: int,
+    *,
+    temperature: float = 0.07,
+    weighting: str = "temperature",
+) -> jax.Array:
     """Class scores `[Q, C]` from neighbours' similarities and labels `[Q, k]`."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -93,27 +115,46 @@ def vote(neighbor_sims, neighbor_labels, num_classes: int, *, temperature: float
     return jnp.einsum("qk,qkc->qc", weights, onehot)
 
 
-def knn_classify(train_features, train_labels, test_features, *, num_classes: int,
-                 k: int = 20, temperature: float = 0.07, weighting: str = "temperature",
-                 query_chunk: int = 1024, bank_chunk: int = 65536) -> jax.Array:
+def knn_classify(
+    train_features,
+    train_labels,
+    test_features,
+    *,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    weighting: str = "temperature",
+    query_chunk: int = 1024,
+    bank_chunk: int = 65536,
+) -> jax.Array:
     """Class scores `[Q, num_classes]` of each test feature by kNN over the labelled bank."""
     train_labels = jnp.asarray(train_labels)
     if train_labels.ndim != 1 or train_labels.shape[0] != np.shape(train_features)[0]:
         raise ValueError(
             f"train_labels must be [M] with M = {np.shape(train_features)[0]} features, got "
-            f"shape {train_labels.shape}")
+            f"shape {train_labels.shape}"
+        )
     if not jnp.issubdtype(train_labels.dtype, jnp.integer):
         raise ValueError(f"train_labels must be integers, got dtype {train_labels.dtype}")
-    sims, ids = nearest_neighbors(test_features, train_features, k, query_chunk=query_chunk,
-                                  bank_chunk=bank_chunk)
-    return vote(sims, train_labels[ids], num_classes, temperature=temperature,
-                weighting=weighting)
+    sims, ids = nearest_neighbors(
+        test_features, train_features, k, query_chunk=query_chunk, bank_chunk=bank_chunk
+    )
+    return vote(sims, train_labels[ids], num_classes, temperature=temperature, weighting=weighting)
 
 
-def knn_accuracy(train_features, train_labels, test_features, test_labels, *,
-                 num_classes: int | None = None, k: int = 20, temperature: float = 0.07,
-                 weighting: str = "temperature", query_chunk: int = 1024,
-                 bank_chunk: int = 65536) -> dict[str, float]:
+def knn_accuracy(
+    train_features,
+    train_labels,
+    test_features,
+    test_labels,
+    *,
+    num_classes: int | None = None,
+    k: int = 20,
+    temperature: float = 0.07,
+    weighting: str = "temperature",
+    query_chunk: int = 1024,
+    bank_chunk: int = 65536,
+) -> dict[str, float]:
     """kNN top-1 / top-5 accuracy (fractions in [0, 1]) of `test_features [Q, D]` against the
     bank `train_features [M, D]` with int labels. Top-5 uses the `min(5, k, C)` best classes.
     `num_classes` defaults to 1 + the largest label seen."""
@@ -122,18 +163,28 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, *,
     if test_labels.ndim != 1 or test_labels.shape[0] != np.shape(test_features)[0]:
         raise ValueError(
             f"test_labels must be [Q] with Q = {np.shape(test_features)[0]} features, got "
-            f"shape {test_labels.shape}")
+            f"shape {test_labels.shape}"
+        )
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     for name, lab in (("train_labels", train_labels), ("test_labels", test_labels)):
         if lab.size and (lab.min() < 0 or lab.max() >= num_classes):
-            raise ValueError(f"{name} must be in [0, {num_classes}), got range "
-                             f"[{lab.min()}, {lab.max()}]")
-    scores = knn_classify(train_features, train_labels, test_features, num_classes=num_classes,
-                          k=k, temperature=temperature, weighting=weighting,
-                          query_chunk=query_chunk, bank_chunk=bank_chunk)
+            raise ValueError(
+                f"{name} must be in [0, {num_classes}), got range [{lab.min()}, {lab.max()}]"
+            )
+    scores = knn_classify(
+        train_features,
+        train_labels,
+        test_features,
+        num_classes=num_classes,
+        k=k,
+        temperature=temperature,
+        weighting=weighting,
+        query_chunk=query_chunk,
+        bank_chunk=bank_chunk,
+    )
     top = min(5, k, num_classes)
     best_scores, best = jax.lax.top_k(scores, top)
     hit = (best == jnp.asarray(test_labels)[:, None]) & (best_scores > 0)

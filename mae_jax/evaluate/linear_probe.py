@@ -11,6 +11,7 @@ Only the head's Linear is trained (`state['params']`); the encoder sits in `stat
 `state['batch_stats']`. Checkpoints, resume, sharding and metrics are pretraining's
 (`mae_jax.train.run`).
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -33,23 +34,29 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = TASK
     c.seed = 0
-    c.pretrained = ""                 # pretraining / imported workdir ('' = random init)
+    c.pretrained = ""  # pretraining / imported workdir ('' = random init)
     c.pretrained_step = config_dict.placeholder(int)  # None: its latest checkpoint
-    c.model = ml_collections.ConfigDict(dict(
-        name=model_name, dtype="bfloat16", param_dtype="float32", remat=False,
-        attention_impl=config_dict.placeholder(str)))
-    c.num_classes = config_dict.placeholder(int)      # None: from the data set
-    c.global_pool = False             # the paper's probe uses the cls token
+    c.model = ml_collections.ConfigDict(
+        dict(
+            name=model_name,
+            dtype="bfloat16",
+            param_dtype="float32",
+            remat=False,
+            attention_impl=config_dict.placeholder(str),
+        )
+    )
+    c.num_classes = config_dict.placeholder(int)  # None: from the data set
+    c.global_pool = False  # the paper's probe uses the cls token
     c.data = input_pipeline.default_data_config()
     c.data.source = "tfds"
     c.data.name = "imagenet2012"
     c.data.image_size = 224
     c.data.train_crop_min_scale = 0.08  # RandomResizedCrop (torchvision default scale)
-    c.batch_size = 16384              # global
+    c.batch_size = 16384  # global
     c.eval_batch_size = config_dict.placeholder(int)  # None: batch_size
     c.epochs = 90
     c.warmup_epochs = 10
-    c.total_steps = config_dict.placeholder(int)      # overrides epochs
+    c.total_steps = config_dict.placeholder(int)  # overrides epochs
     c.optim = optim.default_optim_config()
     c.optim.name = "lars"
     c.optim.base_lr = 0.1
@@ -61,7 +68,7 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.log_every_steps = 50
-    c.eval_every_steps = 0            # 0: evaluate only at the end
+    c.eval_every_steps = 0  # 0: evaluate only at the end
     c.peak_tflops = config_dict.placeholder(float)
     return c
 
@@ -74,33 +81,49 @@ def prepare(key, images, labels, *, num_classes: int):
 
 def make_model_fn(p: cs.Plan, config):
     def model_fn():
-        return ViTClassifier(p.model, p.num_classes, global_pool=bool(config.global_pool),
-                             drop_path_rate=0.0, linear_probe=True,
-                             head_init_std=LINPROBE_HEAD_STD,
-                             rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+        return ViTClassifier(
+            p.model,
+            p.num_classes,
+            global_pool=bool(config.global_pool),
+            drop_path_rate=0.0,
+            linear_probe=True,
+            head_init_std=LINPROBE_HEAD_STD,
+            rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
+        )
+
     return model_fn
 
 
 def linear_probe_task(config, mesh, workdir: str) -> train.Task:
     """The linear-probing `train.Task` of `config` on `mesh` (validated before compiling)."""
     if config.get("task") != TASK:
-        raise ValueError(f"config.task must be {TASK!r} for linear probing, got "
-                         f"{config.get('task')!r}")
+        raise ValueError(
+            f"config.task must be {TASK!r} for linear probing, got {config.get('task')!r}"
+        )
     p = cs.plan(config, KNOWN_KEYS)
     if p.optim.get("layer_decay") is not None:
-        raise ValueError("config.optim.layer_decay does not apply to linear probing (only the "
-                         "head is trained); leave it None")
+        raise ValueError(
+            "config.optim.layer_decay does not apply to linear probing (only the "
+            "head is trained); leave it None"
+        )
     fwd = cs.classifier_flops_per_image(p.model, p.num_classes)
     # Forward only through the frozen encoder; the head's backward is negligible.
     return cs.classification_task(
-        config, mesh, workdir, name=f"linear probe {p.model.name}", p=p,
-        model_fn=make_model_fn(p, config), trainable=TRAINABLE,
+        config,
+        mesh,
+        workdir,
+        name=f"linear probe {p.model.name}",
+        p=p,
+        model_fn=make_model_fn(p, config),
+        trainable=TRAINABLE,
         prepare=lambda k, x, y: prepare(k, x, y, num_classes=p.num_classes),
-        drop_path=False, global_pool=bool(config.global_pool), flops_per_image=fwd)
+        drop_path=False,
+        global_pool=bool(config.global_pool),
+        flops_per_image=fwd,
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Linear-probe the encoder of `config.pretrained` in `workdir` (resumes if it holds a run).
     Returns the last logged metrics; the final evaluation is in `workdir/eval_results.json`."""
     return train.run(config, workdir, lambda mesh: linear_probe_task(config, mesh, workdir))
-

@@ -1,7 +1,8 @@
 """Top-k accuracy helpers (jittable), for classifier logits or any per-class scores."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -11,12 +12,14 @@ def _as_int_labels(labels: jax.Array, num_classes: int) -> jax.Array:
     if labels.ndim == 2:  # one-hot / soft targets: the largest entry is the label
         if labels.shape[1] != num_classes:
             raise ValueError(
-                f"soft labels have {labels.shape[1]} classes, the scores {num_classes}")
+                f"soft labels have {labels.shape[1]} classes, the scores {num_classes}"
+            )
         return jnp.argmax(labels, axis=-1)
     if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(
             f"labels must be int class ids [N] or soft targets [N, C], got shape {labels.shape} "
-            f"dtype {labels.dtype}")
+            f"dtype {labels.dtype}"
+        )
     return labels
 
 
@@ -34,8 +37,9 @@ def label_rank(scores: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.sum(scores > true, axis=1).astype(jnp.int32)
 
 
-def topk_correct(scores: jax.Array, labels: jax.Array, ks: Sequence[int] = (1, 5),
-                 mask: jax.Array | None = None) -> dict[str, jax.Array]:
+def topk_correct(
+    scores: jax.Array, labels: jax.Array, ks: Sequence[int] = (1, 5), mask: jax.Array | None = None
+) -> dict[str, jax.Array]:
     """Number of correct top-k predictions per k: `{'top1': n1, 'top5': n5}` float32 scalars.
 
     `scores [N, C]` (logits or probabilities); `labels [N]` int or `[N, C]` soft (argmax);
@@ -54,10 +58,10 @@ def topk_correct(scores: jax.Array, labels: jax.Array, ks: Sequence[int] = (1, 5
     return {f"top{k}": jnp.sum((rank < k).astype(jnp.float32) * weight) for k in ks}
 
 
-def topk_accuracy(scores: jax.Array, labels: jax.Array, ks: Sequence[int] = (1, 5),
-                  mask: jax.Array | None = None) -> dict[str, jax.Array]:
+def topk_accuracy(
+    scores: jax.Array, labels: jax.Array, ks: Sequence[int] = (1, 5), mask: jax.Array | None = None
+) -> dict[str, jax.Array]:
     """Fraction of correct top-k predictions per k (in [0, 1]); see `topk_correct`."""
     counts = topk_correct(scores, labels, ks, mask)
-    total = (jnp.float32(scores.shape[0]) if mask is None
-             else jnp.sum(mask.astype(jnp.float32)))
+    total = jnp.float32(scores.shape[0]) if mask is None else jnp.sum(mask.astype(jnp.float32))
     return {name: c / jnp.maximum(total, 1.0) for name, c in counts.items()}

@@ -15,6 +15,7 @@ All functions are pure and jittable; randomness comes only from the `key` argume
 NHWC. On a sharded global batch the pairing is over the global batch (timm pairs within each
 GPU's local batch); the distribution of pairs is the same.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -24,9 +25,9 @@ import jax.numpy as jnp
 
 
 class MixParams(NamedTuple):
-    lam: jax.Array         # float32 scalar: weight of the original image/label (corrected)
+    lam: jax.Array  # float32 scalar: weight of the original image/label (corrected)
     use_cutmix: jax.Array  # bool scalar
-    box: jax.Array         # int32 [4]: (y_lo, y_hi, x_lo, x_hi), half-open; empty for mixup
+    box: jax.Array  # int32 [4]: (y_lo, y_hi, x_lo, x_hi), half-open; empty for mixup
 
 
 def _check_prob(name: str, value) -> float:
@@ -46,20 +47,31 @@ def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float = 0.0) 
     `1 - s + s / C` (timm's `one_hot` with label smoothing)."""
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) \
-            or not 0 <= smoothing < 1:
+    if (
+        isinstance(smoothing, bool)
+        or not isinstance(smoothing, (int, float))
+        or not 0 <= smoothing < 1
+    ):
         raise ValueError(f"label smoothing must be a number in [0, 1), got {smoothing!r}")
     if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(
-            f"labels must be integer class ids [N], got shape {labels.shape} dtype {labels.dtype}")
+            f"labels must be integer class ids [N], got shape {labels.shape} dtype {labels.dtype}"
+        )
     off = smoothing / num_classes
     on = 1.0 - smoothing + off
     return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * (on - off) + off
 
 
-def sample_mix_params(key: jax.Array, image_hw: tuple[int, int], *, mixup_alpha: float = 0.8,
-                      cutmix_alpha: float = 1.0, prob: float = 1.0, switch_prob: float = 0.5,
-                      correct_lam: bool = True) -> MixParams:
+def sample_mix_params(
+    key: jax.Array,
+    image_hw: tuple[int, int],
+    *,
+    mixup_alpha: float = 0.8,
+    cutmix_alpha: float = 1.0,
+    prob: float = 1.0,
+    switch_prob: float = 0.5,
+    correct_lam: bool = True,
+) -> MixParams:
     """Draw the per-batch mixing parameters (timm `Mixup._params_per_batch` +
     `cutmix_bbox_and_lam`). With probability `1 - prob` nothing is mixed (`lam = 1`)."""
     mixup_alpha = _check_alpha("mixup_alpha", mixup_alpha)
@@ -90,8 +102,14 @@ def sample_mix_params(key: jax.Array, image_hw: tuple[int, int], *, mixup_alpha:
     cut_w = jnp.floor(w * ratio).astype(jnp.int32)
     cy = jax.random.randint(k_cy, (), 0, h)
     cx = jax.random.randint(k_cx, (), 0, w)
-    box = jnp.stack([jnp.clip(cy - cut_h // 2, 0, h), jnp.clip(cy + cut_h // 2, 0, h),
-                     jnp.clip(cx - cut_w // 2, 0, w), jnp.clip(cx + cut_w // 2, 0, w)])
+    box = jnp.stack(
+        [
+            jnp.clip(cy - cut_h // 2, 0, h),
+            jnp.clip(cy + cut_h // 2, 0, h),
+            jnp.clip(cx - cut_w // 2, 0, w),
+            jnp.clip(cx + cut_w // 2, 0, w),
+        ]
+    )
     box = jnp.where(use_cutmix, box, jnp.zeros_like(box)).astype(jnp.int32)
     if correct_lam:
         area = (box[1] - box[0]) * (box[3] - box[2])
@@ -107,8 +125,13 @@ def box_mask(box: jax.Array, image_hw: tuple[int, int]) -> jax.Array:
     return (rows >= box[0]) & (rows < box[1]) & (cols >= box[2]) & (cols < box[3])
 
 
-def apply_mix(images: jax.Array, labels: jax.Array, params: MixParams, num_classes: int,
-              label_smoothing: float = 0.1) -> tuple[jax.Array, jax.Array]:
+def apply_mix(
+    images: jax.Array,
+    labels: jax.Array,
+    params: MixParams,
+    num_classes: int,
+    label_smoothing: float = 0.1,
+) -> tuple[jax.Array, jax.Array]:
     """Mix `images [N, H, W, C]` and integer `labels [N]` with `params`.
 
     Returns `(mixed images [N, H, W, C] (input dtype), soft targets [N, num_classes] float32)`.
@@ -116,8 +139,7 @@ def apply_mix(images: jax.Array, labels: jax.Array, params: MixParams, num_class
     if images.ndim != 4:
         raise ValueError(f"images must be NHWC [N, H, W, C], got shape {images.shape}")
     if labels.shape != images.shape[:1]:
-        raise ValueError(
-            f"labels must have shape [N] = ({images.shape[0]},), got {labels.shape}")
+        raise ValueError(f"labels must have shape [N] = ({images.shape[0]},), got {labels.shape}")
     y = smooth_one_hot(labels, num_classes, label_smoothing)
     targets = params.lam * y + (1.0 - params.lam) * y[::-1]
     flipped = images[::-1]
@@ -128,19 +150,34 @@ def apply_mix(images: jax.Array, labels: jax.Array, params: MixParams, num_class
     return jnp.where(params.use_cutmix, cut, mixed), targets
 
 
-def mixup_cutmix(key: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int, *,
-                 mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, prob: float = 1.0,
-                 switch_prob: float = 0.5, label_smoothing: float = 0.1,
-                 correct_lam: bool = True) -> tuple[jax.Array, jax.Array]:
+def mixup_cutmix(
+    key: jax.Array,
+    images: jax.Array,
+    labels: jax.Array,
+    num_classes: int,
+    *,
+    mixup_alpha: float = 0.8,
+    cutmix_alpha: float = 1.0,
+    prob: float = 1.0,
+    switch_prob: float = 0.5,
+    label_smoothing: float = 0.1,
+    correct_lam: bool = True,
+) -> tuple[jax.Array, jax.Array]:
     """timm `Mixup(mode='batch')` with the official fine-tuning defaults.
 
     `images [N, H, W, C]`, `labels [N]` int -> `(images [N, H, W, C], targets [N, C] float32)`.
     """
     if images.ndim != 4:
         raise ValueError(f"images must be NHWC [N, H, W, C], got shape {images.shape}")
-    params = sample_mix_params(key, images.shape[1:3], mixup_alpha=mixup_alpha,
-                               cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob,
-                               correct_lam=correct_lam)
+    params = sample_mix_params(
+        key,
+        images.shape[1:3],
+        mixup_alpha=mixup_alpha,
+        cutmix_alpha=cutmix_alpha,
+        prob=prob,
+        switch_prob=switch_prob,
+        correct_lam=correct_lam,
+    )
     return apply_mix(images, labels, params, num_classes, label_smoothing)
 
 
@@ -149,6 +186,7 @@ def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Arra
     `SoftTargetCrossEntropy`), float32. `logits`, `targets`: `[N, C]`."""
     if logits.shape != targets.shape or logits.ndim != 2:
         raise ValueError(
-            f"logits and targets must both be [N, C], got {logits.shape} and {targets.shape}")
+            f"logits and targets must both be [N, C], got {logits.shape} and {targets.shape}"
+        )
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.mean(jnp.sum(-targets.astype(jnp.float32) * logp, axis=-1))

@@ -1,4 +1,5 @@
 """Model presets and the stable entry point `create`."""
+
 from __future__ import annotations
 
 from typing import Any

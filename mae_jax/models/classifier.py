@@ -14,10 +14,12 @@ Deviation, on purpose: the official fine-tuning model makes `pos_embed` a traina
 `nnx.Param`) holding the same sin-cos table, so it is never updated; MAE's table is fixed
 sin-cos and the official recipe gives it a tiny lr (layer id 0) anyway.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,13 +28,20 @@ from flax import nnx
 
 from mae_jax import ops
 from mae_jax.models.config import MAEConfig, resolve
-from mae_jax.models.vit import (Block, FixedEmbedding, PatchEmbed, layer_norm, normal,
-                                run_blocks, zeros)
+from mae_jax.models.vit import (
+    Block,
+    FixedEmbedding,
+    PatchEmbed,
+    layer_norm,
+    normal,
+    run_blocks,
+    zeros,
+)
 
 FINETUNE_HEAD_STD = 2e-5  # main_finetune.py: trunc_normal_(head.weight, std=2e-5)
 LINPROBE_HEAD_STD = 0.01  # main_linprobe.py: trunc_normal_(head.weight, std=0.01)
-BN_EPS = 1e-6             # BatchNorm1d(affine=False, eps=1e-6) of main_linprobe.py
-BN_MOMENTUM = 0.9         # PyTorch momentum 0.1 == flax momentum 0.9
+BN_EPS = 1e-6  # BatchNorm1d(affine=False, eps=1e-6) of main_linprobe.py
+BN_MOMENTUM = 0.9  # PyTorch momentum 0.1 == flax momentum 0.9
 
 # Parameter subtrees of a pretrained MAE that the classifier takes over (decoder ignored).
 ENCODER_KEYS = ("patch_embed", "cls_token", "blocks")
@@ -61,9 +70,17 @@ class ViTClassifier(nnx.Module):
       rngs: `params` stream for the initialization; `dropout` (else `default`) for drop path.
     """
 
-    def __init__(self, config: MAEConfig, num_classes: int, *, global_pool: bool = True,
-                 drop_path_rate: float = 0.0, linear_probe: bool = False,
-                 head_init_std: float | None = None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: MAEConfig,
+        num_classes: int,
+        *,
+        global_pool: bool = True,
+        drop_path_rate: float = 0.0,
+        linear_probe: bool = False,
+        head_init_std: float | None = None,
+        rngs: nnx.Rngs,
+    ):
         config.validate()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -84,25 +101,49 @@ class ViTClassifier(nnx.Module):
 
         self.patch_embed = PatchEmbed(c.patch_dim, d, rngs=rngs, **kw)
         self.cls_token = nnx.Param(
-            normal(0.02, (None, None, "embed"))(rngs.params(), (1, 1, d), c.storage_dtype))
+            normal(0.02, (None, None, "embed"))(rngs.params(), (1, 1, d), c.storage_dtype)
+        )
         self.pos_embed = FixedEmbedding(
-            jnp.asarray(ops.sincos_2d(d, c.grid_size))[None].astype(c.storage_dtype))
-        self.blocks = nnx.List([
-            Block(d, c.num_heads, c.mlp_ratio, attention_impl=c.attention_impl, drop_path=rate,
-                  rngs=rngs, **kw)
-            for rate in drop_path_rates(self.drop_path_rate, c.depth)])
+            jnp.asarray(ops.sincos_2d(d, c.grid_size))[None].astype(c.storage_dtype)
+        )
+        self.blocks = nnx.List(
+            [
+                Block(
+                    d,
+                    c.num_heads,
+                    c.mlp_ratio,
+                    attention_impl=c.attention_impl,
+                    drop_path=rate,
+                    rngs=rngs,
+                    **kw,
+                )
+                for rate in drop_path_rates(self.drop_path_rate, c.depth)
+            ]
+        )
         if self.global_pool:
             self.fc_norm = layer_norm(d, rngs=rngs, **kw)
         else:
             self.norm = layer_norm(d, rngs=rngs, **kw)
         linear = nnx.Linear(
-            d, num_classes, dtype=jnp.float32, param_dtype=c.storage_dtype,
-            kernel_init=normal(float(head_init_std), ("embed", None)), bias_init=zeros((None,)),
-            rngs=rngs)
+            d,
+            num_classes,
+            dtype=jnp.float32,
+            param_dtype=c.storage_dtype,
+            kernel_init=normal(float(head_init_std), ("embed", None)),
+            bias_init=zeros((None,)),
+            rngs=rngs,
+        )
         if self.linear_probe:
-            bn = nnx.BatchNorm(d, use_scale=False, use_bias=False, momentum=BN_MOMENTUM,
-                               epsilon=BN_EPS, dtype=jnp.float32, use_fast_variance=False,
-                               rngs=rngs)
+            bn = nnx.BatchNorm(
+                d,
+                use_scale=False,
+                use_bias=False,
+                momentum=BN_MOMENTUM,
+                epsilon=BN_EPS,
+                dtype=jnp.float32,
+                use_fast_variance=False,
+                rngs=rngs,
+            )
             self.head = nnx.List([bn, linear])
         else:
             self.head = linear
@@ -114,11 +155,13 @@ class ViTClassifier(nnx.Module):
         if len(shape) != 4 or shape[-1] != c.in_chans:
             raise ValueError(
                 f"images must be NHWC [N, {c.img_size}, {c.img_size}, {c.in_chans}], "
-                f"got shape {shape}")
+                f"got shape {shape}"
+            )
         if shape[1:3] != (c.img_size, c.img_size):
             raise ValueError(
                 f"images are {shape[1]}x{shape[2]}, the classifier was built for "
-                f"{c.img_size}x{c.img_size}; create it with img_size={shape[1]}")
+                f"{c.img_size}x{c.img_size}; create it with img_size={shape[1]}"
+            )
 
     def _set_train(self, train: bool) -> None:
         if not isinstance(train, bool):
@@ -160,20 +203,32 @@ class ViTClassifier(nnx.Module):
         return self.head(feats).astype(jnp.float32)
 
 
-def create_classifier(name_or_config: Any, num_classes: int, *, seed: int = 0,
-                      global_pool: bool = True, drop_path_rate: float = 0.0,
-                      linear_probe: bool = False, head_init_std: float | None = None,
-                      **overrides) -> ViTClassifier:
+def create_classifier(
+    name_or_config: Any,
+    num_classes: int,
+    *,
+    seed: int = 0,
+    global_pool: bool = True,
+    drop_path_rate: float = 0.0,
+    linear_probe: bool = False,
+    head_init_std: float | None = None,
+    **overrides,
+) -> ViTClassifier:
     """A freshly initialized classifier from an MAE preset name / `MAEConfig` / mapping.
 
     `overrides` replace config fields (e.g. `img_size=384`, `dtype="bfloat16"`). Parameters use
     `seed`; drop path uses the `dropout` stream seeded with `seed + 1`.
     """
     config = resolve(name_or_config, **overrides)
-    return ViTClassifier(config, num_classes, global_pool=global_pool,
-                         drop_path_rate=drop_path_rate, linear_probe=linear_probe,
-                         head_init_std=head_init_std,
-                         rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    return ViTClassifier(
+        config,
+        num_classes,
+        global_pool=global_pool,
+        drop_path_rate=drop_path_rate,
+        linear_probe=linear_probe,
+        head_init_std=head_init_std,
+        rngs=nnx.Rngs(params=seed, dropout=seed + 1),
+    )
 
 
 # ----------------------------------------------------------------------------- weight transfer
@@ -212,20 +267,21 @@ def load_encoder_params(classifier: ViTClassifier, params: Mapping) -> ViTClassi
     if missing or extra:
         raise ValueError(
             f"pretrained encoder does not match the classifier (depth {classifier.config.depth}, "
-            f"dim {classifier.config.embed_dim}): missing {missing[:8]}, unexpected {extra[:8]}")
+            f"dim {classifier.config.embed_dim}): missing {missing[:8]}, unexpected {extra[:8]}"
+        )
     for path, var in targets.items():
         value = source[path]
         if tuple(np.shape(value)) != tuple(var.get_value().shape):
             raise ValueError(
                 f"pretrained {'.'.join(path)} has shape {tuple(np.shape(value))}, the classifier "
-                f"expects {tuple(var.get_value().shape)}")
+                f"expects {tuple(var.get_value().shape)}"
+            )
         var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
     nnx.update(classifier, nnx.from_flat_state(flat))
     return classifier
 
 
-def classifier_from_mae(mae_model, num_classes: int, *, seed: int = 0,
-                        **kwargs) -> ViTClassifier:
+def classifier_from_mae(mae_model, num_classes: int, *, seed: int = 0, **kwargs) -> ViTClassifier:
     """A new `ViTClassifier` whose encoder is a copy of a pretrained `MAE`'s (decoder ignored).
 
     `kwargs` are `ViTClassifier` options (`global_pool`, `drop_path_rate`, `linear_probe`,
@@ -237,6 +293,5 @@ def classifier_from_mae(mae_model, num_classes: int, *, seed: int = 0,
     fields = {f.name for f in dataclasses.fields(MAEConfig)}
     overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
     config = dataclasses.replace(mae_model.config, **overrides).validate()
-    clf = ViTClassifier(config, num_classes, rngs=nnx.Rngs(params=seed, dropout=seed + 1),
-                        **kwargs)
+    clf = ViTClassifier(config, num_classes, rngs=nnx.Rngs(params=seed, dropout=seed + 1), **kwargs)
     return load_encoder_params(clf, nnx.to_pure_dict(nnx.state(mae_model, nnx.Param)))

@@ -1,8 +1,10 @@
 """Model configuration (`MAEConfig`), the named presets, and their validation."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -27,8 +29,8 @@ class MAEConfig:
     mlp_ratio: float = 4.0
     norm_pix_loss: bool = False
     mask_ratio: float = 0.75
-    dtype: str = "float32"          # compute dtype
-    param_dtype: str = "float32"    # storage dtype
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"  # storage dtype
     attention_impl: str | None = None
     remat: bool = False
 
@@ -38,11 +40,11 @@ class MAEConfig:
 
     @property
     def num_patches(self) -> int:
-        return self.grid_size ** 2
+        return self.grid_size**2
 
     @property
     def patch_dim(self) -> int:
-        return self.patch_size ** 2 * self.in_chans
+        return self.patch_size**2 * self.in_chans
 
     @property
     def compute_dtype(self):
@@ -52,35 +54,49 @@ class MAEConfig:
     def storage_dtype(self):
         return _DTYPES[self.param_dtype]
 
-    def validate(self) -> "MAEConfig":
+    def validate(self) -> MAEConfig:
         def positive(field):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{field} must be a positive integer, got {value!r}")
 
-        for field in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
-                      "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+        for field in (
+            "img_size",
+            "patch_size",
+            "in_chans",
+            "embed_dim",
+            "depth",
+            "num_heads",
+            "decoder_embed_dim",
+            "decoder_depth",
+            "decoder_num_heads",
+        ):
             positive(field)
         if self.img_size % self.patch_size:
             raise ValueError(
-                f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
-        for dim, heads, what in ((self.embed_dim, self.num_heads, "embed_dim"),
-                                 (self.decoder_embed_dim, self.decoder_num_heads,
-                                  "decoder_embed_dim")):
+                f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}"
+            )
+        for dim, heads, what in (
+            (self.embed_dim, self.num_heads, "embed_dim"),
+            (self.decoder_embed_dim, self.decoder_num_heads, "decoder_embed_dim"),
+        ):
             if dim % heads:
                 raise ValueError(f"{what} {dim} is not divisible by its number of heads {heads}")
             if dim % 4:
                 raise ValueError(
-                    f"{what} {dim} must be a multiple of 4 for 2-D sin-cos position embeddings")
+                    f"{what} {dim} must be a multiple of 4 for 2-D sin-cos position embeddings"
+                )
         if not 0.0 <= float(self.mask_ratio) < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio!r}")
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in _DTYPES:
                 raise ValueError(
-                    f"{field} {getattr(self, field)!r} is not one of {sorted(_DTYPES)}")
+                    f"{field} {getattr(self, field)!r} is not one of {sorted(_DTYPES)}"
+                )
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(
-                f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+                f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}"
+            )
         return self
 
 
@@ -90,23 +106,45 @@ def _preset(name, **kw) -> MAEConfig:
 
 PRESETS: dict[str, MAEConfig] = {
     # The paper's models (official architectures).
-    "mae_vit_base_patch16": _preset("mae_vit_base_patch16", embed_dim=768, depth=12,
-                                    num_heads=12),
-    "mae_vit_large_patch16": _preset("mae_vit_large_patch16", embed_dim=1024, depth=24,
-                                     num_heads=16),
-    "mae_vit_huge_patch14": _preset("mae_vit_huge_patch14", patch_size=14, embed_dim=1280,
-                                    depth=32, num_heads=16),
+    "mae_vit_base_patch16": _preset("mae_vit_base_patch16", embed_dim=768, depth=12, num_heads=12),
+    "mae_vit_large_patch16": _preset(
+        "mae_vit_large_patch16", embed_dim=1024, depth=24, num_heads=16
+    ),
+    "mae_vit_huge_patch14": _preset(
+        "mae_vit_huge_patch14", patch_size=14, embed_dim=1280, depth=32, num_heads=16
+    ),
     # Smaller models for CPU work: a ViT-S/16 and tiny ones for smoke runs and tests.
-    "mae_vit_small_patch16": _preset("mae_vit_small_patch16", embed_dim=384, depth=12,
-                                     num_heads=6, decoder_embed_dim=256, decoder_depth=4,
-                                     decoder_num_heads=8),
-    "mae_vit_tiny_patch4_32": _preset("mae_vit_tiny_patch4_32", img_size=32, patch_size=4,
-                                      embed_dim=128, depth=4, num_heads=4,
-                                      decoder_embed_dim=64, decoder_depth=2,
-                                      decoder_num_heads=4),
-    "mae_vit_test": _preset("mae_vit_test", img_size=32, patch_size=8, embed_dim=32, depth=2,
-                            num_heads=4, decoder_embed_dim=32, decoder_depth=1,
-                            decoder_num_heads=4),
+    "mae_vit_small_patch16": _preset(
+        "mae_vit_small_patch16",
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        decoder_embed_dim=256,
+        decoder_depth=4,
+        decoder_num_heads=8,
+    ),
+    "mae_vit_tiny_patch4_32": _preset(
+        "mae_vit_tiny_patch4_32",
+        img_size=32,
+        patch_size=4,
+        embed_dim=128,
+        depth=4,
+        num_heads=4,
+        decoder_embed_dim=64,
+        decoder_depth=2,
+        decoder_num_heads=4,
+    ),
+    "mae_vit_test": _preset(
+        "mae_vit_test",
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=4,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=4,
+    ),
 }
 
 _FIELDS = {f.name for f in dataclasses.fields(MAEConfig)}
@@ -122,12 +160,14 @@ def resolve(name_or_config: Any, **overrides) -> MAEConfig:
     elif isinstance(name_or_config, str):
         base, extra = _lookup(name_or_config), {}
     elif isinstance(name_or_config, Mapping) or hasattr(name_or_config, "to_dict"):
-        extra = dict(name_or_config.to_dict() if hasattr(name_or_config, "to_dict")
-                     else name_or_config)
+        extra = dict(
+            name_or_config.to_dict() if hasattr(name_or_config, "to_dict") else name_or_config
+        )
         base = _lookup(extra.pop("name")) if "name" in extra else MAEConfig()
     else:
         raise ValueError(
-            f"expected a preset name, an MAEConfig or a mapping, got {type(name_or_config)}")
+            f"expected a preset name, an MAEConfig or a mapping, got {type(name_or_config)}"
+        )
     extra.update(overrides)
     unknown = sorted(set(extra) - _FIELDS)
     if unknown:

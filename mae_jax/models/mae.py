@@ -4,6 +4,7 @@ Attribute names mirror the official state dict (`cls_token`, `pos_embed`, `patch
 `blocks`, `norm`, `decoder_embed`, `mask_token`, `decoder_pos_embed`, `decoder_blocks`,
 `decoder_norm`, `decoder_pred`).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -14,14 +15,21 @@ from flax import nnx
 
 from mae_jax import ops
 from mae_jax.models.config import MAEConfig
-from mae_jax.models.vit import Block, FixedEmbedding, PatchEmbed, layer_norm, linear, normal
-from mae_jax.models.vit import run_blocks
+from mae_jax.models.vit import (
+    Block,
+    FixedEmbedding,
+    PatchEmbed,
+    layer_norm,
+    linear,
+    normal,
+    run_blocks,
+)
 
 
 class MAEOutput(NamedTuple):
-    loss: jax.Array         # scalar, float32
-    pred: jax.Array         # [N, L, p*p*C], float32
-    mask: jax.Array         # [N, L], 1 = removed
+    loss: jax.Array  # scalar, float32
+    pred: jax.Array  # [N, L, p*p*C], float32
+    mask: jax.Array  # [N, L], 1 = removed
     ids_restore: jax.Array  # [N, L]
 
 
@@ -37,23 +45,39 @@ class MAE(nnx.Module):
 
         self.patch_embed = PatchEmbed(c.patch_dim, d, rngs=rngs, **kw)
         self.cls_token = nnx.Param(
-            normal(0.02, (None, None, "embed"))(rngs.params(), (1, 1, d), c.storage_dtype))
+            normal(0.02, (None, None, "embed"))(rngs.params(), (1, 1, d), c.storage_dtype)
+        )
         self.pos_embed = FixedEmbedding(
-            jnp.asarray(ops.sincos_2d(d, c.grid_size))[None].astype(c.storage_dtype))
-        self.blocks = nnx.List([
-            Block(d, c.num_heads, c.mlp_ratio, attention_impl=c.attention_impl, rngs=rngs, **kw)
-            for _ in range(c.depth)])
+            jnp.asarray(ops.sincos_2d(d, c.grid_size))[None].astype(c.storage_dtype)
+        )
+        self.blocks = nnx.List(
+            [
+                Block(d, c.num_heads, c.mlp_ratio, attention_impl=c.attention_impl, rngs=rngs, **kw)
+                for _ in range(c.depth)
+            ]
+        )
         self.norm = layer_norm(d, rngs=rngs, **kw)
 
         self.decoder_embed = linear(d, dd, ("embed", "embed"), rngs=rngs, **kw)
         self.mask_token = nnx.Param(
-            normal(0.02, (None, None, "embed"))(rngs.params(), (1, 1, dd), c.storage_dtype))
+            normal(0.02, (None, None, "embed"))(rngs.params(), (1, 1, dd), c.storage_dtype)
+        )
         self.decoder_pos_embed = FixedEmbedding(
-            jnp.asarray(ops.sincos_2d(dd, c.grid_size))[None].astype(c.storage_dtype))
-        self.decoder_blocks = nnx.List([
-            Block(dd, c.decoder_num_heads, c.mlp_ratio, attention_impl=c.attention_impl,
-                  rngs=rngs, **kw)
-            for _ in range(c.decoder_depth)])
+            jnp.asarray(ops.sincos_2d(dd, c.grid_size))[None].astype(c.storage_dtype)
+        )
+        self.decoder_blocks = nnx.List(
+            [
+                Block(
+                    dd,
+                    c.decoder_num_heads,
+                    c.mlp_ratio,
+                    attention_impl=c.attention_impl,
+                    rngs=rngs,
+                    **kw,
+                )
+                for _ in range(c.decoder_depth)
+            ]
+        )
         self.decoder_norm = layer_norm(dd, rngs=rngs, **kw)
         self.decoder_pred = linear(dd, c.patch_dim, ("embed", None), rngs=rngs, **kw)
         # Own masking stream, used when neither noise nor rngs are given.
@@ -70,18 +94,22 @@ class MAE(nnx.Module):
         if ch != c.in_chans:
             raise ValueError(
                 f"images have {ch} channels (shape {shape}), the model expects {c.in_chans} "
-                f"(NHWC layout)")
+                f"(NHWC layout)"
+            )
         if h % c.patch_size or w % c.patch_size:
             raise ValueError(
-                f"image size {h}x{w} is not divisible by the patch size {c.patch_size}")
+                f"image size {h}x{w} is not divisible by the patch size {c.patch_size}"
+            )
         if h != w:
             raise ValueError(
                 f"images are {h}x{w}, a non-square patch grid; the model needs square "
-                f"{c.img_size}x{c.img_size} images")
+                f"{c.img_size}x{c.img_size} images"
+            )
         if h != c.img_size:
             raise ValueError(
                 f"images are {h}x{w}, the model was built for {c.img_size}x{c.img_size}; "
-                f"create it with img_size={h} (position embeddings are interpolated on import)")
+                f"create it with img_size={h} (position embeddings are interpolated on import)"
+            )
 
     # ----------------------------------------------------------------------------- encoder
     def _embed(self, patches: jax.Array, ids: jax.Array | None) -> jax.Array:
@@ -98,7 +126,8 @@ class MAE(nnx.Module):
         """Prepend cls (+ its zero pos row), run the blocks and the final norm."""
         c = self.config
         cls = (self.cls_token.get_value() + self.pos_embed.get_value()[:, :1]).astype(
-            c.compute_dtype)
+            c.compute_dtype
+        )
         x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[-1])), x], axis=1)
         return self.norm(run_blocks(self.blocks, x, c.remat))
 
@@ -120,8 +149,14 @@ class MAE(nnx.Module):
         return self.decoder_pred(x)[:, 1:].astype(jnp.float32)
 
     # ----------------------------------------------------------------------------- forward
-    def __call__(self, images: jax.Array, *, noise: jax.Array | None = None,
-                 mask_ratio: float | None = None, rngs: nnx.Rngs | None = None) -> MAEOutput:
+    def __call__(
+        self,
+        images: jax.Array,
+        *,
+        noise: jax.Array | None = None,
+        mask_ratio: float | None = None,
+        rngs: nnx.Rngs | None = None,
+    ) -> MAEOutput:
         """Masked forward pass on normalized images `[N, H, W, C]`.
 
         The mask comes from `noise [N, L]` when given (fully determined, as the reference),
@@ -137,8 +172,7 @@ class MAE(nnx.Module):
             key = (rngs if rngs is not None else self.rngs).masking()
             ids_keep, mask, ids_restore = ops.random_masking(n, c.num_patches, ratio, key=key)
         else:
-            ids_keep, mask, ids_restore = ops.random_masking(n, c.num_patches, ratio,
-                                                             noise=noise)
+            ids_keep, mask, ids_restore = ops.random_masking(n, c.num_patches, ratio, noise=noise)
         x = self._embed(target.astype(c.compute_dtype), ids_keep)
         latent = self._encode_tokens(x)
         pred = self.decode(latent, ids_restore)

@@ -5,6 +5,7 @@ Tokens are `[N, T, D]`. Parameter names mirror the official PyTorch/timm release
 converter is a rename plus transposes. Every parameter carries a `logical_axes` metadata tuple
 that `mae_jax.sharding` maps to mesh axes; the modules themselves know nothing of meshes.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -41,7 +42,7 @@ def normal(std: float, axes: tuple[str | None, ...]):
 
 def uniform_fan_in(fan_in: int, axes: tuple[str | None, ...]):
     """PyTorch's default Conv2d/Linear bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / fan_in ** 0.5
+    bound = 1.0 / fan_in**0.5
 
     def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -49,20 +50,38 @@ def uniform_fan_in(fan_in: int, axes: tuple[str | None, ...]):
     return nnx.with_metadata(init, logical_axes=axes)
 
 
-def linear(d_in: int, d_out: int, axes: tuple[str | None, str | None], *, dtype, param_dtype,
-           rngs: nnx.Rngs) -> nnx.Linear:
+def linear(
+    d_in: int,
+    d_out: int,
+    axes: tuple[str | None, str | None],
+    *,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
     """Linear with the official init: xavier-uniform kernel `[in, out]`, zero bias."""
     return nnx.Linear(
-        d_in, d_out, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=xavier_uniform(axes), bias_init=zeros((axes[1],)), rngs=rngs,
+        d_in,
+        d_out,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=xavier_uniform(axes),
+        bias_init=zeros((axes[1],)),
+        rngs=rngs,
     )
 
 
 def layer_norm(dim: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
     """LayerNorm with eps 1e-6; statistics in float32 with the exact (two-pass) variance."""
     return nnx.LayerNorm(
-        dim, epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
-        scale_init=ones(("embed",)), bias_init=zeros(("embed",)), rngs=rngs,
+        dim,
+        epsilon=LN_EPS,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_init=ones(("embed",)),
+        bias_init=zeros(("embed",)),
+        rngs=rngs,
     )
 
 
@@ -76,9 +95,13 @@ class PatchEmbed(nnx.Module):
 
     def __init__(self, patch_dim: int, embed_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.proj = nnx.Linear(
-            patch_dim, embed_dim, dtype=dtype, param_dtype=param_dtype,
+            patch_dim,
+            embed_dim,
+            dtype=dtype,
+            param_dtype=param_dtype,
             kernel_init=xavier_uniform((None, "embed")),
-            bias_init=uniform_fan_in(patch_dim, ("embed",)), rngs=rngs,
+            bias_init=uniform_fan_in(patch_dim, ("embed",)),
+            rngs=rngs,
         )
 
     def __call__(self, patches: jax.Array) -> jax.Array:
@@ -92,16 +115,26 @@ class Attention(nnx.Module):
     'xla', or 'cudnn').
     """
 
-    def __init__(self, dim: int, num_heads: int, *, dtype, param_dtype,
-                 implementation: str | None = None, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        dtype,
+        param_dtype,
+        implementation: str | None = None,
+        rngs: nnx.Rngs,
+    ):
         if dim % num_heads:
             raise ValueError(f"embedding dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.implementation = implementation
-        self.qkv = linear(dim, 3 * dim, ("embed", "qkv"), dtype=dtype, param_dtype=param_dtype,
-                          rngs=rngs)
-        self.proj = linear(dim, dim, ("heads", "embed"), dtype=dtype, param_dtype=param_dtype,
-                           rngs=rngs)
+        self.qkv = linear(
+            dim, 3 * dim, ("embed", "qkv"), dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.proj = linear(
+            dim, dim, ("heads", "embed"), dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n, t, d = x.shape
@@ -116,10 +149,12 @@ class Mlp(nnx.Module):
     """fc1 -> exact GELU -> fc2."""
 
     def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.fc1 = linear(dim, hidden, ("embed", "mlp"), dtype=dtype, param_dtype=param_dtype,
-                          rngs=rngs)
-        self.fc2 = linear(hidden, dim, ("mlp", "embed"), dtype=dtype, param_dtype=param_dtype,
-                          rngs=rngs)
+        self.fc1 = linear(
+            dim, hidden, ("embed", "mlp"), dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.fc2 = linear(
+            hidden, dim, ("mlp", "embed"), dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
@@ -149,9 +184,18 @@ class DropPath(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, dtype, param_dtype,
-                 attention_impl: str | None = None, drop_path: float = 0.0,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        *,
+        dtype,
+        param_dtype,
+        attention_impl: str | None = None,
+        drop_path: float = 0.0,
+        rngs: nnx.Rngs,
+    ):
         kw: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = layer_norm(dim, **kw)
         self.attn = Attention(dim, num_heads, implementation=attention_impl, **kw)
