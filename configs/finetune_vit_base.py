@@ -5,7 +5,7 @@ label smoothing 0.1, random erasing 0.25, global average pooling.
 
 Run:
   python -m mae_jax.main --config=configs/finetune_vit_base.py --workdir=DIR \
-      --config.pretrained=PRETRAIN_WORKDIR
+      --config.init_from.path=PRETRAIN_WORKDIR
 (PRETRAIN_WORKDIR: a pretraining workdir, or one written by `python -m mae_jax.convert import`
 from the official checkpoint.) Needs the TFDS `imagenet2012` data set (`--config.data.data_dir`).
 Expected: top-1 83.6% (the paper's fine-tuned ViT-B), in DIR/eval_results.json.

@@ -4,7 +4,7 @@ configs/finetune_vit_base.py) with base lr 1e-3, layer-wise lr decay 0.75, drop 
 
 Run:
   python -m mae_jax.main --config=configs/finetune_vit_huge.py --workdir=DIR \
-      --config.pretrained=PRETRAIN_WORKDIR
+      --config.init_from.path=PRETRAIN_WORKDIR
 Expected: top-1 86.9% (the paper's fine-tuned ViT-H at 224 px), in DIR/eval_results.json.
 """
 

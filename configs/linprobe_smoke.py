@@ -11,7 +11,7 @@ paper's protocol (frozen encoder, BatchNorm without affine + linear head, LARS, 
 Run (after the pretraining smoke run), about 2 minutes on 2 CPU cores:
   python -m mae_jax.main --config=configs/smoke.py --workdir=/tmp/mae_smoke
   python -m mae_jax.main --config=configs/linprobe_smoke.py --workdir=/tmp/mae_linprobe_smoke \
-      --config.pretrained=/tmp/mae_smoke
+      --config.init_from.path=/tmp/mae_smoke
 Expected: eval top-1 about 73-75% (the same probe of the encoder at its random initialization:
 about 67-68%), top-5 100%, in /tmp/mae_linprobe_smoke/eval_results.json.
 """

@@ -4,7 +4,7 @@ encoder, cls token, BatchNorm (no affine) + linear head, LARS base lr 0.1 (lr 6.
 
 Run:
   python -m mae_jax.main --config=configs/linprobe_vit_base.py --workdir=DIR \
-      --config.pretrained=PRETRAIN_WORKDIR
+      --config.init_from.path=PRETRAIN_WORKDIR
 (PRETRAIN_WORKDIR: a pretraining workdir, or one written by `python -m mae_jax.convert import`
 from the official checkpoint.) Needs the TFDS `imagenet2012` data set (`--config.data.data_dir`).
 Expected: top-1 68.0% (the paper's ViT-B linear probe, 800-epoch pretraining), in

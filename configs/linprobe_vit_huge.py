@@ -3,7 +3,7 @@ configs/linprobe_vit_base.py): LARS base lr 0.1, batch 16384, 90 epochs, 10 warm
 
 Run:
   python -m mae_jax.main --config=configs/linprobe_vit_huge.py --workdir=DIR \
-      --config.pretrained=PRETRAIN_WORKDIR
+      --config.init_from.path=PRETRAIN_WORKDIR
 Expected: top-1 76.6% (the paper's ViT-H linear probe), in DIR/eval_results.json.
 """
 

@@ -24,4 +24,5 @@ def get_config():
     c.checkpoint_every_steps = 50
     c.log_every_steps = 20
     c.reconstruction_every_steps = 50
+    c.keep_every_epochs = 0
     return c

@@ -167,6 +167,10 @@ class EmbeddedSource:
             )
         return int(self._cfg.get("embedded_eval_per_class", embedded_data.DEFAULT_EVAL_PER_CLASS))
 
+    def describe(self, split: str) -> str:
+        """Names the data in error messages."""
+        return f"split {split!r} of the embedded data set"
+
     def _split(self, split: str) -> embedded_data.EmbeddedSplit:
         return embedded_data.build_split(split, self._resolution(), self._per_class(split))
 
@@ -231,6 +235,13 @@ class FolderSource:
             raise ValueError(f"folder_eval_fraction must be in [0, 1), got {self._fraction}")
         self._cache: dict[str, tuple[list[str], np.ndarray]] = {}
         self._classes = self._class_names()
+
+    def describe(self, split: str) -> str:
+        """Names the data in error messages."""
+        root = self._split_root(split)
+        if root is not None:
+            return f"split {split!r} of image folder {root!r}"
+        return f"split {split!r} of image folder {self._root!r}"
 
     def _split_root(self, split: str) -> str | None:
         root = os.path.join(self._root, split)
@@ -417,6 +428,11 @@ class TfdsSource:
     @property
     def has_labels(self) -> bool:
         return self._label_key is not None
+
+    def describe(self, split: str) -> str:
+        """Names the data in error messages."""
+        where = f"data_dir {self._data_dir!r}" if self._data_dir else "the default data_dir"
+        return f"split {split!r} of TFDS dataset {self._name!r} in {where}"
 
     def _check_split(self, split):
         try:

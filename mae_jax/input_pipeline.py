@@ -10,6 +10,8 @@ Public API:
       one pass, yields {'image', 'label', 'mask' bool [B/P]} (resize + center crop);
       the last batch is padded, `mask` marks real examples.
   dataset_info(cfg) -> DatasetInfo(num_train_examples, num_eval_examples, num_classes)
+  InputError (a ValueError): the data cannot be read (see below).
+  Interrupted: `should_stop()` returned True while waiting for data.
 
 Stream model. Each process p of P reads its own shard of n examples (disjoint
 shards covering the split). Its stream is epoch 0, epoch 1, ... back to back,
@@ -29,7 +31,12 @@ errors are caught (a bad file yields ok=False, not an exception). The bad
 example's slot is filled with a copy of a good example of the same batch (so
 batch positions, hence resumption, are unchanged; eval batches instead mark it
 with mask=False) and `it.skipped` counts it (logged). A batch with no good
-example is dropped (its position is still consumed).
+example is dropped (its position is still consumed). Skips are logged for the
+first few batches, then summarized every `_LOG_SKIPS_EVERY` such batches. More
+than `cfg.max_consecutive_bad` unreadable examples in a row (across batches)
+raise `InputError`: the data set is broken, not merely dirty. While batches
+are being dropped the iterator calls `should_stop()` (if given) between them
+and raises `Interrupted` when it returns True (e.g. after a SIGTERM).
 """
 
 from __future__ import annotations
@@ -53,6 +60,17 @@ log = logging.getLogger(__name__)
 # between chunks (TFDS: once per epoch).
 _MIN_CHUNK_BATCHES = 200
 _AUG_TAG = 0xA06
+# Batches with skipped examples logged one by one, then one summary per this many.
+_LOG_FIRST_SKIPS = 5
+_LOG_SKIPS_EVERY = 100
+
+
+class InputError(ValueError):
+    """The configured data cannot be read (too many unreadable examples in a row)."""
+
+
+class Interrupted(Exception):
+    """`should_stop()` returned True while the iterator was waiting for data."""
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -83,7 +101,18 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.embedded_resolution = 0  # stored crop side (0: from image_size)
     cfg.embedded_train_per_class = 240
     cfg.embedded_eval_per_class = 60
+    cfg.max_consecutive_bad = 1000  # more unreadable examples in a row -> InputError
     return cfg
+
+
+def _check_max_bad(value) -> int:
+    """`max_consecutive_bad` as a positive int, or a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(
+            f"data config max_consecutive_bad must be a positive int (the number of "
+            f"unreadable examples in a row that stops the run), got {value!r}"
+        )
+    return int(value)
 
 
 def _resolve(cfg) -> ml_collections.ConfigDict:
@@ -92,6 +121,8 @@ def _resolve(cfg) -> ml_collections.ConfigDict:
     unknown = sorted(set(cfg.keys()) - set(full.keys()))
     if unknown:
         log.warning("data config keys not used by the input pipeline: %s", unknown)
+    if "max_consecutive_bad" in cfg:
+        _check_max_bad(cfg["max_consecutive_bad"])  # before update: its TypeError is vaguer
     full.update(cfg)
     return full
 
@@ -219,6 +250,7 @@ class DataIterator:
       position: index of the next batch in the stream (= start_step + batches
         consumed); store it in checkpoints and pass it back as `start_step`.
       skipped: corrupt/unreadable examples met so far by this process.
+      consecutive_bad: unreadable examples in a row up to the last batch.
       local_batch_size: examples per batch on this process.
 
     Batches come from a fast pipeline; when fetching one fails (a corrupt or
@@ -226,6 +258,11 @@ class DataIterator:
     batch for `GUARDED_WINDOW` batches, then fast again. Since batch k is a
     pure function of k, switching pipelines never changes the stream. After
     `MAX_FAST_FAILURES` failures the iterator stays guarded.
+
+    More than `max_consecutive_bad` unreadable examples in a row raise
+    `InputError` naming `source` (a description of the data). Between dropped
+    batches (no readable example) `should_stop()` is called, if given; True
+    raises `Interrupted`.
     """
 
     GUARDED_WINDOW = 64
@@ -239,7 +276,13 @@ class DataIterator:
         total_batches: int | None = None,
         always_guarded: bool = False,
         name: str = "data",
+        *,
+        max_consecutive_bad: int = 1000,
+        source: str = "the data set",
+        should_stop: Callable[[], bool] | None = None,
     ):
+        if should_stop is not None and not callable(should_stop):
+            raise ValueError(f"should_stop must be a callable () -> bool, got {should_stop!r}")
         self._open_chunk = open_chunk
         self.position = int(start_step)
         self.skipped = 0
@@ -248,6 +291,13 @@ class DataIterator:
         self._always_guarded = always_guarded
         self._fast_failures = 0
         self._name = name
+        self._max_bad = _check_max_bad(max_consecutive_bad)
+        self._source = source
+        self._should_stop = should_stop
+        self.consecutive_bad = 0
+        self._skip_batches = 0  # batches with skipped examples
+        # Not yet logged (after the first _LOG_FIRST_SKIPS): batches, examples, dropped.
+        self._quiet_batches = self._quiet_skipped = self._quiet_dropped = 0
         self._it: Iterator | None = None
         self._chunk_left = 0
 
@@ -298,27 +348,22 @@ class DataIterator:
         while True:
             batch = self._next_raw()
             ok = batch.pop("ok")
-            bad = int((~ok & batch.get("mask", np.ones_like(ok))).sum())
-            if bad:
-                self.skipped += bad
-                log.warning(
-                    "%s: skipped %d corrupt or unreadable image(s) in batch %d "
-                    "(%d skipped so far on this process)",
-                    self._name,
-                    bad,
-                    self.position - 1,
-                    self.skipped,
-                )
+            if ok.all():  # the common case: nothing else to do
+                self.consecutive_bad = 0
+                return batch
+            real = batch.get("mask", np.ones_like(ok))
+            bad = int((~ok & real).sum())
+            self._count_bad(ok[real], bad)
             if "mask" in batch:
                 batch["mask"] = batch["mask"] & ok
                 return batch
-            if ok.all():
-                return batch
             good = np.flatnonzero(ok)
             if good.size == 0:
-                log.warning(
-                    "%s: batch %d had no readable image; dropped", self._name, self.position - 1
-                )
+                if self._should_stop is not None and self._should_stop():
+                    raise Interrupted(
+                        f"{self._name}: stopped while waiting for readable data "
+                        f"(at batch {self.position}, {self.skipped} examples skipped)"
+                    )
                 continue
             bad_rows = np.flatnonzero(~ok)
             src = good[np.arange(bad_rows.size) % good.size]
@@ -326,6 +371,58 @@ class DataIterator:
                 batch[k] = np.array(batch[k])  # as_numpy_iterator arrays are read-only
                 batch[k][bad_rows] = batch[k][src]
             return batch
+
+    def _count_bad(self, ok: np.ndarray, bad: int):
+        """Counts, logs and bounds the unreadable examples of a batch (`ok`: its real rows)."""
+        good = np.flatnonzero(ok)
+        if good.size == 0:
+            longest = self.consecutive_bad = self.consecutive_bad + ok.size
+        else:
+            gaps = np.diff(good) - 1 if good.size > 1 else np.zeros(1, np.int64)
+            longest = max(self.consecutive_bad + int(good[0]), int(gaps.max()))
+            self.consecutive_bad = int(ok.size - 1 - good[-1])
+            longest = max(longest, self.consecutive_bad)
+        self.skipped += bad
+        if longest > self._max_bad:
+            raise InputError(
+                f"{self._name}: {longest} examples in a row from {self._source} could not be "
+                f"read or decoded (up to batch {self.position - 1}, {self.skipped} skipped in "
+                f"all); check that the files are readable, valid JPEG/PNG images (not empty, "
+                f"truncated or another format), or raise the data config key "
+                f"max_consecutive_bad (now {self._max_bad}) if the data is merely dirty"
+            )
+        if not bad:
+            return
+        self._skip_batches += 1
+        dropped = good.size == 0
+        if self._skip_batches <= _LOG_FIRST_SKIPS:
+            log.warning(
+                "%s: skipped %d corrupt or unreadable image(s) in batch %d%s "
+                "(%d skipped so far on this process)%s",
+                self._name,
+                bad,
+                self.position - 1,
+                "; dropped it, no readable image" if dropped else "",
+                self.skipped,
+                "; further skips are summarized" if self._skip_batches == _LOG_FIRST_SKIPS else "",
+            )
+            return
+        self._quiet_batches += 1
+        self._quiet_skipped += bad
+        self._quiet_dropped += int(dropped)
+        if self._quiet_batches >= _LOG_SKIPS_EVERY:
+            log.warning(
+                "%s: skipped %d corrupt or unreadable image(s) in %d batches (%d dropped) "
+                "up to batch %d (%d skipped so far on this process, %d in a row)",
+                self._name,
+                self._quiet_skipped,
+                self._quiet_batches,
+                self._quiet_dropped,
+                self.position - 1,
+                self.skipped,
+                self.consecutive_bad,
+            )
+            self._quiet_batches = self._quiet_skipped = self._quiet_dropped = 0
 
     def close(self):
         self._it = None
@@ -342,6 +439,7 @@ def _stream_iterator(
     with_labels: bool,
     name: str,
     augment_fn: Callable | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> DataIterator:
     tf = tf_module()
     cfg = _resolve(cfg)
@@ -389,7 +487,15 @@ def _stream_iterator(
         ds = ds.prefetch(tf.data.AUTOTUNE if prefetch < 0 else prefetch)
         return ds.with_options(options), num_batches
 
-    return DataIterator(open_chunk, start_step, b, name=name)
+    return DataIterator(
+        open_chunk,
+        start_step,
+        b,
+        name=name,
+        max_consecutive_bad=cfg.max_consecutive_bad,
+        source=source.describe(str(cfg.train_split)),
+        should_stop=should_stop,
+    )
 
 
 def create_pretrain_iterator(
@@ -399,6 +505,8 @@ def create_pretrain_iterator(
     start_step: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
+    *,
+    should_stop: Callable[[], bool] | None = None,
 ) -> DataIterator:
     """Infinite MAE pretraining batches {'image': float32 [B/P, S, S, 3]}.
 
@@ -406,6 +514,9 @@ def create_pretrain_iterator(
     bicubic) + horizontal flip + ImageNet normalization, over `cfg.train_split`.
     `start_step=K` yields first the batch a fresh iterator yields as its K-th.
     process_index/process_count default to jax.process_index()/process_count().
+    `should_stop()` is polled between batches dropped as unreadable; True raises
+    `Interrupted`. More than cfg.max_consecutive_bad unreadable examples in a
+    row raise `InputError`.
     """
     return _stream_iterator(
         cfg,
@@ -417,6 +528,7 @@ def create_pretrain_iterator(
         "crop_min_scale",
         False,
         "pretrain",
+        should_stop=should_stop,
     )
 
 
@@ -428,6 +540,8 @@ def create_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     augment_fn: Callable | None = None,
+    *,
+    should_stop: Callable[[], bool] | None = None,
 ) -> DataIterator:
     """Infinite labelled batches {'image': float32 [B/P,S,S,3], 'label': int32 [B/P]}.
 
@@ -440,6 +554,8 @@ def create_train_iterator(
     function of the example's crop seed), and returns the normalized float32
     [S, S, 3] model input. Fine-tuning uses it for RandAugment + RandomErasing
     (see `data_augment.random_resized_crop`).
+
+    `should_stop` and unreadable data behave as in `create_pretrain_iterator`.
     """
     return _stream_iterator(
         cfg,
@@ -452,6 +568,7 @@ def create_train_iterator(
         True,
         "train",
         augment_fn,
+        should_stop,
     )
 
 
@@ -539,5 +656,12 @@ def create_eval_iterator(
         b,
     )
     return DataIterator(
-        open_chunk, 0, b, total_batches=num_batches, always_guarded=True, name="eval"
+        open_chunk,
+        0,
+        b,
+        total_batches=num_batches,
+        always_guarded=True,
+        name="eval",
+        max_consecutive_bad=cfg.max_consecutive_bad,
+        source=source.describe(split),
     )

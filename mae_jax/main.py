@@ -4,17 +4,27 @@ Override any config key with `--config.key=value` (e.g. `--config.batch_size=256
 the same command on the same workdir resumes from its latest complete checkpoint. On several
 hosts, `jax.distributed` is initialized first: automatically on Cloud TPU VMs, or from
 `--coordinator_address`, `--num_processes` and `--process_id` elsewhere (e.g. SLURM).
+
+A bad command line (an unknown `--config.KEY`, a value of the wrong type, a missing or broken
+config file) ends in one line `error: ...` on stderr and exit status 2, before anything is
+written; an invalid config (e.g. `--config.model.num_heads` not dividing `embed_dim`) or a
+failed run in `error: ...` and exit status 1.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging as pylogging
 import os
+import re
 import sys
+import traceback
+import types
+from typing import Any
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+from ml_collections import config_dict, config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
@@ -78,6 +88,160 @@ def init_distributed() -> None:
     )
 
 
+# ------------------------------------------------------------------ command-line checking
+class CommandLineError(Exception):
+    """A bad command line, reported as one line `error: ...` and exit status 2."""
+
+
+# --config.a.b=v, --config.a.b v, --noconfig.a.b (absl also accepts one leading dash)
+_OVERRIDE = re.compile(r"--?(no)?config\.([^=]*)(?:=(.*))?", re.DOTALL)
+# type of a config field -> (absl parser, what it expects)
+_TYPE_CHECKS = {
+    bool: (flags.BooleanParser(), "a bool (true or false)"),
+    int: (flags.IntegerParser(), "an int"),
+    float: (flags.FloatParser(), "a float"),
+}
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _config_path(args: list[str]) -> str | None:
+    """The value of the last `--config` in `args` (None without one)."""
+    path = None
+    for i, arg in enumerate(args):
+        name, eq, value = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name == "config":
+            path = value if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return path
+
+
+def load_config(path: str) -> Any:
+    """Run the config file `path` (`FILE` or `FILE:ARG`) and return its `get_config(...)`;
+    a missing file, a syntax error or an exception in it raises `CommandLineError`."""
+    file, *arg = path.split(":", 1)
+    if not os.path.isfile(file):
+        what = "is not a file" if os.path.exists(file) else "does not exist"
+        raise CommandLineError(f"config file {file!r} {what}")
+    try:
+        with open(file) as f:
+            code = compile(f.read(), file, "exec")
+    except SyntaxError as e:
+        raise CommandLineError(
+            f"config file {file!r} has a syntax error at line {e.lineno}: {e.msg}"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise CommandLineError(f"config file {file!r} cannot be read: {_first_line(e)}") from None
+    module = types.ModuleType("mae_jax_checked_config")
+    module.__file__ = file
+    try:
+        exec(code, module.__dict__)
+        if not callable(getattr(module, "get_config", None)):
+            raise CommandLineError(f"config file {file!r} has no get_config() function")
+        config = module.get_config(*arg)
+    except CommandLineError:
+        raise
+    except Exception as e:
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == file]
+        where = f" at line {lines[-1]}" if lines else ""
+        raise CommandLineError(
+            f"config file {file!r} failed{where}: {type(e).__name__}: {_first_line(e)}"
+        ) from None
+    if config is None:
+        raise CommandLineError(f"config file {file!r}: get_config() returned None")
+    return config
+
+
+def _field_type(config: config_dict.ConfigDict, key: str) -> type | None:
+    """The type of `config.KEY`; `CommandLineError` when `config` has no such key (None when
+    the key is left to ml_collections: indexing, or a group that is None)."""
+    holder, parts = config, key.split(".")
+    for depth, part in enumerate(parts):
+        if "[" in part or holder is None:
+            return None
+        where = ".".join(["config", *parts[:depth]])
+        if not isinstance(holder, config_dict.ConfigDict):
+            raise CommandLineError(
+                f"unknown config key {key!r}: {where} is {holder!r}, not a group of keys"
+            )
+        if part not in holder:
+            known = sorted(holder.keys())
+            close = difflib.get_close_matches(part, known, n=1)
+            prefix = "".join(p + "." for p in parts[:depth])
+            hint = (
+                f"did you mean {prefix + close[0]!r}?"
+                if close
+                else f"{where} has keys {', '.join(known)}"
+            )
+            raise CommandLineError(f"unknown config key {key!r}; {hint}")
+        if depth == len(parts) - 1:
+            return holder.get_type(part)
+        holder = holder[part]
+    return None
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Load the `--config` file and check each `--config.KEY[=VALUE]` of `argv` against it
+    (key, and type of value), raising `CommandLineError` for the first problem."""
+    args = flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+    if "--" in args:
+        args = args[: args.index("--")]
+    path = _config_path(args)
+    if path is None:
+        return  # absl reports the missing --config
+    config = load_config(path)
+    if not isinstance(config, config_dict.ConfigDict):
+        return
+    for i, arg in enumerate(args):
+        m = _OVERRIDE.fullmatch(arg)
+        if not m:
+            continue
+        negated, key, value = m.groups()
+        field_type = _field_type(config, key)
+        if negated:
+            continue
+        if value is None and field_type is not bool and i + 1 < len(args):
+            value = args[i + 1]  # `--config.KEY VALUE`
+        if value is not None and field_type in _TYPE_CHECKS:
+            parser, expected = _TYPE_CHECKS[field_type]
+            try:
+                parser.parse(value)
+            except (TypeError, ValueError):
+                raise CommandLineError(f"config.{key} must be {expected}, got {value!r}") from None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """`app.run`'s flag parser: absl's, but a bad command line ends in one line `error: ...` on
+    stderr and exit status 2 (usage error) instead of a traceback."""
+    try:
+        check_command_line(argv)
+        return flags.FLAGS(argv)
+    except CommandLineError as e:
+        message = str(e)
+    except flags.Error as e:
+        message = _first_line(e)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections overrides
+        message = f"cannot apply the --config overrides: {_first_line(e)}"
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def check_model(config) -> None:
+    """Refuse an invalid `config.model` (ValueError) before anything is written to the workdir.
+    A model without a name (its architecture comes from a checkpoint) is left to the task."""
+    from mae_jax import models
+
+    block = config.get("model")
+    if not isinstance(block, config_dict.ConfigDict) or not block.get("name"):
+        return
+    try:
+        models.resolve(block)
+    except ValueError as e:
+        raise ValueError(f"config.model: {e}") from None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -93,6 +257,7 @@ def main(argv):
     module, function = TASKS[task].split(":")
     entry = getattr(importlib.import_module(module), function)
     try:
+        check_model(config)
         entry(config, _WORKDIR.value)
     except (ValueError, train.TrainingError) as e:
         logging.error("%s", e)
@@ -101,4 +266,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -18,15 +18,15 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 from absl import logging
+
+from mae_jax import workdir as wd
 
 JSONL_NAME = "metrics.jsonl"
 
@@ -92,16 +92,15 @@ def _read_step(line: str) -> int | None:
 
 def read_jsonl(workdir) -> list[dict]:
     """All complete records of `workdir/metrics.jsonl` (a torn last line is skipped)."""
-    path = os.path.join(os.fspath(workdir), JSONL_NAME)
-    if not os.path.exists(path):
+    path = wd.join(wd.normalize(workdir), JSONL_NAME)
+    if not wd.exists(path):
         return []
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
+    for line in wd.read_text(path).splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
     return records
 
 
@@ -114,31 +113,18 @@ def truncate_after(workdir, step: int) -> int:
     if isinstance(step, bool) or int(step) != step:
         raise ValueError(f"step must be an int, got {step!r}")
     step = int(step)
-    workdir = os.fspath(workdir)
-    path = os.path.join(workdir, JSONL_NAME)
-    if not os.path.exists(path):
+    path = wd.join(wd.normalize(workdir), JSONL_NAME)
+    if not wd.exists(path):
         return 0
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
+    lines = wd.read_text(path).splitlines(keepends=True)
     kept = []
     for line in lines:
         s = _read_step(line)
         if s is not None and s <= step:
             kept.append(line if line.endswith("\n") else line + "\n")
     removed = len(lines) - len(kept)
-    if removed == 0:
-        return 0
-    fd, tmp = tempfile.mkstemp(prefix=JSONL_NAME + ".", suffix=".tmp", dir=workdir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    if removed:
+        wd.write_text(path, "".join(kept))
     return removed
 
 
@@ -176,7 +162,7 @@ class MetricsWriter:
             raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        self.workdir = os.fspath(workdir)
+        self.workdir = wd.normalize(workdir)
         self.is_primary = bool(is_primary)
         self.total_steps = None if total_steps is None else int(total_steps)
         self._console = console
@@ -185,16 +171,17 @@ class MetricsWriter:
         self._last_time: float | None = None
         self._last_step: int | None = None
         self._steps_per_sec: float | None = None
-        self._file = None
+        self._pending: list[str] = []
+        self._last_flush = 0.0
         self._tf = None
         self._tb = None
         self._closed = False
         if not self.is_primary:
             return
-        if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
+        if wd.exists(self.workdir) and not wd.isdir(self.workdir):
             raise ValueError(f"workdir {self.workdir!r} exists and is not a directory")
-        os.makedirs(self.workdir, exist_ok=True)
-        self._file = open(os.path.join(self.workdir, JSONL_NAME), "a", encoding="utf-8")
+        wd.makedirs(self.workdir)
+        self._path = wd.join(self.workdir, JSONL_NAME)
         if tensorboard:
             self._tb = self._open_tensorboard()
 
@@ -238,8 +225,10 @@ class MetricsWriter:
             return
         self._check_open()
         record = {"step": step, **{k: _json_value(v) for k, v in values.items()}}
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
+        self._pending.append(json.dumps(record, allow_nan=False) + "\n")
+        # Object stores rewrite the whole file to append: there, at most once a minute.
+        if not wd.is_remote(self.workdir) or time.monotonic() - self._last_flush > 60:
+            self._flush_lines()
         if self._tb is not None:
             with self._tb.as_default(step=step):
                 for k, v in values.items():
@@ -331,9 +320,15 @@ class MetricsWriter:
         if self._closed:
             raise ValueError("MetricsWriter is closed")
 
+    def _flush_lines(self):
+        if self._pending:
+            wd.append_text(self._path, "".join(self._pending))
+            self._pending = []
+        self._last_flush = time.monotonic()
+
     def flush(self):
-        if self._file is not None and not self._closed:
-            self._file.flush()
+        if self.is_primary and not self._closed:
+            self._flush_lines()
         if self._tb is not None and not self._closed:
             self._tb.flush()
 
@@ -342,8 +337,6 @@ class MetricsWriter:
             return
         self.flush()
         self._closed = True
-        if self._file is not None:
-            self._file.close()
         if self._tb is not None:
             self._tb.close()
 

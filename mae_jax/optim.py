@@ -118,6 +118,47 @@ def warmup_cosine_schedule(
     return schedule
 
 
+def extended_schedule(
+    peak_lr: float,
+    total_steps: int,
+    warmup_steps: int,
+    min_lr: float = 0.0,
+    extensions: Sequence[Sequence[int]] = (),
+) -> optax.Schedule:
+    """The warm-up + cosine schedule of a run whose length was changed while it ran.
+
+    `extensions`: `(from_step, previous_total)` pairs, oldest first: at `from_step` the run,
+    then planned for `previous_total` steps, was extended (to the next pair's total, the last one
+    to `total_steps`). Up to `from_step` the schedule is the one followed; from there the lr it
+    had reached decays by the same half-cosine to `min_lr` at the new total, so the lr never
+    jumps. An extension during warm-up keeps the warm-up and stretches the cosine.
+    """
+    pairs = [(int(s), int(t)) for s, t in extensions]
+    totals = [t for _, t in pairs] + [total_steps]
+    schedule = warmup_cosine_schedule(peak_lr, totals[0], warmup_steps, min_lr)
+    for (start, _), new_total in zip(pairs, totals[1:], strict=True):
+        if new_total < start:
+            raise ValueError(f"an extension at step {start} to {new_total} steps ends before it")
+        if start <= warmup_steps:
+            schedule = warmup_cosine_schedule(peak_lr, new_total, warmup_steps, min_lr)
+            continue
+        schedule = _continue_cosine(schedule, start, new_total, float(min_lr))
+    return schedule
+
+
+def _continue_cosine(before: optax.Schedule, start: int, total: int, floor: float):
+    value = float(before(start))
+    length = float(max(total - start, 1))
+
+    def schedule(step):
+        t = jnp.asarray(step, jnp.float32)
+        frac = jnp.clip((t - start) / length, 0.0, 1.0)
+        after = floor + (value - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+        return jnp.where(t < start, before(step), after).astype(jnp.float32)
+
+    return schedule
+
+
 def scaled_lr(base_lr: float, global_batch_size: int) -> float:
     """The linear scaling rule: `base_lr * global_batch_size / 256`."""
     _check_number("base_lr", base_lr)
@@ -324,6 +365,9 @@ def default_optim_config() -> ml_collections.ConfigDict:
     c.batch_size = 4096  # global batch, for the lr scaling rule
     c.warmup_steps = 40 * 312
     c.total_steps = 800 * 312
+    # (from_step, previous_total) pairs of a run extended while it ran (`extended_schedule`):
+    # set by the training plan from the run's checkpoints, not by hand.
+    c.extensions = config_dict.placeholder(tuple)
     c.min_lr = 0.0
     c.b1 = 0.9
     c.b2 = 0.95
@@ -365,11 +409,12 @@ def peak_learning_rate(optim_config: ml_collections.ConfigDict) -> float:
 
 def learning_rate_fn(optim_config: ml_collections.ConfigDict) -> optax.Schedule:
     """The schedule `create_optimizer` uses: step -> lr (float32), for logging."""
-    return warmup_cosine_schedule(
+    return extended_schedule(
         peak_learning_rate(optim_config),
         _get(optim_config, "total_steps"),
         _get(optim_config, "warmup_steps"),
         _get(optim_config, "min_lr"),
+        _get(optim_config, "extensions") or (),
     )
 
 

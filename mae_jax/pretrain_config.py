@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from mae_jax import input_pipeline, optim
+from mae_jax import init_from, input_pipeline, models, optim
 
 
 def base_config(model_name: str) -> ml_collections.ConfigDict:
@@ -15,16 +15,14 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "pretrain"
     c.seed = 0
-    c.model = ml_collections.ConfigDict(
-        dict(
-            name=model_name,
-            norm_pix_loss=True,
-            mask_ratio=0.75,
-            dtype="bfloat16",
-            param_dtype="float32",
-            remat=False,
-            attention_impl=config_dict.placeholder(str),
-        )
+    # every MAEConfig field; the architecture ones default (None) to the preset's
+    c.model = models.config_block(
+        model_name,
+        norm_pix_loss=True,
+        mask_ratio=0.75,
+        dtype="bfloat16",
+        param_dtype="float32",
+        remat=False,
     )
     c.data = input_pipeline.default_data_config()
     c.data.source = "tfds"
@@ -39,8 +37,12 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     c.optim = optim.default_optim_config()
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding_rules = config_dict.placeholder(tuple)  # None: mae_jax.sharding.DEFAULT_RULES
+    # Starting weights of a new run (a workdir or a PyTorch file; '' = fresh init). Resuming
+    # the run's own workdir always wins.
+    c.init_from = init_from.default_config(parts="all")
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
+    c.keep_every_epochs = 100  # milestones kept for good (0: none), e.g. for 400/800/1600 runs
     c.log_every_steps = 50
     c.reconstruction_every_steps = 5000
     c.knn_every_steps = 0

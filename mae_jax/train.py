@@ -8,7 +8,7 @@ step, and the data position; the masking noise is a function of `(seed, step)`).
 from __future__ import annotations
 
 import dataclasses
-import os
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,9 +20,10 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from mae_jax import checkpointing, flops, input_pipeline, metrics, models, optim
+from mae_jax import flops, init_from, input_pipeline, metrics, models, optim
 from mae_jax import sharding as shd
 from mae_jax import train_step as ts
+from mae_jax import workdir as wdir
 
 TOP_LEVEL_KEYS = frozenset(
     {
@@ -44,6 +45,8 @@ TOP_LEVEL_KEYS = frozenset(
         "peak_tflops",
         "knn_every_steps",
         "task",
+        "init_from",
+        "keep_every_epochs",
     }
 )
 # Model fields that define the parameter shapes: a workdir's checkpoint must agree on them.
@@ -74,14 +77,19 @@ class Plan:
     warmup_steps: int
     steps_per_epoch: int | None
     optim: ml_collections.ConfigDict
+    schedule: dict
+    milestone_every: int
 
 
 def model_config(config) -> models.MAEConfig:
     return models.resolve(config.model)
 
 
-def plan(config, num_train_examples: int | None) -> Plan:
-    """Validate `config` and resolve step counts and the optimizer config (no compilation)."""
+def plan(config, num_train_examples: int | None, resume: Resume = None, where: str = "") -> Plan:
+    """Validate `config` and resolve step counts and the optimizer config (no compilation).
+
+    `resume`: the newest checkpoint's `(step, meta)` of the workdir, whose schedule a rerun
+    continues (`resolve_schedule`)."""
     unknown = sorted(set(config.keys()) - TOP_LEVEL_KEYS)
     if unknown:
         raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(TOP_LEVEL_KEYS)}")
@@ -111,13 +119,17 @@ def plan(config, num_train_examples: int | None) -> Plan:
             raise ValueError("the data set size is unknown: set config.total_steps")
         total = int(config.epochs * steps_per_epoch)
         warmup = int(config.warmup_epochs * steps_per_epoch)
-    warmup = min(warmup, total)
-    oc = ml_collections.ConfigDict(config.optim.to_dict())
-    oc.batch_size = config.batch_size
-    oc.total_steps = total
-    oc.warmup_steps = warmup
-    optim.learning_rate_fn(oc)  # validates the optimizer config
-    return Plan(mcfg, total, warmup, steps_per_epoch, oc)
+    schedule = resolve_schedule(total, min(warmup, total), resume, where)
+    oc = apply_schedule(config.optim, config.batch_size, schedule)
+    return Plan(
+        mcfg,
+        total,
+        oc.warmup_steps,
+        steps_per_epoch,
+        oc,
+        schedule,
+        milestone_steps(config, steps_per_epoch),
+    )
 
 
 def check_mesh(config, mesh) -> None:
@@ -136,7 +148,8 @@ def check_mesh(config, mesh) -> None:
         )
 
 
-def check_workdir_model(meta: dict, mcfg: models.MAEConfig, ckpt_dir: str, step: int) -> None:
+def check_workdir_model(meta: dict, mcfg: models.MAEConfig, where: str, step: int) -> None:
+    """Refuse a checkpoint of another architecture; warn when storage dtypes differ."""
     saved = meta.get("model") or {}
     diffs = {
         k: (saved.get(k), getattr(mcfg, k))
@@ -146,181 +159,254 @@ def check_workdir_model(meta: dict, mcfg: models.MAEConfig, ckpt_dir: str, step:
     if diffs:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diffs.items())
         raise ValueError(
-            f"the workdir's checkpoint {ckpt_dir} (step {step}) holds another model "
+            f"the workdir's checkpoint {where} (step {step}) holds another model "
             f"({saved.get('name')!r}: {detail}); use a new --workdir or the matching config"
+        )
+    if saved.get("param_dtype") not in (None, mcfg.param_dtype):
+        logging.warning(
+            "checkpoint %d was trained with param_dtype %s, the config asks for %s: the "
+            "parameters are converted to %s",
+            step,
+            saved["param_dtype"],
+            mcfg.param_dtype,
+            mcfg.param_dtype,
         )
 
 
-# ------------------------------------------------------------------------------ state I/O
-def _is_var(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def _strip(tree):
-    """Variables -> their values (for Orbax); other leaves unchanged."""
-    return jax.tree.map(lambda v: v.get_value() if _is_var(v) else v, tree, is_leaf=_is_var)
-
-
-def _rewrap(template, values):
-    return jax.tree.map(
-        lambda v, x: v.replace(x) if _is_var(v) else x, template, values, is_leaf=_is_var
-    )
-
-
-def to_checkpoint(state: dict) -> dict:
-    """Train state -> the on-disk layout: `params` a pure nested dict (as the converter and the
-    evaluation tools read it), every other entry with its Variables stripped."""
-    out = {k: _strip(v) for k, v in state.items() if k != "params"}
-    out["params"] = nnx.to_pure_dict(state["params"])
-    return out
-
-
-def abstract_checkpoint(abstract_state: dict, shardings: dict, params_only: bool = False):
-    """ShapeDtypeStructs carrying the target shardings, in the on-disk layout."""
-    both = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        _strip(abstract_state),
-        _strip(shardings),
-    )
-    out = {"params": nnx.to_pure_dict(both["params"])}
-    if not params_only:
-        out.update({k: v for k, v in both.items() if k != "params"})
-    return out
-
-
-def from_checkpoint(restored: dict, abstract_state: dict) -> dict:
-    params = jax.tree.map(lambda x: x, abstract_state["params"])
-    nnx.replace_by_pure_dict(params, restored["params"])
-    out = {k: _rewrap(abstract_state[k], restored[k]) for k in abstract_state if k != "params"}
-    out["params"] = params
-    return out
-
-
 # ------------------------------------------------------------------------------ the loop
-def write_config(config, workdir: str) -> None:
-    if jax.process_index() != 0:
-        return
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, "config.json.tmp")
-    with open(tmp, "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, os.path.join(workdir, "config.json"))
-
-
 @dataclasses.dataclass
 class Task:
     """What the generic training loop needs from one kind of training.
 
     `fns.step(state, batch, key)` takes the global batch (a dict of sharded arrays, from
     `device_keys` of the host batch) and returns `(state, metrics)`; the state is a dict with
-    at least `params`, `step` and `nonfinite_step`. `meta()` is stored with every checkpoint;
-    `check_meta(meta, step, ckpt_dir)` refuses a workdir of another model. `periodic(writer, state,
-    host_batch, step)` may log extras (reconstructions, evaluation) and return scalars.
+    at least `params`, `step` and `nonfinite_step`. `init()` builds the starting state (fresh, or
+    from `config.init_from`). `meta()` is stored with every checkpoint; `check_meta(meta, step)`
+    refuses a checkpoint of another model. `resolved` is the config with the numbers the run
+    uses (written to `config.json`). `periodic(writer, state, host_batch, step)` may log extras
+    and return scalars; `final(writer, state, step)` runs once at the last step.
     """
 
     name: str
     fns: ts.StepFns
+    init: Callable[[], Any]
     total_steps: int
     batch_size: int
-    make_data: Callable[[int], Any]
+    make_data: Callable[..., Any]
     meta: Callable[[], dict]
-    check_meta: Callable[[dict, int, str], None]
+    check_meta: Callable[[dict, int], None]
+    resolved: dict
     device_keys: tuple[str, ...] = ("image",)
     flops_per_image: float | None = None
+    milestone_every: int = 0
     periodic: Callable[[Any, dict, dict, int], dict | None] | None = None
     final: Callable[[Any, dict, int], dict | None] | None = None
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[[Any], Task]) -> dict:
-    """Init or resume `make_task(mesh)`'s state in `workdir` and train it to the end.
+# (step, meta) of the newest finalized checkpoint of the workdir a run resumes, or None.
+Resume = tuple[int, dict] | None
 
-    Common config keys: seed, mesh, checkpoint_every_steps, keep_checkpoints, log_every_steps,
-    peak_tflops. Returns the last logged metrics.
+
+def resolve_schedule(total: int, warmup: int, resume: Resume, where: str) -> dict:
+    """The run's schedule: `{'total_steps', 'warmup_steps', 'extensions'}`.
+
+    A resumed run keeps the warm-up it started with and records a change of its length as an
+    extension at the resume step (`optim.extended_schedule`: no jump in the lr); a length below
+    the steps already done is refused.
+    """
+    schedule = {"total_steps": int(total), "warmup_steps": int(warmup), "extensions": []}
+    if resume is None:
+        return schedule
+    step, meta = resume
+    if total < step:
+        raise wdir.WorkdirError(
+            f"the run in {where} has already done {step} steps; the config asks for "
+            f"{total} in all, which is fewer: ask for at least {step} steps (or use a new "
+            f"--workdir)"
+        )
+    saved = meta.get("schedule")
+    if not saved:
+        return schedule
+    schedule["warmup_steps"] = int(saved["warmup_steps"])
+    schedule["extensions"] = [list(e) for e in saved.get("extensions", [])]
+    if int(saved["total_steps"]) != total:
+        schedule["extensions"].append([int(step), int(saved["total_steps"])])
+        logging.info(
+            "%s: run length changed from %d to %d steps at step %d: the learning rate "
+            "continues from its current value with the same cosine to the new end",
+            where,
+            saved["total_steps"],
+            total,
+            step,
+        )
+    return schedule
+
+
+def apply_schedule(optim_config, batch_size: int, schedule: dict) -> ml_collections.ConfigDict:
+    """The resolved optimizer config: batch size, steps, warm-up and extensions set; the
+    absolute peak learning rate written out as `lr`."""
+    oc = ml_collections.ConfigDict(optim_config.to_dict())
+    oc.batch_size = batch_size
+    oc.total_steps = schedule["total_steps"]
+    oc.warmup_steps = min(schedule["warmup_steps"], schedule["total_steps"])
+    oc.extensions = tuple(tuple(e) for e in schedule["extensions"]) or None
+    optim.learning_rate_fn(oc)  # validates the optimizer config
+    oc.lr = optim.peak_learning_rate(oc)
+    return oc
+
+
+def milestone_steps(config, steps_per_epoch: int | None) -> int:
+    """`config.keep_every_epochs` in steps (0: no milestones)."""
+    every = config.get("keep_every_epochs") or 0
+    if every < 0:
+        raise ValueError(f"config.keep_every_epochs must be >= 0, got {every!r}")
+    if not every:
+        return 0
+    if steps_per_epoch is None:
+        raise ValueError("config.keep_every_epochs needs the data set size: set it to 0")
+    return max(1, int(round(every * steps_per_epoch)))
+
+
+def resolved_config(config, total_steps: int, oc) -> dict:
+    """`config` as a dict with the numbers the run uses (steps, warm-up, batch, peak lr)."""
+    out = json.loads(config.to_json_best_effort())
+    out["total_steps"] = total_steps
+    out["optim"] = json.loads(oc.to_json_best_effort())
+    return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[..., Task]) -> dict:
+    """Init or resume `make_task(mesh, resume)`'s state in `workdir` and train it to the end.
+
+    Common config keys: seed, mesh, checkpoint_every_steps, keep_checkpoints,
+    keep_every_epochs, log_every_steps, peak_tflops. Returns the last logged metrics.
     """
     mesh = shd.make_mesh(config.mesh)
-    task = make_task(mesh)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    ckpt = checkpointing.Checkpointer(
-        ckpt_dir,
-        max_to_keep=config.keep_checkpoints,
-        save_interval_steps=config.checkpoint_every_steps,
-    )
-    latest = ckpt.latest_step()
-    meta = {}
-    if latest is not None:
-        meta = ckpt.read_meta(latest)
-        task.check_meta(meta, latest, ckpt_dir)
-    fns = task.fns
-    write_config(config, workdir)
+    root = wdir.normalize(workdir)
+    # Validate everything before writing anything: the task is planned from a read-only look
+    # at the workdir, then planned again under the lock if a checkpoint landed in between.
+    latest = _latest(root)
+    task = make_task(mesh, latest)
+    if _complete(task, latest, root):
+        return {"step": latest[0], "complete": True}
+    with wdir.Writer(root, keep=config.keep_checkpoints) as wd:
+        again = wd.reader().latest_meta()
+        if again != latest:
+            latest, task = again, make_task(mesh, again)
+            if _complete(task, latest, root):
+                return {"step": latest[0], "complete": True}
+        wd.keep_every = task.milestone_every
+        return _train(config, wd, task, mesh, resumable=latest is not None)
 
-    if latest is None:
-        state = fns.init()
+
+def _complete(task: Task, latest: Resume, root: str) -> bool:
+    if latest is None or latest[0] != task.total_steps:
+        return False
+    print(
+        f"{task.name}: the run in {root} is already complete ({latest[0]} of "
+        f"{task.total_steps} steps); nothing to do",
+        flush=True,
+    )
+    return True
+
+
+def _latest(root: str) -> Resume:
+    """The newest readable checkpoint's `(step, meta)` of a workdir, read-only; None if none.
+    A workdir of imported weights is refused (it is a source for `init_from`, not a run)."""
+    if not wdir.exists(root):
+        return None
+    latest = wdir.Reader(root).latest_meta()
+    if latest is not None and latest[1].get("kind") == "weights":
+        raise wdir.WorkdirError(
+            f"{root} holds imported weights ({latest[1].get('source', '?')}), not a training "
+            f"run: start a run from them with --config.init_from.path={root} and a new --workdir"
+        )
+    return latest
+
+
+def _train(config, wd: wdir.Writer, task: Task, mesh, resumable: bool) -> dict:
+    fns = task.fns
+    restored = None
+    if resumable:
+        target = wdir.abstract_checkpoint(fns.abstract_state, fns.state_shardings)
+        restored = wd.restore(target, check_meta=task.check_meta)
+    if restored is None:
+        state = task.init()
         data_position = 0
         logging.info(
             "%s: initialized (%s trainable parameters)", task.name, f"{_count(state['params']):,}"
         )
     else:
-        params_only = bool(meta.get("params_only"))
-        target = abstract_checkpoint(fns.abstract_state, fns.state_shardings, params_only)
-        restored, meta = ckpt.restore(latest, target)
-        if params_only:  # an imported checkpoint: fresh optimizer, step 0
-            state = fns.init()
-            nnx.replace_by_pure_dict(state["params"], restored["params"])
-            data_position = 0
-            logging.info("starting from imported parameters (%s)", meta.get("source"))
-        else:
-            state = from_checkpoint(restored, fns.abstract_state)
-            data_position = int(meta.get("data_position", latest))
-            logging.info("resumed from step %d (data position %d)", latest, data_position)
+        state = wdir.from_checkpoint(restored.state, fns.abstract_state)
+        data_position = int(restored.meta.get("data_position", restored.step))
+        logging.info("resumed from step %d (data position %d)", restored.step, data_position)
     start = int(jax.device_get(state["step"]))
+    wd.write_config(task.resolved, start)
 
-    if jax.process_index() == 0:  # drop lines of steps after the checkpoint, before appending
-        metrics.truncate_after(workdir, start)
-    writer = metrics.MetricsWriter(
-        workdir, is_primary=jax.process_index() == 0, total_steps=task.total_steps
-    )
-    writer.write_config(config)
-    data = task.make_data(data_position)
+    primary = jax.process_index() == 0
+    if primary:  # drop lines of steps after the checkpoint, before appending
+        metrics.truncate_after(wd.root, start)
+    writer = metrics.MetricsWriter(wd.root, is_primary=primary, total_steps=task.total_steps)
+    if start == 0:
+        writer.write_config(task.resolved)
+    data = task.make_data(data_position, should_stop=lambda: wd.preemption_requested)
     key = jax.random.key(config.seed)
     peak = config.get("peak_tflops") or flops.peak_tflops()
-    last_good = latest
+    last_saved = None if restored is None else restored.step
     last: dict = {}
     t_last, step_last = time.perf_counter(), start
     logging.info(
         "%s: steps %d..%d on mesh %s", task.name, start, task.total_steps, dict(mesh.shape)
     )
 
-    def save(step, force=False):
-        return ckpt.save(
-            step,
-            to_checkpoint(state),
-            {
-                **task.meta(),
-                "data_position": data.position,
-                "seed": config.seed,
-                "step": step,
-                "skipped_images": data.skipped,
-            },
-            force=force,
-        )
+    def save(step):
+        meta = {
+            **task.meta(),
+            "data_position": data.position,
+            "seed": config.seed,
+            "step": step,
+            "skipped_images": data.skipped,
+        }
+        return wd.save(step, wdir.to_checkpoint(state), meta)
 
+    def exit_on_preemption(step):
+        wd.wait()
+        if step in wd.steps():
+            print(f"preemption notice: saved step {step} in {wd.checkpoints}; exiting", flush=True)
+        else:
+            logging.error("preemption notice: could not save step %d; exiting", step)
+
+    interrupted = False
     try:
         for step in range(start, task.total_steps):
-            batch = next(data)
+            try:
+                batch = next(data)
+            except input_pipeline.Interrupted:
+                interrupted = True
+                if last_saved != step:
+                    save(step)
+                exit_on_preemption(step)
+                break
             arrays = {k: shd.global_batch(batch[k], mesh) for k in task.device_keys}
             state, m = fns.step(state, arrays, key)
             done = step + 1
+            preempted = wd.preempted(done)
+            wants_save = (
+                done % config.checkpoint_every_steps == 0
+                or done == task.total_steps
+                or (task.milestone_every and done % task.milestone_every == 0)
+                or preempted
+            )
             is_log = done % config.log_every_steps == 0 or done == task.total_steps or done == 1
-            wants_save = ckpt.should_save(done) or done == task.total_steps
             if is_log or wants_save:
                 bad = int(jax.device_get(state["nonfinite_step"]))
                 if bad >= 0:
-                    raise TrainingError(
-                        f"non-finite loss at step {bad}; stopping. The last good checkpoint is "
-                        f"step {last_good} in {ckpt_dir}"
-                        if last_good is not None
-                        else f"non-finite loss at step {bad}; stopping (no checkpoint was saved yet)"
+                    where = (
+                        f"the last good checkpoint is step {last_saved} in {wd.checkpoints}"
+                        if last_saved is not None
+                        else "no checkpoint was saved yet"
                     )
+                    raise TrainingError(f"non-finite loss at step {bad}; stopping ({where})")
             values = {}
             if is_log:
                 values = {k: float(v) for k, v in jax.device_get(m).items()}
@@ -341,16 +427,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[[An
             if values:
                 writer.write_scalars(done, values)
                 last = {"step": done, **values}
-            if wants_save:
-                if save(done, force=done == task.total_steps or ckpt.preemption_requested):
-                    last_good = done
-            if ckpt.preemption_requested:
-                logging.warning("preemption notice: saved step %d, exiting", done)
+            if wants_save and save(done):
+                last_saved = done
+            if preempted or wd.preemption_requested:
+                if last_saved != done:
+                    save(done)
+                    last_saved = done
+                interrupted = True
+                exit_on_preemption(done)
                 break
     finally:
-        ckpt.wait()
-        ckpt.close()
+        wd.wait()
         writer.close()
+        if hasattr(data, "close"):
+            data.close()
+    if not interrupted and primary:
+        tb = wd.root
+        print(
+            f"{task.name}: done at step {task.total_steps}. checkpoints: {wd.checkpoints}; "
+            f"metrics: {wdir.join(wd.root, metrics.JSONL_NAME)}; TensorBoard: tensorboard "
+            f"--logdir {tb}; config: {wdir.join(wd.root, wdir.CONFIG)}",
+            flush=True,
+        )
     return last
 
 
@@ -373,12 +471,20 @@ def pretrain_step_fns(config, p: Plan, mesh) -> ts.StepFns:
     )
 
 
-def pretrain_task(config, mesh) -> Task:
+def pretrain_task(config, mesh, resume: Resume = None, where: str = "") -> Task:
     """The MAE pretraining task of `config` on `mesh` (validated before anything compiles)."""
     info = input_pipeline.dataset_info(config.data)
-    p = plan(config, info.num_train_examples if info else None)
+    p = plan(config, info.num_train_examples if info else None, resume, where)
     check_mesh(config, mesh)
+    source = init_from.locate(config.get("init_from"))
     fns = pretrain_step_fns(config, p, mesh)
+
+    def init():
+        state = fns.init()
+        if source is not None:
+            keys = init_from.wanted_keys(source, list(nnx.to_pure_dict(state["params"])))
+            state = init_from.load(state, fns.state_shardings, source, keys, p.model)
+        return state
 
     def periodic(writer, state, batch, step):
         every = config.reconstruction_every_steps
@@ -389,21 +495,32 @@ def pretrain_task(config, mesh) -> Task:
     return Task(
         name=f"pretrain {p.model.name}",
         fns=fns,
+        init=init,
         total_steps=p.total_steps,
         batch_size=config.batch_size,
-        make_data=lambda start: input_pipeline.create_pretrain_iterator(
-            config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start
+        make_data=lambda start, should_stop=None: input_pipeline.create_pretrain_iterator(
+            config.data,
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+            start_step=start,
+            should_stop=should_stop,
         ),
-        meta=lambda: {"model": dataclasses.asdict(p.model), "task": "pretrain"},
-        check_meta=lambda meta, step, ckpt_dir: check_workdir_model(meta, p.model, ckpt_dir, step),
+        meta=lambda: {
+            "model": dataclasses.asdict(p.model),
+            "task": "pretrain",
+            "schedule": p.schedule,
+        },
+        check_meta=lambda meta, step: check_workdir_model(meta, p.model, where, step),
+        resolved=resolved_config(config, p.total_steps, p.optim),
         flops_per_image=flops.mae_train_flops_per_image(p.model),
+        milestone_every=p.milestone_every,
         periodic=periodic,
     )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrain MAE as `config` says, in `workdir`. Returns the last logged metrics."""
-    return run(config, workdir, lambda mesh: pretrain_task(config, mesh))
+    return run(config, workdir, lambda mesh, resume: pretrain_task(config, mesh, resume, workdir))
 
 
 def _count(params) -> int:

@@ -212,62 +212,22 @@ def default_images(img_size: int, names: Sequence[str] = DEFAULT_IMAGES) -> np.n
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _checkpoint_dir(path) -> str:
-    path = os.path.abspath(os.fspath(path)) if "://" not in os.fspath(path) else os.fspath(path)
-    from etils import epath
-
-    root = epath.Path(path)
-    if (root / "checkpoints").is_dir():
-        return str(root / "checkpoints")
-    if not root.is_dir():
-        raise ValueError(
-            f"checkpoint directory {path!r} does not exist (expected a workdir "
-            f"with checkpoints/ or a checkpoints directory)"
-        )
-    return str(root)
-
-
 def restore_mae(workdir, step: int | None = None, **overrides):
-    """Rebuild the `MAE` of a pretraining run and load its parameters.
+    """Rebuild the `MAE` of a pretraining run and load its parameters (read-only).
 
     `workdir`: a run directory holding `checkpoints/` (or that directory itself). `step`:
-    default the latest. The architecture comes from the checkpoint meta's `'model'` entry (a
-    config dict or preset name); `overrides` replace config fields (e.g. `img_size=448`:
-    the position embeddings are fixed sin-cos, so any multiple of the patch size works).
-    Only `state['params']` is read. Returns `(model, step, meta)`.
+    default the newest intact one. The architecture comes from the checkpoint's meta;
+    `overrides` replace config fields (e.g. `img_size=448`: the position embeddings are fixed
+    sin-cos, so any multiple of the patch size works). Returns `(model, step)`.
     """
-    from mae_jax.checkpointing import Checkpointer
+    from mae_jax import init_from
 
-    directory = _checkpoint_dir(workdir)
-    ckpt = Checkpointer(directory, async_save=False, enable_preemption_save=False)
-    try:
-        if step is None:
-            step = ckpt.latest_step()
-            if step is None:
-                raise ValueError(f"no complete checkpoint in {directory!r}")
-        meta = ckpt.read_meta(step)
-        if "model" not in meta:
-            raise ValueError(
-                f"checkpoint meta at step {step} has no 'model' entry (the model "
-                f"config); keys: {sorted(meta)}"
-            )
-        config = models.resolve(meta["model"], **overrides)
-        abstract = nnx.eval_shape(lambda: models.create(config))
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = {
-            "params": jax.tree.map(
-                lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                nnx.to_pure_dict(nnx.state(abstract, nnx.Param)),
-            )
-        }
-        restored = ckpt.restore_partial(step, target)  # parameters only
-    finally:
-        ckpt.close()
+    step, config, params = init_from.read_mae(workdir, step, **overrides)
     model = models.create(config)
     state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, restored["params"])
+    nnx.replace_by_pure_dict(state, params)
     nnx.update(model, state)
-    return model, step, meta
+    return model, step
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -310,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     if args.img_size is not None:
         overrides["img_size"] = args.img_size
     if args.checkpoint is not None:
-        model, step, _ = restore_mae(args.checkpoint, args.step, **overrides)
+        model, step = restore_mae(args.checkpoint, args.step, **overrides)
         if args.model is not None and args.model != model.config.name:
             warnings.warn(
                 f"--model {args.model} ignored: the checkpoint holds {model.config.name}",

@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 from mae_jax import convert, ops
+from mae_jax import workdir as wdir
 from mae_jax.convert import cli, posembed
 from mae_jax.models import create, resolve
 
@@ -461,25 +462,16 @@ def test_convert_works_without_torch(tmp_path):
 def _save_run(workdir, steps_models):
     """A pretraining-like workdir: checkpoints/<step> with params, an optimizer state and
     the model config in meta (the trainer's contract)."""
-    from mae_jax.checkpointing import Checkpointer
-
-    ck = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        async_save=False,
-        enable_preemption_save=False,
-        max_to_keep=None,
-    )
-    for step, model in steps_models:
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        opt_state = {"mu": jax.tree.map(jnp.zeros_like, params), "count": jnp.asarray(step)}
-        ck.save(
-            step,
-            {"params": params, "opt_state": opt_state, "step": step},
-            {"model": dataclasses.asdict(model.config), "epoch": 1},
-            force=True,
-        )
-    ck.wait()
-    ck.close()
+    with wdir.Writer(workdir, keep=None, async_save=False, handle_sigterm=False) as ck:
+        for step, model in steps_models:
+            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            opt_state = {"mu": jax.tree.map(jnp.zeros_like, params), "count": jnp.asarray(step)}
+            ck.save(
+                step,
+                {"params": params, "opt_state": opt_state, "step": step},
+                {"model": dataclasses.asdict(model.config), "epoch": 1},
+            )
+            ck.wait()
 
 
 @pytest.fixture(scope="module")
@@ -543,15 +535,13 @@ def test_cli_import_export_round_trip_through_checkpoints(workdir, tmp_path, cap
     for key in ("img_size", "embed_dim", "depth", "decoder_embed_dim", "decoder_depth"):
         args += ["--set", f"{key}={BIGGER[key]}"]
     assert cli.main(args) == 0
-    assert "wrote step 0" in capsys.readouterr().out
-    from mae_jax.checkpointing import Checkpointer
-
-    with Checkpointer(os.path.join(new, "checkpoints"), enable_preemption_save=False) as ck:
-        assert ck.all_steps() == [0]
-        meta = ck.read_meta(0)
-    assert meta["params_only"] is True and meta["source"] == hf_dir
+    assert "weights from" in capsys.readouterr().out
+    reader = wdir.Reader(new)
+    assert reader.steps() == [0]
+    meta = reader.meta(0)
+    assert meta["kind"] == "weights" and meta["source"] == hf_dir
     assert meta["model"] == dataclasses.asdict(late.config)
-    params = cli.restore_params(os.path.join(new, "checkpoints"), 0, late.config)
+    params = cli.restore_params(new, 0)[2]
     fa, fb = flat(params), flat(params_of(late))
     assert fa.keys() == fb.keys()
     for k in fa:
@@ -590,7 +580,7 @@ def test_cli_errors(workdir, tmp_path, capsys):
         )
         == 1
     )
-    assert "no checkpoint directory" in capsys.readouterr().err
+    assert "nope does not exist" in capsys.readouterr().err
     assert (
         cli.main(
             [
@@ -607,7 +597,7 @@ def test_cli_errors(workdir, tmp_path, capsys):
         )
         == 1
     )
-    assert "no checkpoint for step 5" in capsys.readouterr().err
+    assert "no checkpoint 5 in" in capsys.readouterr().err
     assert (
         cli.main(
             [

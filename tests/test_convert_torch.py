@@ -28,6 +28,7 @@ from test_convert import (  # noqa: E402
 )
 
 from mae_jax import convert  # noqa: E402
+from mae_jax import workdir as wdir  # noqa: E402
 from mae_jax.convert import cli, mapping  # noqa: E402
 from mae_jax.models import resolve  # noqa: E402
 
@@ -232,7 +233,7 @@ def test_cli_official_pth_round_trip(tmp_path, capsys):
         if key != "name":
             args += ["--set", f"{key}={value}"]
     assert cli.main(args) == 0
-    restored = flat(cli.restore_params(os.path.join(new, "checkpoints"), 0, model.config))
+    restored = flat(cli.restore_params(new, 0)[2])
     want = flat(params_of(model))
     assert restored.keys() == want.keys()
     for k in want:
@@ -248,7 +249,4 @@ def test_cli_official_pth_round_trip(tmp_path, capsys):
     assert "warning:" in captured.err and "encoder only" in captured.err
     assert "decoder freshly initialized" in captured.out
     meta_cfg = dataclasses.asdict(model.config)
-    from mae_jax.checkpointing import Checkpointer
-
-    with Checkpointer(os.path.join(args[6], "checkpoints"), enable_preemption_save=False) as ck:
-        assert ck.read_meta(0)["model"] == meta_cfg
+    assert wdir.Reader(args[6]).meta(0)["model"] == meta_cfg

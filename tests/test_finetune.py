@@ -14,7 +14,7 @@ from flax import nnx
 
 from mae_jax import input_pipeline, models
 from mae_jax import sharding as shd
-from mae_jax.checkpointing import Checkpointer
+from mae_jax import workdir as wdir
 from mae_jax.evaluate import classify_step as cs
 from mae_jax.evaluate import finetune
 from mae_jax.evaluate.mixup import smooth_one_hot
@@ -33,16 +33,10 @@ def small(**kw):
 
 
 def write_params_checkpoint(workdir, model):
+    """A weights workdir holding `model`'s parameters, as `mae_jax.convert import` writes it."""
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    meta = {"model": dataclasses.asdict(model.config), "params_only": True, "source": "test"}
-    ckpt = Checkpointer(
-        os.path.join(workdir, "checkpoints"), async_save=False, enable_preemption_save=False
-    )
-    try:
-        ckpt.save(0, {"params": params}, meta, force=True)
-        ckpt.wait()
-    finally:
-        ckpt.close()
+    meta = {"model": dataclasses.asdict(model.config), "kind": "weights", "source": "test"}
+    wdir.write_weights(workdir, {"params": params}, meta)
     return params
 
 
@@ -59,7 +53,7 @@ def _flat(tree):
 def test_finetune_step_on_a_2x4_mesh_reaches_every_parameter_and_matches_data_parallel(tmp_path):
     pre = str(tmp_path / "pre")
     saved = _flat(write_params_checkpoint(pre, models.create("mae_vit_test", seed=5)))
-    config = small(pretrained=pre, **{"mesh.data": 2, "mesh.fsdp": 4})
+    config = small(**{"init_from.path": pre}, **{"mesh.data": 2, "mesh.fsdp": 4})
     mesh = shd.make_mesh(config.mesh)
     task = finetune.finetune_task(config, mesh, str(tmp_path / "run"))
     state = task.fns.init()
@@ -106,7 +100,7 @@ def test_finetune_step_on_a_2x4_mesh_reaches_every_parameter_and_matches_data_pa
         np.testing.assert_array_equal(v, params1[k], err_msg=k)
 
     # the same step on a pure data-parallel mesh gives the same loss and gradient norm
-    dp_config = small(pretrained=pre, **{"mesh.data": 8, "mesh.fsdp": 1})
+    dp_config = small(**{"init_from.path": pre}, **{"mesh.data": 8, "mesh.fsdp": 1})
     dp_mesh = shd.make_mesh(dp_config.mesh)
     dp_task = finetune.finetune_task(dp_config, dp_mesh, str(tmp_path / "run_dp"))
     dp_arrays = {k: shd.global_batch(batch[k], dp_mesh) for k in dp_task.device_keys}
@@ -197,7 +191,7 @@ def test_short_finetune_run_logs_evaluation_and_writes_results(tmp_path):
     assert "eval_top1" in rows[1] and "eval_top5" in rows[2]
     for r in rows:
         assert np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"])
-    results = cs.read_results(workdir)
+    results = wdir.read_results(workdir)
     assert results["task"] == "finetune" and results["num_examples"] == 600
     assert results["top5"] == pytest.approx(last["eval_top5"])
-    assert results["pretrained"] == ""
+    assert results["init_from"] == ""

@@ -16,7 +16,7 @@ from flax import nnx
 
 from mae_jax import models
 from mae_jax import sharding as shd
-from mae_jax.checkpointing import Checkpointer
+from mae_jax import workdir as wdir
 from mae_jax.evaluate import classify_step as cs
 from mae_jax.evaluate import linear_probe
 
@@ -34,18 +34,10 @@ def small(**kw):
 
 
 def write_params_checkpoint(workdir, model):
-    """A workdir holding only `model`'s parameters at step 0, as `mae_jax.convert import`
-    writes it."""
+    """A weights workdir holding `model`'s parameters, as `mae_jax.convert import` writes it."""
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    meta = {"model": dataclasses.asdict(model.config), "params_only": True, "source": "test"}
-    ckpt = Checkpointer(
-        os.path.join(workdir, "checkpoints"), async_save=False, enable_preemption_save=False
-    )
-    try:
-        ckpt.save(0, {"params": params}, meta, force=True)
-        ckpt.wait()
-    finally:
-        ckpt.close()
+    meta = {"model": dataclasses.asdict(model.config), "kind": "weights", "source": "test"}
+    wdir.write_weights(workdir, {"params": params}, meta)
     return params
 
 
@@ -68,7 +60,7 @@ def test_only_the_head_learns_and_batchnorm_statistics_move(tmp_path):
     pre = str(tmp_path / "pre")
     mae = models.create("mae_vit_test", seed=3)
     saved = write_params_checkpoint(pre, mae)
-    config = small(pretrained=pre, global_pool=False)  # the paper's cls-token probe
+    config = small(**{"init_from.path": pre}, global_pool=False)  # the paper's cls-token probe
     mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     task = linear_probe.linear_probe_task(config, mesh, str(tmp_path / "run"))
     state = task.fns.init()
@@ -109,7 +101,7 @@ def test_probe_run_evaluates_writes_results_and_resumes_like_an_uninterrupted_ru
     rows = _metrics(workdir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 6]
     assert "eval_top1" in rows[2] and "eval_top1" in rows[-1]
-    results = cs.read_results(workdir)
+    results = wdir.read_results(workdir)
     assert results["num_examples"] == 600 and results["step"] == 6
     assert 0 <= results["top1"] <= results["top5"] <= 100
     assert results["top1"] == pytest.approx(last["eval_top1"])
@@ -123,29 +115,29 @@ def test_probe_run_evaluates_writes_results_and_resumes_like_an_uninterrupted_ru
     got = {r["step"]: r["loss"] for r in rows if "loss" in r}
     for step in (4, 6):
         assert got[step] == pytest.approx(expected[step], rel=1e-6), step
-    assert cs.read_results(workdir)["top1"] == pytest.approx(results["top1"], abs=1e-6)
+    assert wdir.read_results(workdir)["top1"] == pytest.approx(results["top1"], abs=1e-6)
 
 
 def test_bad_pretrained_paths_and_models_are_clear_errors(tmp_path):
     missing = str(tmp_path / "nope")
-    with pytest.raises(ValueError, match="config.pretrained=.*nope.*does not exist"):
-        cs.plan(small(pretrained=missing), linear_probe.KNOWN_KEYS)
+    with pytest.raises(ValueError, match="config.init_from.path: .*nope does not exist"):
+        cs.plan(small(**{"init_from.path": missing}), linear_probe.KNOWN_KEYS)
     assert not os.path.exists(missing)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="no complete checkpoint"):
-        cs.plan(small(pretrained=str(empty)), linear_probe.KNOWN_KEYS)
+    with pytest.raises(ValueError, match="holds no finalized checkpoint"):
+        cs.plan(small(**{"init_from.path": str(empty)}), linear_probe.KNOWN_KEYS)
     pre = str(tmp_path / "pre")
     write_params_checkpoint(pre, models.create("mae_vit_test"))
-    with pytest.raises(ValueError, match="pretrained_step=7 .*available steps: \\[0\\]"):
-        cs.plan(small(pretrained=pre, pretrained_step=7), linear_probe.KNOWN_KEYS)
+    with pytest.raises(ValueError, match="init_from.step=7 .*available: \\[0\\]"):
+        cs.plan(small(**{"init_from.path": pre, "init_from.step": 7}), linear_probe.KNOWN_KEYS)
     with pytest.raises(ValueError, match="another encoder.*embed_dim: checkpoint 32 vs config 128"):
         cs.plan(
-            small(pretrained=pre, **{"model.name": "mae_vit_tiny_patch4_32"}),
+            small(**{"init_from.path": pre}, **{"model.name": "mae_vit_tiny_patch4_32"}),
             linear_probe.KNOWN_KEYS,
         )
     # an empty model name takes the architecture from the checkpoint
-    p = cs.plan(small(pretrained=pre, **{"model.name": ""}), linear_probe.KNOWN_KEYS)
+    p = cs.plan(small(**{"init_from.path": pre}, **{"model.name": ""}), linear_probe.KNOWN_KEYS)
     assert p.model.embed_dim == 32 and p.model.depth == 2 and p.num_classes == 10
     with pytest.raises(ValueError, match="unknown config key.*mixup"):
         c = small()
@@ -172,7 +164,7 @@ def test_main_reports_a_bad_pretrained_path(tmp_path):
             "mae_jax.main",
             "--config=configs/linprobe_smoke.py",
             f"--workdir={tmp_path / 'run'}",
-            f"--config.pretrained={missing}",
+            f"--config.init_from.path={missing}",
         ],
         cwd=ROOT,
         env=env,
@@ -181,7 +173,7 @@ def test_main_reports_a_bad_pretrained_path(tmp_path):
         timeout=300,
     )
     assert out.returncode == 1
-    assert f"error: config.pretrained='{missing}' does not exist" in out.stderr
+    assert f"error: config.init_from.path: {missing} does not exist" in out.stderr
 
 
 @pytest.mark.slow
@@ -201,10 +193,10 @@ def test_pretrained_encoder_beats_its_random_initialization(tmp_path):
     accuracy = {}
     for name, source in (("pretrained", pre), ("random", init)):
         config = load_config("configs/linprobe_smoke.py")
-        config.pretrained = source
+        config.init_from.path = source
         workdir = str(tmp_path / f"probe_{name}")
         linear_probe.train_and_evaluate(config, workdir)
-        accuracy[name] = cs.read_results(workdir)["top1"]
+        accuracy[name] = wdir.read_results(workdir)["top1"]
     print(
         f"linear probe top-1: pretrained {accuracy['pretrained']:.2f}%, "
         f"random init {accuracy['random']:.2f}%"

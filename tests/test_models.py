@@ -1,5 +1,8 @@
 """The NNX MAE model: presets, parameter counts, forward semantics, gradients, bad input."""
 
+import dataclasses
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -206,3 +209,67 @@ def test_bad_configs_and_names():
         models.create("mae_vit_test", attention_impl="flash")
     cfg = models.resolve({"name": "mae_vit_test", "depth": 3})
     assert cfg.depth == 3 and cfg.embed_dim == 32
+
+
+@pytest.mark.parametrize(
+    "dtype,param_dtype,expected",
+    [
+        (jnp.bfloat16, np.float32, ("bfloat16", "float32")),
+        (np.dtype("float32"), jnp.dtype("bfloat16"), ("float32", "bfloat16")),
+        (jnp.float16, "float32", ("float16", "float32")),
+        ("bfloat16", "float32", ("bfloat16", "float32")),
+    ],
+)
+def test_dtypes_accept_jax_and_numpy_dtypes(dtype, param_dtype, expected):
+    m = models.create("mae_vit_test", dtype=dtype, param_dtype=param_dtype)
+    assert (m.config.dtype, m.config.param_dtype) == expected  # names: JSON-serializable
+    json.dumps(dataclasses.asdict(m.config))
+    assert m.blocks[0].attn.qkv.kernel.get_value().dtype == jnp.dtype(expected[1])
+    assert models.MAEConfig(dtype=dtype).dtype == expected[0]
+    block = models.config_block("mae_vit_test", dtype=dtype, param_dtype=param_dtype)
+    assert (block.dtype, block.param_dtype) == expected
+    for bad in (jnp.float64, np.int32, "bf16"):
+        with pytest.raises(ValueError, match="dtype .* is not one of"):
+            models.create("mae_vit_test", dtype=bad)
+
+
+def test_resolve_ignores_none_fields():
+    preset = models.PRESETS["mae_vit_base_patch16"]
+    fields = {f.name: None for f in dataclasses.fields(models.MAEConfig)}
+    assert models.resolve({**fields, "name": "mae_vit_base_patch16"}) == preset
+    # keyword overrides stay literal: attention_impl=None resets a trained config's choice
+    cudnn = models.resolve("mae_vit_test", attention_impl="cudnn")
+    assert models.resolve(cudnn, attention_impl=None).attention_impl is None
+    assert models.resolve({"name": "mae_vit_test", "depth": 3, "embed_dim": None}).depth == 3
+
+
+def test_config_block_has_every_field_typed():
+    block = models.config_block("mae_vit_test", norm_pix_loss=True, dtype=jnp.bfloat16)
+    assert set(block.keys()) == {f.name for f in dataclasses.fields(models.MAEConfig)}
+    assert block.name == "mae_vit_test" and block.norm_pix_loss is True
+    assert block.dtype == "bfloat16" and block.embed_dim is None and block.remat is None
+    assert models.resolve(block) == models.resolve(
+        "mae_vit_test", norm_pix_loss=True, dtype="bfloat16"
+    )
+    block.embed_dim, block.num_heads, block.mlp_ratio = 64, 8, 2  # the placeholders' types
+    cfg = models.resolve(block)
+    assert (cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.depth) == (64, 8, 2.0, 2)
+    with pytest.raises(TypeError):
+        block.depth = "deep"
+    with pytest.raises(ValueError, match="'embed_dm' \\(did you mean 'embed_dim'\\?\\)"):
+        models.config_block("mae_vit_test", embed_dm=64)
+    with pytest.raises(ValueError, match="dtype 'bf16' is not one of"):
+        models.config_block("mae_vit_test", dtype="bf16")
+
+
+def test_bad_architecture_messages_name_field_and_value():
+    with pytest.raises(ValueError, match=r"embed_dim 32 .* heads \(num_heads 5\)"):
+        models.resolve("mae_vit_test", num_heads=5)
+    with pytest.raises(ValueError, match=r"decoder_embed_dim 32 .* \(decoder_num_heads 3\)"):
+        models.resolve("mae_vit_test", decoder_num_heads=3)
+    with pytest.raises(ValueError, match="depth must be a positive integer, got 0"):
+        models.resolve("mae_vit_test", depth=0)
+    with pytest.raises(ValueError, match="mlp_ratio must be positive, got 0"):
+        models.resolve("mae_vit_test", mlp_ratio=0.0)
+    with pytest.raises(ValueError, match="remat must be True or False, got 'yes'"):
+        models.resolve("mae_vit_test", remat="yes")

@@ -107,9 +107,91 @@ def test_training_loop_writes_metrics_config_and_checkpoints(tmp_path):
     assert saved["model"]["name"] == "mae_vit_test" and saved["batch_size"] == 16
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
-    # rerunning the finished run resumes at its end and trains nothing more
-    train.train_and_evaluate(small(), workdir)
-    assert [r["step"] for r in _metrics(workdir)] == [1, 2, 4, 6]
+    # config.json holds the numbers the run used, not the recipe's defaults
+    assert saved["total_steps"] == 6 and saved["optim"]["total_steps"] == 6
+    assert saved["optim"]["batch_size"] == 16 and saved["optim"]["lr"] == pytest.approx(1e-3)
+    # rerunning the finished run says so and writes nothing at all
+    before = {f: os.path.getmtime(os.path.join(workdir, f)) for f in os.listdir(workdir)}
+    assert train.train_and_evaluate(small(), workdir) == {"step": 6, "complete": True}
+    assert {f: os.path.getmtime(os.path.join(workdir, f)) for f in os.listdir(workdir)} == before
+    # fewer steps than done: refused with a sentence, nothing written
+    with pytest.raises(ValueError, match="already done 6 steps; the config asks for 4"):
+        train.train_and_evaluate(small(total_steps=4), workdir)
+    assert {f: os.path.getmtime(os.path.join(workdir, f)) for f in os.listdir(workdir)} == before
+
+
+def test_extending_a_run_continues_its_learning_rate(tmp_path):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(small(total_steps=4, **{"optim.min_lr": 1e-4}), workdir)
+    train.train_and_evaluate(small(total_steps=8, **{"optim.min_lr": 1e-4}), workdir)
+    lrs = {r["step"]: r["lr"] for r in _metrics(workdir)}
+    # steps 1..4 followed the 4-step schedule down to min_lr; 5..8 stay there, no new warm-up
+    assert lrs[4] > 1e-4
+    assert lrs[6] == pytest.approx(1e-4, rel=1e-5) and lrs[8] == pytest.approx(1e-4, rel=1e-5)
+    saved = json.load(open(os.path.join(workdir, "config.json")))
+    assert saved["optim"]["extensions"] == [[4, 4]]
+    history = json.load(open(os.path.join(workdir, "config_history.json")))
+    assert history[0]["replaced_at_step"] == 4 and history[0]["config"]["total_steps"] == 4
+
+
+def test_extension_schedule_is_continuous_midway_and_after_warmup():
+    old = optim.extended_schedule(1.0, 100, 10, 0.01)
+    mid = optim.extended_schedule(1.0, 300, 10, 0.01, extensions=[(50, 100)])
+    for t in range(0, 51):
+        assert float(mid(t)) == pytest.approx(float(old(t)), rel=1e-6)
+    steps = np.arange(50, 301)
+    values = np.array([float(mid(t)) for t in steps])
+    assert values[0] == pytest.approx(float(old(50)), rel=1e-6)
+    assert np.all(np.diff(values) <= 1e-7) and values[-1] == pytest.approx(0.01, rel=1e-5)
+    # an extension during warm-up keeps the warm-up and stretches the cosine
+    early = optim.extended_schedule(1.0, 300, 10, 0.01, extensions=[(5, 100)])
+    plain = optim.warmup_cosine_schedule(1.0, 300, 10, 0.01)
+    for t in (0, 5, 9, 10, 150, 299):
+        assert float(early(t)) == pytest.approx(float(plain(t)), rel=1e-6)
+
+
+def test_paper_config_plans_from_epochs():
+    """configs/mae_vit_base.py on a 2,400-image set at batch 64: 37 steps per epoch, 800 epochs,
+    40 warm-up epochs, milestones every 100 epochs; lr 1.5e-4 x 64 / 256."""
+    c = load_config("configs/mae_vit_base.py")
+    c.batch_size = 64
+    p = train.plan(c, num_train_examples=2400)
+    assert p.steps_per_epoch == 37
+    assert p.total_steps == 800 * 37 and p.warmup_steps == 40 * 37
+    assert p.milestone_every == 100 * 37
+    assert p.optim.lr == pytest.approx(1.5e-4 * 64 / 256)
+    assert float(optim.learning_rate_fn(p.optim)(40 * 37)) == pytest.approx(p.optim.lr)
+
+
+def test_pretraining_starts_from_imported_weights_and_readers_of_a_real_run(tmp_path):
+    from mae_jax import visualize as V
+    from mae_jax import workdir as wdir
+
+    source = models.create("mae_vit_test", seed=42)
+    weights = str(tmp_path / "weights")
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(source, nnx.Param)))
+    wdir.write_weights(
+        weights, {"params": params}, {"model": {"name": "mae_vit_test"}, "kind": "weights"}
+    )
+    # the weights workdir is a source, not a run to resume
+    with pytest.raises(ValueError, match="holds imported weights"):
+        train.train_and_evaluate(small(), weights)
+    run = str(tmp_path / "run")
+    train.train_and_evaluate(
+        small(total_steps=2, **{"init_from.path": weights, "optim.lr": 0.0}), run
+    )
+    got = wdir.Reader(run).restore_params(
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    )
+    assert got.step == 2
+    jax.tree.map(np.testing.assert_array_equal, got.state, params)
+    # export and visualize read the real trainer's checkpoint
+    from mae_jax.convert import cli
+
+    out = str(tmp_path / "mae.safetensors")
+    assert cli.main(["export", "--workdir", run, "--format", "timm", "--output", out]) == 0
+    model, step = V.restore_mae(run)
+    assert step == 2 and model.config.name == "mae_vit_test"
 
 
 def test_resume_continues_like_an_uninterrupted_run(tmp_path):
@@ -164,7 +246,8 @@ def test_nonfinite_loss_stops_with_step_and_last_checkpoint(tmp_path):
     with pytest.raises(
         train.TrainingError, match=r"non-finite loss at step 5; .*last good checkpoint is step 3"
     ):
-        train.train_and_evaluate(small(**{"optim.lr": 1e30}), workdir)
+        # the rerun continues the finished schedule at its floor, min_lr: make that huge
+        train.train_and_evaluate(small(**{"optim.min_lr": 1e30}), workdir)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 

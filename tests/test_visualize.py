@@ -14,7 +14,7 @@ from PIL import Image
 
 from mae_jax import models, ops
 from mae_jax import visualize as V
-from mae_jax.checkpointing import Checkpointer
+from mae_jax import workdir as wdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,29 +88,26 @@ def test_cli_random_model_writes_png(tmp_path):
 def save_run(workdir, model, step):
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     state = {"params": params, "opt_state": {"mu": params}, "step": step}
-    ckpt = Checkpointer(
-        os.path.join(workdir, "checkpoints"), async_save=False, enable_preemption_save=False
-    )
-    ckpt.save(step, state, {"model": dataclasses.asdict(model.config), "step": step}, force=True)
-    ckpt.close()
+    with wdir.Writer(workdir, keep=None, async_save=False, handle_sigterm=False) as ckpt:
+        ckpt.save(step, state, {"model": dataclasses.asdict(model.config), "step": step})
 
 
 def test_restore_and_cli_from_checkpoint(tmp_path, model):
     trained = models.create("mae_vit_test", seed=7, norm_pix_loss=True)
     save_run(tmp_path, model, 1)
     save_run(tmp_path, trained, 5)
-    restored, step, meta = V.restore_mae(str(tmp_path))
-    assert step == 5 and meta["step"] == 5 and restored.config.norm_pix_loss
+    restored, step = V.restore_mae(str(tmp_path))
+    assert step == 5 and restored.config.norm_pix_loss
     jax.tree.map(
         np.testing.assert_array_equal,
         nnx.to_pure_dict(nnx.state(trained, nnx.Param)),
         nnx.to_pure_dict(nnx.state(restored, nnx.Param)),
     )
-    older, step, _ = V.restore_mae(str(tmp_path / "checkpoints"), step=1)
+    older, step = V.restore_mae(str(tmp_path / "checkpoints"), step=1)
     assert step == 1
     np.testing.assert_array_equal(older.cls_token.get_value(), model.cls_token.get_value())
     # a larger image size works: position embeddings are fixed sin-cos
-    big, _, _ = V.restore_mae(str(tmp_path), img_size=48)
+    big, _ = V.restore_mae(str(tmp_path), img_size=48)
     assert big.config.img_size == 48
 
     out = tmp_path / "ckpt.png"
@@ -128,12 +125,11 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         V.restore_mae(str(tmp_path / "nope"))
     os.makedirs(tmp_path / "checkpoints")
-    with pytest.raises(ValueError, match="no complete checkpoint"):
+    with pytest.raises(ValueError, match="no finalized checkpoint"):
         V.restore_mae(str(tmp_path))
-    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False, enable_preemption_save=False)
-    ckpt.save(3, {"params": {"a": np.zeros(2)}}, {"step": 3}, force=True)
-    ckpt.close()
-    with pytest.raises(ValueError, match="no 'model' entry"):
+    with wdir.Writer(tmp_path, async_save=False, handle_sigterm=False) as ckpt:
+        ckpt.save(3, {"params": {"a": np.zeros(2)}}, {"step": 3})
+    with pytest.raises(ValueError, match="says nothing of its model"):
         V.restore_mae(str(tmp_path))
 
 

@@ -143,15 +143,16 @@ def read_pytorch(state_dict_or_path: Any, name_or_config: Any, *, strict: bool =
     An encoder-only input (published MAE files, timm) gives `has_decoder=False` and a warning.
     Keys that do not match raise ValueError listing the missing, unexpected and mis-shaped ones
     (with `strict=False`, unexpected keys such as a classifier `head.*` are dropped with a
-    warning instead). Position tables on another grid are resized (`resize_pos_embed`).
+    warning instead). Position tables on another grid are resized (`resize_pos_embed`). Empty,
+    truncated or damaged files, and a directory without a valid `config.json`, raise ValueError.
     """
     config = resolve(name_or_config)
     hf_cfg = None
     if isinstance(state_dict_or_path, (str, os.PathLike)):
         source = os.fspath(state_dict_or_path)
-        sd = load_state_dict(source)
-        if os.path.isdir(source):
+        if os.path.isdir(source):  # a Hugging Face directory: its config.json first
             hf_cfg = files.read_hf_config(source)
+        sd = load_state_dict(source)
     else:
         source = "the state dict"
         sd = files.unwrap(state_dict_or_path)

@@ -5,11 +5,10 @@
     python -m mae_jax.convert import --input PATH --model NAME --workdir DIR \
         [--set FIELD=VALUE ...] [--seed S] [--ignore-unexpected]
 
-A workdir keeps its Orbax checkpoints under `DIR/checkpoints/` (`mae_jax.checkpointing`); each
-step's state holds `'params'` (our params tree) and its meta `'model'` (the model config as a
-dict). `import` writes step 0 with state `{'params': ...}` and meta `{'model': ...,
-'params_only': True, 'source': ...}`, from which pretraining resumes (with a fresh optimizer)
-and evaluation starts.
+Export reads a workdir read-only (`mae_jax.workdir.Reader`: safe while that run trains), only
+the params of its newest intact checkpoint. `import` writes a weights workdir: step 0 with
+state `{'params': ...}` and meta `{'model': ..., 'kind': 'weights', 'source': ...}`; runs start
+from it with `--config.init_from.path=DIR` (it is not a run to resume).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import warnings
 
 import numpy as np
 
-CHECKPOINT_SUBDIR = "checkpoints"
 OUTPUT_HINT = {
     "official": "a .pth file",
     "timm": "a .safetensors (or .pth) file",
@@ -35,34 +33,14 @@ class CliError(Exception):
     """A user-facing error: printed without a traceback, exit status 1."""
 
 
-def checkpoint_dir(workdir: str) -> str:
-    """`WORKDIR/checkpoints` (local paths made absolute; `gs://...` kept)."""
-    if "://" in workdir:
-        return workdir.rstrip("/") + "/" + CHECKPOINT_SUBDIR
-    return os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINT_SUBDIR)
+def restore_params(workdir: str, step: int | None):
+    """`(step, config, params)` of a workdir's checkpoint, read-only (`init_from.read_mae`)."""
+    from mae_jax import init_from  # noqa: PLC0415
 
-
-def _is_dir(path: str) -> bool:
-    from etils import epath  # pylint: disable=import-outside-toplevel
-
-    return epath.Path(path).is_dir()
-
-
-def _open_checkpointer(directory: str):
-    from mae_jax.checkpointing import Checkpointer  # pylint: disable=import-outside-toplevel
-
-    return Checkpointer(directory, max_to_keep=None, async_save=False, enable_preemption_save=False)
-
-
-def restore_params(checkpoint_root, step: int, config):
-    """Only `state['params']` of checkpoint `step` (no optimizer state is read), as numpy."""
-    from mae_jax.convert.mapping import abstract_params  # pylint: disable=import-outside-toplevel
-
-    ckpt = _open_checkpointer(checkpoint_root)
     try:
-        return ckpt.restore_partial(step, {"params": abstract_params(config)})["params"]
-    finally:
-        ckpt.close()
+        return init_from.read_mae(workdir, step)
+    except ValueError as e:
+        raise CliError(str(e)) from None
 
 
 def _count(sd) -> tuple[int, int]:
@@ -72,7 +50,6 @@ def _count(sd) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- export
 def run_export(args) -> None:
     from mae_jax import convert  # pylint: disable=import-outside-toplevel
-    from mae_jax.models import resolve  # pylint: disable=import-outside-toplevel
 
     fmt = args.format
     out = os.path.abspath(os.path.expanduser(args.output))
@@ -89,28 +66,8 @@ def run_export(args) -> None:
         )
     if fmt == "hf" and out.endswith((".pth", ".pt", ".safetensors")):
         raise CliError(f"--format hf writes a directory; got the file name {out}")
-    ckpt_root = checkpoint_dir(args.workdir)
-    if not _is_dir(ckpt_root):
-        raise CliError(f"no checkpoint directory {ckpt_root}: is --workdir a pretraining workdir?")
-    ckpt = _open_checkpointer(ckpt_root)
-    try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise CliError(f"no complete checkpoint in {ckpt_root}")
-        step = steps[-1] if args.step is None else args.step
-        if step not in steps:
-            raise CliError(f"no checkpoint for step {step} in {ckpt_root}; available: {steps}")
-        meta = ckpt.read_meta(step)
-        if "model" not in meta:
-            raise CliError(
-                f"checkpoint {step} in {ckpt_root} has no 'model' config in its "
-                f"meta (keys: {sorted(meta)})"
-            )
-        config = resolve(meta["model"])
-        print(f"reading params of step {step} ({config.name}) from {ckpt_root}", file=sys.stderr)
-    finally:
-        ckpt.close()
-    params = restore_params(ckpt_root, step, config)
+    step, config, params = restore_params(args.workdir, args.step)
+    print(f"read the params of step {step} ({config.name}) from {args.workdir}", file=sys.stderr)
     sd = convert.params_to_pytorch(params, config, fmt, img_size=args.img_size)
     convert.save(sd, out, fmt, config, img_size=args.img_size, overwrite=args.force)
     n, numbers = _count(sd)
@@ -140,24 +97,17 @@ def run_import(args) -> None:
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
     from mae_jax import convert  # pylint: disable=import-outside-toplevel
+    from mae_jax import workdir as wdir  # pylint: disable=import-outside-toplevel
     from mae_jax.models import resolve  # pylint: disable=import-outside-toplevel
 
     config = resolve(args.model, **_parse_overrides(args.set))
     src = os.path.abspath(os.path.expanduser(args.input))
     if not os.path.exists(src):
         raise CliError(f"--input {src} does not exist")
-    ckpt_root = checkpoint_dir(args.workdir)
-    if _is_dir(ckpt_root):
-        ckpt = _open_checkpointer(ckpt_root)
-        try:
-            steps = ckpt.all_steps()
-        finally:
-            ckpt.close()
-        if steps:
-            raise CliError(
-                f"{ckpt_root} already holds checkpoints (steps {steps}); import into "
-                f"a new --workdir"
-            )
+    try:  # refuse a used workdir before the (slow) conversion; write_weights checks again
+        wdir.check_new_weights_dir(args.workdir)
+    except wdir.WorkdirError as e:
+        raise CliError(str(e)) from None
     converted = convert.read_pytorch(src, config, strict=not args.ignore_unexpected)
     if not converted.sincos:
         warnings.warn(
@@ -169,20 +119,18 @@ def run_import(args) -> None:
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     meta = {
         "model": dataclasses.asdict(config),
-        "params_only": True,
+        "kind": "weights",
         "source": src,
         "source_format": converted.format,
     }
-    ckpt = _open_checkpointer(ckpt_root)
     try:
-        ckpt.save(0, {"params": params}, meta, force=True)
-        ckpt.wait()
-    finally:
-        ckpt.close()
+        root = wdir.write_weights(args.workdir, {"params": params}, meta)
+    except wdir.WorkdirError as e:
+        raise CliError(str(e)) from None
     decoder = "" if converted.has_decoder else ", decoder freshly initialized"
     print(
-        f"wrote step 0 of {ckpt_root}: {config.name} from {src} "
-        f"({converted.format} format{decoder})"
+        f"wrote {root}: {config.name} weights from {src} ({converted.format} format{decoder}); "
+        f"start a run from them with --config.init_from.path={root}"
     )
 
 
@@ -250,7 +198,7 @@ def main(argv=None) -> int:
                 run_export(args)
             else:
                 run_import(args)
-        except (CliError, ValueError, FileExistsError, FileNotFoundError, ImportError) as e:
+        except (CliError, ValueError, OSError, ImportError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
     return 0

@@ -2,16 +2,25 @@
 `.safetensors` (numpy API of the safetensors package, no torch needed) and Hugging Face
 directories (`config.json` + `model.safetensors`).
 
-torch / safetensors are imported lazily, only by the functions that need them.
+torch / safetensors are imported lazily, only by the functions that need them. Empty, truncated
+or damaged inputs and unwritable outputs raise a one-sentence ValueError naming the file; written
+files get the usual mode (0o666 less the umask).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
-import tempfile
+import pickle
+import re
+import secrets
+import shutil
+import stat
+import struct
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +35,8 @@ HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 HF_CONFIG = "config.json"
 _WRAPPER_KEYS = ("model", "state_dict")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes zip archives
+_REDO = "re-download or re-export it"
 
 
 def _require(module: str, purpose: str):
@@ -73,10 +84,50 @@ def unwrap(obj: Any) -> dict[str, np.ndarray]:
     return out
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _torch_file_problem(path: str, error: Exception) -> str:
+    """Why `torch.load(path, weights_only=True)` failed with `error`, as one sentence."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return f"{path} is empty (0 bytes); expected a PyTorch state dict saved with torch.save"
+    with open(path, "rb") as f:
+        head = f.read(len(_ZIP_MAGIC))
+    is_zip = head == _ZIP_MAGIC
+    if is_zip and not zipfile.is_zipfile(path):
+        return (
+            f"{path} is truncated: it is the start of a torch.save zip archive ({size:,} bytes) "
+            f"whose end, the archive directory, is missing; {_REDO}"
+        )
+    if not is_zip and not head.startswith(b"\x80"):  # pickles (protocol 2+) start so
+        return (
+            f"{path} is damaged or not a PyTorch state dict: it is neither a torch.save zip "
+            f"archive nor a pickle ({size:,} bytes); expected a file saved with torch.save"
+        )
+    if isinstance(error, pickle.UnpicklingError):  # the weights_only loader's refusal
+        found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\.\s|\n|$)", str(error))
+        reason = found.group(1).strip() if found else _first_line(error)
+        return (
+            f"could not load {path} with torch.load(weights_only=True), which refuses files "
+            f"holding arbitrary Python objects or pickle code it does not support ({reason}); "
+            f"expected a state dict of tensors saved with torch.save"
+        )
+    if not is_zip and (
+        isinstance(error, (EOFError, struct.error)) or "unexpected EOF" in str(error)
+    ):
+        return f"{path} is truncated: its data ends early, after {size:,} bytes; {_REDO}"
+    return (
+        f"{path} is damaged or not a PyTorch state dict ({size:,} bytes): torch.load could not "
+        f"read it ({_first_line(error)}); expected a file saved with torch.save"
+    )
+
+
 def load_torch_file(path: str) -> Any:
     """`torch.load(path, weights_only=True)` on the CPU. Only tensors and plain containers are
     unpickled (plus `argparse.Namespace`, which the official training checkpoints hold under
-    'args'); any other object makes it fail with ValueError."""
+    'args'); any other object, and an empty, truncated or damaged file, raise ValueError."""
     torch = _require("torch", f"reading {path}")
     safe = getattr(torch.serialization, "safe_globals", None)
     try:
@@ -84,26 +135,83 @@ def load_torch_file(path: str) -> Any:
             with safe([argparse.Namespace]):
                 return torch.load(path, map_location="cpu", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError / RuntimeError variants
-        if isinstance(e, (FileNotFoundError, IsADirectoryError)):
-            raise
-        raise ValueError(
-            f"could not load {path} with torch.load(weights_only=True); files holding "
-            f"arbitrary Python objects are refused. torch said: {e}"
-        ) from e
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:  # torch raises UnpicklingError / RuntimeError / OSError variants
+        raise ValueError(_torch_file_problem(path, e)) from e
+
+
+def _safetensors_problem(path: str, error: Exception) -> str:
+    """Why safetensors could not read `path` (failing with `error`), as one sentence."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return f"{path} is empty (0 bytes); expected a safetensors file"
+    with open(path, "rb") as f:  # layout: u64 header length, JSON header, tensor data
+        head = f.read(9)
+        n = int.from_bytes(head[:8], "little")
+        if len(head) < 9 or head[8:] != b"{":
+            return (
+                f"{path} is damaged or not a safetensors file: it does not start with a "
+                f"safetensors header ({size:,} bytes); expected a safetensors file"
+            )
+        if 8 + n > size:
+            return (
+                f"{path} is truncated: it ends after {size:,} bytes, inside its {n:,}-byte "
+                f"header; {_REDO}"
+            )
+        f.seek(8)
+        try:
+            header = json.loads(f.read(n))
+            data = max(
+                (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                default=0,
+            )
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return f"{path} is damaged: its safetensors header is not valid; {_REDO}"
+    if 8 + n + data > size:
+        return (
+            f"{path} is truncated: it has {size:,} of the {8 + n + data:,} bytes its header "
+            f"describes; {_REDO}"
+        )
+    return f"{path} is damaged: safetensors could not read it ({_first_line(error)}); {_REDO}"
 
 
 def load_safetensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors of a `.safetensors` file (ValueError if it is empty, truncated or damaged)."""
     st = _require("safetensors.numpy", f"reading {path}")
-    return dict(st.load_file(path))
+    try:
+        return dict(st.load_file(path))
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise ValueError(_safetensors_problem(path, e)) from e
 
 
-def read_hf_config(directory: str) -> dict | None:
+def _read_json(path: str, what: str) -> dict:
+    """The JSON object in `path` (`what` it should hold, for messages)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        value = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        problem = "empty" if not raw.strip() else f"not valid JSON ({e})"
+        raise ValueError(f"{path} is {problem}; expected {what} (a JSON object)") from e
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"{path} holds a JSON {type(value).__name__}; expected {what} (a JSON object)"
+        )
+    return value
+
+
+def read_hf_config(directory: str) -> dict:
+    """The `config.json` of a Hugging Face model directory (ValueError if missing or invalid)."""
     path = os.path.join(directory, HF_CONFIG)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"{directory} has no {HF_CONFIG}; expected a Hugging Face model directory "
+            f"({HF_CONFIG} + {HF_WEIGHTS}), or pass the weights file itself"
+        )
+    return _read_json(path, "the Hugging Face model config")
 
 
 def load_hf_dir(directory: str) -> dict[str, np.ndarray]:
@@ -114,19 +222,32 @@ def load_hf_dir(directory: str) -> dict[str, np.ndarray]:
     if os.path.exists(single):
         return load_safetensors(single)
     if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = _read_json(index, "a safetensors shard index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(
+                f"{index} has no 'weight_map' object; expected a safetensors shard index"
+            )
         out: dict[str, np.ndarray] = {}
-        for shard in shards:
-            out.update(load_safetensors(os.path.join(directory, shard)))
+        for shard in sorted(set(map(str, weight_map.values()))):
+            shard_path = os.path.join(directory, shard)
+            if not os.path.isfile(shard_path):
+                raise ValueError(f"{index} lists the shard {shard}, which is missing")
+            out.update(load_safetensors(shard_path))
         return out
     legacy = os.path.join(directory, "pytorch_model.bin")
     if os.path.exists(legacy):
-        return unwrap(load_torch_file(legacy))
+        return _unwrap_file(load_torch_file(legacy), legacy)
     raise ValueError(
         f"{directory} is a directory without {HF_WEIGHTS}, {HF_INDEX} or pytorch_model.bin; "
         f"expected a Hugging Face model directory"
     )
+
+
+def _unwrap_file(obj: Any, path: str) -> dict[str, np.ndarray]:
+    try:
+        return unwrap(obj)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -140,7 +261,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if path.endswith(SAFETENSORS_EXT):
         return load_safetensors(path)
     if path.endswith(TORCH_EXTS):
-        return unwrap(load_torch_file(path))
+        return _unwrap_file(load_torch_file(path), path)
     raise ValueError(
         f"cannot tell the file type of {path}: expected a {'/'.join(TORCH_EXTS)} file, a "
         f"{SAFETENSORS_EXT} file or a Hugging Face model directory"
@@ -215,24 +336,80 @@ def check_hf_config(hf: Mapping, config: MAEConfig) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- writing
-def _check_target(path: str, overwrite: bool) -> None:
+def _write_error(path: str, error: Exception, disk_full: bool = False) -> ValueError:
+    """ValueError for an output `path` that could not be written, with the reason."""
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)  # nearest existing folder (or file in the way)
+    if not os.path.isdir(existing):
+        reason = f"{existing} is a file, not a directory; expected a path in a directory"
+    elif isinstance(error, PermissionError):
+        reason = f"permission denied in {existing}; expected a writable directory"
+    elif disk_full or getattr(error, "errno", None) == errno.ENOSPC:
+        reason = "no space left on device"
+    elif isinstance(error, OSError) and error.strerror:
+        reason = error.strerror[:1].lower() + error.strerror[1:]
+    else:
+        reason = f"the write failed ({_first_line(error)})"
+    return ValueError(f"cannot write {path}: {reason}")
+
+
+def _is_disk_full(directory: str) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < 2**20
+    except OSError:
+        return False
+
+
+def _make_dirs(directory: str, path: str) -> list[str]:
+    """Create `directory` and its missing parents for writing `path`; return those created."""
+    created = []
+    missing = os.path.abspath(directory)
+    while not os.path.lexists(missing) and os.path.dirname(missing) != missing:
+        created.insert(0, missing)
+        missing = os.path.dirname(missing)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        _remove_dirs(created)
+        raise _write_error(path, e) from e
+    return created
+
+
+def _remove_dirs(created: list[str]) -> None:
+    for directory in reversed(created):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass
+
+
+def _check_target(path: str, overwrite: bool) -> list[str]:
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite (--force) to replace it")
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
+    return _make_dirs(os.path.dirname(os.path.abspath(path)), path)
 
 
-def _atomic_write(path: str, write) -> None:
-    """`write(tmp_path)` then rename into place, so a failed write leaves no partial file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    os.close(fd)
+def _atomic_write(path: str, write, created: list[str] = ()) -> None:
+    """`write(tmp_path)` then rename into place, so a failed write leaves no partial file (nor
+    the folders `created` for it). The file gets the usual mode, 0o666 less the umask."""
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".tmp-{secrets.token_hex(6)}-{name}")
     try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o666 less the umask
         write(tmp)
+        os.chmod(tmp, mode)  # writers may recreate the file owner-only (safetensors does)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        # torch and safetensors report I/O failures (a full disk) as their own errors
+        io = isinstance(e, (OSError, RuntimeError)) or type(e).__module__.startswith("safetensors")
+        full = io and _is_disk_full(directory)  # measured before the partial file goes
+        if os.path.lexists(tmp):
             os.remove(tmp)
+        _remove_dirs(list(created))
+        if io:
+            raise _write_error(path, e, full) from e
         raise
 
 
@@ -241,11 +418,11 @@ def save_torch_file(
 ) -> None:
     """`torch.save({'model': state_dict}, path)` with float32 tensors (the official layout)."""
     torch = _require("torch", f"writing {path}")
-    _check_target(path, overwrite)
+    created = _check_target(path, overwrite)
     tensors = {
         k: torch.from_numpy(np.array(v, order="C", copy=True)) for k, v in state_dict.items()
     }
-    _atomic_write(path, lambda tmp: torch.save({"model": tensors}, tmp))
+    _atomic_write(path, lambda tmp: torch.save({"model": tensors}, tmp), created)
 
 
 def save_safetensors(
@@ -253,9 +430,9 @@ def save_safetensors(
 ) -> None:
     """A `.safetensors` file (metadata `format: pt`, as PyTorch libraries expect)."""
     st = _require("safetensors.numpy", f"writing {path}")
-    _check_target(path, overwrite)
+    created = _check_target(path, overwrite)
     arrays = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
-    _atomic_write(path, lambda tmp: st.save_file(arrays, tmp, metadata={"format": "pt"}))
+    _atomic_write(path, lambda tmp: st.save_file(arrays, tmp, metadata={"format": "pt"}), created)
 
 
 def save_hf_dir(
@@ -273,16 +450,24 @@ def save_hf_dir(
             raise FileExistsError(
                 f"{directory} already exists and is not empty; pass overwrite (--force)"
             )
-    os.makedirs(directory, exist_ok=True)
-    save_safetensors(state_dict, os.path.join(directory, HF_WEIGHTS), overwrite=True)
-    cfg_path = os.path.join(directory, HF_CONFIG)
+    created = _make_dirs(directory, directory)
+    weights = os.path.join(directory, HF_WEIGHTS)
 
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(dict(hf_cfg), f, indent=2, sort_keys=True)
             f.write("\n")
 
-    _atomic_write(cfg_path, write)
+    wrote = False
+    try:
+        save_safetensors(state_dict, weights, overwrite=True)
+        wrote = True
+        _atomic_write(os.path.join(directory, HF_CONFIG), write)
+    except BaseException:  # leave no half-written directory behind
+        if wrote and os.path.lexists(weights):
+            os.remove(weights)
+        _remove_dirs(created)
+        raise
 
 
 def save(

@@ -20,8 +20,6 @@ resumed run is the same as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Callable
 
 import jax
@@ -32,9 +30,10 @@ import optax
 from absl import logging
 from flax import nnx
 
-from mae_jax import flops, input_pipeline, models, optim, train
+from mae_jax import flops, init_from, input_pipeline, models, optim, train
 from mae_jax import sharding as shd
 from mae_jax import train_step as ts
+from mae_jax import workdir as wdir
 from mae_jax.evaluate.metrics import topk_correct
 from mae_jax.evaluate.mixup import soft_target_cross_entropy
 from mae_jax.models.classifier import ENCODER_KEYS, ViTClassifier
@@ -47,8 +46,8 @@ COMMON_KEYS = frozenset(
     {
         "task",
         "seed",
-        "pretrained",
-        "pretrained_step",
+        "init_from",
+        "keep_every_epochs",
         "model",
         "num_classes",
         "global_pool",
@@ -70,7 +69,6 @@ COMMON_KEYS = frozenset(
 )
 # Encoder fields that fix the parameter shapes: a pretrained checkpoint must agree on them.
 ENCODER_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
-RESULTS_FILE = "eval_results.json"
 _DROP_PATH_TAG = 1  # fold_in tags of the per-step key
 _PREPARE_TAG = 2
 
@@ -296,109 +294,10 @@ def evaluate(cfns: ClassifyFns, state: dict, data_config, batch_size: int, mesh)
 
 
 # ----------------------------------------------------------------------------- pretrained
-@dataclasses.dataclass(frozen=True)
-class Pretrained:
-    """A located pretrained checkpoint: its directory, step and meta (no arrays read yet)."""
-
-    directory: str
-    step: int
-    meta: dict
-
-    @property
-    def model(self) -> models.MAEConfig:
-        return models.resolve(self.meta["model"])
-
-
-def _checkpoints_dir(path: str) -> str:
-    from etils import epath
-
-    text = os.fspath(path)
-    if "://" not in text:
-        text = os.path.abspath(os.path.expanduser(text))
-    root = epath.Path(text)
-    if not root.is_dir():
-        raise ValueError(
-            f"config.pretrained={path!r} does not exist or is not a directory; expected a "
-            f"pretraining workdir (with checkpoints/) or one written by "
-            f"`python -m mae_jax.convert import`"
-        )
-    return str(root / "checkpoints") if (root / "checkpoints").is_dir() else str(root)
-
-
-def locate_pretrained(path: str, step: int | None = None) -> Pretrained:
-    """Find checkpoint `step` (default: the latest) of a pretraining / imported workdir and
-    read its meta. Raises ValueError with what is wrong (missing path, no checkpoint, no model
-    config in the meta)."""
-    from mae_jax.checkpointing import Checkpointer
-
-    directory = _checkpoints_dir(path)
-    ckpt = Checkpointer(directory, max_to_keep=None, async_save=False, enable_preemption_save=False)
-    try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise ValueError(f"config.pretrained={path!r}: no complete checkpoint in {directory!r}")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise ValueError(
-                f"config.pretrained_step={step} is not a checkpoint of "
-                f"{directory!r}; available steps: {steps}"
-            )
-        meta = ckpt.read_meta(step)
-    finally:
-        ckpt.close()
-    if "model" not in meta:
-        raise ValueError(
-            f"checkpoint {step} in {directory!r} has no 'model' config in its meta "
-            f"(keys {sorted(meta)}); is it an mae-jax pretraining checkpoint?"
-        )
-    return Pretrained(directory, int(step), meta)
-
-
 def encoder_keys(global_pool: bool) -> tuple[str, ...]:
     """Top-level parameter names taken over from the MAE: the encoder, and its final `norm`
     when the classifier pools the cls token (with global pooling `fc_norm` is new)."""
     return ENCODER_KEYS + (() if global_pool else ("norm",))
-
-
-def load_pretrained(
-    state: dict, shardings: dict, pretrained: Pretrained, keys: tuple[str, ...]
-) -> dict:
-    """Copy the pretrained encoder (`keys` of its `params`) into `state` ('params' and/or
-    'frozen'), reading only those arrays, straight into their target shardings."""
-    import orbax.checkpoint as ocp
-    from etils import epath
-
-    target, where = {}, {}
-    for entry in ("params", "frozen"):
-        if entry not in state:
-            continue
-        values = nnx.to_pure_dict(state[entry])
-        sh = nnx.to_pure_dict(shardings[entry])
-        for top in values:
-            if top in keys:
-                target[top] = jax.tree.map(
-                    lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                    values[top],
-                    sh[top],
-                )
-                where[top] = entry
-    missing = sorted(set(keys) - set(target))
-    if missing:
-        raise ValueError(f"the classifier has no parameters {missing} to load")
-    path = epath.Path(pretrained.directory) / str(pretrained.step) / "state"
-    with ocp.PyTreeCheckpointer() as reader:
-        restored = reader.restore(
-            path,
-            args=ocp.args.PyTreeRestore(
-                item={"params": target},
-                restore_args=ocp.checkpoint_utils.construct_restore_args({"params": target}),
-                partial_restore=True,
-            ),
-        )["params"]
-    for top, entry in where.items():
-        nnx.replace_by_pure_dict(state[entry], {top: restored[top]})
-    return state
 
 
 # ----------------------------------------------------------------------------- config
@@ -413,7 +312,9 @@ class Plan:
     steps_per_epoch: int | None
     eval_batch_size: int
     optim: ml_collections.ConfigDict
-    pretrained: Pretrained | None
+    source: init_from.Source | None
+    schedule: dict
+    milestone_every: int
 
 
 def _positive_int(name: str, value) -> int:
@@ -422,18 +323,19 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
-def resolve_model(config, pretrained: Pretrained | None) -> models.MAEConfig:
+def resolve_model(config, source: init_from.Source | None) -> models.MAEConfig:
     """The encoder config: `config.model` (a preset name plus overrides), whose architecture
-    must match the pretrained checkpoint's; with `config.model.name` empty it is taken from
-    the checkpoint's meta (the other `config.model` fields still apply)."""
+    must match the `config.init_from` checkpoint's; with `config.model.name` empty it is taken
+    from the checkpoint's meta (the other `config.model` fields still apply)."""
+    pretrained = source if source is not None and source.model is not None else None
     fields = (
         dict(config.model.to_dict()) if hasattr(config.model, "to_dict") else {"name": config.model}
     )
     if not fields.get("name"):
         if pretrained is None:
             raise ValueError(
-                "config.model.name is empty and there is no config.pretrained "
-                "checkpoint to take the architecture from"
+                "config.model.name is empty and there is no config.init_from workdir to take "
+                "the architecture from; set config.model.name"
             )
         base = pretrained.model
         fields.pop("name", None)
@@ -452,7 +354,7 @@ def resolve_model(config, pretrained: Pretrained | None) -> models.MAEConfig:
                 f"{f}: checkpoint {a!r} vs config {b!r}" for f, (a, b) in diffs.items()
             )
             raise ValueError(
-                f"config.pretrained holds another encoder ({saved.name!r}; {detail}); set "
+                f"config.init_from holds another encoder ({saved.name!r}; {detail}); set "
                 f"config.model.name={saved.name!r} (or empty to take it from the checkpoint)"
             )
     size = int(config.data.image_size)
@@ -465,17 +367,14 @@ def resolve_model(config, pretrained: Pretrained | None) -> models.MAEConfig:
     return mcfg
 
 
-def plan(config, known_keys: frozenset[str]) -> Plan:
+def plan(config, known_keys: frozenset[str], resume: train.Resume = None, where: str = "") -> Plan:
     """Validate `config` and resolve the model, classes, step counts and optimizer config
-    (reads the pretrained checkpoint's meta, no arrays; nothing is compiled)."""
+    (reads the `config.init_from` checkpoint's meta, no arrays; nothing is compiled)."""
     unknown = sorted(set(config.keys()) - known_keys)
     if unknown:
         raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known_keys)}")
-    pretrained = None
-    if config.pretrained:
-        step = config.get("pretrained_step")
-        pretrained = locate_pretrained(config.pretrained, None if step is None else int(step))
-    mcfg = resolve_model(config, pretrained)
+    source = init_from.locate(config.get("init_from"))
+    mcfg = resolve_model(config, source)
     batch = _positive_int("batch_size", config.batch_size)
     eval_batch = _positive_int("eval_batch_size", config.get("eval_batch_size") or batch)
     info = input_pipeline.dataset_info(config.data)
@@ -502,17 +401,25 @@ def plan(config, known_keys: frozenset[str]) -> Plan:
         warmup = int(config.warmup_epochs * steps_per_epoch)
     if config.warmup_epochs < 0:
         raise ValueError(f"config.warmup_epochs must be >= 0, got {config.warmup_epochs!r}")
-    warmup = min(warmup, total)
     if config.eval_every_steps < 0:
         raise ValueError(f"config.eval_every_steps must be >= 0, got {config.eval_every_steps}")
+    schedule = train.resolve_schedule(total, min(warmup, total), resume, where)
     oc = ml_collections.ConfigDict(config.optim.to_dict())
-    oc.batch_size = batch
-    oc.total_steps = total
-    oc.warmup_steps = warmup
     if oc.get("layer_decay") is not None and oc.get("num_layers") is None:
         oc.num_layers = mcfg.depth
-    optim.learning_rate_fn(oc)  # validates the optimizer config
-    return Plan(mcfg, num_classes, total, warmup, steps_per_epoch, eval_batch, oc, pretrained)
+    oc = train.apply_schedule(oc, batch, schedule)
+    return Plan(
+        mcfg,
+        num_classes,
+        total,
+        oc.warmup_steps,
+        steps_per_epoch,
+        eval_batch,
+        oc,
+        source,
+        schedule,
+        train.milestone_steps(config, steps_per_epoch),
+    )
 
 
 def check_mesh(config, p: Plan, mesh) -> None:
@@ -537,7 +444,7 @@ def classifier_flops_per_image(c: models.MAEConfig, num_classes: int) -> float:
 
 
 # ----------------------------------------------------------------------------- the task
-def check_workdir(meta: dict, expected: dict, ckpt_dir: str, step: int) -> None:
+def check_workdir(meta: dict, expected: dict, where: str, step: int) -> None:
     """Refuse a workdir whose checkpoint holds another task / encoder / number of classes."""
     saved_model = meta.get("model") or {}
     diffs = []
@@ -555,7 +462,7 @@ def check_workdir(meta: dict, expected: dict, ckpt_dir: str, step: int) -> None:
             )
     if diffs:
         raise ValueError(
-            f"the workdir's checkpoint {ckpt_dir} (step {step}) is of another run "
+            f"the workdir's checkpoint {where} (step {step}) is of another run "
             f"({'; '.join(diffs)}); use a new --workdir or the matching config"
         )
 
@@ -592,34 +499,26 @@ def classification_task(
     cfns = build(
         model_fn, trainable, tx, lr_fn, mesh, prepare=prepare, drop_path=drop_path, rules=rules
     )
-    base_init = cfns.fns.init
+    fns = cfns.fns
 
     def init():
-        state = base_init()
-        if p.pretrained is None:
+        state = fns.init()
+        if p.source is None:
             logging.warning(
-                "config.pretrained is empty: the encoder is RANDOMLY INITIALIZED "
+                "config.init_from.path is empty: the encoder is RANDOMLY INITIALIZED "
                 "(a baseline, not an evaluation of a pretrained model)"
             )
             return state
-        state = load_pretrained(
-            state, cfns.fns.state_shardings, p.pretrained, encoder_keys(global_pool)
+        return init_from.load(
+            state, fns.state_shardings, p.source, encoder_keys(global_pool), p.model
         )
-        logging.info(
-            "loaded the pretrained encoder from %s (step %d)",
-            p.pretrained.directory,
-            p.pretrained.step,
-        )
-        return state
 
-    fns = dataclasses.replace(cfns.fns, init=init)
-    cfns = dataclasses.replace(cfns, fns=fns)
     meta = {
         "model": dataclasses.asdict(p.model),
         "task": config.task,
         "num_classes": p.num_classes,
-        "pretrained": p.pretrained.directory if p.pretrained else "",
-        "pretrained_step": p.pretrained.step if p.pretrained else None,
+        "init_from": p.source.describe() if p.source else "",
+        "schedule": p.schedule,
     }
 
     def run_eval(state, step):
@@ -650,40 +549,31 @@ def classification_task(
                 "task": config.task,
                 "model": p.model.name,
                 "num_classes": p.num_classes,
-                "pretrained": meta["pretrained"],
-                "pretrained_step": meta["pretrained_step"],
+                "init_from": meta["init_from"],
             }
-            path = os.path.join(workdir, RESULTS_FILE)
-            with open(path + ".tmp", "w") as f:
-                json.dump(out, f, indent=2, sort_keys=True)
-            os.replace(path + ".tmp", path)
+            wdir.write_json(wdir.join(wdir.normalize(workdir), wdir.RESULTS), out)
         return {"eval_top1": r["top1"], "eval_top5": r["top5"], "eval_loss": r["loss"]}
 
     return train.Task(
         name=name,
         fns=fns,
+        init=init,
         total_steps=p.total_steps,
         batch_size=config.batch_size,
-        make_data=lambda start: input_pipeline.create_train_iterator(
+        make_data=lambda start, should_stop=None: input_pipeline.create_train_iterator(
             config.data,
             global_batch_size=config.batch_size,
             seed=config.seed,
             start_step=start,
             augment_fn=augment_fn,
+            should_stop=should_stop,
         ),
         meta=lambda: meta,
-        check_meta=lambda m, step, ckpt_dir: check_workdir(m, meta, ckpt_dir, step),
+        check_meta=lambda m, step: check_workdir(m, meta, workdir, step),
+        resolved=train.resolved_config(config, p.total_steps, p.optim),
         device_keys=("image", "label"),
         flops_per_image=flops_per_image,
+        milestone_every=p.milestone_every,
         periodic=periodic,
         final=final,
     )
-
-
-def read_results(workdir: str) -> dict:
-    """The final evaluation a run wrote (`eval_results.json`)."""
-    path = os.path.join(workdir, RESULTS_FILE)
-    if not os.path.exists(path):
-        raise ValueError(f"{path} does not exist: the run has not finished")
-    with open(path) as f:
-        return json.load(f)

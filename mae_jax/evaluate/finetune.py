@@ -5,7 +5,7 @@ RandAugment `rand-m9-mstd0.5-inc1`, random erasing 0.25, AdamW (0.9, 0.999), wei
 warmup then cosine to `min_lr` 1e-6; top-1 / top-5 on the eval split.
 
     python -m mae_jax.main --config=configs/finetune_vit_base.py --workdir=DIR \\
-        --config.pretrained=PRETRAIN_WORKDIR
+        --config.init_from.path=PRETRAIN_WORKDIR
 
 Every parameter is trained (`state['params']`). RandAugment and random erasing run per example
 in the tf.data input pipeline (`input_pipeline.create_train_iterator(augment_fn=...)`), mixup /
@@ -21,7 +21,7 @@ import ml_collections
 from flax import nnx
 from ml_collections import config_dict
 
-from mae_jax import data_augment, input_pipeline, optim, train
+from mae_jax import data_augment, init_from, input_pipeline, optim, train
 from mae_jax.evaluate import classify_step as cs
 from mae_jax.evaluate.mixup import mixup_cutmix, smooth_one_hot
 from mae_jax.models.classifier import FINETUNE_HEAD_STD, ViTClassifier
@@ -45,8 +45,8 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = TASK
     c.seed = 0
-    c.pretrained = ""  # pretraining / imported workdir ('' = random init)
-    c.pretrained_step = config_dict.placeholder(int)  # None: its latest checkpoint
+    # The encoder: a pretraining / imported workdir or a PyTorch file ('' = random init).
+    c.init_from = init_from.default_config(parts="encoder")
     c.model = ml_collections.ConfigDict(
         dict(
             name=model_name,
@@ -90,6 +90,7 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     c.sharding_rules = config_dict.placeholder(tuple)
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
+    c.keep_every_epochs = 0  # milestones kept for good (0: none)
     c.log_every_steps = 50
     c.eval_every_steps = 0  # 0: evaluate only at the end
     c.peak_tflops = config_dict.placeholder(float)
@@ -214,13 +215,13 @@ def _check(config) -> None:
         raise ValueError(f"config.drop_path_rate must be in [0, 1), got {v!r}")
 
 
-def finetune_task(config, mesh, workdir: str) -> train.Task:
+def finetune_task(config, mesh, workdir: str, resume: train.Resume = None) -> train.Task:
     """The fine-tuning `train.Task` of `config` on `mesh` (validated before compiling)."""
     if config.get("task") != TASK:
         raise ValueError(
             f"config.task must be {TASK!r} for fine-tuning, got {config.get('task')!r}"
         )
-    p = cs.plan(config, KNOWN_KEYS)
+    p = cs.plan(config, KNOWN_KEYS, resume, workdir)
     _check(config)
     augment_fn = make_augment_fn(config.rand_augment, config.reprob)
     global_pool = bool(config.global_pool)
@@ -262,6 +263,8 @@ def finetune_task(config, mesh, workdir: str) -> train.Task:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Fine-tune the encoder of `config.pretrained` in `workdir` (resumes if it holds a run).
+    """Fine-tune the encoder of `config.init_from.path` in `workdir` (resumes if it holds a run).
     Returns the last logged metrics; the final evaluation is in `workdir/eval_results.json`."""
-    return train.run(config, workdir, lambda mesh: finetune_task(config, mesh, workdir))
+    return train.run(
+        config, workdir, lambda mesh, resume: finetune_task(config, mesh, workdir, resume)
+    )

@@ -4,7 +4,7 @@
 then cosine, RandomResizedCrop + flip; top-1 / top-5 on the eval split.
 
     python -m mae_jax.main --config=configs/linprobe_vit_base.py --workdir=DIR \\
-        --config.pretrained=PRETRAIN_WORKDIR
+        --config.init_from.path=PRETRAIN_WORKDIR
 
 Only the head's Linear is trained (`state['params']`); the encoder sits in `state['frozen']`
 (loaded from the pretrained checkpoint, never updated) and the BatchNorm running statistics in
@@ -18,7 +18,7 @@ import ml_collections
 from flax import nnx
 from ml_collections import config_dict
 
-from mae_jax import input_pipeline, optim, train
+from mae_jax import init_from, input_pipeline, optim, train
 from mae_jax.evaluate import classify_step as cs
 from mae_jax.evaluate.mixup import smooth_one_hot
 from mae_jax.models.classifier import LINPROBE_HEAD_STD, ViTClassifier
@@ -34,8 +34,8 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = TASK
     c.seed = 0
-    c.pretrained = ""  # pretraining / imported workdir ('' = random init)
-    c.pretrained_step = config_dict.placeholder(int)  # None: its latest checkpoint
+    # The encoder: a pretraining / imported workdir or a PyTorch file ('' = random init).
+    c.init_from = init_from.default_config(parts="encoder")
     c.model = ml_collections.ConfigDict(
         dict(
             name=model_name,
@@ -67,6 +67,7 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     c.sharding_rules = config_dict.placeholder(tuple)
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
+    c.keep_every_epochs = 0  # milestones kept for good (0: none)
     c.log_every_steps = 50
     c.eval_every_steps = 0  # 0: evaluate only at the end
     c.peak_tflops = config_dict.placeholder(float)
@@ -94,13 +95,13 @@ def make_model_fn(p: cs.Plan, config):
     return model_fn
 
 
-def linear_probe_task(config, mesh, workdir: str) -> train.Task:
+def linear_probe_task(config, mesh, workdir: str, resume: train.Resume = None) -> train.Task:
     """The linear-probing `train.Task` of `config` on `mesh` (validated before compiling)."""
     if config.get("task") != TASK:
         raise ValueError(
             f"config.task must be {TASK!r} for linear probing, got {config.get('task')!r}"
         )
-    p = cs.plan(config, KNOWN_KEYS)
+    p = cs.plan(config, KNOWN_KEYS, resume, workdir)
     if p.optim.get("layer_decay") is not None:
         raise ValueError(
             "config.optim.layer_decay does not apply to linear probing (only the "
@@ -124,6 +125,8 @@ def linear_probe_task(config, mesh, workdir: str) -> train.Task:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Linear-probe the encoder of `config.pretrained` in `workdir` (resumes if it holds a run).
+    """Linear-probe the encoder of `config.init_from.path` in `workdir` (resumes if it holds a run).
     Returns the last logged metrics; the final evaluation is in `workdir/eval_results.json`."""
-    return train.run(config, workdir, lambda mesh: linear_probe_task(config, mesh, workdir))
+    return train.run(
+        config, workdir, lambda mesh, resume: linear_probe_task(config, mesh, workdir, resume)
+    )

@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import typing
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_dict
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = (None, "xla", "cudnn")
+DTYPE_FIELDS = ("dtype", "param_dtype")
+
+
+def dtype_name(dtype: Any) -> Any:
+    """The canonical name (`"bfloat16"`, ...) of a dtype given as a name, a JAX/NumPy scalar type
+    (`jnp.bfloat16`, `np.float32`) or a `np.dtype`; anything else is returned unchanged (for
+    `MAEConfig.validate` to refuse)."""
+    try:
+        name = jnp.dtype(dtype).name
+    except (TypeError, ValueError):
+        return dtype
+    return name if name in _DTYPES else dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +49,10 @@ class MAEConfig:
     param_dtype: str = "float32"  # storage dtype
     attention_impl: str | None = None
     remat: bool = False
+
+    def __post_init__(self):
+        for field in DTYPE_FIELDS:  # jnp.bfloat16, np.dtype("float32"), ... -> their names
+            object.__setattr__(self, field, dtype_name(getattr(self, field)))
 
     @property
     def grid_size(self) -> int:
@@ -76,19 +96,31 @@ class MAEConfig:
             raise ValueError(
                 f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}"
             )
-        for dim, heads, what in (
-            (self.embed_dim, self.num_heads, "embed_dim"),
-            (self.decoder_embed_dim, self.decoder_num_heads, "decoder_embed_dim"),
+        for what, heads_field in (
+            ("embed_dim", "num_heads"),
+            ("decoder_embed_dim", "decoder_num_heads"),
         ):
+            dim, heads = getattr(self, what), getattr(self, heads_field)
             if dim % heads:
-                raise ValueError(f"{what} {dim} is not divisible by its number of heads {heads}")
+                raise ValueError(
+                    f"{what} {dim} is not divisible by its number of heads ({heads_field} {heads})"
+                )
             if dim % 4:
                 raise ValueError(
                     f"{what} {dim} must be a multiple of 4 for 2-D sin-cos position embeddings"
                 )
+        for field in ("mlp_ratio", "mask_ratio"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"{field} must be a number, got {value!r}")
+        if not (self.mlp_ratio > 0 and int(self.embed_dim * self.mlp_ratio) > 0):
+            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio!r}")
         if not 0.0 <= float(self.mask_ratio) < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio!r}")
-        for field in ("dtype", "param_dtype"):
+        for field in ("norm_pix_loss", "remat"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{field} must be True or False, got {getattr(self, field)!r}")
+        for field in DTYPE_FIELDS:
             if getattr(self, field) not in _DTYPES:
                 raise ValueError(
                     f"{field} {getattr(self, field)!r} is not one of {sorted(_DTYPES)}"
@@ -150,10 +182,50 @@ PRESETS: dict[str, MAEConfig] = {
 _FIELDS = {f.name for f in dataclasses.fields(MAEConfig)}
 
 
+def _field_type(hint: Any) -> type:
+    """`int` for `int`, `str` for `str | None`."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+FIELD_TYPES: dict[str, type] = {
+    name: _field_type(hint) for name, hint in typing.get_type_hints(MAEConfig).items()
+}
+
+
+def config_block(name: str, **fields) -> ml_collections.ConfigDict:
+    """The `model` block of a training config: `name` (a preset) plus every other `MAEConfig`
+    field, typed so that `--config.model.FIELD=VALUE` parses; fields not given here are None,
+    meaning "the preset's value" (`resolve` ignores None)."""
+    unknown = sorted(set(fields) - _FIELDS)
+    if unknown:
+        hints = [
+            f"{k!r} (did you mean {m[0]!r}?)"
+            if (m := difflib.get_close_matches(k, _FIELDS, 1))
+            else repr(k)
+            for k in unknown
+        ]
+        raise ValueError(f"unknown model option(s) {', '.join(hints)}; known: {sorted(_FIELDS)}")
+    block = {"name": name}
+    for field in dataclasses.fields(MAEConfig):
+        if field.name == "name":
+            continue
+        value = fields.get(field.name)
+        if field.name in DTYPE_FIELDS and value is not None:
+            value = dtype_name(value)
+            if value not in _DTYPES:
+                raise ValueError(f"{field.name} {value!r} is not one of {sorted(_DTYPES)}")
+        block[field.name] = config_dict.FieldReference(value, field_type=FIELD_TYPES[field.name])
+    return ml_collections.ConfigDict(block)
+
+
 def resolve(name_or_config: Any, **overrides) -> MAEConfig:
     """A validated `MAEConfig` from a preset name, an `MAEConfig`, or a mapping.
 
-    A mapping (dict or `ConfigDict`) may hold `name` (a preset to start from) plus any field.
+    A mapping (dict or `ConfigDict`, e.g. a `config_block`) may hold `name` (a preset to start
+    from) plus any field; its None-valued fields mean "the preset's value" and are ignored.
+    `overrides` are applied as given (`attention_impl=None` selects the default attention).
+    Dtypes may be names or JAX/NumPy dtypes (`jnp.bfloat16`); the config holds their names.
     """
     if isinstance(name_or_config, MAEConfig):
         base, extra = name_or_config, {}
@@ -163,6 +235,7 @@ def resolve(name_or_config: Any, **overrides) -> MAEConfig:
         extra = dict(
             name_or_config.to_dict() if hasattr(name_or_config, "to_dict") else name_or_config
         )
+        extra = {k: v for k, v in extra.items() if v is not None}
         base = _lookup(extra.pop("name")) if "name" in extra else MAEConfig()
     else:
         raise ValueError(

@@ -1,0 +1,190 @@
+"""Where a new run's weights come from: `config.init_from`, read by every training task.
+
+    config.init_from.path   '' (fresh initialization), a workdir (a pretraining run, or one
+                            written by `python -m mae_jax.convert import`), or a PyTorch file:
+                            official MAE / timm `.pth`, `.safetensors`, a Hugging Face directory
+    config.init_from.step   a workdir's checkpoint step (None: its newest intact checkpoint)
+    config.init_from.parts  'all' (every parameter the model shares with the source) or
+                            'encoder' (patch embedding, cls token, blocks, and the final norm)
+
+It is used only when a run starts: resuming a workdir that holds checkpoints always wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from ml_collections import config_dict
+
+from mae_jax import models
+from mae_jax import workdir as wdir
+from mae_jax.models.classifier import ENCODER_KEYS
+
+PARTS = ("all", "encoder")
+_TORCH_FILES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def default_config(parts: str = "all") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.path = ""
+    c.step = config_dict.placeholder(int)
+    c.parts = parts
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A located weight source; nothing but its metadata read yet."""
+
+    path: str
+    kind: str  # 'workdir' or 'pytorch'
+    step: int | None
+    model: models.MAEConfig | None  # what a workdir's checkpoint says it holds
+    parts: str
+
+    def describe(self) -> str:
+        return self.path if self.step is None else f"{self.path} (step {self.step})"
+
+
+def locate(init_from) -> Source | None:
+    """Validate `config.init_from` and find its source (reads a workdir's meta, no arrays)."""
+    if init_from is None or not init_from.get("path"):
+        if init_from is not None and init_from.get("step") is not None:
+            raise ValueError("config.init_from.step is set but config.init_from.path is empty")
+        return None
+    parts = init_from.get("parts") or "all"
+    if parts not in PARTS:
+        raise ValueError(f"config.init_from.parts={parts!r} is not one of {PARTS}")
+    path = os.fspath(init_from.path)
+    step = init_from.get("step")
+    local = not wdir.is_remote(path)
+    if (local and os.path.isfile(os.path.expanduser(path))) or path.endswith(_TORCH_FILES):
+        if step is not None:
+            raise ValueError("config.init_from.step applies to workdirs, not to PyTorch files")
+        if local and not os.path.exists(os.path.expanduser(path)):
+            raise ValueError(f"config.init_from.path={path!r} does not exist")
+        return Source(os.path.expanduser(path), "pytorch", None, None, parts)
+    if local and os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+        if not wdir.isdir(wdir.join(path, wdir.CHECKPOINTS)):  # a Hugging Face directory
+            return Source(path, "pytorch", None, None, parts)
+    try:
+        reader = wdir.Reader(path)
+    except wdir.WorkdirError as e:
+        raise ValueError(f"config.init_from.path: {e}") from None
+    steps = reader.steps()
+    if not steps:
+        raise ValueError(
+            f"config.init_from.path={path!r} holds no finalized checkpoint; expected a "
+            f"training workdir, one written by `python -m mae_jax.convert import`, or a PyTorch "
+            f"file (.pth, .safetensors, Hugging Face directory)"
+        )
+    if step is not None and step not in steps:
+        raise ValueError(
+            f"config.init_from.step={step} is not a checkpoint of {path!r}; available: {steps}"
+        )
+    chosen = steps[-1] if step is None else step
+    meta = reader.meta(chosen)
+    if "model" not in meta:
+        raise ValueError(
+            f"checkpoint {chosen} of {path!r} says nothing of its model (meta keys "
+            f"{sorted(meta)}); is it an mae-jax checkpoint?"
+        )
+    return Source(reader.directory, "workdir", step, models.resolve(meta["model"]), parts)
+
+
+def wanted_keys(source: Source, available: list[str]) -> tuple[str, ...]:
+    """Top-level parameter names to copy: all the model has, or the encoder's."""
+    if source.parts == "encoder":
+        return tuple(k for k in ENCODER_KEYS + ("norm",) if k in available)
+    return tuple(available)
+
+
+def load(state: dict, shardings: dict, source: Source, keys: tuple[str, ...], mcfg) -> dict:
+    """Copy parameters `keys` (top-level names) of `source` into `state`'s 'params' and/or
+    'frozen' entries, straight into their shardings; other entries stay as initialized."""
+    target, where = {}, {}
+    for entry in ("params", "frozen"):
+        if entry not in state:
+            continue
+        values = nnx.to_pure_dict(state[entry])
+        sh = nnx.to_pure_dict(shardings[entry])
+        for top in values:
+            if top in keys:
+                target[top] = jax.tree.map(
+                    lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                    values[top],
+                    sh[top],
+                )
+                where[top] = entry
+    missing = sorted(set(keys) - set(target))
+    if missing:
+        raise ValueError(f"the model has no parameters {missing} to load from {source.path}")
+    if source.kind == "workdir":
+        loaded = wdir.Reader(source.path).restore_params(target, step=source.step).state
+    else:
+        loaded = _from_pytorch(source, target, mcfg)
+    for top, entry in where.items():
+        nnx.replace_by_pure_dict(state[entry], {top: loaded[top]})
+    logging.info("initialized %s from %s", ", ".join(sorted(where)), source.describe())
+    return state
+
+
+def _from_pytorch(source: Source, target: dict, mcfg) -> dict:
+    from mae_jax import convert  # noqa: PLC0415 - torch-side code only when asked for
+
+    converted = convert.read_pytorch(source.path, mcfg, strict=False)
+    out = {}
+    for top, tree in target.items():
+        if top not in converted.params:
+            raise ValueError(f"{source.path} has no {top!r} parameters (encoder-only file?)")
+
+        def put(leaf, value):
+            value = np.asarray(value, leaf.dtype)
+            if value.shape != leaf.shape:
+                raise ValueError(f"{source.path}: shape {value.shape} does not fit {leaf.shape}")
+            return jax.make_array_from_callback(value.shape, leaf.sharding, lambda i: value[i])
+
+        out[top] = jax.tree.map(put, tree, converted.params[top])
+    return out
+
+
+def read_mae(path, step: int | None = None, **overrides):
+    """`(step, config, params)` of an MAE workdir's checkpoint `step` (default: the newest
+    intact one), read-only (safe while that run trains): the model config from its meta
+    (`overrides` replace fields, e.g. `img_size`) and only its `params`, as numpy arrays."""
+    from mae_jax.convert.mapping import abstract_params  # noqa: PLC0415
+
+    reader = wdir.Reader(path)
+    if step is None:
+        found = reader.latest_meta()
+        if found is None:
+            raise wdir.WorkdirError(f"there is no finalized checkpoint in {reader.directory}")
+    elif step in reader.steps():
+        found = (step, reader.meta(step))
+    else:
+        raise wdir.WorkdirError(
+            f"there is no checkpoint {step} in {reader.directory}; available: {reader.steps()}"
+        )
+    meta = found[1]
+    if "model" not in meta:
+        raise wdir.WorkdirError(
+            f"checkpoint {found[0]} in {reader.directory} says nothing of its model (meta keys "
+            f"{sorted(meta)}); is it an mae-jax pretraining checkpoint?"
+        )
+    config = models.resolve(meta["model"], **overrides)
+
+    def same_model(other: dict, s: int):
+        if other.get("model") != meta["model"]:
+            raise wdir.WorkdirError(
+                f"checkpoint {s} in {reader.directory} holds another model than checkpoint "
+                f"{found[0]}"
+            )
+
+    restored = reader.restore_params(abstract_params(config), step=step, check_meta=same_model)
+    return restored.step, config, restored.state

@@ -1,0 +1,827 @@
+"""The workdir of a run: its layout, its lock, its checkpoints and every file in it.
+
+This is the only module that opens Orbax and the only one that knows where a run's files go.
+Paths are local paths or URIs (`gs://bucket/run`, and any other scheme TensorFlow's
+`tf.io.gfile` knows, such as `ram://` in tests); every file goes through the same small path
+layer below, so a `gs://` workdir holds all of a run, not only its checkpoints.
+
+Layout of WORKDIR:
+  checkpoints/<step>/state       Orbax pytree of arrays: params, opt_state, step, ...
+  checkpoints/<step>/meta        JSON: model config, task, data position, schedule, ...
+  config.json                    the resolved config of the newest start (the numbers used)
+  config_history.json            earlier resolved configs, when a rerun changed them
+  metrics.jsonl, events.*        metrics (`mae_jax.metrics`)
+  eval_results.json              final evaluation of a classification run
+  lock                           the writer's lock: host, pid, start time
+  damaged_checkpoints/<step>     checkpoints a writer found unreadable, moved aside (never deleted)
+
+Writers (`Writer`, one per run) hold the lock; a second writer is refused with a sentence naming
+the holder, and a lock left by a killed process is taken over. Readers (`Reader`) never create,
+clean, rename or delete anything, and see only finalized checkpoints, so they can read a run in
+progress. Restoring skips a newest checkpoint that cannot be read, says so, and uses the next.
+
+Multi-process (Orbax's contract): every process calls `Writer.save`, `restore`, `wait`, `close`
+at the same points with the same arguments; process 0 alone takes the lock and writes the JSON
+files, and all processes agree on which checkpoint they restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+CHECKPOINTS = "checkpoints"
+DAMAGED = "damaged_checkpoints"
+CONFIG = "config.json"
+CONFIG_HISTORY = "config_history.json"
+RESULTS = "eval_results.json"
+LOCK = "lock"
+_STATE = "state"
+_META = "meta"
+_META_FILE = "metadata"  # the file Orbax's JsonSave writes inside `meta/`
+
+
+class WorkdirError(ValueError):
+    """A workdir that cannot be used as asked; the message is one sentence for the user."""
+
+
+# ----------------------------------------------------------------------------- path layer
+def is_remote(path) -> bool:
+    """True for URIs (`gs://...`, `ram://...`), False for local paths."""
+    return "://" in os.fspath(path)
+
+
+def normalize(path) -> str:
+    """Local paths made absolute (`~` expanded); URIs kept, without a trailing slash."""
+    text = os.fspath(path)
+    if not text:
+        raise WorkdirError("the workdir path is empty; pass --workdir=DIR")
+    if is_remote(text):
+        return text.rstrip("/")
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def join(root, *parts: str) -> str:
+    root = os.fspath(root)
+    if is_remote(root):
+        return "/".join([root.rstrip("/"), *parts])
+    return os.path.join(root, *parts)
+
+
+def _gfile():
+    import tensorflow as tf  # noqa: PLC0415 - only URIs need TensorFlow's file systems
+
+    return tf.io.gfile
+
+
+def exists(path) -> bool:
+    return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
+
+
+def isdir(path) -> bool:
+    return _gfile().isdir(path) if is_remote(path) else os.path.isdir(path)
+
+
+def makedirs(path) -> None:
+    if is_remote(path):
+        _gfile().makedirs(path)
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
+def listdir(path) -> list[str]:
+    if is_remote(path):
+        return [name.rstrip("/") for name in _gfile().listdir(path)]
+    return os.listdir(path)
+
+
+def read_text(path) -> str:
+    if is_remote(path):
+        with _gfile().GFile(path, "r") as f:
+            return f.read()
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def write_text(path, text: str) -> None:
+    """Writes `text` to `path` atomically (temporary file, then rename)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    if is_remote(path):
+        with _gfile().GFile(tmp, "w") as f:
+            f.write(text)
+        _gfile().rename(tmp, path, overwrite=True)
+        return
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_text(path, text: str) -> None:
+    """Appends `text` (object stores cannot append: the file is rewritten there)."""
+    if is_remote(path):
+        old = read_text(path) if exists(path) else ""
+        write_text(path, old + text)
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+
+
+def remove(path) -> None:
+    if is_remote(path):
+        _gfile().remove(path)
+    else:
+        os.remove(path)
+
+
+def rename(src, dst) -> None:
+    if is_remote(src):
+        _gfile().rename(src, dst, overwrite=False)
+    else:
+        os.rename(src, dst)
+
+
+def read_json(path) -> Any:
+    return json.loads(read_text(path))
+
+
+def write_json(path, value) -> None:
+    write_text(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    text = str(error).strip().splitlines()
+    line = text[0] if text else type(error).__name__
+    line = f"{type(error).__name__}: {line}"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def check_writable_dir(root: str) -> None:
+    """Creates `root` if needed; refuses a path that is a file or cannot be written."""
+    if exists(root) and not isdir(root):
+        raise WorkdirError(f"the workdir {root} exists and is a file, not a directory")
+    try:
+        makedirs(root)
+        probe = join(root, f".write-test-{os.getpid()}")
+        write_text(probe, "")
+        remove(probe)
+    except (OSError, Exception) as e:  # gfile raises tf.errors, not OSError
+        if isinstance(e, WorkdirError):
+            raise
+        raise WorkdirError(f"cannot write to the workdir {root} ({_first_line(e)})") from None
+
+
+# ----------------------------------------------------------------------------- the lock
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _describe(holder: dict) -> str:
+    return (
+        f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, "
+        f"started {holder.get('started', '?')}"
+    )
+
+
+class Lock:
+    """The writer's exclusive lock on a workdir (file `lock`, holding host, pid, start time).
+
+    Local file systems: an `flock` on the file, which the kernel drops when the holder dies, so
+    a lock left by a killed process is taken over at once. Object stores (`gs://`): a lease the
+    holder renews every `heartbeat_s`; a lease older than `stale_s`, or one held by a dead
+    process of this host, is taken over.
+    """
+
+    def __init__(self, root: str, *, heartbeat_s: float = 60.0, stale_s: float = 600.0):
+        self.path = join(root, LOCK)
+        self._root = root
+        self._heartbeat_s = heartbeat_s
+        self._stale_s = stale_s
+        self._fd: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": _now()}
+
+    def _refuse(self, holder: dict):
+        raise WorkdirError(
+            f"the workdir {self._root} is in use by another run ({_describe(holder)}); stop "
+            f"that run first or choose another --workdir"
+        )
+
+    def acquire(self) -> Lock:
+        if is_remote(self.path):
+            self._acquire_lease()
+        else:
+            self._acquire_flock()
+        return self
+
+    def _acquire_flock(self):
+        import fcntl  # noqa: PLC0415 - POSIX only
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            except ValueError:
+                holder = {}
+            os.close(fd)
+            self._refuse(holder)
+        old = os.pread(fd, 4096, 0)
+        if old.strip():
+            try:
+                left = json.loads(old)
+            except ValueError:
+                left = {}
+            logging.warning(
+                "taking over the lock of %s left by a run that is no longer running (%s)",
+                self._root,
+                _describe(left),
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(self.holder).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+
+    def _lease_alive(self, holder: dict) -> bool:
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+            return _pid_alive(holder["pid"])
+        return time.time() - float(holder.get("heartbeat", 0)) < self._stale_s
+
+    def _acquire_lease(self):
+        if exists(self.path):
+            try:
+                holder = read_json(self.path)
+            except ValueError:
+                holder = {}
+            if holder and self._lease_alive(holder):
+                self._refuse(holder)
+            if holder:
+                logging.warning(
+                    "taking over the lock of %s left by a run that is no longer running (%s)",
+                    self._root,
+                    _describe(holder),
+                )
+        self._write_lease()
+        time.sleep(0.05)  # a racing writer's lease would land in between: re-read
+        if read_json(self.path).get("started") != self.holder["started"] or (
+            read_json(self.path).get("pid") != self.holder["pid"]
+        ):
+            self._refuse(read_json(self.path))
+        self._thread = threading.Thread(target=self._renew, name="workdir-lock", daemon=True)
+        self._thread.start()
+
+    def _write_lease(self):
+        write_json(self.path, {**self.holder, "heartbeat": time.time()})
+
+    def _renew(self):
+        while not self._stop.wait(self._heartbeat_s):
+            try:
+                self._write_lease()
+            except Exception as e:  # noqa: BLE001 - a failed renewal must not kill training
+                logging.warning("could not renew the workdir lock %s: %s", self.path, e)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl  # noqa: PLC0415
+
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            try:
+                if read_json(self.path).get("pid") == self.holder["pid"]:
+                    remove(self.path)
+            except Exception as e:  # noqa: BLE001
+                logging.warning("could not remove the workdir lock %s: %s", self.path, e)
+
+
+# ----------------------------------------------------------------------------- state layout
+def _is_var(x) -> bool:
+    from flax import nnx  # noqa: PLC0415
+
+    return isinstance(x, nnx.Variable)
+
+
+def _strip(tree):
+    """Variables -> their values (for Orbax); other leaves unchanged."""
+    return jax.tree.map(lambda v: v.get_value() if _is_var(v) else v, tree, is_leaf=_is_var)
+
+
+def to_checkpoint(state: dict) -> dict:
+    """Train state -> the on-disk layout: `params` a pure nested dict (as the converter and the
+    evaluation tools read it), every other entry with its Variables stripped."""
+    from flax import nnx  # noqa: PLC0415
+
+    out = {k: _strip(v) for k, v in state.items() if k != "params"}
+    out["params"] = nnx.to_pure_dict(state["params"])
+    return out
+
+
+def abstract_checkpoint(abstract_state: dict, shardings: dict) -> dict:
+    """The on-disk layout of `abstract_state` as ShapeDtypeStructs carrying `shardings`."""
+    from flax import nnx  # noqa: PLC0415
+
+    both = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        _strip(abstract_state),
+        _strip(shardings),
+    )
+    out = {k: v for k, v in both.items() if k != "params"}
+    out["params"] = nnx.to_pure_dict(both["params"])
+    return out
+
+
+def from_checkpoint(restored: dict, abstract_state: dict) -> dict:
+    """The on-disk layout -> a train state shaped like `abstract_state` (Variables rewrapped)."""
+    from flax import nnx  # noqa: PLC0415
+
+    params = jax.tree.map(lambda x: x, abstract_state["params"])
+    nnx.replace_by_pure_dict(params, restored["params"])
+
+    def rewrap(template, values):
+        return jax.tree.map(
+            lambda v, x: v.replace(x) if _is_var(v) else x, template, values, is_leaf=_is_var
+        )
+
+    out = {k: rewrap(abstract_state[k], restored[k]) for k in abstract_state if k != "params"}
+    out["params"] = params
+    return out
+
+
+# ----------------------------------------------------------------------------- reading
+def checkpoints_dir(path) -> str:
+    """`path/checkpoints` for a workdir, or `path` itself when it is a checkpoints directory."""
+    root = normalize(path)
+    if not exists(root):
+        raise WorkdirError(f"{root} does not exist")
+    if not isdir(root):
+        raise WorkdirError(f"{root} is a file, not a workdir")
+    sub = join(root, CHECKPOINTS)
+    return sub if isdir(sub) else root
+
+
+def _agree(ok: bool) -> bool:
+    """True only when `ok` holds on every process (a collective when there are several)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    flags = multihost_utils.process_allgather(np.asarray(int(ok), np.int32))
+    return bool(np.min(flags))
+
+
+def _restore_args(leaf):
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    if getattr(leaf, "sharding", None) is not None:
+        return ocp.ArrayRestoreArgs(
+            sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype
+        )
+    return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    step: int
+    state: Any
+    meta: dict
+
+
+class Reader:
+    """Read-only access to the checkpoints of a workdir (or of a checkpoints directory).
+
+    Never creates, cleans, renames or deletes anything: safe on a run in progress.
+    """
+
+    def __init__(self, path):
+        self.directory = checkpoints_dir(path)
+
+    def steps(self) -> list[int]:
+        """Sorted steps of the finalized checkpoints (in-flight and partial saves excluded)."""
+        import orbax.checkpoint as ocp  # noqa: PLC0415
+
+        if not isdir(self.directory):
+            return []
+        out = []
+        for name in listdir(self.directory):
+            if not name.isdigit():
+                continue
+            try:
+                if ocp.step.is_path_finalized(join(self.directory, name)):
+                    out.append(int(name))
+            except Exception:  # noqa: BLE001,S112 - vanished while listing: not a checkpoint
+                continue
+        return sorted(out)
+
+    def meta(self, step: int) -> dict:
+        """The JSON meta saved with checkpoint `step` (no array is read)."""
+        path = join(self.directory, str(step), _META, _META_FILE)
+        try:
+            meta = read_json(path)
+        except Exception as e:  # noqa: BLE001
+            raise WorkdirError(
+                f"checkpoint {step} in {self.directory} has no readable meta ({_first_line(e)})"
+            ) from None
+        if not isinstance(meta, dict):
+            raise WorkdirError(f"checkpoint {step} in {self.directory}: meta is not a dict")
+        return meta
+
+    def latest_meta(self) -> tuple[int, dict] | None:
+        """`(step, meta)` of the newest finalized checkpoint whose meta reads, or None."""
+        for step in reversed(self.steps()):
+            try:
+                return step, self.meta(step)
+            except WorkdirError as e:
+                logging.warning("skipping checkpoint %d: %s", step, e)
+        return None
+
+    def _read_state(self, step: int, target, partial: bool):
+        import orbax.checkpoint as ocp  # noqa: PLC0415
+
+        path = join(self.directory, str(step), _STATE)
+        with ocp.PyTreeCheckpointer() as reader:
+            return reader.restore(
+                path,
+                args=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=jax.tree.map(_restore_args, target),
+                    partial_restore=partial,
+                ),
+            )
+
+    def restore(
+        self,
+        target,
+        *,
+        step: int | None = None,
+        partial: bool = False,
+        check_meta: Callable[[dict, int], None] | None = None,
+        on_damaged: Callable[[int, str], None] | None = None,
+    ) -> Restored:
+        """Restores the newest intact checkpoint (or exactly `step`) into `target`.
+
+        `target`: the on-disk layout with `jax.ShapeDtypeStruct` leaves; leaves with a
+        `.sharding` come back as `jax.Array`s with it, others as numpy. `partial`: read only the
+        entries `target` holds (e.g. `{'params': ...}`). `check_meta(meta, step)` may refuse a
+        checkpoint of another model (its error propagates). A newest checkpoint that cannot be
+        read is skipped with a warning (`on_damaged(step, reason)` is told) and the next older
+        one is used; when none is intact, one WorkdirError says what was wrong with each.
+        """
+        if step is not None:
+            available = self.steps()
+            if step not in available:
+                raise WorkdirError(
+                    f"there is no finalized checkpoint {step} in {self.directory}; available "
+                    f"steps: {available or 'none'}"
+                )
+            candidates = [step]
+        else:
+            candidates = list(reversed(self.steps()))
+        if not candidates:
+            raise WorkdirError(f"there is no finalized checkpoint in {self.directory}")
+        problems = []
+        tried = set()
+        while candidates:
+            s = candidates.pop(0)
+            tried.add(s)
+            reason = None
+            try:
+                meta = self.meta(s)
+            except WorkdirError as e:
+                meta, reason = None, str(e)
+            if meta is not None and check_meta is not None:
+                check_meta(meta, s)
+            state = None
+            if reason is None:
+                try:
+                    state = self._read_state(s, target, partial)
+                except Exception as e:  # noqa: BLE001 - any unreadable file is damage
+                    reason = _first_line(e)
+            if not _agree(reason is None):
+                reason = reason or "another process could not read it"
+                if step is None and s not in self.steps():
+                    # Deleted by the run that owns it (keep-last-K) while we read: not damage.
+                    candidates = [x for x in reversed(self.steps()) if x not in tried]
+                    continue
+                problems.append(f"step {s}: {reason}")
+                logging.warning(
+                    "checkpoint %d in %s is damaged or unreadable (%s)%s",
+                    s,
+                    self.directory,
+                    reason,
+                    f"; trying step {candidates[0]} instead" if candidates else "",
+                )
+                if on_damaged is not None:
+                    on_damaged(s, reason)
+                continue
+            if problems:
+                logging.warning("restored checkpoint %d instead of the damaged newer one(s)", s)
+            return Restored(s, state, meta)
+        raise WorkdirError(
+            f"no intact checkpoint in {self.directory}: " + "; ".join(problems)
+            if problems
+            else f"no finalized checkpoint in {self.directory}"
+        )
+
+    def restore_params(self, abstract_params, *, step: int | None = None, **kw) -> Restored:
+        """Only `state['params']` (a pure nested dict of ShapeDtypeStructs) of the newest
+        intact checkpoint, or of `step`; nothing else is read."""
+        r = self.restore({"params": abstract_params}, step=step, partial=True, **kw)
+        return Restored(r.step, r.state["params"], r.meta)
+
+
+# ----------------------------------------------------------------------------- writing
+class Writer:
+    """The one writer of a workdir: lock, checkpoints (async, keep-last-K, milestones), the
+    run's JSON files, and preemption notices.
+
+    Args:
+      root: the workdir (local path or URI); created if missing.
+      keep: keep the newest `keep` checkpoints ...
+      keep_every: ... and, for good, every checkpoint whose step is a multiple of `keep_every`
+        (0: none), e.g. the 100-epoch milestones of a long run.
+      async_save: write in a background thread after the device-to-host copy.
+      handle_sigterm: single process: a SIGTERM sets `preemption_requested` (the loop saves and
+        exits); a second one ends the process at once (the newest finalized checkpoint stays).
+        With `jax.distributed`, JAX's preemption sync point decides instead (`preempted`).
+    """
+
+    def __init__(
+        self,
+        root,
+        *,
+        keep: int | None = 3,
+        keep_every: int = 0,
+        async_save: bool = True,
+        handle_sigterm: bool = True,
+    ):
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise WorkdirError(f"keep_checkpoints must be a positive integer, got {keep!r}")
+        if isinstance(keep_every, bool) or not isinstance(keep_every, int) or keep_every < 0:
+            raise WorkdirError(f"the milestone period must be an integer >= 0, got {keep_every!r}")
+        self.root = normalize(root)
+        self.primary = jax.process_index() == 0
+        self._lock = Lock(self.root)
+        ok = True
+        error = None
+        if self.primary:
+            try:
+                check_writable_dir(self.root)
+                self._lock.acquire()
+            except WorkdirError as e:
+                ok, error = False, e
+        self.checkpoints = join(self.root, CHECKPOINTS)
+        if ok and self.primary:
+            makedirs(self.checkpoints)
+        if not _agree(ok):
+            if error is not None:
+                raise error
+            raise WorkdirError(f"process 0 could not open the workdir {self.root}; see its log")
+        self._keep, self.keep_every, self._async = keep, keep_every, async_save
+        self._mngr = None
+        self._sigterm = False
+        self._sync_preempted = False
+        self._prev_handler = None
+        self._pending: tuple[int, float] | None = None
+        if handle_sigterm:
+            self._install_sigterm_handler()
+
+    # ------------------------------------------------------------------- reading own state
+    def reader(self) -> Reader:
+        return Reader(self.root)
+
+    def restore(self, target, *, check_meta=None) -> Restored | None:
+        """The newest intact checkpoint into `target` (on-disk layout), or None when the workdir
+        has none. Damaged newer checkpoints are moved to `damaged_checkpoints/` (never deleted)
+        so that new saves are not mistaken for older ones."""
+        reader = self.reader()
+        if not reader.steps():
+            return None
+        return reader.restore(target, check_meta=check_meta, on_damaged=self._quarantine)
+
+    def _quarantine(self, step: int, reason: str) -> None:
+        if not self.primary:
+            return
+        dest_root = join(self.root, DAMAGED)
+        makedirs(dest_root)
+        dest = join(dest_root, f"{step}-{int(time.time())}")
+        rename(join(self.checkpoints, str(step)), dest)
+        write_text(join(dest, "REASON.txt"), reason + "\n")
+        logging.warning("moved damaged checkpoint %d to %s", step, dest)
+
+    # ------------------------------------------------------------------- preemption
+    def _install_sigterm_handler(self):
+        if jax.distributed.is_initialized():
+            return  # JAX's preemption sync manager owns SIGTERM
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        del frame
+        if self._sigterm:
+            logging.warning(
+                "second SIGTERM: exiting now; the newest finalized checkpoint stays usable"
+            )
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self._sigterm = True
+        logging.warning("SIGTERM received: saving the last completed step, then exiting")
+
+    @property
+    def preemption_requested(self) -> bool:
+        return self._sigterm or self._sync_preempted
+
+    def preempted(self, step: int) -> bool:
+        """True once a preemption notice arrived. With several processes it is JAX's sync point:
+        True on the same `step` on every process, so call it at every step on every process."""
+        if not self._sync_preempted and jax.distributed.is_initialized():
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+
+            try:
+                self._sync_preempted = bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError:  # the preemption service is off
+                pass
+        return self.preemption_requested
+
+    # ------------------------------------------------------------------- saving
+    def _manager(self):
+        if self._mngr is None:
+            import orbax.checkpoint as ocp  # noqa: PLC0415
+
+            policies = []
+            if self._keep is not None:
+                policies.append(ocp.checkpoint_managers.LatestN(n=self._keep))
+            if self.keep_every:
+                policies.append(ocp.checkpoint_managers.EveryNSteps(self.keep_every))
+            preservation = (
+                ocp.checkpoint_managers.AnyPreservationPolicy(policies)
+                if self._keep is not None
+                else None
+            )
+            options = ocp.CheckpointManagerOptions(
+                create=True,
+                cleanup_tmp_directories=True,  # safe: the lock says no one else writes here
+                enable_async_checkpointing=self._async,
+                preservation_policy=preservation,
+            )
+            self._mngr = ocp.CheckpointManager(
+                self.checkpoints, options=options, item_names=(_STATE, _META)
+            )
+        return self._mngr
+
+    def steps(self) -> list[int]:
+        """Finalized checkpoint steps (the one being written excluded)."""
+        self._note_finished()
+        return (
+            self._manager().all_steps()
+            if self._pending is None
+            else sorted(s for s in self._manager().all_steps() if s != self._pending[0])
+        )
+
+    def _note_finished(self):
+        if self._pending is not None and not self._manager().is_saving_in_progress():
+            step, started = self._pending
+            self._pending = None
+            logging.info("checkpoint %d saved (%.1f s)", step, time.perf_counter() - started)
+
+    def save(self, step: int, state: Any, meta: dict) -> bool:
+        """Starts saving `state` (the on-disk layout) and `meta` (JSON) as checkpoint `step`;
+        False when that step is already saved. `wait()` for it to be finalized."""
+        import orbax.checkpoint as ocp  # noqa: PLC0415
+
+        try:
+            json.dumps(meta, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"checkpoint meta must be JSON-serializable: {e}") from e
+        mngr = self._manager()
+        if step in mngr.all_steps():
+            return False
+        self._note_finished()
+        started = time.perf_counter()
+        mngr.save(
+            step,
+            args=ocp.args.Composite(
+                **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
+            ),
+            force=True,
+        )
+        self._pending = (step, started)
+        return True
+
+    def wait(self) -> None:
+        """Blocks until pending saves are finalized (and logs them)."""
+        if self._mngr is not None:
+            self._mngr.wait_until_finished()
+        self._note_finished()
+
+    # ------------------------------------------------------------------- JSON files
+    def write_config(self, resolved: dict, step: int) -> None:
+        """`config.json` := `resolved`; a different earlier one goes to `config_history.json`
+        with the step at which it was replaced (process 0 only)."""
+        if not self.primary:
+            return
+        path = join(self.root, CONFIG)
+        if exists(path):
+            try:
+                old = read_json(path)
+            except ValueError:
+                old = None
+            if old is not None and old != json.loads(json.dumps(resolved, default=str)):
+                hist_path = join(self.root, CONFIG_HISTORY)
+                history = read_json(hist_path) if exists(hist_path) else []
+                history.append({"replaced_at_step": step, "replaced_on": _now(), "config": old})
+                write_json(hist_path, history)
+        write_json(path, resolved)
+
+    def write_results(self, results: dict) -> str:
+        path = join(self.root, RESULTS)
+        if self.primary:
+            write_json(path, results)
+        return path
+
+    # ------------------------------------------------------------------- closing
+    def close(self) -> None:
+        """Waits for pending saves, then releases Orbax, the SIGTERM handler and the lock."""
+        try:
+            if self._mngr is not None:
+                self._mngr.wait_until_finished()
+                self._note_finished()
+                self._mngr.close()
+                self._mngr = None
+        finally:
+            if self._prev_handler is not None:
+                try:
+                    signal.signal(signal.SIGTERM, self._prev_handler)
+                except ValueError:
+                    pass
+                self._prev_handler = None
+            if self.primary:
+                self._lock.release()
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_new_weights_dir(root) -> None:
+    """Refuses a workdir that already holds checkpoints (read-only check)."""
+    root = normalize(root)
+    if exists(root) and not isdir(root):
+        raise WorkdirError(f"the workdir {root} exists and is a file, not a directory")
+    steps = Reader(root).steps() if exists(root) else []
+    if steps:
+        raise WorkdirError(
+            f"{root} already holds checkpoints (steps {steps}); import into a new --workdir"
+        )
+
+
+def write_weights(root, state: dict, meta: dict) -> str:
+    """A weights workdir (what `convert import` writes): `state` and `meta` as checkpoint 0 of
+    a new workdir, finalized before returning. A workdir with checkpoints is refused."""
+    with Writer(root, keep=None, async_save=False, handle_sigterm=False) as writer:
+        check_new_weights_dir(writer.root)
+        writer.save(0, state, meta)
+        writer.wait()
+        return writer.root
+
+
+def read_results(path) -> dict:
+    """The final evaluation a classification run wrote (`eval_results.json`)."""
+    file = join(normalize(path), RESULTS)
+    if not exists(file):
+        raise WorkdirError(f"{file} does not exist: the run has not finished")
+    return read_json(file)
