@@ -30,9 +30,11 @@ REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 300  # launch -> first metrics line (imports and compilation on a busy machine)
 EXIT_TIMEOUT = 120  # SIGTERM -> exit (one save of the tiny model)
 RUN_TIMEOUT = 420  # a whole short run
-REFUSE_TIMEOUT = 120  # a second trainer: launch -> refused
+REFUSE_TIMEOUT = 60  # a second trainer: launch -> refused
 EXPORT_TIMEOUT = 180  # one `convert export`
-STARTUP_SIGNAL_DELAY = 3.0  # a SIGTERM this long after the launch arrives before any step
+# SIGTERM this long after the launch: still importing (no handler yet), or starting up (the
+# workdir is open, no step has run).
+SIGNAL_DELAY = {"at_launch": 0.5, "during_startup": 3.0}
 
 # Small and quick: batch 16, no reconstruction images, a metrics line at every step.
 BASE_OVERRIDES = (
@@ -267,13 +269,13 @@ def _assert_finished(
 
 # ------------------------------------------------------------------------------ 1. SIGTERM
 @pytest.mark.slow
-@pytest.mark.parametrize("when", ["during_startup", "after_step_1", "after_step_5"])
+@pytest.mark.parametrize("when", ["at_launch", "during_startup", "after_step_1", "after_step_5"])
 def test_sigterm_saves_the_last_step_and_a_rerun_resumes(tmp_path, spawn, when):
     wd = tmp_path / "wd"
     # 400 steps, no periodic checkpoint: a checkpoint on disk can only come from the SIGTERM.
     trainer = spawn.train("train", wd, total_steps=400, checkpoint_every_steps=1000)
-    if when == "during_startup":
-        time.sleep(STARTUP_SIGNAL_DELAY)
+    if when in SIGNAL_DELAY:
+        time.sleep(SIGNAL_DELAY[when])
         assert trainer.running, trainer.tail()
         seen = 0
     else:
@@ -299,7 +301,7 @@ def test_sigterm_saves_the_last_step_and_a_rerun_resumes(tmp_path, spawn, when):
     else:
         # Only a SIGTERM that arrives before the first step may end the run without a save:
         # then it must not leave any (partial) checkpoint behind.
-        assert when == "during_startup", trainer.tail()
+        assert when in SIGNAL_DELAY, trainer.tail()
         assert rc in (0, -signal.SIGTERM), trainer.tail()
         assert names == [], (names, trainer.tail())
         saved = 0

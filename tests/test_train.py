@@ -134,6 +134,63 @@ def test_extending_a_run_continues_its_learning_rate(tmp_path):
     assert history[0]["replaced_at_step"] == 4 and history[0]["config"]["total_steps"] == 4
 
 
+def test_resuming_with_another_param_dtype_warns_naming_both(tmp_path, warnings_log):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(small(total_steps=3), workdir)
+    train.train_and_evaluate(small(**{"model.param_dtype": "bfloat16"}), workdir)
+    assert any("param_dtype float32" in m and "bfloat16" in m for m in warnings_log)
+
+
+def _garbage_folder(root):
+    for c in ("a", "b"):
+        os.makedirs(os.path.join(root, c))
+        for i in range(8):
+            with open(os.path.join(root, c, f"{i}.jpg"), "wb") as f:
+                f.write(b"not an image" * (i + 1))
+    return root
+
+
+@pytest.mark.slow
+def test_input_that_is_all_bad_stops_with_a_sentence_and_honours_sigterm(tmp_path):
+    folder = _garbage_folder(str(tmp_path / "garbage"))
+    data = ["--config.data.source=folder", f"--config.data.path={folder}"]
+    t0 = time.monotonic()
+    out = subprocess.run(
+        _main_cmd(str(tmp_path / "a"), *data, "--config.data.max_consecutive_bad=20"),
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 1, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and folder in errors[0] and "max_consecutive_bad" in errors[0]
+    assert "Traceback" not in out.stderr and time.monotonic() - t0 < 300
+    # waiting for data that never comes: a SIGTERM is honoured
+    workdir = str(tmp_path / "b")
+    proc = subprocess.Popen(
+        _main_cmd(workdir, *data, "--config.data.max_consecutive_bad=1000000000"),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "skipped" in line:  # the iterator is dropping batches
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, "".join(lines)[-2000:] + rest[-2000:]
+    assert "preemption notice: saved step 0" in rest
+
+
 def test_extension_schedule_is_continuous_midway_and_after_warmup():
     old = optim.extended_schedule(1.0, 100, 10, 0.01)
     mid = optim.extended_schedule(1.0, 300, 10, 0.01, extensions=[(50, 100)])

@@ -3,7 +3,6 @@ the writer's lock, read-only readers, damaged checkpoints, and the path layer on
 system (TensorFlow's `ram://`)."""
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -13,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import logging as absl_logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -50,21 +48,6 @@ def _save(root, steps, **kw):
             w.save(s, _state(s), {"step": s, "model": {"name": "m"}})
             w.wait()
         return sorted(w.steps())
-
-
-@pytest.fixture
-def warnings_log():
-    """absl warnings of the test, as text."""
-    records = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    handler = Keep(level=logging.WARNING)
-    absl_logging.get_absl_logger().addHandler(handler)
-    yield records
-    absl_logging.get_absl_logger().removeHandler(handler)
 
 
 def test_save_and_restore_into_other_shardings_and_params_only(tmp_path):
