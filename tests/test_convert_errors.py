@@ -14,6 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
+from test_convert_torch import _Evil  # noqa: E402
+
 from mae_jax import convert  # noqa: E402
 from mae_jax.models import create  # noqa: E402
 
@@ -92,14 +94,6 @@ def test_empty_and_truncated_pth_are_not_called_unsafe(model, tmp_path):
     _cut_in_half(legacy)
     msg = _raises_one_sentence(legacy, "is truncated")
     assert "weights_only" not in msg
-
-
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
