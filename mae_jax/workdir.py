@@ -400,6 +400,25 @@ def _agree(ok: bool) -> bool:
     return bool(np.min(flags))
 
 
+def _quiet_orbax_teardown() -> None:
+    """After a failed read, Orbax's abandoned reads report "Event loop is closed" from garbage
+    collection, hundreds of times; those (and only those) are dropped, once noted."""
+    import sys  # noqa: PLC0415
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_mae_jax_quiet", False):
+        return
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._mae_jax_quiet = True
+    sys.unraisablehook = hook
+
+
 def _restore_args(leaf):
     import orbax.checkpoint as ocp  # noqa: PLC0415
 
@@ -494,8 +513,9 @@ class Reader:
         `.sharding` come back as `jax.Array`s with it, others as numpy. `partial`: read only the
         entries `target` holds (e.g. `{'params': ...}`). `check_meta(meta, step)` may refuse a
         checkpoint of another model (its error propagates). A newest checkpoint that cannot be
-        read is skipped with a warning (`on_damaged(step, reason)` is told) and the next older
-        one is used; when none is intact, one WorkdirError says what was wrong with each.
+        read is skipped with a warning and the next older one is used (then `on_damaged(step,
+        reason)` is told of each skipped one); when none is intact, one WorkdirError says what
+        was wrong with each and nothing else happens.
         """
         if step is not None:
             available = self.steps()
@@ -509,7 +529,7 @@ class Reader:
             candidates = list(reversed(self.steps()))
         if not candidates:
             raise WorkdirError(f"there is no finalized checkpoint in {self.directory}")
-        problems = []
+        problems, damaged = [], []
         tried = set()
         while candidates:
             s = candidates.pop(0)
@@ -534,6 +554,8 @@ class Reader:
                     candidates = [x for x in reversed(self.steps()) if x not in tried]
                     continue
                 problems.append(f"step {s}: {reason}")
+                damaged.append((s, reason))
+                _quiet_orbax_teardown()
                 logging.warning(
                     "checkpoint %d in %s is damaged or unreadable (%s)%s",
                     s,
@@ -541,11 +563,14 @@ class Reader:
                     reason,
                     f"; trying step {candidates[0]} instead" if candidates else "",
                 )
-                if on_damaged is not None:
-                    on_damaged(s, reason)
                 continue
             if problems:
                 logging.warning("restored checkpoint %d instead of the damaged newer one(s)", s)
+            # Only once an intact one is found: set the damaged newer ones aside (nothing is
+            # moved when none is intact, so a rerun fails the same way instead of restarting).
+            for bad, why in damaged:
+                if on_damaged is not None:
+                    on_damaged(bad, why)
             return Restored(s, state, meta)
         raise WorkdirError(
             f"no intact checkpoint in {self.directory}: " + "; ".join(problems)
@@ -637,7 +662,13 @@ class Writer:
         dest = join(dest_root, f"{step}-{int(time.time())}")
         rename(join(self.checkpoints, str(step)), dest)
         write_text(join(dest, "REASON.txt"), reason + "\n")
-        logging.warning("moved damaged checkpoint %d to %s", step, dest)
+        logging.warning(
+            "moved damaged checkpoint %d to %s (if the read failure was passing, move it back "
+            "into %s before the next run)",
+            step,
+            dest,
+            self.checkpoints,
+        )
 
     # ------------------------------------------------------------------- preemption
     def _install_sigterm_handler(self):
