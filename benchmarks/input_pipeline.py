@@ -4,8 +4,8 @@ Measures images/s of `create_pretrain_iterator` (file read, fused JPEG
 decode + RandomResizedCrop, bicubic resize, flip, normalize, batching) with
 tf.data restricted to `--threads` threads, and the process CPU time per image.
 
-  python benchmarks/input_pipeline.py                 # generated 300-500 px JPEGs
-  python benchmarks/input_pipeline.py --folder /data/imagenet/train --threads 8
+  python benchmarks/pipeline.py                 # generated 300-500 px JPEGs
+  python benchmarks/pipeline.py --folder /data/imagenet/train --threads 8
 
 Without --folder it writes `--num-images` JPEGs (sides 300-500 px, quality 90)
 cropped from the photos bundled with scikit-image into a temporary folder.
@@ -116,16 +116,16 @@ def run(
     warmup: int,
     antialias: bool = True,
 ) -> dict:
-    from mae_jax import input_pipeline
+    from mae_jax.data import pipeline
 
-    cfg = input_pipeline.default_data_config()
+    cfg = pipeline.default_data_config()
     cfg.source = "folder"
     cfg.path = folder
     cfg.image_size = image_size
     cfg.threads = threads
     cfg.num_parallel_calls = threads
     cfg.antialias = antialias
-    it = input_pipeline.create_pretrain_iterator(
+    it = pipeline.create_pretrain_iterator(
         cfg, global_batch_size=batch_size, seed=0, process_index=0, process_count=1
     )
     for _ in range(warmup):

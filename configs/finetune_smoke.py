@@ -12,7 +12,7 @@ pretraining, 68.2% from a random encoder: at this scale the run checks the machi
 benefit of pretraining), in /tmp/mae_finetune_smoke/eval_results.json.
 """
 
-from mae_jax.evaluate.finetune import base_config
+from mae_jax.tasks.finetune import base_config
 
 
 def get_config():

@@ -11,7 +11,7 @@ from the official checkpoint.) Needs the TFDS `imagenet2012` data set (`--config
 Expected: top-1 83.6% (the paper's fine-tuned ViT-B), in DIR/eval_results.json.
 """
 
-from mae_jax.evaluate.finetune import base_config
+from mae_jax.tasks.finetune import base_config
 
 
 def get_config():

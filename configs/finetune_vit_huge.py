@@ -8,7 +8,7 @@ Run:
 Expected: top-1 86.9% (the paper's fine-tuned ViT-H at 224 px), in DIR/eval_results.json.
 """
 
-from mae_jax.evaluate.finetune import base_config
+from mae_jax.tasks.finetune import base_config
 
 
 def get_config():

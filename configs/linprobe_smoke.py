@@ -16,7 +16,7 @@ Expected: eval top-1 about 73-75% (the same probe of the encoder at its random i
 about 67-68%), top-5 100%, in /tmp/mae_linprobe_smoke/eval_results.json.
 """
 
-from mae_jax.evaluate.linear_probe import base_config
+from mae_jax.tasks.linear_probe import base_config
 
 
 def get_config():

@@ -11,7 +11,7 @@ Expected: top-1 68.0% (the paper's ViT-B linear probe, 800-epoch pretraining), i
 DIR/eval_results.json. The global batch 16384 must be divisible by the data-parallel size.
 """
 
-from mae_jax.evaluate.linear_probe import base_config
+from mae_jax.tasks.linear_probe import base_config
 
 
 def get_config():

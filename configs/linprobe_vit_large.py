@@ -7,7 +7,7 @@ Run:
 Expected: top-1 75.8% (the paper's ViT-L linear probe), in DIR/eval_results.json.
 """
 
-from mae_jax.evaluate.linear_probe import base_config
+from mae_jax.tasks.linear_probe import base_config
 
 
 def get_config():

@@ -40,9 +40,10 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from mae_jax import flops, models, optim, train
+from mae_jax import flops, models, optim
 from mae_jax import sharding as shd
 from mae_jax import train_step as ts
+from mae_jax.tasks import pretrain
 
 GIB = 1024**3
 
@@ -250,8 +251,8 @@ def lower_train_step(config: ml_collections.ConfigDict, mesh: Mesh):
     Same function, shardings and donation as `train_step.build` (which also executes
     initialization, impossible on compile-only devices). Returns `(lowered, plan)`.
     """
-    p = train.plan(_with_total_steps(config, 1000), None)
-    train.check_mesh(config, mesh)
+    p = pretrain.plan(_with_total_steps(config, 1000), None)
+    pretrain.check_mesh(config, mesh)
     tx = optim.create_optimizer(p.optim)
     lr_fn = optim.learning_rate_fn(p.optim)
     rules = (

@@ -4,7 +4,7 @@
       [--config.model.name=mae_vit_large_patch16] [--steps 10] [--warmup 2] \
       [--peak_tflops 800] [--json out.json]
 
-Builds the step exactly as training does (`mae_jax.train.plan` for the model and optimizer,
+Builds the step exactly as training does (`mae_jax.pretrain.plan` for the model and optimizer,
 `mae_jax.train_step.build` on the config's mesh), feeds it random normalized images generated
 on the devices and sharded over the batch axes (no input pipeline, no TensorFlow), times the
 first call (tracing + lowering + XLA compilation + one step), runs `--warmup` steps, then times
@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mae_jax import flops, train
+from mae_jax import flops
 from mae_jax import sharding as shd
+from mae_jax.tasks import pretrain
 
 _TRACE = "/jax/core/compile/jaxpr_trace_duration"
 _LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
@@ -150,10 +151,10 @@ def run(
         raise ValueError(f"--steps must be at least 1, got {steps}")
     if warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {warmup}")
-    p = train.plan(_bench_config(config, 1 + warmup + steps), None)
+    p = pretrain.plan(_bench_config(config, 1 + warmup + steps), None)
     mesh = shd.make_mesh(config.mesh)
-    train.check_mesh(config, mesh)
-    fns = train.pretrain_step_fns(config, p, mesh)
+    pretrain.check_mesh(config, mesh)
+    fns = pretrain.step_fns(config, p, mesh)
     state = fns.init()
     c = p.model
     shape = (config.batch_size, c.img_size, c.img_size, c.in_chans)

@@ -44,9 +44,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # config.task -> "module:function(config, workdir)"
 TASKS = {
-    "pretrain": "mae_jax.train:train_and_evaluate",
-    "linear_probe": "mae_jax.evaluate.linear_probe:train_and_evaluate",
-    "finetune": "mae_jax.evaluate.finetune:train_and_evaluate",
+    "pretrain": "mae_jax.tasks.pretrain:train_and_evaluate",
+    "linear_probe": "mae_jax.tasks.linear_probe:train_and_evaluate",
+    "finetune": "mae_jax.tasks.finetune:train_and_evaluate",
 }
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from mae_jax import init_from, input_pipeline, models, optim
+from mae_jax import init_from, models, optim
+from mae_jax.data import pipeline
 
 
 def base_config(model_name: str) -> ml_collections.ConfigDict:
@@ -24,7 +25,7 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
         param_dtype="float32",
         remat=False,
     )
-    c.data = input_pipeline.default_data_config()
+    c.data = pipeline.default_data_config()
     c.data.source = "tfds"
     c.data.name = "imagenet2012"
     c.data.image_size = 224

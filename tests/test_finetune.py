@@ -12,12 +12,13 @@ import pytest
 from config_files import load_config, override
 from flax import nnx
 
-from mae_jax import input_pipeline, models
+from mae_jax import models
 from mae_jax import sharding as shd
 from mae_jax import workdir as wdir
-from mae_jax.evaluate import classify_step as cs
-from mae_jax.evaluate import finetune
-from mae_jax.evaluate.mixup import smooth_one_hot
+from mae_jax.data import pipeline
+from mae_jax.data.mixup import smooth_one_hot
+from mae_jax.tasks import classify as cs
+from mae_jax.tasks import finetune
 
 
 def small(**kw):
@@ -56,7 +57,7 @@ def test_finetune_step_on_a_2x4_mesh_reaches_every_parameter_and_matches_data_pa
     config = small(**{"init_from.path": pre}, **{"mesh.data": 2, "mesh.fsdp": 4})
     mesh = shd.make_mesh(config.mesh)
     task = finetune.finetune_task(config, mesh, str(tmp_path / "run"))
-    state = task.fns.init()
+    state = task.init()
     assert set(state) == {"params", "opt_state", "step", "nonfinite_step"}
     params0 = _flat(state["params"])
     # the encoder is the checkpoint's; global pooling: a new fc_norm, the MAE's norm unused
@@ -94,7 +95,7 @@ def test_finetune_step_on_a_2x4_mesh_reaches_every_parameter_and_matches_data_pa
     params1 = _flat(state["params"])
     assert all(not np.array_equal(params1[k], params0[k]) for k in params0)
     # mixup / cutmix / drop path are a function of (key, step) only: a resumed run redraws them
-    again, m_again = task.fns.step(task.fns.init(), arrays, jax.random.key(0))
+    again, m_again = task.fns.step(task.init(), arrays, jax.random.key(0))
     assert float(m_again["loss"]) == float(m["loss"])
     for k, v in _flat(again["params"]).items():
         np.testing.assert_array_equal(v, params1[k], err_msg=k)
@@ -104,7 +105,7 @@ def test_finetune_step_on_a_2x4_mesh_reaches_every_parameter_and_matches_data_pa
     dp_mesh = shd.make_mesh(dp_config.mesh)
     dp_task = finetune.finetune_task(dp_config, dp_mesh, str(tmp_path / "run_dp"))
     dp_arrays = {k: shd.global_batch(batch[k], dp_mesh) for k in dp_task.device_keys}
-    _, dp_m = dp_task.fns.step(dp_task.fns.init(), dp_arrays, jax.random.key(0))
+    _, dp_m = dp_task.fns.step(dp_task.init(), dp_arrays, jax.random.key(0))
     np.testing.assert_allclose(
         [float(dp_m["loss"]), float(dp_m["grad_norm"])],
         [float(m["loss"]), float(m["grad_norm"])],
@@ -152,19 +153,17 @@ def test_rand_augment_spec():
 
 
 def test_input_pipeline_augment_hook():
-    cfg = input_pipeline.default_data_config()
+    cfg = pipeline.default_data_config()
     cfg.source, cfg.name, cfg.image_size = "embedded", None, 32
 
     def batches(augment_fn, start=0, n=2):
-        it = input_pipeline.create_train_iterator(
-            cfg, 8, seed=3, start_step=start, augment_fn=augment_fn
-        )
+        it = pipeline.create_train_iterator(cfg, 8, seed=3, start_step=start, augment_fn=augment_fn)
         return [next(it) for _ in range(n)]
 
-    from mae_jax import data_augment
+    from mae_jax.data import augment
 
     plain = batches(None)
-    same = batches(lambda image, seed: data_augment.normalize(image))
+    same = batches(lambda image, seed: augment.normalize(image))
     for a, b in zip(plain, same):  # the hook does not change the crop / flip randomness
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
@@ -175,7 +174,7 @@ def test_input_pipeline_augment_hook():
     assert aug[0]["image"].shape == (8, 32, 32, 3) and aug[0]["image"].dtype == np.float32
     assert not np.array_equal(aug[0]["image"], plain[0]["image"])
     with pytest.raises(ValueError, match="augment_fn must be callable"):
-        input_pipeline.create_train_iterator(cfg, 8, augment_fn="rand-m9")
+        pipeline.create_train_iterator(cfg, 8, augment_fn="rand-m9")
 
 
 def _rows(workdir):

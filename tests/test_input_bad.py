@@ -1,4 +1,4 @@
-"""Tests of mae_jax.input_pipeline on folders of mostly or only corrupt images."""
+"""Tests of mae_jax.data.pipeline on folders of mostly or only corrupt images."""
 
 import logging
 import os
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mae_jax import input_pipeline
+from mae_jax.data import pipeline
 
 CLASSES = ("cats", "dogs", "fish")
 # Garbage of several kinds, all named *.jpg: text, random bytes, empty, a bare JPEG header.
@@ -51,7 +51,7 @@ def mostly_bad(tmp_path_factory):
 
 
 def _cfg(path, **kw):
-    cfg = input_pipeline.default_data_config()
+    cfg = pipeline.default_data_config()
     cfg.update(source="folder", path=path, image_size=16, with_keys=True)
     cfg.update(kw)
     return cfg
@@ -59,8 +59,8 @@ def _cfg(path, **kw):
 
 def _iterator(kind, cfg, batch=4, **kw):
     make = {
-        "pretrain": input_pipeline.create_pretrain_iterator,
-        "train": input_pipeline.create_train_iterator,
+        "pretrain": pipeline.create_pretrain_iterator,
+        "train": pipeline.create_train_iterator,
     }[kind]
     return make(cfg, batch, seed=0, process_index=0, process_count=1, **kw)
 
@@ -69,7 +69,7 @@ def _iterator(kind, cfg, batch=4, **kw):
 def test_all_corrupt_folder_raises_input_error_naming_folder(all_bad, kind):
     it = _iterator(kind, _cfg(all_bad, max_consecutive_bad=5))
     start = time.monotonic()
-    with pytest.raises(input_pipeline.InputError) as info:
+    with pytest.raises(pipeline.InputError) as info:
         next(it)
     assert time.monotonic() - start < 60
     msg = str(info.value)
@@ -77,15 +77,15 @@ def test_all_corrupt_folder_raises_input_error_naming_folder(all_bad, kind):
     assert repr(all_bad) in msg and "8 examples in a row" in msg
     assert "JPEG" in msg and "max_consecutive_bad" in msg and "\n" not in msg
     assert it.position == 2 and it.skipped == 8  # 5 in a row exceeded in batch 1 (of 4)
-    ev = input_pipeline.create_eval_iterator(
+    ev = pipeline.create_eval_iterator(
         _cfg(all_bad, max_consecutive_bad=5), 4, process_index=0, process_count=1, split="train"
     )
-    with pytest.raises(input_pipeline.InputError, match=re.escape(repr(all_bad))):
+    with pytest.raises(pipeline.InputError, match=re.escape(repr(all_bad))):
         list(ev)
 
 
 def test_mostly_corrupt_folder_yields_batches_with_bounded_logs(mostly_bad, caplog, monkeypatch):
-    monkeypatch.setattr(input_pipeline, "_LOG_SKIPS_EVERY", 10)
+    monkeypatch.setattr(pipeline, "_LOG_SKIPS_EVERY", 10)
     # 3 good of 15: at most 12 bad in a row per epoch, 24 across an epoch boundary.
     calls = []
     it = _iterator(
@@ -94,15 +94,15 @@ def test_mostly_corrupt_folder_yields_batches_with_bounded_logs(mostly_bad, capl
         batch=5,
         should_stop=lambda: calls.append(1) or False,
     )
-    with caplog.at_level(logging.WARNING, logger="mae_jax.input_pipeline"):
+    with caplog.at_level(logging.WARNING, logger="mae_jax.data.pipeline"):
         batches = [next(it) for _ in range(30)]
     for b in batches:
         assert b["image"].shape == (5, 16, 16, 3) and np.isfinite(b["image"]).all()
         assert set(b["key"].tolist()) <= {0, 5, 10}  # bad slots hold copies of good ones
     assert it.position > 30 and it.skipped > 60 and it.consecutive_bad <= 24
     assert len(calls) == it.position - 30  # polled once per dropped batch, never else
-    warnings = [r for r in caplog.records if r.name == "mae_jax.input_pipeline"]
-    assert input_pipeline._LOG_FIRST_SKIPS < len(warnings) <= 5 + it.position // 10
+    warnings = [r for r in caplog.records if r.name == "mae_jax.data.pipeline"]
+    assert pipeline._LOG_FIRST_SKIPS < len(warnings) <= 5 + it.position // 10
     assert "in 10 batches" in warnings[-1].getMessage()
 
 
@@ -110,7 +110,7 @@ def test_mostly_corrupt_folder_yields_batches_with_bounded_logs(mostly_bad, capl
 def test_should_stop_interrupts_iterator_waiting_for_data(all_bad, kind):
     calls = []
     it = _iterator(kind, _cfg(all_bad), should_stop=lambda: len(calls) >= 2 or calls.append(1))
-    with pytest.raises(input_pipeline.Interrupted, match="stopped while waiting") as info:
+    with pytest.raises(pipeline.Interrupted, match="stopped while waiting") as info:
         next(it)
     assert not isinstance(info.value, ValueError)
     assert len(calls) == 2 and it.position == 3 and it.skipped == 12
@@ -127,4 +127,4 @@ def test_bad_max_consecutive_bad_is_refused(all_bad, value):
     if value is None or isinstance(value, int):  # assignable to the default config
         with pytest.raises(ValueError, match=pattern):
             _iterator("train", _cfg(all_bad, max_consecutive_bad=value))
-    assert input_pipeline.default_data_config().max_consecutive_bad == 1000
+    assert pipeline.default_data_config().max_consecutive_bad == 1000

@@ -1,4 +1,4 @@
-"""Tests of mae_jax.input_pipeline on real-photo JPEG folders and mocked TFDS."""
+"""Tests of mae_jax.data.pipeline on real-photo JPEG folders and mocked TFDS."""
 
 import io
 import math
@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mae_jax import data_augment, data_sources, input_pipeline
-from mae_jax.data_tf import tf_module, tfds_module
+from mae_jax.data import augment, pipeline
+from mae_jax.data import sources as data_sources
+from mae_jax.data.lazy_tf import tf_module, tfds_module
 
-MEAN = np.array(data_augment.IMAGENET_MEAN)
-STD = np.array(data_augment.IMAGENET_STD)
+MEAN = np.array(augment.IMAGENET_MEAN)
+STD = np.array(augment.IMAGENET_STD)
 LOW, HIGH = (-MEAN / STD).min(), ((1 - MEAN) / STD).max()
 CLASSES = ("astronaut", "chelsea", "coffee")
 
@@ -63,7 +64,7 @@ def corrupt_folder(tmp_path_factory, folder):
 
 
 def _cfg(folder_path, **kw):
-    cfg = input_pipeline.default_data_config()
+    cfg = pipeline.default_data_config()
     cfg.source = "folder"
     cfg.path = folder_path
     cfg.image_size = 32
@@ -77,7 +78,7 @@ def _take(it, n):
 
 
 def _pretrain(cfg, batch=5, seed=0, start=0, p=0, pc=1):
-    return input_pipeline.create_pretrain_iterator(
+    return pipeline.create_pretrain_iterator(
         cfg,
         global_batch_size=batch * pc,
         seed=seed,
@@ -98,7 +99,7 @@ def test_crop_box_statistics_within_range():
     )
     sample = tf.function(
         lambda s: tf.map_fn(
-            lambda one: data_augment.sample_crop_box(h, w, one, (0.2, 1.0), (3 / 4, 4 / 3)),
+            lambda one: augment.sample_crop_box(h, w, one, (0.2, 1.0), (3 / 4, 4 / 3)),
             s,
             fn_output_signature=tf.int32,
         )
@@ -116,7 +117,7 @@ def test_crop_box_statistics_within_range():
     assert 0.4 < area.mean() < 0.65 and area.min() < 0.25 and area.max() > 0.9
     assert 0.75 < np.exp(np.log(ratio).mean()) < 1.1
     assert len({tuple(b) for b in boxes}) > 390
-    again = data_augment.sample_crop_box(
+    again = augment.sample_crop_box(
         h, w, tf.constant([7, 3], tf.int64), (0.2, 1.0), (3 / 4, 4 / 3)
     ).numpy()
     np.testing.assert_array_equal(again, boxes[3])
@@ -125,11 +126,11 @@ def test_crop_box_statistics_within_range():
 def test_crop_box_fallback_is_center_crop_with_clamped_ratio():
     tf = tf_module()
     # 10 x 1000: no box of ratio <= 4/3 with area >= 0.5 fits -> fallback.
-    box = data_augment.sample_crop_box(
+    box = augment.sample_crop_box(
         10, 1000, tf.constant([0, 1], tf.int64), (0.5, 1.0), (3 / 4, 4 / 3)
     ).numpy()
     np.testing.assert_array_equal(box, [0, (1000 - 13) // 2, 10, 13])
-    box = data_augment.sample_crop_box(
+    box = augment.sample_crop_box(
         1000, 10, tf.constant([0, 1], tf.int64), (0.5, 1.0), (3 / 4, 4 / 3)
     ).numpy()
     np.testing.assert_array_equal(box, [(1000 - 13) // 2, 0, 13, 10])
@@ -137,15 +138,15 @@ def test_crop_box_fallback_is_center_crop_with_clamped_ratio():
 
 def test_bad_crop_params_raise():
     with pytest.raises(ValueError, match="crop scale"):
-        data_augment.check_crop_params((0.0, 1.0), (0.75, 1.33))
+        augment.check_crop_params((0.0, 1.0), (0.75, 1.33))
     with pytest.raises(ValueError, match="crop ratio"):
-        data_augment.check_crop_params((0.2, 1.0), (2.0, 1.0))
+        augment.check_crop_params((0.2, 1.0), (2.0, 1.0))
 
 
 @pytest.mark.parametrize("shape", [(300, 280), (150, 180)])  # down- and upscaling
 def test_resize_matches_pil_bicubic(shape):
     image = _photo("astronaut")[: shape[0], : shape[1]]
-    ours = data_augment.resize_bicubic(tf_module().constant(image), [224, 224]).numpy()
+    ours = augment.resize_bicubic(tf_module().constant(image), [224, 224]).numpy()
     ref = np.asarray(Image.fromarray(image).resize((224, 224), Image.BICUBIC), np.float32)
     assert np.abs(np.round(ours) - ref).mean() < 0.3
 
@@ -154,7 +155,7 @@ def test_eval_preprocessing_matches_pil_resize_center_crop():
     image = _photo("coffee")  # 400 x 600
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
-    ours = data_augment.center_crop_eval(tf_module().constant(buf.getvalue()), 224).numpy()
+    ours = augment.center_crop_eval(tf_module().constant(buf.getvalue()), 224).numpy()
     pil = Image.fromarray(image).resize((384, 256), Image.BICUBIC)  # shorter side 256
     ref = np.asarray(pil, np.float32)[16:240, 80:304] / 255.0
     ref = (ref - MEAN) / STD
@@ -171,10 +172,10 @@ def test_random_resized_crop_jpeg_and_png_paths_agree():
         Image.fromarray(image).save(buf, format=fmt, quality=98)
         encoded[fmt] = buf.getvalue()
     seed = tf.constant([3, 4], tf.int64)
-    a = data_augment.random_resized_crop(
+    a = augment.random_resized_crop(
         tf.constant(encoded["JPEG"]), seed, 64, (0.2, 1.0), (3 / 4, 4 / 3)
     ).numpy()
-    b = data_augment.random_resized_crop(
+    b = augment.random_resized_crop(
         tf.constant(encoded["PNG"]), seed, 64, (0.2, 1.0), (3 / 4, 4 / 3)
     ).numpy()
     assert a.shape == b.shape == (64, 64, 3) and a.dtype == np.float32
@@ -240,7 +241,7 @@ def test_resume_equals_kth_batch_across_epochs_and_chunks(folder, monkeypatch):
         np.testing.assert_array_equal(resumed["key"], fresh[k]["key"])
         np.testing.assert_array_equal(resumed["image"], fresh[k]["image"])
     # Tiny chunks: the pipeline is rebuilt every few batches; the stream is unchanged.
-    monkeypatch.setattr(input_pipeline, "_MIN_CHUNK_BATCHES", 1)
+    monkeypatch.setattr(pipeline, "_MIN_CHUNK_BATCHES", 1)
     it = _pretrain(cfg, batch=5, p=0, pc=2)
     for k, batch in enumerate(_take(it, 9)):
         np.testing.assert_array_equal(batch["image"], fresh[k]["image"])
@@ -260,7 +261,7 @@ def test_process_layout_defaults_to_jax_and_partial_config(folder):
     import ml_collections
 
     cfg = ml_collections.ConfigDict({"source": "folder", "path": folder, "image_size": 24})
-    it = input_pipeline.create_pretrain_iterator(cfg, global_batch_size=3)
+    it = pipeline.create_pretrain_iterator(cfg, global_batch_size=3)
     assert next(it)["image"].shape == (3, 24, 24, 3)  # one JAX process in tests
 
 
@@ -268,12 +269,10 @@ def test_train_iterator_labels_match_class_folders(folder):
     cfg = _cfg(folder)
     src = data_sources.make_source(cfg)
     _, labels = src._files("train")  # pylint: disable=protected-access
-    batch = next(
-        input_pipeline.create_train_iterator(cfg, 10, seed=0, process_index=0, process_count=1)
-    )
+    batch = next(pipeline.create_train_iterator(cfg, 10, seed=0, process_index=0, process_count=1))
     assert batch["label"].dtype == np.int32 and batch["image"].shape == (10, 32, 32, 3)
     np.testing.assert_array_equal(batch["label"], labels[batch["key"]])
-    info = input_pipeline.dataset_info(cfg)
+    info = pipeline.dataset_info(cfg)
     assert (info.num_train_examples, info.num_classes) == (25, 3)
     assert info["class_names"] == CLASSES
 
@@ -283,12 +282,12 @@ def test_train_iterator_labels_match_class_folders(folder):
 
 def test_eval_iterator_pads_and_masks(folder):
     cfg = _cfg(folder, folder_eval_fraction=0.4)
-    info = input_pipeline.dataset_info(cfg)
+    info = pipeline.dataset_info(cfg)
     n_eval, n_train = info.num_eval_examples, info.num_train_examples
     assert n_eval > 0 and n_train + n_eval == 25
     keys, counts = [], []
     for p in range(2):
-        it = input_pipeline.create_eval_iterator(cfg, 8, process_index=p, process_count=2)
+        it = pipeline.create_eval_iterator(cfg, 8, process_index=p, process_count=2)
         batches = list(it)
         assert len(batches) == len(it) == math.ceil(math.ceil(n_eval / 2) / 4)
         for b in batches:
@@ -299,8 +298,8 @@ def test_eval_iterator_pads_and_masks(folder):
         counts.append(sum(int(b["mask"].sum()) for b in batches))
     assert sum(counts) == n_eval and len(set(keys)) == n_eval
     # Eval is deterministic (no randomness at all).
-    a = next(input_pipeline.create_eval_iterator(cfg, 4, process_index=0, process_count=1))
-    b = next(input_pipeline.create_eval_iterator(cfg, 4, process_index=0, process_count=1))
+    a = next(pipeline.create_eval_iterator(cfg, 4, process_index=0, process_count=1))
+    b = next(pipeline.create_eval_iterator(cfg, 4, process_index=0, process_count=1))
     np.testing.assert_array_equal(a["image"], b["image"])
 
 
@@ -309,9 +308,9 @@ def test_folder_with_split_directories(tmp_path):
     _make_folder(str(root / "train"), per_class=2)
     _make_folder(str(root / "val"), per_class=1, seed=1)
     cfg = _cfg(str(root), eval_split="val")
-    info = input_pipeline.dataset_info(cfg)
+    info = pipeline.dataset_info(cfg)
     assert (info.num_train_examples, info.num_eval_examples) == (7, 4)
-    it = input_pipeline.create_eval_iterator(cfg, 4, process_index=0, process_count=1)
+    it = pipeline.create_eval_iterator(cfg, 4, process_index=0, process_count=1)
     assert sum(int(b["mask"].sum()) for b in it) == 4
 
 
@@ -341,9 +340,7 @@ def test_corrupt_images_are_skipped_and_counted(corrupt_folder, caplog):
     np.testing.assert_array_equal(
         next(_pretrain(cfg, batch=9, start=4))["image"], batches[4]["image"]
     )
-    ev = input_pipeline.create_eval_iterator(
-        cfg, 9, process_index=0, process_count=1, split="train"
-    )
+    ev = pipeline.create_eval_iterator(cfg, 9, process_index=0, process_count=1, split="train")
     assert sum(int(b["mask"].sum()) for b in ev) == n - 2
     assert ev.skipped == 2
 
@@ -362,9 +359,9 @@ def test_missing_folder_and_bad_arguments(tmp_path, folder):
     with pytest.raises(ValueError, match="nope"):
         _pretrain(_cfg(missing))
     with pytest.raises(ValueError, match="no split directory 'validation'"):
-        input_pipeline.create_eval_iterator(_cfg(folder), 4, process_index=0, process_count=1)
+        pipeline.create_eval_iterator(_cfg(folder), 4, process_index=0, process_count=1)
     with pytest.raises(ValueError, match="multiple of process_count"):
-        input_pipeline.create_pretrain_iterator(_cfg(folder), 5, process_index=0, process_count=2)
+        pipeline.create_pretrain_iterator(_cfg(folder), 5, process_index=0, process_count=2)
     with pytest.raises(ValueError, match="unknown"):
         _pretrain(_cfg(folder, source="hdf5"))
     (tmp_path / "empty").mkdir()
@@ -373,7 +370,7 @@ def test_missing_folder_and_bad_arguments(tmp_path, folder):
 
 
 def test_missing_tfds_dataset_and_dir(tmp_path):
-    cfg = input_pipeline.default_data_config()
+    cfg = pipeline.default_data_config()
     cfg.source = "tfds"
     cfg.name = "no_such_dataset_xyz"
     with pytest.raises(ValueError, match="no_such_dataset_xyz"):
@@ -392,10 +389,10 @@ def test_missing_tfds_dataset_and_dir(tmp_path):
 
 def test_tfds_mock_data_pretrain_resume_and_eval():
     tfds = tfds_module()
-    cfg = input_pipeline.default_data_config()
+    cfg = pipeline.default_data_config()
     cfg.update(source="tfds", name="imagenette", image_size=32, with_keys=True, shuffle_buffer=16)
     with tfds.testing.mock_data(num_examples=12):
-        info = input_pipeline.dataset_info(cfg)
+        info = pipeline.dataset_info(cfg)
         assert (info.num_train_examples, info.num_classes) == (12, 10)
         fresh = _take(_pretrain(cfg, batch=5), 6)
         for b in fresh:
@@ -404,9 +401,9 @@ def test_tfds_mock_data_pretrain_resume_and_eval():
         assert len(set(keys[:12].tolist())) == 12  # one epoch = every example once
         resumed = next(_pretrain(cfg, batch=5, start=4))  # epoch 1 -> 2 boundary
         np.testing.assert_array_equal(resumed["image"], fresh[4]["image"])
-        train = next(input_pipeline.create_train_iterator(cfg, 4, process_index=0, process_count=1))
+        train = next(pipeline.create_train_iterator(cfg, 4, process_index=0, process_count=1))
         assert train["label"].shape == (4,) and (train["label"] < 10).all()
-        ev = list(input_pipeline.create_eval_iterator(cfg, 8, process_index=0, process_count=1))
+        ev = list(pipeline.create_eval_iterator(cfg, 8, process_index=0, process_count=1))
         assert len(ev) == 2 and sum(int(b["mask"].sum()) for b in ev) == 12
 
 
@@ -442,7 +439,7 @@ def _prepared_tfds_dataset(data_dir):
 
 
 def test_tfds_prepared_dataset_processes_disjoint_and_resume(tmp_path):
-    cfg = input_pipeline.default_data_config()
+    cfg = pipeline.default_data_config()
     cfg.update(
         source="tfds",
         data_dir=str(tmp_path),
@@ -452,7 +449,7 @@ def test_tfds_prepared_dataset_processes_disjoint_and_resume(tmp_path):
         eval_split="test",
     )
     cfg.name = _prepared_tfds_dataset(str(tmp_path))
-    info = input_pipeline.dataset_info(cfg)
+    info = pipeline.dataset_info(cfg)
     assert (info.num_train_examples, info.num_eval_examples, info.num_classes) == (30, 7, 3)
     seen = []
     for p in range(2):
@@ -464,9 +461,6 @@ def test_tfds_prepared_dataset_processes_disjoint_and_resume(tmp_path):
     np.testing.assert_array_equal(
         next(_pretrain(cfg, batch=4, start=5, p=1, pc=2))["image"], fresh[5]["image"]
     )
-    ev = [
-        input_pipeline.create_eval_iterator(cfg, 4, process_index=p, process_count=2)
-        for p in range(2)
-    ]
+    ev = [pipeline.create_eval_iterator(cfg, 4, process_index=p, process_count=2) for p in range(2)]
     assert len(ev[0]) == len(ev[1]) == 2
     assert sum(int(b["mask"].sum()) for it in ev for b in it) == 7

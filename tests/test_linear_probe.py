@@ -17,8 +17,8 @@ from flax import nnx
 from mae_jax import models
 from mae_jax import sharding as shd
 from mae_jax import workdir as wdir
-from mae_jax.evaluate import classify_step as cs
-from mae_jax.evaluate import linear_probe
+from mae_jax.tasks import classify as cs
+from mae_jax.tasks import linear_probe, pretrain
 
 
 def small(**kw):
@@ -63,7 +63,7 @@ def test_only_the_head_learns_and_batchnorm_statistics_move(tmp_path):
     config = small(**{"init_from.path": pre}, global_pool=False)  # the paper's cls-token probe
     mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     task = linear_probe.linear_probe_task(config, mesh, str(tmp_path / "run"))
-    state = task.fns.init()
+    state = task.init()
     assert set(state) == {"params", "frozen", "batch_stats", "opt_state", "step", "nonfinite_step"}
     assert set(nnx.to_pure_dict(state["params"])) == {"head"}
     frozen0, head0 = _flat(state["frozen"]), _flat(state["params"])
@@ -108,7 +108,7 @@ def test_probe_run_evaluates_writes_results_and_resumes_like_an_uninterrupted_ru
     expected = {r["step"]: r["loss"] for r in rows if "loss" in r}
     # as if the run had died after its step-3 checkpoint
     shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
-    os.remove(os.path.join(workdir, cs.RESULTS_FILE))
+    os.remove(os.path.join(workdir, wdir.RESULTS))
     linear_probe.train_and_evaluate(config, workdir)
     rows = _metrics(workdir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 6]  # replaced after step 3, not doubled
@@ -180,13 +180,12 @@ def test_main_reports_a_bad_pretrained_path(tmp_path):
 def test_pretrained_encoder_beats_its_random_initialization(tmp_path):
     """configs/smoke.py pretraining (150 steps), then configs/linprobe_smoke.py on the pretrained
     encoder and on the same encoder at its initialization (the pretraining's step-0 weights)."""
-    from mae_jax import train
 
     pre_config = load_config("configs/smoke.py")
     pre_config.reconstruction_every_steps = 0
     pre, init = str(tmp_path / "pretrain"), str(tmp_path / "init")
-    train.train_and_evaluate(pre_config, pre)
-    # the pretraining's initial weights (train.pretrain_task builds them the same way)
+    pretrain.train_and_evaluate(pre_config, pre)
+    # the pretraining's initial weights (pretrain.task builds them the same way)
     write_params_checkpoint(
         init, models.create(models.resolve(pre_config.model), seed=pre_config.seed)
     )

@@ -282,12 +282,13 @@ def _event_tags(workdir) -> set[str]:
 
 
 def _reference_losses(workdir, monkeypatch) -> dict[int, float]:
-    """One process, 8 devices, same config, `train.train_and_evaluate` as main.py runs it; the
+    """One process, 8 devices, same config, `pretrain.train_and_evaluate` as main.py runs it; the
     data iterator yields the rows of the 2 processes' iterators, process 0's first, which is
     how the 2-process run assembles its global batch."""
     import importlib.util
 
-    from mae_jax import input_pipeline, train
+    from mae_jax.data import pipeline
+    from mae_jax.tasks import pretrain
 
     spec = importlib.util.spec_from_file_location(
         "smoke", os.path.join(REPO, "configs", "smoke.py")
@@ -302,7 +303,7 @@ def _reference_losses(workdir, monkeypatch) -> dict[int, float]:
             node = node[k]
         node[leaf] = value
 
-    real = input_pipeline.create_pretrain_iterator
+    real = pipeline.create_pretrain_iterator
 
     class TwoProcesses:
         def __init__(self, cfg, global_batch_size, seed, start_step):
@@ -325,16 +326,16 @@ def _reference_losses(workdir, monkeypatch) -> dict[int, float]:
             return {"image": np.concatenate([next(it)["image"] for it in self.its])}
 
     monkeypatch.setattr(
-        input_pipeline,
+        pipeline,
         "create_pretrain_iterator",
-        lambda cfg, *, global_batch_size, seed, start_step: TwoProcesses(
+        lambda cfg, *, global_batch_size, seed, start_step, **_: TwoProcesses(
             cfg, global_batch_size, seed, start_step
         ),
     )
     import jax
 
     assert jax.process_count() == 1 and jax.device_count() == 8
-    train.train_and_evaluate(config, str(workdir))
+    pretrain.train_and_evaluate(config, str(workdir))
     return _losses(workdir)
 
 

@@ -9,12 +9,12 @@ import numpy as np
 import optax
 import pytest
 
-from mae_jax.evaluate import mixup as M
+from mae_jax.data import mixup as M
 
 tf = pytest.importorskip("tensorflow")
 from PIL import Image, ImageEnhance, ImageOps  # noqa: E402
 
-from mae_jax.evaluate import augment as A  # noqa: E402
+from mae_jax.data import randaugment as A  # noqa: E402
 
 # ----------------------------------------------------------------------------- mixup / cutmix
 

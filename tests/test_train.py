@@ -16,6 +16,7 @@ from flax import nnx
 from mae_jax import models, optim, train
 from mae_jax import sharding as shd
 from mae_jax import train_step as ts
+from mae_jax.tasks import pretrain
 
 
 def small(**kw):
@@ -97,7 +98,7 @@ def _metrics(workdir):
 
 def test_training_loop_writes_metrics_config_and_checkpoints(tmp_path):
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(small(), workdir)
+    pretrain.train_and_evaluate(small(), workdir)
     rows = _metrics(workdir)
     assert [r["step"] for r in rows] == [1, 2, 4, 6]
     for r in rows:
@@ -112,18 +113,18 @@ def test_training_loop_writes_metrics_config_and_checkpoints(tmp_path):
     assert saved["optim"]["batch_size"] == 16 and saved["optim"]["lr"] == pytest.approx(1e-3)
     # rerunning the finished run says so and writes nothing at all
     before = {f: os.path.getmtime(os.path.join(workdir, f)) for f in os.listdir(workdir)}
-    assert train.train_and_evaluate(small(), workdir) == {"step": 6, "complete": True}
+    assert pretrain.train_and_evaluate(small(), workdir) == {"step": 6, "complete": True}
     assert {f: os.path.getmtime(os.path.join(workdir, f)) for f in os.listdir(workdir)} == before
     # fewer steps than done: refused with a sentence, nothing written
     with pytest.raises(ValueError, match="already done 6 steps; the config asks for 4"):
-        train.train_and_evaluate(small(total_steps=4), workdir)
+        pretrain.train_and_evaluate(small(total_steps=4), workdir)
     assert {f: os.path.getmtime(os.path.join(workdir, f)) for f in os.listdir(workdir)} == before
 
 
 def test_extending_a_run_continues_its_learning_rate(tmp_path):
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(small(total_steps=4, **{"optim.min_lr": 1e-4}), workdir)
-    train.train_and_evaluate(small(total_steps=8, **{"optim.min_lr": 1e-4}), workdir)
+    pretrain.train_and_evaluate(small(total_steps=4, **{"optim.min_lr": 1e-4}), workdir)
+    pretrain.train_and_evaluate(small(total_steps=8, **{"optim.min_lr": 1e-4}), workdir)
     lrs = {r["step"]: r["lr"] for r in _metrics(workdir)}
     # steps 1..4 followed the 4-step schedule down to min_lr; 5..8 stay there, no new warm-up
     assert lrs[4] > 1e-4
@@ -136,8 +137,8 @@ def test_extending_a_run_continues_its_learning_rate(tmp_path):
 
 def test_resuming_with_another_param_dtype_warns_naming_both(tmp_path, warnings_log):
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(small(total_steps=3), workdir)
-    train.train_and_evaluate(small(**{"model.param_dtype": "bfloat16"}), workdir)
+    pretrain.train_and_evaluate(small(total_steps=3), workdir)
+    pretrain.train_and_evaluate(small(**{"model.param_dtype": "bfloat16"}), workdir)
     assert any("param_dtype float32" in m and "bfloat16" in m for m in warnings_log)
 
 
@@ -212,7 +213,7 @@ def test_paper_config_plans_from_epochs():
     40 warm-up epochs, milestones every 100 epochs; lr 1.5e-4 x 64 / 256."""
     c = load_config("configs/mae_vit_base.py")
     c.batch_size = 64
-    p = train.plan(c, num_train_examples=2400)
+    p = pretrain.plan(c, num_train_examples=2400)
     assert p.steps_per_epoch == 37
     assert p.total_steps == 800 * 37 and p.warmup_steps == 40 * 37
     assert p.milestone_every == 100 * 37
@@ -232,9 +233,9 @@ def test_pretraining_starts_from_imported_weights_and_readers_of_a_real_run(tmp_
     )
     # the weights workdir is a source, not a run to resume
     with pytest.raises(ValueError, match="holds imported weights"):
-        train.train_and_evaluate(small(), weights)
+        pretrain.train_and_evaluate(small(), weights)
     run = str(tmp_path / "run")
-    train.train_and_evaluate(
+    pretrain.train_and_evaluate(
         small(total_steps=2, **{"init_from.path": weights, "optim.lr": 0.0}), run
     )
     got = wdir.Reader(run).restore_params(
@@ -255,11 +256,11 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path):
     import shutil
 
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(small(), workdir)
+    pretrain.train_and_evaluate(small(), workdir)
     expected = {r["step"]: r["loss"] for r in _metrics(workdir)}
     # as if the run had died after its step-3 checkpoint: drop the later checkpoint
     shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
-    train.train_and_evaluate(small(), workdir)
+    pretrain.train_and_evaluate(small(), workdir)
     got = {r["step"]: r["loss"] for r in _metrics(workdir)}
     assert sorted(got) == [1, 2, 4, 6]  # metrics after the checkpoint were replaced, not doubled
     for step in (4, 6):
@@ -278,7 +279,7 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path):
 )
 def test_bad_configs_fail_before_compiling(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
-        train.train_and_evaluate(small(**overrides), str(tmp_path / "bad"))
+        pretrain.train_and_evaluate(small(**overrides), str(tmp_path / "bad"))
 
 
 def test_unknown_top_level_key_is_rejected(tmp_path):
@@ -286,25 +287,25 @@ def test_unknown_top_level_key_is_rejected(tmp_path):
     c.unlock()
     c.bach_size = 3
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['bach_size'\]"):
-        train.train_and_evaluate(c, str(tmp_path / "bad"))
+        pretrain.train_and_evaluate(c, str(tmp_path / "bad"))
 
 
 def test_workdir_with_another_model_is_refused(tmp_path):
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(small(total_steps=3), workdir)
+    pretrain.train_and_evaluate(small(total_steps=3), workdir)
     with pytest.raises(ValueError, match="holds another model"):
-        train.train_and_evaluate(small(**{"model.name": "mae_vit_tiny_patch4_32"}), workdir)
+        pretrain.train_and_evaluate(small(**{"model.name": "mae_vit_tiny_patch4_32"}), workdir)
 
 
 def test_nonfinite_loss_stops_with_step_and_last_checkpoint(tmp_path):
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(small(total_steps=3), workdir)  # checkpoint at 3
+    pretrain.train_and_evaluate(small(total_steps=3), workdir)  # checkpoint at 3
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
     with pytest.raises(
         train.TrainingError, match=r"non-finite loss at step 5; .*last good checkpoint is step 3"
     ):
         # the rerun continues the finished schedule at its floor, min_lr: make that huge
-        train.train_and_evaluate(small(**{"optim.min_lr": 1e30}), workdir)
+        pretrain.train_and_evaluate(small(**{"optim.min_lr": 1e30}), workdir)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 

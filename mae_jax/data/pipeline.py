@@ -49,9 +49,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mae_jax import data_augment
-from mae_jax.data_sources import DatasetInfo, Shard, make_source
-from mae_jax.data_tf import graph_fn, tf_module
+from mae_jax.data import augment
+from mae_jax.data.lazy_tf import graph_fn, tf_module
+from mae_jax.data.sources import DatasetInfo, Shard, make_source
 
 log = logging.getLogger(__name__)
 
@@ -219,14 +219,14 @@ def _train_process_fn(
     ratio = tuple(float(r) for r in cfg.crop_ratio)
     scale = (float(min_scale), 1.0)
     flip, antialias = bool(cfg.flip), bool(cfg.antialias)
-    data_augment.check_crop_params(scale, ratio)
+    augment.check_crop_params(scale, ratio)
 
     def process(data, elem):
         base = tf.stack([tf.constant(seed, tf.int64), elem["epoch"]])
         base = tf.random.experimental.stateless_fold_in(base, _AUG_TAG)
         aug_seed = tf.random.experimental.stateless_fold_in(base, elem["key"])
         out = {
-            "image": data_augment.random_resized_crop(
+            "image": augment.random_resized_crop(
                 data, aug_seed, size, scale, ratio, flip, antialias, augment_fn
             )
         }
@@ -553,7 +553,7 @@ def create_train_iterator(
     float32 [S, S, 3] image in [0, 255] and a stateless int64 [2] seed (a pure
     function of the example's crop seed), and returns the normalized float32
     [S, S, 3] model input. Fine-tuning uses it for RandAugment + RandomErasing
-    (see `data_augment.random_resized_crop`).
+    (see `augment.random_resized_crop`).
 
     `should_stop` and unreadable data behave as in `create_pretrain_iterator`.
     """
@@ -606,7 +606,7 @@ def create_eval_iterator(
         return _with_key(
             cfg,
             {
-                "image": data_augment.center_crop_eval(data, size, frac, antialias),
+                "image": augment.center_crop_eval(data, size, frac, antialias),
                 "label": tf.cast(elem["label"], tf.int32),
                 "mask": tf.constant(True),
             },

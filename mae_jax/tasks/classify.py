@@ -30,12 +30,13 @@ import optax
 from absl import logging
 from flax import nnx
 
-from mae_jax import flops, init_from, input_pipeline, models, optim, train
+from mae_jax import flops, init_from, models, optim, train
 from mae_jax import sharding as shd
 from mae_jax import train_step as ts
 from mae_jax import workdir as wdir
+from mae_jax.data import pipeline
+from mae_jax.data.mixup import soft_target_cross_entropy
 from mae_jax.evaluate.metrics import topk_correct
-from mae_jax.evaluate.mixup import soft_target_cross_entropy
 from mae_jax.models.classifier import ENCODER_KEYS, ViTClassifier
 
 # prepare(key, images [B,H,W,C], labels [B] int) -> (images [B,H,W,C], targets [B,C] float32)
@@ -272,7 +273,7 @@ def build(
 def evaluate(cfns: ClassifyFns, state: dict, data_config, batch_size: int, mesh) -> dict:
     """Top-1 / top-5 accuracy (percent) and mean cross-entropy over one pass of the eval split
     (every process reads its own shard; padding is masked out)."""
-    data = input_pipeline.create_eval_iterator(data_config, global_batch_size=batch_size)
+    data = pipeline.create_eval_iterator(data_config, global_batch_size=batch_size)
     totals: dict[str, float] = {}
     try:
         for batch in data:
@@ -377,7 +378,7 @@ def plan(config, known_keys: frozenset[str], resume: train.Resume = None, where:
     mcfg = resolve_model(config, source)
     batch = _positive_int("batch_size", config.batch_size)
     eval_batch = _positive_int("eval_batch_size", config.get("eval_batch_size") or batch)
-    info = input_pipeline.dataset_info(config.data)
+    info = pipeline.dataset_info(config.data)
     num_classes = config.num_classes
     if num_classes is None:
         num_classes = info.num_classes if info else None
@@ -560,7 +561,7 @@ def classification_task(
         init=init,
         total_steps=p.total_steps,
         batch_size=config.batch_size,
-        make_data=lambda start, should_stop=None: input_pipeline.create_train_iterator(
+        make_data=lambda start, should_stop=None: pipeline.create_train_iterator(
             config.data,
             global_batch_size=config.batch_size,
             seed=config.seed,

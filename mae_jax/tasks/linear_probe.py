@@ -18,10 +18,11 @@ import ml_collections
 from flax import nnx
 from ml_collections import config_dict
 
-from mae_jax import init_from, input_pipeline, optim, train
-from mae_jax.evaluate import classify_step as cs
-from mae_jax.evaluate.mixup import smooth_one_hot
+from mae_jax import init_from, optim, train
+from mae_jax.data import pipeline
+from mae_jax.data.mixup import smooth_one_hot
 from mae_jax.models.classifier import LINPROBE_HEAD_STD, ViTClassifier
+from mae_jax.tasks import classify as cs
 
 TASK = "linear_probe"
 KNOWN_KEYS = cs.COMMON_KEYS
@@ -47,7 +48,7 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     )
     c.num_classes = config_dict.placeholder(int)  # None: from the data set
     c.global_pool = False  # the paper's probe uses the cls token
-    c.data = input_pipeline.default_data_config()
+    c.data = pipeline.default_data_config()
     c.data.source = "tfds"
     c.data.name = "imagenet2012"
     c.data.image_size = 224

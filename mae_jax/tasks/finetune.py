@@ -8,7 +8,7 @@ warmup then cosine to `min_lr` 1e-6; top-1 / top-5 on the eval split.
         --config.init_from.path=PRETRAIN_WORKDIR
 
 Every parameter is trained (`state['params']`). RandAugment and random erasing run per example
-in the tf.data input pipeline (`input_pipeline.create_train_iterator(augment_fn=...)`), mixup /
+in the tf.data input pipeline (`pipeline.create_train_iterator(augment_fn=...)`), mixup /
 cutmix on device inside the train step. Checkpoints, resume, sharding and metrics are
 pretraining's (`mae_jax.train.run`).
 """
@@ -21,10 +21,11 @@ import ml_collections
 from flax import nnx
 from ml_collections import config_dict
 
-from mae_jax import data_augment, init_from, input_pipeline, optim, train
-from mae_jax.evaluate import classify_step as cs
-from mae_jax.evaluate.mixup import mixup_cutmix, smooth_one_hot
+from mae_jax import init_from, optim, train
+from mae_jax.data import augment, pipeline
+from mae_jax.data.mixup import mixup_cutmix, smooth_one_hot
 from mae_jax.models.classifier import FINETUNE_HEAD_STD, ViTClassifier
+from mae_jax.tasks import classify as cs
 
 TASK = "finetune"
 KNOWN_KEYS = cs.COMMON_KEYS | {
@@ -66,7 +67,7 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
     c.label_smoothing = 0.1
     c.rand_augment = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec ('' = off)
     c.reprob = 0.25  # random erasing probability (0 = off)
-    c.data = input_pipeline.default_data_config()
+    c.data = pipeline.default_data_config()
     c.data.source = "tfds"
     c.data.name = "imagenet2012"
     c.data.image_size = 224
@@ -100,7 +101,7 @@ def base_config(model_name: str) -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------- augmentation
 def parse_rand_augment(spec: str | None) -> dict | None:
     """timm's RandAugment spec, e.g. `'rand-m9-mstd0.5-inc1'`, -> keyword arguments of
-    `mae_jax.evaluate.augment.rand_augment` (`None` for '' / None = off).
+    `mae_jax.data.randaugment.rand_augment` (`None` for '' / None = off).
 
     Fields: `m` magnitude (0-10), `n` ops per image (default 2), `mstd` magnitude std, `p`
     probability of each op (default 0.5), `inc` must be 1 (the "increasing" op set, which is
@@ -153,7 +154,7 @@ def make_augment_fn(rand_augment: str | None, reprob: float):
         raise ValueError(f"reprob must be a probability in [0, 1], got {reprob!r}")
     if ra is None and reprob == 0:
         return None
-    from mae_jax.evaluate import augment
+    from mae_jax.data import randaugment
 
     def augment_fn(image, seed):
         import tensorflow as tf
@@ -161,10 +162,10 @@ def make_augment_fn(rand_augment: str | None, reprob: float):
         s_ra, s_erase = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
         if ra is not None:
             pixels = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
-            image = augment.rand_augment(pixels, s_ra, **ra)
-        image = data_augment.normalize(image)
+            image = randaugment.rand_augment(pixels, s_ra, **ra)
+        image = augment.normalize(image)
         if reprob > 0:
-            image = augment.random_erasing(image, s_erase, prob=float(reprob))
+            image = randaugment.random_erasing(image, s_erase, prob=float(reprob))
         return image
 
     return augment_fn

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from mae_jax.data_tf import tf_module
+from mae_jax.data.lazy_tf import tf_module
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

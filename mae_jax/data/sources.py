@@ -6,7 +6,7 @@ deterministic order for any epoch. Elements are dicts
   data:  tf.string scalar, encoded image bytes (or a file path; see `load`)
   label: int64 scalar (-1 when the data set has no labels)
   key:   int64 scalar, a stable identity of the example (augmentation seed)
-Augmentation, batching and resumption live in `input_pipeline`.
+Augmentation, batching and resumption live in `pipeline`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from mae_jax import embedded_data
-from mae_jax.data_tf import graph_fn, tf_module, tfds_module
+from mae_jax.data import embedded
+from mae_jax.data.lazy_tf import graph_fn, tf_module, tfds_module
 
 log = logging.getLogger(__name__)
 
@@ -156,37 +156,33 @@ class EmbeddedSource:
 
     def _resolution(self) -> int:
         res = int(self._cfg.get("embedded_resolution", 0) or 0)
-        return res or embedded_data.embedded_resolution(
+        return res or embedded.embedded_resolution(
             int(self._cfg.image_size), float(self._cfg.get("eval_crop_fraction", 0.875))
         )
 
     def _per_class(self, split: str) -> int:
         if split == "train":
-            return int(
-                self._cfg.get("embedded_train_per_class", embedded_data.DEFAULT_TRAIN_PER_CLASS)
-            )
-        return int(self._cfg.get("embedded_eval_per_class", embedded_data.DEFAULT_EVAL_PER_CLASS))
+            return int(self._cfg.get("embedded_train_per_class", embedded.DEFAULT_TRAIN_PER_CLASS))
+        return int(self._cfg.get("embedded_eval_per_class", embedded.DEFAULT_EVAL_PER_CLASS))
 
     def describe(self, split: str) -> str:
         """Names the data in error messages."""
         return f"split {split!r} of the embedded data set"
 
-    def _split(self, split: str) -> embedded_data.EmbeddedSplit:
-        return embedded_data.build_split(split, self._resolution(), self._per_class(split))
+    def _split(self, split: str) -> embedded.EmbeddedSplit:
+        return embedded.build_split(split, self._resolution(), self._per_class(split))
 
     def num_examples(self, split: str) -> int:
-        if split not in embedded_data.SPLITS:
-            raise ValueError(
-                f"embedded split {split!r} unknown; expected one of {embedded_data.SPLITS}"
-            )
-        return self._per_class(split) * len(embedded_data.PHOTOS)
+        if split not in embedded.SPLITS:
+            raise ValueError(f"embedded split {split!r} unknown; expected one of {embedded.SPLITS}")
+        return self._per_class(split) * len(embedded.PHOTOS)
 
     def info(self, train_split: str, eval_split: str) -> DatasetInfo:
         return DatasetInfo(
             self.num_examples(train_split),
             self.num_examples(eval_split),
-            len(embedded_data.CLASS_NAMES),
-            embedded_data.CLASS_NAMES,
+            len(embedded.CLASS_NAMES),
+            embedded.CLASS_NAMES,
         )
 
     def shard_sizes(self, split: str, process_count: int) -> list[int]:

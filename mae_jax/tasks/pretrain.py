@@ -1,0 +1,277 @@
+"""MAE pretraining as a `train.Task`: the plan of a pretraining config, the sharded MAE train
+step, and reconstruction pictures in TensorBoard.
+
+`python -m mae_jax.main --config=configs/mae_vit_base.py --workdir=DIR` runs
+`train_and_evaluate`; rerunning it on the same workdir resumes (see `mae_jax.train.run`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from flax import nnx
+
+from mae_jax import flops, init_from, models, optim
+from mae_jax import sharding as shd
+from mae_jax import train_step as ts
+from mae_jax.data import pipeline
+from mae_jax.train import (
+    Resume,
+    Task,
+    apply_schedule,
+    milestone_steps,
+    resolve_schedule,
+    resolved_config,
+    run,
+)
+
+TOP_LEVEL_KEYS = frozenset(
+    {
+        "seed",
+        "model",
+        "data",
+        "batch_size",
+        "grad_accum_steps",
+        "epochs",
+        "warmup_epochs",
+        "total_steps",
+        "optim",
+        "mesh",
+        "sharding_rules",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "log_every_steps",
+        "reconstruction_every_steps",
+        "peak_tflops",
+        "knn_every_steps",
+        "task",
+        "init_from",
+        "keep_every_epochs",
+    }
+)
+# Model fields that define the parameter shapes: a workdir's checkpoint must agree on them.
+ARCHITECTURE_FIELDS = (
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "decoder_embed_dim",
+    "decoder_depth",
+    "decoder_num_heads",
+    "mlp_ratio",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Resolved numbers of a run."""
+
+    model: models.MAEConfig
+    total_steps: int
+    warmup_steps: int
+    steps_per_epoch: int | None
+    optim: ml_collections.ConfigDict
+    schedule: dict
+    milestone_every: int
+
+
+def model_config(config) -> models.MAEConfig:
+    return models.resolve(config.model)
+
+
+def plan(config, num_train_examples: int | None, resume: Resume = None, where: str = "") -> Plan:
+    """Validate `config` and resolve step counts and the optimizer config (no compilation).
+
+    `resume`: the newest checkpoint's `(step, meta)` of the workdir, whose schedule a rerun
+    continues (`resolve_schedule`)."""
+    unknown = sorted(set(config.keys()) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(TOP_LEVEL_KEYS)}")
+    mcfg = model_config(config)
+    if config.batch_size <= 0:
+        raise ValueError(f"config.batch_size must be positive, got {config.batch_size}")
+    accum = config.grad_accum_steps
+    if accum <= 0 or config.batch_size % accum:
+        raise ValueError(
+            f"config.grad_accum_steps={accum} must be positive and divide "
+            f"config.batch_size={config.batch_size}"
+        )
+    steps_per_epoch = None
+    if num_train_examples:
+        steps_per_epoch = max(1, num_train_examples // config.batch_size)
+    if config.total_steps is not None:
+        if config.total_steps <= 0:
+            raise ValueError(f"config.total_steps must be positive, got {config.total_steps}")
+        total = int(config.total_steps)
+        warmup = (
+            int(round(config.warmup_epochs / max(config.epochs, 1e-9) * total))
+            if config.epochs
+            else 0
+        )
+    else:
+        if steps_per_epoch is None:
+            raise ValueError("the data set size is unknown: set config.total_steps")
+        total = int(config.epochs * steps_per_epoch)
+        warmup = int(config.warmup_epochs * steps_per_epoch)
+    schedule = resolve_schedule(total, min(warmup, total), resume, where)
+    oc = apply_schedule(config.optim, config.batch_size, schedule)
+    return Plan(
+        mcfg,
+        total,
+        oc.warmup_steps,
+        steps_per_epoch,
+        oc,
+        schedule,
+        milestone_steps(config, steps_per_epoch),
+    )
+
+
+def check_mesh(config, mesh) -> None:
+    dp = shd.data_parallel_size(mesh)
+    per_step = config.batch_size // config.grad_accum_steps
+    if per_step % dp:
+        raise ValueError(
+            f"global batch {config.batch_size} (micro-batch {per_step} with grad_accum_steps="
+            f"{config.grad_accum_steps}) is not divisible by the data-parallel size {dp} "
+            f"(mesh {dict(mesh.shape)}); change config.batch_size or config.mesh"
+        )
+    if config.batch_size % jax.process_count():
+        raise ValueError(
+            f"global batch {config.batch_size} is not divisible by the process "
+            f"count {jax.process_count()}"
+        )
+
+
+def check_workdir_model(meta: dict, mcfg: models.MAEConfig, where: str, step: int) -> None:
+    """Refuse a checkpoint of another architecture; warn when storage dtypes differ."""
+    saved = meta.get("model") or {}
+    diffs = {
+        k: (saved.get(k), getattr(mcfg, k))
+        for k in ARCHITECTURE_FIELDS
+        if saved.get(k) != getattr(mcfg, k)
+    }
+    if diffs:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diffs.items())
+        raise ValueError(
+            f"the workdir's checkpoint {where} (step {step}) holds another model "
+            f"({saved.get('name')!r}: {detail}); use a new --workdir or the matching config"
+        )
+    if saved.get("param_dtype") not in (None, mcfg.param_dtype):
+        logging.warning(
+            "checkpoint %d was trained with param_dtype %s, the config asks for %s: the "
+            "parameters are converted to %s",
+            step,
+            saved["param_dtype"],
+            mcfg.param_dtype,
+            mcfg.param_dtype,
+        )
+
+
+def step_fns(config, p: Plan, mesh) -> ts.StepFns:
+    """The jitted, sharded MAE train step of `config` (resolved as `p`) on `mesh`."""
+    tx = optim.create_optimizer(p.optim)
+    lr_fn = optim.learning_rate_fn(p.optim)
+    rules = (
+        tuple(tuple(r) for r in config.sharding_rules)
+        if config.get("sharding_rules")
+        else shd.DEFAULT_RULES
+    )
+    return ts.build(
+        lambda: models.create(p.model, seed=config.seed),
+        tx,
+        lr_fn,
+        mesh,
+        accum_steps=config.grad_accum_steps,
+        rules=rules,
+    )
+
+
+def task(config, mesh, resume: Resume = None, where: str = "") -> Task:
+    """The MAE pretraining task of `config` on `mesh` (validated before anything compiles)."""
+    info = pipeline.dataset_info(config.data)
+    p = plan(config, info.num_train_examples if info else None, resume, where)
+    check_mesh(config, mesh)
+    source = init_from.locate(config.get("init_from"))
+    fns = step_fns(config, p, mesh)
+
+    def init():
+        state = fns.init()
+        if source is not None:
+            keys = init_from.wanted_keys(source, list(nnx.to_pure_dict(state["params"])))
+            state = init_from.load(state, fns.state_shardings, source, keys, p.model)
+        return state
+
+    def periodic(writer, state, batch, step):
+        every = config.reconstruction_every_steps
+        if every and step % every == 0:
+            _log_reconstruction(writer, fns, state, batch, p.model, step)
+        return None
+
+    return Task(
+        name=f"pretrain {p.model.name}",
+        fns=fns,
+        init=init,
+        total_steps=p.total_steps,
+        batch_size=config.batch_size,
+        make_data=lambda start, should_stop=None: pipeline.create_pretrain_iterator(
+            config.data,
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+            start_step=start,
+            should_stop=should_stop,
+        ),
+        meta=lambda: {
+            "model": dataclasses.asdict(p.model),
+            "task": "pretrain",
+            "schedule": p.schedule,
+        },
+        check_meta=lambda meta, step: check_workdir_model(meta, p.model, where, step),
+        resolved=resolved_config(config, p.total_steps, p.optim),
+        flops_per_image=flops.mae_train_flops_per_image(p.model),
+        milestone_every=p.milestone_every,
+        periodic=periodic,
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Pretrain MAE as `config` says, in `workdir`. Returns the last logged metrics."""
+    return run(config, workdir, lambda mesh, resume: task(config, mesh, resume, workdir))
+
+
+def _process_local(tree):
+    """Global arrays -> arrays this process holds alone: a replicated array's local copy, a
+    sharded one gathered to numpy (a collective: every process must call this together)."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return x
+        if x.is_fully_replicated:
+            return x.addressable_data(0)
+        return multihost_utils.process_allgather(x, tiled=True)
+
+    return jax.tree.map(one, tree)
+
+
+def _log_reconstruction(writer, fns, state, batch, mcfg, step):
+    """Reconstruction grid of the first images of the batch into TensorBoard.
+
+    Called by every process (parameters sharded across processes are gathered first); only
+    process 0 then runs the model, on its own devices, and writes the grid."""
+    params, rest = _process_local(state["params"]), _process_local(fns.rest)
+    if jax.process_index() != 0:
+        return
+    try:
+        from mae_jax import visualize
+    except ImportError:  # pragma: no cover - visualize is part of the package
+        return
+    model = nnx.merge(fns.graphdef, params, rest)
+    images = jnp.asarray(batch["image"][:4])
+    grid = visualize.reconstruction_grid(model, images, key=jax.random.key(step))
+    writer.write_images(step, {"reconstruction": grid})
