@@ -3,9 +3,9 @@
   python -m mae_jax.aot --config=configs/mae_vit_large.py --topology=v4-32
   python -m mae_jax.aot --config=configs/mae_vit_huge.py --topology=v5p-64 --config.mesh.fsdp=8
 
-Compiles the real pretraining step (`mae_jax.train_step.train_step`, the same shardings and
-donation as `train_step.build`) for the config's model, optimizer, global batch and mesh on the
-devices of `--topology`, without running it, and reports XLA's per-device memory analysis
+Compiles the real pretraining step (the `jax.jit` object `train_step.build` returns for
+training) for the config's model, optimizer, global batch and mesh on the devices of
+`--topology`, without running it, and reports XLA's per-device memory analysis
 (arguments, outputs, donated aliases, temporaries) against the per-device HBM.
 
 Backends (`--backend`, reported in the output):
@@ -37,12 +37,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import nnx
 from jax.sharding import Mesh
 
-from mae_jax import flops, models, optim
+from mae_jax import flops
 from mae_jax import sharding as shd
-from mae_jax import train_step as ts
 from mae_jax.tasks import pretrain
 
 GIB = 1024**3
@@ -246,62 +244,15 @@ def _with_total_steps(config: ml_collections.ConfigDict, total: int):
 
 
 def lower_train_step(config: ml_collections.ConfigDict, mesh: Mesh):
-    """Lower the pretraining step for `config` on `mesh` from abstract values only.
-
-    Same function, shardings and donation as `train_step.build` (which also executes
-    initialization, impossible on compile-only devices). Returns `(lowered, plan)`.
-    """
+    """Lower the pretraining step for `config` on `mesh` from abstract values only: the very
+    `jax.jit` object training runs (`tasks.pretrain.step_fns`), lowered without executing
+    anything (compile-only devices can hold no arrays). Returns `(lowered, plan)`."""
     p = pretrain.plan(_with_total_steps(config, 1000), None)
     pretrain.check_mesh(config, mesh)
-    tx = optim.create_optimizer(p.optim)
-    lr_fn = optim.learning_rate_fn(p.optim)
-    rules = (
-        tuple(tuple(r) for r in config.sharding_rules)
-        if config.get("sharding_rules")
-        else shd.DEFAULT_RULES
-    )
-    abstract_model = nnx.eval_shape(lambda: models.create(p.model, seed=config.seed))
-    graphdef, abstract_params, abstract_rest = ts.split_model(abstract_model)
-    abstract_state = jax.eval_shape(lambda q: ts.init_state(q, tx), abstract_params)
-    state_sh = shd.state_shardings(abstract_state, mesh, rules)
-    rest_sh = shd.state_shardings(abstract_rest, mesh, rules)
-    num_patches = p.model.num_patches
-    step = jax.jit(
-        lambda state, images, key, rest: ts.train_step(
-            state,
-            images,
-            key,
-            graphdef=graphdef,
-            rest=rest,
-            tx=tx,
-            lr_fn=lr_fn,
-            num_patches=num_patches,
-            accum_steps=config.grad_accum_steps,
-            mesh=mesh,
-        ),
-        in_shardings=(state_sh, shd.batch_sharding(mesh), shd.replicated(mesh), rest_sh),
-        out_shardings=(state_sh, shd.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-
-    def sds(a, s):
-        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-
+    fns = pretrain.step_fns(config, p, mesh)
     c = p.model
-    images = jax.ShapeDtypeStruct(
-        (config.batch_size, c.img_size, c.img_size, c.in_chans),
-        jnp.float32,
-        sharding=shd.batch_sharding(mesh),
-    )
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=shd.replicated(mesh))
-    lowered = step.lower(
-        jax.tree.map(sds, abstract_state, state_sh),
-        images,
-        key,
-        jax.tree.map(sds, abstract_rest, rest_sh),
-    )
-    return lowered, p
+    shape = (config.batch_size, c.img_size, c.img_size, c.in_chans)
+    return fns.jit_step.lower(*fns.abstract_args({"image": (shape, jnp.float32)})), p
 
 
 def memory_report(compiled, hbm_gib: float) -> dict:
@@ -440,10 +391,11 @@ def main(argv):
     try:
         topo = parse_topology(f.topology, f.hbm_gib)
         backend = resolve_backend(topo, f.backend, f.libtpu_path)
-        from jax._src import xla_bridge
-
-        if backend == "cpu" and not xla_bridge.backends_are_initialized():
-            jax.config.update("jax_num_cpu_devices", topo.num_devices)
+        if backend == "cpu":
+            try:  # JAX refuses once its backends started (resolve_backend may probe GPUs)
+                jax.config.update("jax_num_cpu_devices", topo.num_devices)
+            except RuntimeError:
+                pass
         report = check(
             _CONFIG.value, f.topology, backend=backend, hbm_gib=f.hbm_gib, libtpu_path=f.libtpu_path
         )

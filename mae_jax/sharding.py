@@ -31,6 +31,13 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
+def rules(config_rules=None) -> tuple[tuple[str, str | None], ...]:
+    """`config.sharding_rules` as a tuple of (logical axis, mesh axis) pairs; None: the defaults."""
+    if not config_rules:
+        return DEFAULT_RULES
+    return tuple((str(a), None if m is None else str(m)) for a, m in config_rules)
+
+
 def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
     """Resolve `{data, fsdp, tensor}` (one of them may be -1 = the rest) for `num_devices`."""
     sizes = [int(mesh_config[a]) if a in mesh_config else 1 for a in MESH_AXES]

@@ -1,122 +1,72 @@
-"""The train state and the pure, sharded MAE pretraining step.
+"""The one train-step builder: abstract state, shardings and the jitted programs of a task.
 
-The state is a pytree `{'params': nnx.State, 'opt_state': optax state, 'step': int32,
-'nonfinite_step': int32}`; the model's graph and its non-trainable variables (the fixed position
-embeddings) are passed separately. The step is a pure function jitted with explicit in/out
-shardings and a donated state; masking noise is drawn on device from `fold_in(key, step)`, so
-a run is reproducible from `(seed, step)` alone and no host round-trip happens inside the step.
+Every task (MAE pretraining, linear probing, fine-tuning), the benchmark and the AOT memory
+check go through `build`; nothing else calls `jax.jit` on a train step. `StepFns.jit_step` is the
+`jax.jit` object itself, so `.lower(...)` / `.compile()` act on the exact program that trains.
+
+The train state is a dict: the model's split parts (`params`, the trainable `nnx.Param`s, plus
+task-specific entries such as `frozen` or `batch_stats`), `opt_state`, `step` (int32, updates
+done) and `nonfinite_step` (int32; the first step whose loss was not finite, -1 if none). The
+model's graph and its remaining variables (`rest`: fixed position tables, RNG streams) are kept
+apart and passed to every call. Every entry is sharded by its variables' `logical_axes`
+(`mae_jax.sharding.state_shardings`); batches are sharded over the batch axes.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from mae_jax import sharding as shd
-from mae_jax.models import MAE
+
+# step_fn(state, batch, key, *, graphdef, rest) -> (state, metrics): a pure train step.
+StepFn = Callable[..., tuple[dict, dict]]
+# eval_fn(state, batch, *, graphdef, rest) -> sums: a pure evaluation step.
+EvalFn = Callable[..., dict]
+# split(model) -> (graphdef, parts: {'params': State, ...}, rest: State)
+Split = Callable[[Any], tuple[Any, dict, Any]]
 
 
-@dataclasses.dataclass(frozen=True)
-class StepFns:
-    """Compiled entry points for one model/optimizer/mesh."""
-
-    init: Callable[[], Any]  # () -> state, sharded
-    step: Callable[[Any, dict, jax.Array], tuple[Any, dict]]  # (state, {'image': ...}, key)
-    state_shardings: Any
-    abstract_state: Any
-    graphdef: Any
-    rest: Any  # non-trainable variables (pos embeds, rng)
+def split_params(model) -> tuple[Any, dict, Any]:
+    """`model` -> `(graphdef, {'params': trainable nnx.Params}, rest)`."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, {"params": params}, rest
 
 
-def split_model(model: MAE):
-    """`model` -> `(graphdef, params, rest)` with `params` the trainable `nnx.Param`s."""
-    return nnx.split(model, nnx.Param, ...)
-
-
-def init_state(params, tx: optax.GradientTransformation) -> dict:
+def init_state(parts: dict, tx: optax.GradientTransformation) -> dict:
     return {
-        "params": params,
-        "opt_state": tx.init(params),
+        **parts,
+        "opt_state": tx.init(parts["params"]),
         "step": jnp.zeros((), jnp.int32),
         "nonfinite_step": jnp.full((), -1, jnp.int32),
     }
 
 
-def _loss(graphdef, rest, params, images, noise):
-    return nnx.merge(graphdef, params, rest)(images, noise=noise).loss
-
-
-def compute_grads(graphdef, rest, params, images, noise, accum_steps: int, mesh: Mesh | None):
-    """Mean loss and gradients over the batch, in `accum_steps` sequential micro-batches.
-
-    All samples mask the same number of patches, so the mean of the micro-batch losses
-    (and gradients) equals the full-batch loss (and gradient).
-    """
-    grad_fn = jax.value_and_grad(lambda p, x, z: _loss(graphdef, rest, p, x, z))
-    if accum_steps == 1:
-        return grad_fn(params, images, noise)
-    n = images.shape[0]
-    micro = n // accum_steps
-
-    def split(x):
-        x = x.reshape((accum_steps, micro) + x.shape[1:])
-        if mesh is not None:
-            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, shd.BATCH_AXES)))
-        return x
-
-    def body(carry, xs):
-        loss_sum, grad_sum = carry
-        loss, grads = grad_fn(params, *xs)
-        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss_sum, grad_sum), _ = jax.lax.scan(
-        body, (jnp.zeros((), jnp.float32), zeros), (split(images), split(noise))
-    )
-    return loss_sum / accum_steps, jax.tree.map(lambda g: g / accum_steps, grad_sum)
-
-
-def train_step(
-    state: dict,
-    images: jax.Array,
-    key: jax.Array,
-    *,
-    graphdef,
-    rest,
-    tx: optax.GradientTransformation,
-    lr_fn,
-    num_patches: int,
-    accum_steps: int = 1,
-    mesh: Mesh | None = None,
+def apply_gradients(
+    state: dict, loss, grads, tx: optax.GradientTransformation, lr_fn, **updates
 ) -> tuple[dict, dict]:
-    """One optimizer update on the global batch `images [B, H, W, C]` (normalized NHWC)."""
+    """One optimizer update of `state['params']` with `grads`; `updates` replace other entries
+    (e.g. `batch_stats`). Returns the new state and the metrics every task logs."""
     step = state["step"]
-    noise = jax.random.uniform(
-        jax.random.fold_in(key, step), (images.shape[0], num_patches), jnp.float32
-    )
-    if mesh is not None:
-        noise = jax.lax.with_sharding_constraint(noise, shd.batch_sharding(mesh))
-    loss, grads = compute_grads(graphdef, rest, state["params"], images, noise, accum_steps, mesh)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    finite = jnp.isfinite(loss)
+    deltas, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], deltas)
     # Steps are counted from 1 in logs and checkpoints: this update is step `step + 1`.
-    nonfinite_step = jnp.where(
-        (state["nonfinite_step"] < 0) & ~finite, step + 1, state["nonfinite_step"]
+    nonfinite = jnp.where(
+        (state["nonfinite_step"] < 0) & ~jnp.isfinite(loss), step + 1, state["nonfinite_step"]
     )
     new_state = {
+        **state,
+        **updates,
         "params": params,
         "opt_state": opt_state,
         "step": step + 1,
-        "nonfinite_step": nonfinite_step,
+        "nonfinite_step": nonfinite,
     }
     metrics = {
         "loss": loss,
@@ -127,51 +77,105 @@ def train_step(
     return new_state, metrics
 
 
+class StepFns:
+    """The jitted programs of one model / optimizer / mesh, and what they run on.
+
+    `jit_step(state, batch, key, rest) -> (state, metrics)`: the train step (`jax.jit` object;
+    state donated). `jit_init() -> state`: a fresh state. `jit_eval(state, batch, rest) -> sums`
+    when the task evaluates. `batch` is a dict of global arrays with `batch_keys`. `rest` is
+    built on first use, so lowering for compile-only devices never executes anything.
+    """
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+        self._rest = None
+
+    @property
+    def rest(self):
+        if self._rest is None:
+            self._rest = self.jit_rest()
+        return self._rest
+
+    def init(self) -> dict:
+        return self.jit_init()
+
+    def step(self, state: dict, batch: dict, key: jax.Array) -> tuple[dict, dict]:
+        return self.jit_step(state, batch, key, self.rest)
+
+    def evaluate(self, state: dict, batch: dict) -> dict:
+        return self.jit_eval(state, batch, self.rest)
+
+    def abstract_args(self, batch_shapes: dict[str, tuple[tuple[int, ...], Any]]) -> tuple:
+        """`jit_step`'s arguments as ShapeDtypeStructs with their shardings, for `.lower()`:
+        `batch_shapes` maps each batch key to `(shape, dtype)`."""
+
+        def sds(a, s):
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+
+        batch = {
+            k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_shardings[k])
+            for k, (shape, dtype) in batch_shapes.items()
+        }
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=self.replicated)
+        return (
+            jax.tree.map(sds, self.abstract_state, self.state_shardings),
+            batch,
+            key,
+            jax.tree.map(sds, self.abstract_rest, self.rest_shardings),
+        )
+
+
 def build(
-    model_fn: Callable[[], MAE],
+    model_fn: Callable[[], Any],
     tx: optax.GradientTransformation,
-    lr_fn,
     mesh: Mesh,
     *,
-    accum_steps: int = 1,
+    step_fn: StepFn,
+    split: Split = split_params,
+    batch_keys: Sequence[str] = ("image",),
+    eval_fn: EvalFn | None = None,
+    eval_keys: Sequence[str] = (),
     rules=shd.DEFAULT_RULES,
 ) -> StepFns:
-    """Abstract state, shardings and jitted init/step functions for `model_fn`'s model."""
+    """Abstract state, shardings and the jitted init / train (/ eval) programs of `model_fn`'s
+    model under `tx` on `mesh`. Nothing is executed or compiled here."""
     abstract_model = nnx.eval_shape(model_fn)
-    graphdef, abstract_params, abstract_rest = split_model(abstract_model)
-    abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract_params)
+    graphdef, abstract_parts, abstract_rest = split(abstract_model)
+    abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract_parts)
     state_sh = shd.state_shardings(abstract_state, mesh, rules)
     rest_sh = shd.state_shardings(abstract_rest, mesh, rules)
-    # The non-trainable variables are deterministic tables: build them once, replicated.
-    rest = jax.jit(lambda: split_model(model_fn())[2], out_shardings=rest_sh)()
+    rep = shd.replicated(mesh)
+    batch_sh = {k: shd.batch_sharding(mesh) for k in (*batch_keys, *eval_keys)}
 
-    def init():
-        return init_state(split_model(model_fn())[1], tx)
+    def train(state, batch, key, rest):
+        return step_fn(state, batch, key, graphdef=graphdef, rest=rest)
 
-    init_jit = jax.jit(init, out_shardings=state_sh)
-    num_patches = abstract_model.config.num_patches
-    step_fn = jax.jit(
-        lambda state, images, key, rest: train_step(
-            state,
-            images,
-            key,
-            graphdef=graphdef,
-            rest=rest,
-            tx=tx,
-            lr_fn=lr_fn,
-            num_patches=num_patches,
-            accum_steps=accum_steps,
-            mesh=mesh,
-        ),
-        in_shardings=(state_sh, shd.batch_sharding(mesh), shd.replicated(mesh), rest_sh),
-        out_shardings=(state_sh, shd.replicated(mesh)),
+    jit_step = jax.jit(
+        train,
+        in_shardings=(state_sh, {k: batch_sh[k] for k in batch_keys}, rep, rest_sh),
+        out_shardings=(state_sh, rep),
         donate_argnums=(0,),
     )
+    jit_eval = None
+    if eval_fn is not None:
+        jit_eval = jax.jit(
+            lambda state, batch, rest: eval_fn(state, batch, graphdef=graphdef, rest=rest),
+            in_shardings=(state_sh, {k: batch_sh[k] for k in eval_keys}, rest_sh),
+            out_shardings=rep,
+        )
     return StepFns(
-        init=init_jit,
-        step=lambda s, batch, k: step_fn(s, batch["image"], k, rest),
-        state_shardings=state_sh,
-        abstract_state=abstract_state,
+        jit_step=jit_step,
+        jit_eval=jit_eval,
+        # The non-trainable variables are deterministic tables: built once, on first use.
+        jit_rest=jax.jit(lambda: split(model_fn())[2], out_shardings=rest_sh),
+        jit_init=jax.jit(lambda: init_state(split(model_fn())[1], tx), out_shardings=state_sh),
         graphdef=graphdef,
-        rest=rest,
+        abstract_state=abstract_state,
+        state_shardings=state_sh,
+        abstract_rest=abstract_rest,
+        rest_shardings=rest_sh,
+        batch_shardings=batch_sh,
+        replicated=rep,
+        mesh=mesh,
     )

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from config_files import ROOT, load_config
 
-from mae_jax import aot, benchmark, flops, models, optim
+from mae_jax import aot, benchmark, flops, models
 from mae_jax import sharding as shd
-from mae_jax import train_step as ts
+from mae_jax.tasks import pretrain
 
 
 def tiny_config(batch=16, **mesh):
@@ -283,24 +283,19 @@ def test_memory_report_arithmetic():
 
 @pytest.mark.slow
 def test_aot_program_is_the_training_step():
-    """The AOT-lowered program, run on real CPU arrays, gives what `train_step.build` gives."""
+    """The AOT-lowered program, run on real CPU arrays, gives what training's step gives."""
     config = tiny_config(batch=8, data=2, fsdp=2)
     mesh = shd.make_mesh(config.mesh, devices=jax.devices()[:4])
     lowered, p = aot.lower_train_step(config, mesh)
     compiled = lowered.compile()
-    fns = ts.build(
-        lambda: models.create(p.model, seed=config.seed),
-        optim.create_optimizer(p.optim),
-        optim.learning_rate_fn(p.optim),
-        mesh,
-    )
+    fns = pretrain.step_fns(config, p, mesh)
     images = jax.device_put(
         np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype(np.float32),
         shd.batch_sharding(mesh),
     )
     key = jax.random.key(3)
     s_ref, m_ref = fns.step(fns.init(), {"image": images}, key)
-    s_aot, m_aot = compiled(fns.init(), images, key, fns.rest)
+    s_aot, m_aot = compiled(fns.init(), {"image": images}, key, fns.rest)
     assert float(m_aot["loss"]) == pytest.approx(float(m_ref["loss"]), rel=1e-6)
     for a, b in zip(jax.tree.leaves(s_aot["params"]), jax.tree.leaves(s_ref["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

@@ -15,7 +15,6 @@ from flax import nnx
 
 from mae_jax import models, optim, train
 from mae_jax import sharding as shd
-from mae_jax import train_step as ts
 from mae_jax.tasks import pretrain
 
 
@@ -30,20 +29,19 @@ def small(**kw):
     return override(c, **kw)
 
 
-def _optimizer(batch=16):
+def _optim_config(batch=16):
     # SGD keeps the update proportional to the gradient. (Adam would turn float noise of the
     # exactly-zero gradients, e.g. of the key biases, into +-lr updates on any mesh change.)
     oc = optim.default_optim_config()
     oc.name, oc.weight_decay = "sgd", 0.05
     oc.batch_size, oc.warmup_steps, oc.total_steps, oc.lr = batch, 1, 10, 0.5
-    return optim.create_optimizer(oc), optim.learning_rate_fn(oc)
+    return oc
 
 
 def _run_steps(mesh_shape, accum=1, steps=1, batch=16):
-    tx, lr_fn = _optimizer(batch)
     mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, mesh_shape)))
-    fns = ts.build(
-        lambda: models.create("mae_vit_test", seed=0), tx, lr_fn, mesh, accum_steps=accum
+    fns = pretrain.build_step(
+        lambda: models.create("mae_vit_test", seed=0), _optim_config(batch), mesh, accum_steps=accum
     )
     state = fns.init()
     images = np.asarray(jax.random.normal(jax.random.key(0), (batch, 32, 32, 3)))
@@ -79,9 +77,8 @@ def test_gradient_accumulation_equals_full_batch():
 
 
 def test_params_and_optimizer_state_are_fsdp_sharded():
-    tx, lr_fn = _optimizer()
     mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
-    fns = ts.build(lambda: models.create("mae_vit_test"), tx, lr_fn, mesh)
+    fns = pretrain.build_step(lambda: models.create("mae_vit_test"), _optim_config(), mesh)
     state = fns.init()
     kernel = state["params"]["blocks"][0]["mlp"]["fc1"]["kernel"].get_value()
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)

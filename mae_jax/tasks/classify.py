@@ -20,6 +20,7 @@ resumed run is the same as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -75,14 +76,6 @@ _PREPARE_TAG = 2
 
 
 # ----------------------------------------------------------------------------- step functions
-@dataclasses.dataclass(frozen=True)
-class ClassifyFns:
-    """`fns` (for `train.run`) and `eval_step(state, images, labels, mask) -> sums`."""
-
-    fns: ts.StepFns
-    eval_step: Callable[[dict, jax.Array, jax.Array, jax.Array], dict]
-
-
 def split_classifier(model: ViTClassifier, trainable: nnx.filterlib.Filter):
     """`model` -> `(graphdef, parts, rest)`: `parts` maps 'params' (the `trainable` Params),
     'frozen' (the other Params) and 'batch_stats' (BatchStats) to `nnx.State`s, empty ones left
@@ -96,15 +89,6 @@ def split_classifier(model: ViTClassifier, trainable: nnx.filterlib.Filter):
     if jax.tree.leaves(stats):
         parts["batch_stats"] = stats
     return graphdef, parts, rest
-
-
-def init_state(parts: dict, tx: optax.GradientTransformation) -> dict:
-    return {
-        **parts,
-        "opt_state": tx.init(parts["params"]),
-        "step": jnp.zeros((), jnp.int32),
-        "nonfinite_step": jnp.full((), -1, jnp.int32),
-    }
 
 
 def _merge(graphdef, state: dict, rest, params=None):
@@ -140,8 +124,7 @@ def loss_and_grads(
 
 def train_step(
     state: dict,
-    images: jax.Array,
-    labels: jax.Array,
+    batch: dict,
     key: jax.Array,
     *,
     graphdef,
@@ -151,14 +134,16 @@ def train_step(
     prepare: Prepare,
     drop_path: bool,
 ) -> tuple[dict, dict]:
-    """One update on the global batch: `images [B, H, W, C]` normalized NHWC, `labels [B]` int.
+    """One update on the global batch: `batch['image'] [B, H, W, C]` normalized NHWC,
+    `batch['label'] [B]` int.
 
     `prepare` turns labels into soft targets (mixup/cutmix/label smoothing) with its own key;
     the loss is the soft-target cross-entropy. BatchNorm statistics (if any) are updated.
     """
-    step = state["step"]
-    step_key = jax.random.fold_in(key, step)
-    images, targets = prepare(jax.random.fold_in(step_key, _PREPARE_TAG), images, labels)
+    step_key = jax.random.fold_in(key, state["step"])
+    images, targets = prepare(
+        jax.random.fold_in(step_key, _PREPARE_TAG), batch["image"], batch["label"]
+    )
     (loss, (logits, stats)), grads = loss_and_grads(
         state,
         images,
@@ -168,36 +153,16 @@ def train_step(
         rest=rest,
         drop_path=drop_path,
     )
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    finite = jnp.isfinite(loss)
-    nonfinite_step = jnp.where(
-        (state["nonfinite_step"] < 0) & ~finite, step + 1, state["nonfinite_step"]
-    )
-    new_state = {
-        **state,
-        "params": params,
-        "opt_state": opt_state,
-        "step": step + 1,
-        "nonfinite_step": nonfinite_step,
-    }
-    if stats is not None:
-        new_state["batch_stats"] = stats
+    updates = {} if stats is None else {"batch_stats": stats}
+    new_state, metrics = ts.apply_gradients(state, loss, grads, tx, lr_fn, **updates)
     correct = topk_correct(logits, targets, ks=(1,))["top1"]
-    metrics = {
-        "loss": loss,
-        "grad_norm": optax.tree.norm(grads),
-        "lr": lr_fn(step),
-        "param_norm": optax.tree.norm(params),
-        "train_top1": 100.0 * correct / images.shape[0],
-    }
+    metrics["train_top1"] = 100.0 * correct / images.shape[0]
     return new_state, metrics
 
 
-def eval_step(
-    state: dict, images: jax.Array, labels: jax.Array, mask: jax.Array, *, graphdef, rest
-) -> dict:
-    """Sums over the real (`mask`) examples of a batch: top1/top5 hits, loss, count."""
+def eval_step(state: dict, batch: dict, *, graphdef, rest) -> dict:
+    """Sums over the real (`batch['mask']`) examples of a batch: top1/top5 hits, loss, count."""
+    images, labels, mask = batch["image"], batch["label"], batch["mask"]
     model = _merge(graphdef, state, rest)
     logits = model(images, train=False)
     weight = mask.astype(jnp.float32)
@@ -212,73 +177,44 @@ def eval_step(
 def build(
     model_fn: Callable[[], ViTClassifier],
     trainable: nnx.filterlib.Filter,
-    tx: optax.GradientTransformation,
-    lr_fn,
+    optim_config,
     mesh,
     *,
     prepare: Prepare,
     drop_path: bool = False,
     rules=shd.DEFAULT_RULES,
-) -> ClassifyFns:
-    """Abstract state, shardings, and jitted init / train / eval steps for `model_fn`'s model.
-
-    `init()` returns a freshly initialized sharded state (no pretrained weights: see
-    `load_pretrained`); `fns.step(state, {'image', 'label'}, key)` takes global arrays.
-    """
-    abstract_model = nnx.eval_shape(model_fn)
-    graphdef, abstract_parts, abstract_rest = split_classifier(abstract_model, trainable)
-    abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract_parts)
-    state_sh = shd.state_shardings(abstract_state, mesh, rules)
-    rest_sh = shd.state_shardings(abstract_rest, mesh, rules)
-    rest = jax.jit(lambda: split_classifier(model_fn(), trainable)[2], out_shardings=rest_sh)()
-    init = jax.jit(
-        lambda: init_state(split_classifier(model_fn(), trainable)[1], tx), out_shardings=state_sh
-    )
-    batch_sh, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
-    step_fn = jax.jit(
-        lambda state, images, labels, key, rest: train_step(
-            state,
-            images,
-            labels,
-            key,
-            graphdef=graphdef,
-            rest=rest,
+) -> ts.StepFns:
+    """`train_step.build` for a classifier: train step on `{'image', 'label'}`, eval step on
+    `{'image', 'label', 'mask'}`; only the `trainable` parameters are optimized."""
+    tx = optim.create_optimizer(optim_config)
+    return ts.build(
+        model_fn,
+        tx,
+        mesh,
+        step_fn=functools.partial(
+            train_step,
             tx=tx,
-            lr_fn=lr_fn,
+            lr_fn=optim.learning_rate_fn(optim_config),
             prepare=prepare,
             drop_path=drop_path,
         ),
-        in_shardings=(state_sh, batch_sh, batch_sh, rep, rest_sh),
-        out_shardings=(state_sh, rep),
-        donate_argnums=(0,),
+        split=functools.partial(split_classifier, trainable=trainable),
+        batch_keys=("image", "label"),
+        eval_fn=eval_step,
+        eval_keys=("image", "label", "mask"),
+        rules=rules,
     )
-    eval_fn = jax.jit(
-        lambda state, images, labels, mask, rest: eval_step(
-            state, images, labels, mask, graphdef=graphdef, rest=rest
-        ),
-        in_shardings=(state_sh, batch_sh, batch_sh, batch_sh, rest_sh),
-        out_shardings=rep,
-    )
-    fns = ts.StepFns(
-        init=init,
-        step=lambda s, batch, k: step_fn(s, batch["image"], batch["label"], k, rest),
-        state_shardings=state_sh,
-        abstract_state=abstract_state,
-        graphdef=graphdef,
-        rest=rest,
-    )
-    return ClassifyFns(fns=fns, eval_step=lambda s, x, y, m: eval_fn(s, x, y, m, rest))
 
 
-def evaluate(cfns: ClassifyFns, state: dict, data_config, batch_size: int, mesh) -> dict:
+def evaluate(fns: ts.StepFns, state: dict, data_config, batch_size: int, mesh) -> dict:
     """Top-1 / top-5 accuracy (percent) and mean cross-entropy over one pass of the eval split
     (every process reads its own shard; padding is masked out)."""
     data = pipeline.create_eval_iterator(data_config, global_batch_size=batch_size)
     totals: dict[str, float] = {}
     try:
         for batch in data:
-            arrays = [shd.global_batch(batch[k], mesh) for k in ("image", "label", "mask")]
-            sums = jax.device_get(cfns.eval_step(state, *arrays))
+            arrays = {k: shd.global_batch(batch[k], mesh) for k in ("image", "label", "mask")}
+            sums = jax.device_get(fns.evaluate(state, arrays))
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
     finally:
@@ -490,17 +426,15 @@ def classification_task(
     and at the end; the final one is also written to `workdir/eval_results.json`.
     """
     check_mesh(config, p, mesh)
-    tx = optim.create_optimizer(p.optim)
-    lr_fn = optim.learning_rate_fn(p.optim)
-    rules = (
-        tuple(tuple(r) for r in config.sharding_rules)
-        if config.get("sharding_rules")
-        else shd.DEFAULT_RULES
+    fns = build(
+        model_fn,
+        trainable,
+        p.optim,
+        mesh,
+        prepare=prepare,
+        drop_path=drop_path,
+        rules=shd.rules(config.get("sharding_rules")),
     )
-    cfns = build(
-        model_fn, trainable, tx, lr_fn, mesh, prepare=prepare, drop_path=drop_path, rules=rules
-    )
-    fns = cfns.fns
 
     def init():
         state = fns.init()
@@ -523,7 +457,7 @@ def classification_task(
     }
 
     def run_eval(state, step):
-        r = evaluate(cfns, state, config.data, p.eval_batch_size, mesh)
+        r = evaluate(fns, state, config.data, p.eval_batch_size, mesh)
         logging.info(
             "%s: step %d: eval top-1 %.2f%%, top-5 %.2f%% on %d examples",
             name,

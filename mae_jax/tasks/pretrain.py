@@ -8,12 +8,15 @@ step, and reconstruction pictures in TensorBoard.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import logging
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mae_jax import flops, init_from, models, optim
 from mae_jax import sharding as shd
@@ -173,21 +176,95 @@ def check_workdir_model(meta: dict, mcfg: models.MAEConfig, where: str, step: in
         )
 
 
+def _loss(graphdef, rest, params, images, noise):
+    return nnx.merge(graphdef, params, rest)(images, noise=noise).loss
+
+
+def compute_grads(graphdef, rest, params, images, noise, accum_steps: int, mesh: Mesh | None):
+    """Mean loss and gradients over the batch, in `accum_steps` sequential micro-batches.
+
+    All samples mask the same number of patches, so the mean of the micro-batch losses
+    (and gradients) equals the full-batch loss (and gradient).
+    """
+    grad_fn = jax.value_and_grad(lambda p, x, z: _loss(graphdef, rest, p, x, z))
+    if accum_steps == 1:
+        return grad_fn(params, images, noise)
+    n = images.shape[0]
+    micro = n // accum_steps
+
+    def split(x):
+        x = x.reshape((accum_steps, micro) + x.shape[1:])
+        if mesh is not None:
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, shd.BATCH_AXES)))
+        return x
+
+    def body(carry, xs):
+        loss_sum, grad_sum = carry
+        loss, grads = grad_fn(params, *xs)
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss_sum, grad_sum), _ = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), zeros), (split(images), split(noise))
+    )
+    return loss_sum / accum_steps, jax.tree.map(lambda g: g / accum_steps, grad_sum)
+
+
+def mae_step(
+    state: dict,
+    batch: dict,
+    key: jax.Array,
+    *,
+    graphdef,
+    rest,
+    tx,
+    lr_fn,
+    num_patches: int,
+    accum_steps: int = 1,
+    mesh: Mesh | None = None,
+) -> tuple[dict, dict]:
+    """One optimizer update on the global batch `batch['image'] [B, H, W, C]` (normalized NHWC).
+
+    The masking noise `[B, L]` is drawn on device from `fold_in(key, step)`, so a run is
+    reproducible from `(seed, step)` alone and no host round-trip happens inside the step."""
+    images = batch["image"]
+    noise = jax.random.uniform(
+        jax.random.fold_in(key, state["step"]), (images.shape[0], num_patches), jnp.float32
+    )
+    if mesh is not None:
+        noise = jax.lax.with_sharding_constraint(noise, shd.batch_sharding(mesh))
+    loss, grads = compute_grads(graphdef, rest, state["params"], images, noise, accum_steps, mesh)
+    return ts.apply_gradients(state, loss, grads, tx, lr_fn)
+
+
 def step_fns(config, p: Plan, mesh) -> ts.StepFns:
     """The jitted, sharded MAE train step of `config` (resolved as `p`) on `mesh`."""
-    tx = optim.create_optimizer(p.optim)
-    lr_fn = optim.learning_rate_fn(p.optim)
-    rules = (
-        tuple(tuple(r) for r in config.sharding_rules)
-        if config.get("sharding_rules")
-        else shd.DEFAULT_RULES
-    )
-    return ts.build(
+    return build_step(
         lambda: models.create(p.model, seed=config.seed),
-        tx,
-        lr_fn,
+        p.optim,
         mesh,
         accum_steps=config.grad_accum_steps,
+        rules=shd.rules(config.get("sharding_rules")),
+    )
+
+
+def build_step(model_fn, optim_config, mesh, *, accum_steps: int = 1, rules=shd.DEFAULT_RULES):
+    """`train_step.build` for the MAE of `model_fn` under the optimizer of `optim_config`."""
+    tx = optim.create_optimizer(optim_config)
+    lr_fn = optim.learning_rate_fn(optim_config)
+    num_patches = nnx.eval_shape(model_fn).config.num_patches
+    return ts.build(
+        model_fn,
+        tx,
+        mesh,
+        step_fn=functools.partial(
+            mae_step,
+            tx=tx,
+            lr_fn=lr_fn,
+            num_patches=num_patches,
+            accum_steps=accum_steps,
+            mesh=mesh,
+        ),
         rules=rules,
     )
 
