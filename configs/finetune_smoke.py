@@ -10,23 +10,13 @@ About 3.5 minutes on 2 CPU cores (180 steps of 128).
 Expected: eval top-1 about 66-68%, top-5 93-99% (measured: 66.5% from the 150-step smoke
 pretraining, 68.2% from a random encoder: at this scale the run checks the machinery, not the
 benefit of pretraining), in /tmp/mae_finetune_smoke/eval_results.json.
+
+The recipe: configs/finetune.py, variant `smoke` (the same as
+`--config=configs/finetune.py:smoke`).
 """
 
-from mae_jax.tasks.finetune import base_config
+from mae_jax.config_file import variant
 
 
 def get_config():
-    c = base_config("mae_vit_tiny_patch4_32")
-    c.model.dtype = "float32"  # CPUs gain nothing from bf16
-    c.data.source = "embedded"
-    c.data.name = None
-    c.data.image_size = 32
-    c.batch_size = 128
-    c.epochs = 10
-    c.warmup_epochs = 1
-    c.optim.base_lr = 1e-3
-    c.optim.layer_decay = 0.75
-    c.drop_path_rate = 0.1
-    c.checkpoint_every_steps = 100
-    c.log_every_steps = 20
-    return c
+    return variant(__file__, "finetune.py", "smoke")

@@ -9,10 +9,13 @@ Run:
 (PRETRAIN_WORKDIR: a pretraining workdir, or one written by `python -m mae_jax.convert import`
 from the official checkpoint.) Needs the TFDS `imagenet2012` data set (`--config.data.data_dir`).
 Expected: top-1 83.6% (the paper's fine-tuned ViT-B), in DIR/eval_results.json.
+
+The recipe: configs/finetune.py, variant `vit_base` (the same as
+`--config=configs/finetune.py:vit_base`).
 """
 
-from mae_jax.tasks.finetune import base_config
+from mae_jax.config_file import variant
 
 
 def get_config():
-    return base_config("mae_vit_base_patch16")
+    return variant(__file__, "finetune.py", "vit_base")

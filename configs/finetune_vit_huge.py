@@ -6,16 +6,13 @@ Run:
   python -m mae_jax.main --config=configs/finetune_vit_huge.py --workdir=DIR \
       --config.init_from.path=PRETRAIN_WORKDIR
 Expected: top-1 86.9% (the paper's fine-tuned ViT-H at 224 px), in DIR/eval_results.json.
+
+The recipe: configs/finetune.py, variant `vit_huge` (the same as
+`--config=configs/finetune.py:vit_huge`).
 """
 
-from mae_jax.tasks.finetune import base_config
+from mae_jax.config_file import variant
 
 
 def get_config():
-    c = base_config("mae_vit_huge_patch14")
-    c.optim.base_lr = 1e-3
-    c.optim.layer_decay = 0.75
-    c.drop_path_rate = 0.3
-    c.epochs = 50
-    c.model.remat = True  # all tokens reach the encoder: recompute activations
-    return c
+    return variant(__file__, "finetune.py", "vit_huge")

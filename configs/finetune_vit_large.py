@@ -6,16 +6,13 @@ Run:
   python -m mae_jax.main --config=configs/finetune_vit_large.py --workdir=DIR \
       --config.init_from.path=PRETRAIN_WORKDIR
 Expected: top-1 85.9% (the paper's fine-tuned ViT-L), in DIR/eval_results.json.
+
+The recipe: configs/finetune.py, variant `vit_large` (the same as
+`--config=configs/finetune.py:vit_large`).
 """
 
-from mae_jax.tasks.finetune import base_config
+from mae_jax.config_file import variant
 
 
 def get_config():
-    c = base_config("mae_vit_large_patch16")
-    c.optim.base_lr = 1e-3
-    c.optim.layer_decay = 0.75
-    c.drop_path_rate = 0.2
-    c.epochs = 50
-    c.model.remat = True  # all tokens reach the encoder: recompute activations
-    return c
+    return variant(__file__, "finetune.py", "vit_large")

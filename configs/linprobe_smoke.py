@@ -14,23 +14,13 @@ Run (after the pretraining smoke run), about 2 minutes on 2 CPU cores:
       --config.init_from.path=/tmp/mae_smoke
 Expected: eval top-1 about 73-75% (the same probe of the encoder at its random initialization:
 about 67-68%), top-5 100%, in /tmp/mae_linprobe_smoke/eval_results.json.
+
+The recipe: configs/linprobe.py, variant `smoke` (the same as
+`--config=configs/linprobe.py:smoke`).
 """
 
-from mae_jax.tasks.linear_probe import base_config
+from mae_jax.config_file import variant
 
 
 def get_config():
-    c = base_config("mae_vit_tiny_patch4_32")
-    c.model.dtype = "float32"  # CPUs gain nothing from bf16
-    c.global_pool = True
-    c.data.source = "embedded"
-    c.data.name = None
-    c.data.image_size = 32
-    c.batch_size = 32
-    c.eval_batch_size = 200
-    c.epochs = 20  # 1500 steps of 32
-    c.warmup_epochs = 2
-    c.optim.lr = 6.4  # absolute (the paper's base_lr 0.1 x 16384 / 256)
-    c.checkpoint_every_steps = 500
-    c.log_every_steps = 100
-    return c
+    return variant(__file__, "linprobe.py", "smoke")

@@ -9,10 +9,13 @@ Run:
 from the official checkpoint.) Needs the TFDS `imagenet2012` data set (`--config.data.data_dir`).
 Expected: top-1 68.0% (the paper's ViT-B linear probe, 800-epoch pretraining), in
 DIR/eval_results.json. The global batch 16384 must be divisible by the data-parallel size.
+
+The recipe: configs/linprobe.py, variant `vit_base` (the same as
+`--config=configs/linprobe.py:vit_base`).
 """
 
-from mae_jax.tasks.linear_probe import base_config
+from mae_jax.config_file import variant
 
 
 def get_config():
-    return base_config("mae_vit_base_patch16")
+    return variant(__file__, "linprobe.py", "vit_base")

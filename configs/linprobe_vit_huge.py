@@ -5,10 +5,13 @@ Run:
   python -m mae_jax.main --config=configs/linprobe_vit_huge.py --workdir=DIR \
       --config.init_from.path=PRETRAIN_WORKDIR
 Expected: top-1 76.6% (the paper's ViT-H linear probe), in DIR/eval_results.json.
+
+The recipe: configs/linprobe.py, variant `vit_huge` (the same as
+`--config=configs/linprobe.py:vit_huge`).
 """
 
-from mae_jax.tasks.linear_probe import base_config
+from mae_jax.config_file import variant
 
 
 def get_config():
-    return base_config("mae_vit_huge_patch14")
+    return variant(__file__, "linprobe.py", "vit_huge")

@@ -5,10 +5,13 @@ Run:
   python -m mae_jax.main --config=configs/linprobe_vit_large.py --workdir=DIR \
       --config.init_from.path=PRETRAIN_WORKDIR
 Expected: top-1 75.8% (the paper's ViT-L linear probe), in DIR/eval_results.json.
+
+The recipe: configs/linprobe.py, variant `vit_large` (the same as
+`--config=configs/linprobe.py:vit_large`).
 """
 
-from mae_jax.tasks.linear_probe import base_config
+from mae_jax.config_file import variant
 
 
 def get_config():
-    return base_config("mae_vit_large_patch16")
+    return variant(__file__, "linprobe.py", "vit_large")

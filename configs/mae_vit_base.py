@@ -4,10 +4,13 @@ Run (data in TFDS format under $TFDS_DATA_DIR, e.g. gs://bucket/tfds):
   python -m mae_jax.main --config=configs/mae_vit_base.py --workdir=gs://bucket/mae/vit_b \
       --config.data.data_dir=$TFDS_DATA_DIR
 Expected: the paper's ViT-B reaches 83.6% top-1 after fine-tuning (68.0% linear probe).
+
+The recipe: configs/mae_pretrain.py, variant `vit_base` (the same as
+`--config=configs/mae_pretrain.py:vit_base`).
 """
 
-from mae_jax.pretrain_config import base_config
+from mae_jax.config_file import variant
 
 
 def get_config():
-    return base_config("mae_vit_base_patch16")
+    return variant(__file__, "mae_pretrain.py", "vit_base")

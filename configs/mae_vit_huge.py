@@ -4,12 +4,13 @@ Run on a TPU pod (see launch/README.md), e.g.:
   python -m mae_jax.main --config=configs/mae_vit_huge.py --workdir=gs://bucket/mae/vit_h \
       --config.data.data_dir=gs://bucket/tfds --config.mesh.fsdp=8
 Expected: 86.9% top-1 after fine-tuning at 224 (76.6% linear probe) in the paper.
+
+The recipe: configs/mae_pretrain.py, variant `vit_huge` (the same as
+`--config=configs/mae_pretrain.py:vit_huge`).
 """
 
-from mae_jax.pretrain_config import base_config
+from mae_jax.config_file import variant
 
 
 def get_config():
-    c = base_config("mae_vit_huge_patch14")
-    c.model.remat = True
-    return c
+    return variant(__file__, "mae_pretrain.py", "vit_huge")

@@ -4,10 +4,13 @@ Run on a TPU pod (see launch/README.md), e.g.:
   python -m mae_jax.main --config=configs/mae_vit_large.py --workdir=gs://bucket/mae/vit_l \
       --config.data.data_dir=gs://bucket/tfds
 Expected: 85.9% top-1 after fine-tuning (75.8% linear probe) in the paper.
+
+The recipe: configs/mae_pretrain.py, variant `vit_large` (the same as
+`--config=configs/mae_pretrain.py:vit_large`).
 """
 
-from mae_jax.pretrain_config import base_config
+from mae_jax.config_file import variant
 
 
 def get_config():
-    return base_config("mae_vit_large_patch16")
+    return variant(__file__, "mae_pretrain.py", "vit_large")

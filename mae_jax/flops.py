@@ -1,9 +1,11 @@
-"""Model FLOPs of an MAE training step and the peak throughput of known devices (for MFU).
+"""Model FLOPs per image of the MAE and of the classifier, and the peak throughput of known
+devices (for MFU).
 
 Counting convention (the reference's, so numbers compare across implementations): matrix
 products only, a multiply-add is 2 FLOPs, a training step is 3x the forward pass, the patch
 embedding is counted on all L patches (as the reference's convolution computes it) and the
-decoder on its 1 + L tokens. ViT-B/16 at mask ratio 0.75: 58.7 GFLOP per image.
+decoder on its 1 + L tokens. ViT-B/16 at mask ratio 0.75: 58.7 GFLOP per MAE training step;
+the ViT-B/16 classifier forward at 224 px (1000 classes): 35.1 GFLOP (17.6 G multiply-adds).
 """
 
 from __future__ import annotations
@@ -37,13 +39,20 @@ def block_flops(tokens: int, dim: int, mlp_ratio: float) -> float:
     return float(linear + attention)
 
 
+def encoder_flops(c: MAEConfig, tokens: int) -> float:
+    """Forward FLOPs of the encoder: patch embedding of all L patches + `depth` blocks on
+    `tokens` tokens (1 + visible patches in the MAE, 1 + L in the classifier)."""
+    patch_embed = 2 * c.num_patches * c.patch_dim * c.embed_dim
+    return patch_embed + c.depth * block_flops(tokens, c.embed_dim, c.mlp_ratio)
+
+
 def mae_forward_flops_per_image(c: MAEConfig, mask_ratio: float | None = None) -> float:
+    """Forward FLOPs of the MAE on one image: encoder on 1 + kept tokens, decoder on 1 + L."""
     ratio = c.mask_ratio if mask_ratio is None else mask_ratio
     length = c.num_patches
     enc_tokens = 1 + ops.num_kept(length, ratio)
     dec_tokens = 1 + length
-    total = 2 * length * c.patch_dim * c.embed_dim  # patch embedding
-    total += c.depth * block_flops(enc_tokens, c.embed_dim, c.mlp_ratio)
+    total = encoder_flops(c, enc_tokens)
     total += 2 * enc_tokens * c.embed_dim * c.decoder_embed_dim  # decoder_embed
     total += c.decoder_depth * block_flops(dec_tokens, c.decoder_embed_dim, c.mlp_ratio)
     total += 2 * dec_tokens * c.decoder_embed_dim * c.patch_dim  # decoder_pred
@@ -53,6 +62,13 @@ def mae_forward_flops_per_image(c: MAEConfig, mask_ratio: float | None = None) -
 def mae_train_flops_per_image(c: MAEConfig, mask_ratio: float | None = None) -> float:
     """Model FLOPs of one training step per image: 3 x forward."""
     return 3.0 * mae_forward_flops_per_image(c, mask_ratio)
+
+
+def classifier_flops_per_image(c: MAEConfig, num_classes: int) -> float:
+    """Forward FLOPs of the classifier on one image: encoder on all 1 + L tokens + the linear
+    head (pooling, norms and the linear probe's BatchNorm are not matrix products). A
+    fine-tuning step is 3x this; linear probing (frozen encoder) counts the forward only."""
+    return float(encoder_flops(c, 1 + c.num_patches) + 2 * c.embed_dim * num_classes)
 
 
 def peak_tflops(device: jax.Device | None = None) -> float | None:

@@ -129,6 +129,16 @@ def load(state: dict, shardings: dict, source: Source, keys: tuple[str, ...], mc
         loaded = wdir.Reader(source.path).restore_params(target, step=source.step).state
     else:
         loaded = _from_pytorch(source, target, mcfg)
+    absent = [
+        "/".join(str(getattr(k, "key", k)) for k in path)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(loaded)[0]
+        if isinstance(leaf, jax.ShapeDtypeStruct)
+    ]
+    if absent:
+        raise ValueError(
+            f"{source.describe()} lacks parameters the model has ({', '.join(absent[:5])}"
+            f"{', ...' if len(absent) > 5 else ''}): is it a model of another depth or size?"
+        )
     for top, entry in where.items():
         nnx.replace_by_pure_dict(state[entry], {top: loaded[top]})
     logging.info("initialized %s from %s", ", ".join(sorted(where)), source.describe())

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import logging as pylogging
 import os
 import re
 import sys
-import traceback
-import types
 from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
+
+from mae_jax import cli, config_file
+from mae_jax.cli import CommandLineError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
@@ -48,13 +48,6 @@ TASKS = {
     "linear_probe": "mae_jax.tasks.linear_probe:train_and_evaluate",
     "finetune": "mae_jax.tasks.finetune:train_and_evaluate",
 }
-
-
-class _OnlyOwnInfo(pylogging.Filter):
-    """Keep INFO lines of mae_jax itself; from libraries (Orbax, TF, ...) only warnings."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or "mae_jax" in record.pathname
 
 
 def _on_tpu_pod() -> bool:
@@ -89,10 +82,6 @@ def init_distributed() -> None:
 
 
 # ------------------------------------------------------------------ command-line checking
-class CommandLineError(Exception):
-    """A bad command line, reported as one line `error: ...` and exit status 2."""
-
-
 # --config.a.b=v, --config.a.b v, --noconfig.a.b (absl also accepts one leading dash)
 _OVERRIDE = re.compile(r"--?(no)?config\.([^=]*)(?:=(.*))?", re.DOTALL)
 # type of a config field -> (absl parser, what it expects)
@@ -101,11 +90,6 @@ _TYPE_CHECKS = {
     int: (flags.IntegerParser(), "an int"),
     float: (flags.FloatParser(), "a float"),
 }
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def _config_path(args: list[str]) -> str | None:
@@ -119,39 +103,11 @@ def _config_path(args: list[str]) -> str | None:
 
 
 def load_config(path: str) -> Any:
-    """Run the config file `path` (`FILE` or `FILE:ARG`) and return its `get_config(...)`;
-    a missing file, a syntax error or an exception in it raises `CommandLineError`."""
-    file, *arg = path.split(":", 1)
-    if not os.path.isfile(file):
-        what = "is not a file" if os.path.exists(file) else "does not exist"
-        raise CommandLineError(f"config file {file!r} {what}")
+    """`mae_jax.config_file.load`, its errors as `CommandLineError` (exit 2)."""
     try:
-        with open(file) as f:
-            code = compile(f.read(), file, "exec")
-    except SyntaxError as e:
-        raise CommandLineError(
-            f"config file {file!r} has a syntax error at line {e.lineno}: {e.msg}"
-        ) from None
-    except (OSError, ValueError) as e:
-        raise CommandLineError(f"config file {file!r} cannot be read: {_first_line(e)}") from None
-    module = types.ModuleType("mae_jax_checked_config")
-    module.__file__ = file
-    try:
-        exec(code, module.__dict__)
-        if not callable(getattr(module, "get_config", None)):
-            raise CommandLineError(f"config file {file!r} has no get_config() function")
-        config = module.get_config(*arg)
-    except CommandLineError:
-        raise
-    except Exception as e:
-        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == file]
-        where = f" at line {lines[-1]}" if lines else ""
-        raise CommandLineError(
-            f"config file {file!r} failed{where}: {type(e).__name__}: {_first_line(e)}"
-        ) from None
-    if config is None:
-        raise CommandLineError(f"config file {file!r}: get_config() returned None")
-    return config
+        return config_file.load(path)
+    except config_file.ConfigFileError as e:
+        raise CommandLineError(str(e)) from None
 
 
 def _field_type(config: config_dict.ConfigDict, key: str) -> type | None:
@@ -212,20 +168,19 @@ def check_command_line(argv: list[str]) -> None:
                 raise CommandLineError(f"config.{key} must be {expected}, got {value!r}") from None
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """`app.run`'s flag parser: absl's, but a bad command line ends in one line `error: ...` on
-    stderr and exit status 2 (usage error) instead of a traceback."""
+def _check_and_parse(argv: list[str]) -> list[str]:
     try:
         check_command_line(argv)
         return flags.FLAGS(argv)
-    except CommandLineError as e:
-        message = str(e)
-    except flags.Error as e:
-        message = _first_line(e)
     except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections overrides
-        message = f"cannot apply the --config overrides: {_first_line(e)}"
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+        raise CommandLineError(
+            f"cannot apply the --config overrides: {cli.first_line(e)}"
+        ) from None
+
+
+# `app.run`'s flag parser: absl's, but a bad command line ends in one line `error: ...` on stderr
+# and exit status 2 (usage error) instead of a traceback.
+parse_flags = cli.flags_parser(_check_and_parse)
 
 
 def check_model(config) -> None:
@@ -245,8 +200,9 @@ def check_model(config) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.get_absl_handler().addFilter(_OnlyOwnInfo())
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO and WARNING lines
+    cli.quiet_library_logs()
+    cli.import_tensorflow_quietly()  # the input pipeline and TensorBoard import it later
     init_distributed()
     from mae_jax import train
 

@@ -182,6 +182,8 @@ class MetricsWriter:
             raise ValueError(f"workdir {self.workdir!r} exists and is not a directory")
         wd.makedirs(self.workdir)
         self._path = wd.join(self.workdir, JSONL_NAME)
+        if not wd.exists(self._path):
+            wd.write_text(self._path, "")
         if tensorboard:
             self._tb = self._open_tensorboard()
 

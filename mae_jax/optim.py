@@ -105,13 +105,14 @@ def warmup_cosine_schedule(
     if warmup_steps > total_steps:
         raise ValueError(f"warmup_steps={warmup_steps} must be <= total_steps={total_steps}")
     peak, floor = float(peak_lr), float(min_lr)
-    warm = float(warmup_steps)
+    warm, total = float(warmup_steps), float(total_steps)
     decay_len = float(max(total_steps - warmup_steps, 1))
 
     def schedule(step):
         t = jnp.asarray(step, jnp.float32)
         warm_lr = peak * t / max(warm, 1.0)
-        frac = jnp.clip((t - warm) / decay_len, 0.0, 1.0)
+        # past the end: min_lr, also when the warm-up fills the whole run
+        frac = jnp.where(t >= total, 1.0, jnp.clip((t - warm) / decay_len, 0.0, 1.0))
         cos_lr = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
         return jnp.where(t < warm, warm_lr, cos_lr).astype(jnp.float32)
 
@@ -139,7 +140,7 @@ def extended_schedule(
     for (start, _), new_total in zip(pairs, totals[1:], strict=True):
         if new_total < start:
             raise ValueError(f"an extension at step {start} to {new_total} steps ends before it")
-        if start <= warmup_steps:
+        if start < warmup_steps:
             schedule = warmup_cosine_schedule(peak_lr, new_total, warmup_steps, min_lr)
             continue
         schedule = _continue_cosine(schedule, start, new_total, float(min_lr))

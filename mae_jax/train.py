@@ -8,6 +8,7 @@ step, and the data position; the masking noise is a function of `(seed, step)`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import time
 from collections.abc import Callable
@@ -17,8 +18,9 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from ml_collections import config_dict
 
-from mae_jax import flops, metrics, optim
+from mae_jax import flops, init_from, metrics, models, optim
 from mae_jax import sharding as shd
 from mae_jax import train_step as ts
 from mae_jax import workdir as wdir
@@ -61,6 +63,128 @@ class Task:
 
 # (step, meta) of the newest finalized checkpoint of the workdir a run resumes, or None.
 Resume = tuple[int, dict] | None
+
+
+# ------------------------------------------------------------------------------ config and plan
+def common_defaults() -> ml_collections.ConfigDict:
+    """The keys every task's config has, with neutral values; each task adds its own
+    (`tasks.*.defaults()`), and the recipes in `configs/` set the values. The accepted keys of
+    a config are the keys of its task's defaults: one source."""
+    c = ml_collections.ConfigDict()
+    c.task = ""
+    c.seed = 0
+    c.model = models.config_block("")  # preset name + any MAEConfig field (None: the preset's)
+    c.data = pipeline.default_data_config()
+    c.init_from = init_from.default_config()
+    c.batch_size = config_dict.placeholder(int)  # global
+    c.epochs = config_dict.placeholder(float)
+    c.warmup_epochs = 0.0
+    c.total_steps = config_dict.placeholder(int)  # None: epochs x steps per epoch
+    c.warmup_steps = config_dict.placeholder(int)  # None: warmup_epochs x steps per epoch
+    c.optim = optim.default_optim_config()
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding_rules = config_dict.placeholder(tuple)  # None: sharding.DEFAULT_RULES
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.keep_every_epochs = 0.0  # milestones kept for good (0: none)
+    c.log_every_steps = 50
+    c.peak_tflops = config_dict.placeholder(float)  # None: known per device (mae_jax.flops)
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The resolved numbers of a run (every task)."""
+
+    total_steps: int
+    warmup_steps: int
+    steps_per_epoch: int | None
+    optim: ml_collections.ConfigDict  # with batch_size, steps, warm-up and the peak lr set
+    schedule: dict  # what checkpoints record (`resolve_schedule`)
+    milestone_every: int
+
+
+def check_keys(config, defaults: ml_collections.ConfigDict) -> None:
+    """Refuse top-level keys the task does not know, with a 'did you mean' hint."""
+    unknown = sorted(set(config.keys()) - set(defaults.keys()))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(defaults.keys()), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"unknown config key(s) {unknown} for task {config.get('task')!r}{hint} "
+            f"(known keys: {sorted(defaults.keys())})"
+        )
+
+
+def positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def plan(
+    config,
+    defaults: ml_collections.ConfigDict,
+    num_train_examples: int | None,
+    resume: Resume = None,
+    where: str = "",
+    optim_overrides: dict | None = None,
+) -> Plan:
+    """Validate the common keys of `config` and resolve its steps, warm-up, optimizer and
+    milestones (nothing is compiled). Steps: `total_steps`, else `epochs` x steps per epoch;
+    warm-up: `warmup_steps`, else `warmup_epochs` x steps per epoch. A resumed run continues
+    its recorded schedule (`resolve_schedule`)."""
+    check_keys(config, defaults)
+    batch = positive_int("batch_size", config.batch_size)
+    steps_per_epoch = max(1, num_train_examples // batch) if num_train_examples else None
+    if config.total_steps is not None:
+        total = positive_int("total_steps", config.total_steps)
+    else:
+        if steps_per_epoch is None:
+            raise ValueError("the data set size is unknown: set config.total_steps")
+        if not config.epochs or config.epochs <= 0:
+            raise ValueError(f"config.epochs must be positive, got {config.epochs!r}")
+        total = max(1, int(config.epochs * steps_per_epoch))
+    if config.get("warmup_steps") is not None:
+        warmup = int(config.warmup_steps)
+        if warmup < 0:
+            raise ValueError(f"config.warmup_steps must be >= 0, got {warmup}")
+    else:
+        if not config.warmup_epochs:
+            warmup = 0
+        elif config.warmup_epochs < 0:
+            raise ValueError(f"config.warmup_epochs must be >= 0, got {config.warmup_epochs!r}")
+        elif steps_per_epoch is None:
+            raise ValueError(
+                "the data set size is unknown, so config.warmup_epochs cannot be converted: "
+                "set config.warmup_steps"
+            )
+        else:
+            warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    schedule = resolve_schedule(total, min(warmup, total), resume, where)
+    oc = ml_collections.ConfigDict(config.optim.to_dict())
+    oc.update(optim_overrides or {})
+    oc = apply_schedule(oc, batch, schedule)
+    return Plan(
+        total,
+        oc.warmup_steps,
+        steps_per_epoch,
+        oc,
+        schedule,
+        milestone_steps(config, steps_per_epoch),
+    )
+
+
+def check_batches(mesh, batches: dict[str, int]) -> None:
+    """Each named global batch must split evenly over the data-parallel devices of `mesh` and
+    over the processes."""
+    dp, procs = shd.data_parallel_size(mesh), jax.process_count()
+    for name, batch in batches.items():
+        if batch % dp or batch % procs:
+            raise ValueError(
+                f"{name}={batch} is not divisible by the data-parallel size {dp} (mesh "
+                f"{dict(mesh.shape)}) and the process count {procs}; change it or config.mesh"
+            )
 
 
 def resolve_schedule(total: int, warmup: int, resume: Resume, where: str) -> dict:

@@ -11,16 +11,18 @@ Command line (writes one PNG, a row per image):
     python -m mae_jax.visualize --output out.png [--images a.jpg b.png ...] [--model NAME]
         [--checkpoint WORKDIR [--step N]] [--img-size S] [--mask-ratio 0.75] [--seed 0]
 
-Without `--images`, a few photos bundled with scikit-image are used (no network). Without
-`--checkpoint`, the model is randomly initialized (a warning says so).
+Image files may also follow as arguments (or come as several `--images`). Without any, a few
+photos bundled with scikit-image are used (no network). Without `--checkpoint`, the model is
+randomly initialized (a warning says so). A bad command line ends in one line `error: ...` and
+exit status 2, a failure in `error: ...` and exit status 1.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
+import types
 import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -28,9 +30,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from flax import nnx
 
-from mae_jax import models, ops
+from mae_jax import cli, models, ops
+from mae_jax.cli import CommandLineError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -232,39 +236,50 @@ def restore_mae(workdir, step: int | None = None, **overrides):
 
 # ----------------------------------------------------------------------------- CLI
 
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m mae_jax.visualize",
-        description="Write a PNG grid of MAE reconstructions: original | masked | "
-        "reconstruction | reconstruction + visible, one row per image.",
-    )
-    p.add_argument("--output", required=True, help="PNG file to write")
-    p.add_argument(
-        "--images",
-        nargs="+",
-        default=None,
-        help="image files (default: photos bundled with scikit-image)",
-    )
-    p.add_argument(
-        "--model",
-        default=None,
-        help="model preset (default: from the checkpoint, else mae_vit_base_patch16)",
-    )
-    p.add_argument(
-        "--checkpoint",
-        default=None,
-        help="pretraining workdir (with checkpoints/) or checkpoints directory",
-    )
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
-    p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--seed", type=int, default=0, help="seed of the masks (and a random model)")
-    return p
+PROG = "python -m mae_jax.visualize"
 
 
-def main(argv: Sequence[str] | None = None) -> str:
-    args = _parser().parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+    """The command's flags, in `fv` (`flags.FLAGS` for the command line)."""
+    flags.DEFINE_string("output", None, "PNG file to write", flag_values=fv)
+    flags.DEFINE_multi_string(
+        "images",
+        None,
+        "image files (default: photos bundled with scikit-image); more may follow as arguments",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "model",
+        None,
+        "model preset (default: from the checkpoint, else mae_vit_base_patch16)",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "checkpoint",
+        None,
+        "pretraining workdir (with checkpoints/) or checkpoints directory",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer("step", None, "checkpoint step (default: latest)", flag_values=fv)
+    flags.DEFINE_integer("img-size", None, "image size (default: the model's)", flag_values=fv)
+    flags.DEFINE_float("mask-ratio", 0.75, "fraction of patches masked", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of the masks (and a random model)", flag_values=fv)
+
+
+def options(fv: flags.FlagValues, args: Sequence[str]) -> types.SimpleNamespace:
+    """The parsed flags; positional `args` are further image files. `CommandLineError` for a
+    missing `--output` or `--step` without `--checkpoint`."""
+    if fv["output"].value is None:
+        raise CommandLineError("--output is required")
+    if fv["step"].value is not None and fv["checkpoint"].value is None:
+        raise CommandLineError("--step needs --checkpoint")
+    names = ("output", "model", "checkpoint", "step", "img-size", "mask-ratio", "seed")
+    opts = {name.replace("-", "_"): fv[name].value for name in names}
+    return types.SimpleNamespace(images=[*(fv["images"].value or ()), *args], **opts)
+
+
+def run(args) -> str:
+    """Write the PNG grid for the options `args`; its path. Errors raise ValueError / OSError."""
     # CPU-friendly execution of any trained config: XLA attention, no remat.
     overrides = dict(attention_impl=None, remat=False)
     if args.img_size is not None:
@@ -278,8 +293,6 @@ def main(argv: Sequence[str] | None = None) -> str:
             )
         print(f"loaded {model.config.name} from {args.checkpoint} at step {step}")
     else:
-        if args.step is not None:
-            raise ValueError("--step needs --checkpoint")
         name = args.model or "mae_vit_base_patch16"
         model = models.create(name, seed=args.seed, **overrides)
         warnings.warn(
@@ -300,9 +313,38 @@ def main(argv: Sequence[str] | None = None) -> str:
     return args.output
 
 
-if __name__ == "__main__":
+def _run_reporting(args) -> int:
     try:
-        main()
-    except ValueError as e:
+        run(args)
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """`python -m mae_jax.visualize ARGV...` in this process: `main(["--output", ...])`.
+    Returns the exit status: 0, 1 (failed) or 2 (bad command line, one line `error: ...`)."""
+    fv = flags.FlagValues()
+    define_flags(fv)
+    try:
+        args = options(fv, cli.parse(fv, [PROG, *argv])[1:])
+    except CommandLineError as e:
+        return cli.report(e)
+    return _run_reporting(args)
+
+
+def _parse_command_line(argv: list[str]) -> list[str]:
+    args = flags.FLAGS(argv)
+    options(flags.FLAGS, args[1:])  # refuse a bad command line before anything runs
+    return args
+
+
+def _app_main(argv: list[str]) -> int:
+    cli.quiet_library_logs()
+    return _run_reporting(options(flags.FLAGS, argv[1:]))
+
+
+if __name__ == "__main__":
+    define_flags(flags.FLAGS)
+    app.run(_app_main, flags_parser=cli.flags_parser(_parse_command_line))

@@ -1,17 +1,16 @@
 """Loading `configs/*.py` files in tests (as `--config=` does)."""
 
-import importlib.util
 import os
+
+from mae_jax import config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(path="configs/smoke.py"):
-    """`get_config()` of the config file at `path` (relative to the repository root)."""
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, path))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    """`get_config()` of the config file at `path` (relative to the repository root; `FILE:ARG`
+    for a variant)."""
+    return config_file.load(os.path.join(ROOT, path))
 
 
 def override(config, **dotted):

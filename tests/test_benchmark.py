@@ -221,7 +221,7 @@ def test_benchmark_cli_rejects_indivisible_batch():
         ]
     )
     assert res.returncode == 2
-    assert "global batch 3" in res.stderr and "not divisible" in res.stderr
+    assert "config.batch_size=3 is not divisible" in res.stderr
 
 
 def test_benchmark_rejects_bad_step_counts():

@@ -1,6 +1,8 @@
 """ViT classifier for fine-tuning / linear probing: shapes, timm names, weight transfer from MAE,
 drop path, BatchNorm head, layer-wise lr decay."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,19 +10,24 @@ import optax
 import pytest
 from flax import nnx
 
-from mae_jax import models, ops, optim
-from mae_jax.models.classifier import (
-    ViTClassifier,
-    classifier_from_mae,
-    create_classifier,
-    drop_path_rates,
-    load_encoder_params,
-)
+from mae_jax import init_from, models, ops, optim
+from mae_jax import workdir as wdir
+from mae_jax.models.classifier import ENCODER_KEYS, ViTClassifier, create_classifier
+from mae_jax.models.encoder import drop_path_rates
 from mae_jax.models.vit import FixedEmbedding
 
 
 def images(n=4, seed=0):  # one batch size everywhere: eager ops compile once
     return jax.random.normal(jax.random.key(seed), (n, 32, 32, 3))
+
+
+def take_encoder(clf: ViTClassifier, mae) -> ViTClassifier:
+    """Copy the MAE's `ENCODER_KEYS` subtrees (and `norm` for cls pooling) into `clf`, in place:
+    the top-level names `init_from.load` copies (`tasks.classify.encoder_keys`)."""
+    keys = ENCODER_KEYS + (() if clf.global_pool else ("norm",))
+    params = nnx.state(mae, nnx.Param)
+    nnx.update(clf, nnx.State({k: params[k] for k in keys}))
+    return clf
 
 
 def param_names(model):
@@ -91,14 +98,15 @@ def test_encoder_copied_from_mae_matches_encode():
     x = images(seed=1)
     encoded = mae.encode(x)  # [N, 1+L, D], after the final norm
 
-    cls = classifier_from_mae(mae, 10, global_pool=False, seed=9)
-    np.testing.assert_allclose(cls.norm(cls.tokens(x)), encoded, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(cls.features(x), encoded[:, 0], rtol=1e-5, atol=1e-5)
+    cls = take_encoder(create_classifier("mae_vit_test", 10, global_pool=False, seed=9), mae)
+    # the shared encoder: bit-identical tokens
+    np.testing.assert_array_equal(cls.norm(cls.tokens(x)), encoded)
+    np.testing.assert_array_equal(cls.features(x), encoded[:, 0])
 
-    gap = classifier_from_mae(mae, 10, seed=9)
+    gap = take_encoder(create_classifier("mae_vit_test", 10, seed=9), mae)
     # the same encoder; fc_norm is new (identity-initialized LayerNorm) on the mean patch token
     tokens = gap.tokens(x)
-    np.testing.assert_allclose(cls.tokens(x), tokens, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(cls.tokens(x), tokens)
     pooled = tokens[:, 1:].mean(1)
     ref = (pooled - pooled.mean(-1, keepdims=True)) / jnp.sqrt(pooled.var(-1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(gap.features(x), ref, rtol=1e-4, atol=1e-4)
@@ -111,28 +119,49 @@ def test_encoder_copied_from_mae_matches_encode():
     fresh = create_classifier("mae_vit_test", 10, seed=9)
     np.testing.assert_array_equal(gap.head.kernel.get_value(), fresh.head.kernel.get_value())
 
-    # config overrides: another resolution (fixed sin-cos recomputed), same encoder weights
-    big = classifier_from_mae(mae, 10, img_size=48, global_pool=False)
+    # another resolution: fixed sin-cos recomputed for the grid, same encoder weights
+    big = take_encoder(create_classifier("mae_vit_test", 10, img_size=48, global_pool=False), mae)
     assert big.config.img_size == 48 and big.pos_embed.get_value().shape == (1, 37, 32)
     np.testing.assert_array_equal(
         big.blocks[0].attn.qkv.kernel.get_value(), mae.blocks[0].attn.qkv.kernel.get_value()
     )
 
 
-def test_load_encoder_params_rejects_mismatch():
-    clf = create_classifier("mae_vit_test", 10)
-    deeper = nnx.eval_shape(lambda: models.create("mae_vit_test", depth=3))
-    with pytest.raises(ValueError, match="unexpected"):
-        load_encoder_params(clf, nnx.to_pure_dict(nnx.state(deeper, nnx.Param)))
-    wider = nnx.eval_shape(lambda: models.create("mae_vit_test", embed_dim=64))
-    with pytest.raises(ValueError, match="shape"):
-        load_encoder_params(clf, nnx.to_pure_dict(nnx.state(wider, nnx.Param)))
-    params = nnx.to_pure_dict(
-        nnx.state(nnx.eval_shape(lambda: models.create("mae_vit_test")), nnx.Param)
+def test_init_from_loads_the_encoder_like_the_tasks(tmp_path):
+    """The product path: a weights workdir, `init_from.locate` / `load` of the encoder keys."""
+    mae = models.create("mae_vit_test", seed=3)
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(mae, nnx.Param)))
+    meta = {"model": dataclasses.asdict(mae.config), "kind": "weights", "source": "test"}
+    wdir.write_weights(str(tmp_path / "pre"), {"params": params}, meta)
+    cfg = init_from.default_config("encoder")
+    cfg.path = str(tmp_path / "pre")
+    source = init_from.locate(cfg)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def load(clf, keys):
+        state = {"params": nnx.state(clf, nnx.Param)}
+        shardings = {"params": jax.tree.map(lambda _: one, state["params"])}
+        loaded = init_from.load(state, shardings, source, keys, clf.config)
+        nnx.update(clf, loaded["params"])
+        return clf
+
+    clf = create_classifier("mae_vit_test", 10, global_pool=False, seed=9)
+    keys = init_from.wanted_keys(source, list(nnx.to_pure_dict(nnx.state(clf, nnx.Param))))
+    assert keys == ENCODER_KEYS + ("norm",)
+    load(clf, keys)
+    ref = take_encoder(create_classifier("mae_vit_test", 10, global_pool=False, seed=9), mae)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        nnx.to_pure_dict(nnx.state(clf, nnx.Param)),
+        nnx.to_pure_dict(nnx.state(ref, nnx.Param)),
     )
-    del params["cls_token"]
-    with pytest.raises(ValueError, match="missing.*cls_token"):
-        load_encoder_params(clf, params)
+    x = images(seed=1)
+    np.testing.assert_array_equal(clf(x, train=False), ref(x, train=False))
+
+    # global pooling has no `norm` to take (another architecture is refused before loading,
+    # by `tasks.classify.resolve_model`)
+    with pytest.raises(ValueError, match=r"no parameters \['norm'\]"):
+        load(create_classifier("mae_vit_test", 10), keys)
 
 
 def test_drop_path_rates_and_eval_is_deterministic():

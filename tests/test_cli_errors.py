@@ -142,3 +142,7 @@ def test_architecture_overrides_train(tmp_path):
     )
     params = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     assert f"{params:,} trainable parameters" in proc.stderr
+    # the console: our INFO lines, none of the libraries' (Orbax, JAX, TensorFlow's C++ logging)
+    assert "checkpoint 2 saved" in proc.stderr
+    for noise in ("InitializeLog", "oneDNN", "checkpoint_manager.py", "xla_bridge.py"):
+        assert noise not in proc.stderr, proc.stderr

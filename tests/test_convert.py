@@ -650,6 +650,26 @@ def test_cli_errors(workdir, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_cli_usage_errors(tmp_path, capsys):
+    out = str(tmp_path / "x.safetensors")
+    export = ["export", "--workdir", str(tmp_path), "--output", out]
+    for argv, message in [
+        ([], "expected one subcommand, export or import; got none"),
+        (["convert", "--workdir", "w"], "expected one subcommand, export or import; got 'convert'"),
+        (["export", "import"], "expected one subcommand"),
+        (["export", "--workdir", "w"], "export needs --format, --output"),
+        (["import", "--input", "a.pth", "--model", "m"], "import needs --workdir"),
+        ([*export, "--format", "timm", "--seed", "3"], "--seed is not an option of export"),
+        ([*export, "--format", "pdf"], "flag --format=pdf: value should be one of"),
+        ([*export, "--format", "timm", "--step", "last"], "flag --step=last: invalid literal"),
+        ([*export, "--format", "timm", "--out", "y"], "Unknown command line flag 'out'"),
+    ]:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not os.path.exists(out)
+
+
 @pytest.mark.slow
 def test_cli_module_entry_point(workdir, tmp_path):
     path, _, late = workdir
@@ -698,3 +718,12 @@ def test_cli_module_entry_point(workdir, tmp_path):
         timeout=300,
     )
     assert res.returncode == 1 and "error:" in res.stderr
+    res = subprocess.run(
+        [sys.executable, "-m", "mae_jax.convert", "export", "--workdir", path, "--output", out],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert res.returncode == 2 and res.stderr == "error: export needs --format\n", res.stderr

@@ -28,6 +28,7 @@ def small(**kw):
     c.batch_size = 16
     c.eval_batch_size = 200
     c.total_steps = 4
+    c.warmup_steps = 0
     c.log_every_steps = 2
     c.checkpoint_every_steps = 2
     return override(c, **kw)
@@ -116,10 +117,10 @@ def test_finetune_step_on_a_2x4_mesh_reaches_every_parameter_and_matches_data_pa
 def test_plan_takes_the_recipe_numbers(tmp_path):
     c = load_config("configs/finetune_vit_large.py")
     c.data.source, c.data.name, c.data.image_size = "embedded", None, 224
-    p = cs.plan(c, finetune.KNOWN_KEYS)
-    assert p.model.depth == 24 and p.optim.num_layers == 24
-    assert p.optim.layer_decay == 0.75 and p.optim.base_lr == 1e-3
-    assert p.steps_per_epoch == 2400 // 1024 and p.total_steps == 50 * 2
+    p = cs.plan(c, finetune.defaults())
+    assert p.model.depth == 24 and p.run.optim.num_layers == 24
+    assert p.run.optim.layer_decay == 0.75 and p.run.optim.base_lr == 1e-3
+    assert p.run.steps_per_epoch == 2400 // 1024 and p.run.total_steps == 50 * 2
     assert c.drop_path_rate == 0.2 and c.optim.no_decay_names == ("pos_embed", "cls_token")
     with pytest.raises(ValueError, match="config.mixup must be an alpha"):
         finetune.finetune_task(small(mixup=-1.0), shd.make_mesh(small().mesh), str(tmp_path))

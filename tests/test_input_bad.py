@@ -94,14 +94,14 @@ def test_mostly_corrupt_folder_yields_batches_with_bounded_logs(mostly_bad, capl
         batch=5,
         should_stop=lambda: calls.append(1) or False,
     )
-    with caplog.at_level(logging.WARNING, logger="mae_jax.data.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="absl"):  # absl logging: the "absl" logger
         batches = [next(it) for _ in range(30)]
     for b in batches:
         assert b["image"].shape == (5, 16, 16, 3) and np.isfinite(b["image"]).all()
         assert set(b["key"].tolist()) <= {0, 5, 10}  # bad slots hold copies of good ones
     assert it.position > 30 and it.skipped > 60 and it.consecutive_bad <= 24
     assert len(calls) == it.position - 30  # polled once per dropped batch, never else
-    warnings = [r for r in caplog.records if r.name == "mae_jax.data.pipeline"]
+    warnings = [r for r in caplog.records if r.pathname == pipeline.__file__]
     assert pipeline._LOG_FIRST_SKIPS < len(warnings) <= 5 + it.position // 10
     assert "in 10 batches" in warnings[-1].getMessage()
 

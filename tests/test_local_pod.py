@@ -236,7 +236,7 @@ def test_bad_config_fails_the_real_command(tmp_path):
     )
     out, err = p.communicate(timeout=180)
     assert p.returncode == 1, (out, err)
-    assert "global batch 15" in err and "not divisible" in err
+    assert "config.batch_size=15 is not divisible" in err
     assert "failed (exit code 1)" in err
 
 

@@ -42,6 +42,27 @@ def test_position_embeddings_are_fixed_sincos():
     assert isinstance(m.pos_embed, FixedEmbedding) and not isinstance(m.pos_embed, nnx.Param)
 
 
+def test_parameter_tree_is_flat_with_official_names():
+    """The shared `Encoder` adds no nesting level: checkpoints and converters rely on it."""
+    m = nnx.eval_shape(lambda: models.create("mae_vit_test"))
+    params = nnx.to_pure_dict(nnx.state(m, nnx.Param))
+    assert set(params) == {
+        "patch_embed",
+        "cls_token",
+        "blocks",
+        "norm",
+        "decoder_embed",
+        "mask_token",
+        "decoder_blocks",
+        "decoder_norm",
+        "decoder_pred",
+    }
+    assert set(params["blocks"]) == {0, 1} and set(params["patch_embed"]) == {"proj"}
+    assert set(params["blocks"][0]) == {"norm1", "attn", "norm2", "mlp"}
+    fixed = nnx.to_pure_dict(nnx.state(m, FixedEmbedding))
+    assert set(fixed) == {"pos_embed", "decoder_pos_embed"}
+
+
 def test_official_initialization():
     m = models.create("mae_vit_small_patch16", seed=1)
     blk = m.blocks[0]
@@ -90,9 +111,9 @@ def test_visible_only_embedding_equals_embed_then_gather():
     images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     patches = ops.patchify(images, 8)
     ids_keep, _, _ = ops.random_masking(2, 16, 0.75, key=jax.random.key(2))
-    full = m._embed(patches, None)
+    full = m.embed(patches)
     np.testing.assert_allclose(
-        m._embed(patches, ids_keep), ops.gather_tokens(full, ids_keep), rtol=1e-6, atol=1e-6
+        m.embed(patches, ids_keep), ops.gather_tokens(full, ids_keep), rtol=1e-6, atol=1e-6
     )
 
 

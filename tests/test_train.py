@@ -23,6 +23,7 @@ def small(**kw):
     c.model.name = "mae_vit_test"
     c.batch_size = 16
     c.total_steps = 6
+    c.warmup_steps = 0  # as the tests were written: no warm-up in 6 steps
     c.log_every_steps = 2
     c.checkpoint_every_steps = 3
     c.reconstruction_every_steps = 0
@@ -211,11 +212,12 @@ def test_paper_config_plans_from_epochs():
     c = load_config("configs/mae_vit_base.py")
     c.batch_size = 64
     p = pretrain.plan(c, num_train_examples=2400)
-    assert p.steps_per_epoch == 37
-    assert p.total_steps == 800 * 37 and p.warmup_steps == 40 * 37
-    assert p.milestone_every == 100 * 37
-    assert p.optim.lr == pytest.approx(1.5e-4 * 64 / 256)
-    assert float(optim.learning_rate_fn(p.optim)(40 * 37)) == pytest.approx(p.optim.lr)
+    r = p.run
+    assert r.steps_per_epoch == 37
+    assert r.total_steps == 800 * 37 and r.warmup_steps == 40 * 37
+    assert r.milestone_every == 100 * 37
+    assert r.optim.lr == pytest.approx(1.5e-4 * 64 / 256)
+    assert float(optim.learning_rate_fn(r.optim)(40 * 37)) == pytest.approx(r.optim.lr)
 
 
 def test_pretraining_starts_from_imported_weights_and_readers_of_a_real_run(tmp_path):

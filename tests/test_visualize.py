@@ -70,7 +70,7 @@ def test_grid_layout(model):
 def test_cli_random_model_writes_png(tmp_path):
     out = tmp_path / "sub" / "random.png"
     with pytest.warns(UserWarning, match="RANDOMLY INITIALIZED"):
-        V.main(["--output", str(out), "--model", "mae_vit_test", "--mask-ratio", "0.5"])
+        assert V.main(["--output", str(out), "--model", "mae_vit_test", "--mask-ratio", "0.5"]) == 0
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size == (4 * 32 + 10, 4 * 32 + 10)
     # image files given on the command line, resized and centre-cropped to the model's size
@@ -78,7 +78,12 @@ def test_cli_random_model_writes_png(tmp_path):
     Image.fromarray(np.full((30, 50, 3), 200, np.uint8)).save(src)
     out2 = tmp_path / "files.png"
     with pytest.warns(UserWarning):
-        V.main(["--output", str(out2), "--model", "mae_vit_test", "--images", str(src), str(src)])
+        assert (
+            V.main(
+                ["--output", str(out2), "--model", "mae_vit_test", "--images", str(src), str(src)]
+            )
+            == 0
+        )
     with Image.open(out2) as im:
         assert im.size == (4 * 32 + 10, 2 * 32 + 6)
         first = np.asarray(im)[2:34, 2:34]
@@ -111,7 +116,7 @@ def test_restore_and_cli_from_checkpoint(tmp_path, model):
     assert big.config.img_size == 48
 
     out = tmp_path / "ckpt.png"
-    V.main(["--output", str(out), "--checkpoint", str(tmp_path), "--img-size", "48"])
+    assert V.main(["--output", str(out), "--checkpoint", str(tmp_path), "--img-size", "48"]) == 0
     with Image.open(out) as im:
         assert im.size == (4 * 48 + 10, 4 * 48 + 10)
     # same grid as building it by hand from the restored model
@@ -159,7 +164,29 @@ def test_module_entry_point(tmp_path):
     assert "RANDOMLY INITIALIZED" in proc.stderr and "wrote" in proc.stdout
     with Image.open(out) as im:
         assert im.size == (138, 138)
-    with pytest.raises(ValueError, match="does not exist"):
-        V.main(["--output", str(out), "--checkpoint", str(tmp_path / "missing")])
-    with pytest.raises(ValueError, match="--step needs --checkpoint"):
-        V.main(["--output", str(out), "--step", "3"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "mae_jax.visualize", "--output", str(out), "--step", "3"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and proc.stderr == "error: --step needs --checkpoint\n"
+
+
+def test_cli_errors(tmp_path, capsys):
+    out = str(tmp_path / "x.png")
+    assert V.main(["--output", out, "--checkpoint", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "does not exist" in err
+    for argv, message in [
+        (["--output", out, "--step", "3"], "--step needs --checkpoint"),
+        (["--model", "mae_vit_test"], "--output is required"),
+        (["--output", out, "--mask-ratio", "half"], "flag --mask-ratio=half: could not convert"),
+        (["--output", out, "--chekpoint", "w"], "Unknown command line flag 'chekpoint'"),
+    ]:
+        assert V.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not os.path.exists(out)

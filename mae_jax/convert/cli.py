@@ -13,14 +13,19 @@ from it with `--config.init_from.path=DIR` (it is not a run to resume).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
+import types
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
+from absl import app, flags
+
+from mae_jax import cli
+from mae_jax.cli import CommandLineError
 
 OUTPUT_HINT = {
     "official": "a .pth file",
@@ -135,66 +140,102 @@ def run_import(args) -> None:
 
 
 # ----------------------------------------------------------------------------- main
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m mae_jax.convert",
-        description="Convert MAE weights between mae-jax checkpoints and PyTorch files "
-        "(official MAE .pth, timm, Hugging Face ViTMAEForPreTraining).",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="checkpoint of a workdir -> PyTorch file")
-    ex.add_argument("--workdir", required=True, help="pretraining workdir (holds checkpoints/)")
-    ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    ex.add_argument("--format", required=True, choices=("official", "timm", "hf"))
-    ex.add_argument(
-        "--output",
-        required=True,
-        help="official: .pth; timm: .safetensors or .pth; hf: a directory",
-    )
-    ex.add_argument(
-        "--img-size",
-        type=int,
-        default=None,
-        help="position tables for this image size (default: the model's)",
-    )
-    ex.add_argument("--force", action="store_true", help="overwrite an existing output")
-    im = sub.add_parser("import", help="PyTorch file -> step-0 checkpoint in a new workdir")
-    im.add_argument(
-        "--input",
-        required=True,
-        help=".pth / .safetensors file or Hugging Face directory (format detected)",
-    )
-    im.add_argument("--model", required=True, help="model preset, e.g. mae_vit_base_patch16")
-    im.add_argument("--workdir", required=True, help="workdir to create the checkpoint in")
-    im.add_argument(
-        "--set",
-        action="append",
-        metavar="FIELD=VALUE",
-        help="model config override, e.g. --set img_size=448 (repeatable)",
-    )
-    im.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed for parts the file lacks (the decoder of encoder-only files)",
-    )
-    im.add_argument(
-        "--ignore-unexpected",
-        action="store_true",
-        help="drop keys the model does not have (e.g. a classifier head)",
-    )
-    return parser
+PROG = "python -m mae_jax.convert"
+# subcommand -> (its flags, the required ones)
+COMMANDS = {
+    "export": (
+        ("workdir", "step", "format", "output", "img-size", "force"),
+        ("workdir", "format", "output"),
+    ),
+    "import": (
+        ("input", "model", "workdir", "set", "seed", "ignore-unexpected"),
+        ("input", "model", "workdir"),
+    ),
+}
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+    """The flags of both subcommands, in `fv` (`flags.FLAGS` for the command line)."""
+    flags.DEFINE_string(
+        "workdir",
+        None,
+        "export: pretraining workdir (holds checkpoints/); "
+        "import: workdir to create the checkpoint in",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer("step", None, "export: checkpoint step (default: latest)", flag_values=fv)
+    flags.DEFINE_enum(
+        "format", None, ["official", "timm", "hf"], "export: file format", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "output",
+        None,
+        "export: official: .pth; timm: .safetensors or .pth; hf: a directory",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "img-size",
+        None,
+        "export: position tables for this image size (default: the model's)",
+        flag_values=fv,
+    )
+    flags.DEFINE_boolean("force", False, "export: overwrite an existing output", flag_values=fv)
+    flags.DEFINE_string(
+        "input",
+        None,
+        "import: .pth / .safetensors file or Hugging Face directory (format detected)",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "model", None, "import: model preset, e.g. mae_vit_base_patch16", flag_values=fv
+    )
+    flags.DEFINE_multi_string(
+        "set",
+        None,
+        "import: model config override FIELD=VALUE, e.g. --set img_size=448 (repeatable)",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "seed",
+        0,
+        "import: seed for parts the file lacks (the decoder of encoder-only files)",
+        flag_values=fv,
+    )
+    flags.DEFINE_boolean(
+        "ignore-unexpected",
+        False,
+        "import: drop keys the model does not have (e.g. a classifier head)",
+        flag_values=fv,
+    )
+
+
+def command(fv: flags.FlagValues, args: Sequence[str]) -> tuple[str, types.SimpleNamespace]:
+    """The subcommand named by the positional `args` and its options; `CommandLineError` for
+    a missing or unknown subcommand, a missing required flag or another subcommand's flag."""
+    if len(args) != 1 or args[0] not in COMMANDS:
+        got = f"got {' '.join(args)!r}" if args else "got none"
+        raise CommandLineError(f"expected one subcommand, export or import; {got}")
+    name = args[0]
+    allowed, required = COMMANDS[name]
+    for flag in (f for names, _ in COMMANDS.values() for f in names):
+        if fv[flag].present and flag not in allowed:
+            raise CommandLineError(f"--{flag} is not an option of {name}")
+    missing = [f"--{f}" for f in required if fv[f].value is None]
+    if missing:
+        raise CommandLineError(f"{name} needs {', '.join(missing)}")
+    options = {f.replace("-", "_"): fv[f].value for f in allowed}
+    return name, types.SimpleNamespace(**options)
+
+
+def run(name: str, args) -> int:
+    """Run subcommand `name` with its `args`: exit status 0, or 1 after `error: ...` on stderr."""
     with warnings.catch_warnings():  # restores the warning machinery on exit
         warnings.simplefilter("always", UserWarning)
         warnings.showwarning = lambda message, *a, **k: print(
             f"warning: {message}", file=sys.stderr
         )
         try:
-            if args.command == "export":
+            if name == "export":
                 run_export(args)
             else:
                 run_import(args)
@@ -202,3 +243,32 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
     return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """`python -m mae_jax.convert ARGV...` in this process: `main(["export", "--workdir", ...])`.
+    Returns the exit status: 0, 1 (failed) or 2 (bad command line, one line `error: ...`)."""
+    fv = flags.FlagValues()
+    define_flags(fv)
+    try:
+        args = cli.parse(fv, [PROG, *argv])
+        name, options = command(fv, args[1:])
+    except CommandLineError as e:
+        return cli.report(e)
+    return run(name, options)
+
+
+def _parse_command_line(argv: list[str]) -> list[str]:
+    args = flags.FLAGS(argv)
+    command(flags.FLAGS, args[1:])  # refuse a bad command line before anything runs
+    return args
+
+
+def _app_main(argv: list[str]) -> int:
+    cli.quiet_library_logs()
+    return run(*command(flags.FLAGS, argv[1:]))
+
+
+def run_app() -> None:
+    """`python -m mae_jax.convert`: `app.run` on the flags `define_flags(flags.FLAGS)` made."""
+    app.run(_app_main, flags_parser=cli.flags_parser(_parse_command_line))

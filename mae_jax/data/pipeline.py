@@ -41,19 +41,17 @@ and raises `Interrupted` when it returns True (e.g. after a SIGTERM).
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 from mae_jax.data import augment
 from mae_jax.data.lazy_tf import graph_fn, tf_module
 from mae_jax.data.sources import DatasetInfo, Shard, make_source
-
-log = logging.getLogger(__name__)
 
 # Every chunk of the stream (one tf.data pipeline) covers at least two epochs
 # and, for in-memory index lists, this many batches; pipelines are rebuilt
@@ -120,7 +118,7 @@ def _resolve(cfg) -> ml_collections.ConfigDict:
     full = default_data_config()
     unknown = sorted(set(cfg.keys()) - set(full.keys()))
     if unknown:
-        log.warning("data config keys not used by the input pipeline: %s", unknown)
+        logging.warning("data config keys not used by the input pipeline: %s", unknown)
     if "max_consecutive_bad" in cfg:
         _check_max_bad(cfg["max_consecutive_bad"])  # before update: its TypeError is vaguer
     full.update(cfg)
@@ -330,7 +328,7 @@ class DataIterator:
             if self._guarded:
                 raise
             self._fast_failures += 1
-            log.info(
+            logging.info(
                 "%s: batch %d failed (%s); re-reading it in guarded mode",
                 self._name,
                 self.position,
@@ -396,7 +394,7 @@ class DataIterator:
         self._skip_batches += 1
         dropped = good.size == 0
         if self._skip_batches <= _LOG_FIRST_SKIPS:
-            log.warning(
+            logging.warning(
                 "%s: skipped %d corrupt or unreadable image(s) in batch %d%s "
                 "(%d skipped so far on this process)%s",
                 self._name,
@@ -411,7 +409,7 @@ class DataIterator:
         self._quiet_skipped += bad
         self._quiet_dropped += int(dropped)
         if self._quiet_batches >= _LOG_SKIPS_EVERY:
-            log.warning(
+            logging.warning(
                 "%s: skipped %d corrupt or unreadable image(s) in %d batches (%d dropped) "
                 "up to batch %d (%d skipped so far on this process, %d in a row)",
                 self._name,
@@ -466,7 +464,7 @@ def _stream_iterator(
     # to list (in-memory index lists) take >= _MIN_CHUNK_BATCHES per chunk.
     min_batches = _MIN_CHUNK_BATCHES if shard.cheap_epochs else 1
     epochs_per_chunk = max(2, math.ceil(min_batches * b / n) + 1)
-    log.info(
+    logging.info(
         "%s: %d examples on process %d/%d, local batch %d, start step %d",
         name,
         n,
@@ -647,7 +645,7 @@ def create_eval_iterator(
         ds = ds.batch(b, drop_remainder=True).prefetch(2)
         return ds.with_options(options), num_batches
 
-    log.info(
+    logging.info(
         "eval: %d examples on process %d/%d in %d batches of %d",
         shard.num_examples,
         p,

@@ -12,18 +12,16 @@ Augmentation, batching and resumption live in `pipeline`.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import zlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from mae_jax.data import embedded
 from mae_jax.data.lazy_tf import graph_fn, tf_module, tfds_module
-
-log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 _SHUFFLE_TAG = 0x5EED  # separates the shuffle stream from augmentation seeds
@@ -321,7 +319,7 @@ class FolderSource:
                 except Exception:  # pylint: disable=broad-except
                     data.append(b"")  # fails decoding later: skipped and counted
                     n_bad += 1
-            log.info(
+            logging.info(
                 "cached %d images of %r (%.1f MB), %d unreadable",
                 len(data),
                 self._root,
@@ -511,7 +509,7 @@ class TfdsSource:
             data.append(ex["data"])
             labels.append(ex["label"])
             keys.append(ex["key"])
-        log.info(
+        logging.info(
             "cached %d examples of %s[%s] (%.1f MB)",
             len(data),
             self._name,

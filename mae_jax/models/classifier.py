@@ -3,11 +3,13 @@ MAE fine-tuning (`models_vit.py`) and linear probing (`main_linprobe.py`) use it
 
 Parameter names mirror the timm state dict: `patch_embed.proj`, `cls_token`, `blocks.{i}.*`,
 then `norm` (cls-token pooling) or `fc_norm` (global average pooling over the patch tokens), and
-`head`. For linear probing the head is `head.0` = BatchNorm1d without affine parameters
-(eps 1e-6; running `mean`/`var` are `nnx.BatchStat`s) followed by `head.1` = Linear, exactly
-the official `torch.nn.Sequential(BatchNorm1d(affine=False, eps=1e-6), head)` (one difference:
-flax updates the running variance with the biased batch variance, PyTorch with the unbiased one,
-a factor B/(B-1) that is negligible at probing batch sizes).
+`head`. The encoder (`patch_embed`, `cls_token`, `pos_embed`, `blocks`) is `encoder.Encoder`,
+shared with the MAE; here it embeds all patches. For linear probing the head is `head.0` =
+BatchNorm1d without affine parameters (eps 1e-6; running `mean`/`var` are `nnx.BatchStat`s)
+followed by `head.1` = Linear, exactly the official
+`torch.nn.Sequential(BatchNorm1d(affine=False, eps=1e-6), head)` (one difference: flax updates
+the running variance with the biased batch variance, PyTorch with the unbiased one, a factor
+B/(B-1) that is negligible at probing batch sizes).
 
 Deviation, on purpose: the official fine-tuning model makes `pos_embed` a trainable parameter
 (initialized from the checkpoint's fixed sin-cos table). Here it stays a `FixedEmbedding` (not an
@@ -17,43 +19,24 @@ sin-cos and the official recipe gives it a tiny lr (layer id 0) anyway.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from mae_jax import ops
 from mae_jax.models.config import MAEConfig, resolve
-from mae_jax.models.vit import (
-    Block,
-    FixedEmbedding,
-    PatchEmbed,
-    layer_norm,
-    normal,
-    run_blocks,
-    zeros,
-)
+from mae_jax.models.encoder import ENCODER_KEYS as ENCODER_KEYS  # re-exported: init_from, tasks
+from mae_jax.models.encoder import Encoder
+from mae_jax.models.vit import layer_norm, normal, zeros
 
 FINETUNE_HEAD_STD = 2e-5  # main_finetune.py: trunc_normal_(head.weight, std=2e-5)
 LINPROBE_HEAD_STD = 0.01  # main_linprobe.py: trunc_normal_(head.weight, std=0.01)
 BN_EPS = 1e-6  # BatchNorm1d(affine=False, eps=1e-6) of main_linprobe.py
 BN_MOMENTUM = 0.9  # PyTorch momentum 0.1 == flax momentum 0.9
 
-# Parameter subtrees of a pretrained MAE that the classifier takes over (decoder ignored).
-ENCODER_KEYS = ("patch_embed", "cls_token", "blocks")
 
-
-def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
-    """Stochastic depth per block, linearly increasing from 0 to `drop_path_rate` (timm's
-    `torch.linspace(0, rate, depth)`)."""
-    return [float(r) for r in np.linspace(0.0, drop_path_rate, depth)]
-
-
-class ViTClassifier(nnx.Module):
+class ViTClassifier(Encoder):
     """ViT encoder + pooling + linear head. Images NHWC (normalized) -> logits `[N, classes]`.
 
     Args:
@@ -90,36 +73,15 @@ class ViTClassifier(nnx.Module):
             head_init_std = LINPROBE_HEAD_STD if linear_probe else FINETUNE_HEAD_STD
         if not isinstance(head_init_std, (int, float)) or head_init_std < 0:
             raise ValueError(f"head_init_std must be a number >= 0, got {head_init_std!r}")
-        self.config = config
         self.num_classes = num_classes
         self.global_pool = bool(global_pool)
         self.linear_probe = bool(linear_probe)
         self.drop_path_rate = float(drop_path_rate)
+        # patch_embed, cls_token, pos_embed, blocks (with drop path)
+        super().__init__(config, rngs=rngs, drop_path_rate=self.drop_path_rate)
         c = config
         kw = dict(dtype=c.compute_dtype, param_dtype=c.storage_dtype)
         d = c.embed_dim
-
-        self.patch_embed = PatchEmbed(c.patch_dim, d, rngs=rngs, **kw)
-        self.cls_token = nnx.Param(
-            normal(0.02, (None, None, "embed"))(rngs.params(), (1, 1, d), c.storage_dtype)
-        )
-        self.pos_embed = FixedEmbedding(
-            jnp.asarray(ops.sincos_2d(d, c.grid_size))[None].astype(c.storage_dtype)
-        )
-        self.blocks = nnx.List(
-            [
-                Block(
-                    d,
-                    c.num_heads,
-                    c.mlp_ratio,
-                    attention_impl=c.attention_impl,
-                    drop_path=rate,
-                    rngs=rngs,
-                    **kw,
-                )
-                for rate in drop_path_rates(self.drop_path_rate, c.depth)
-            ]
-        )
         if self.global_pool:
             self.fc_norm = layer_norm(d, rngs=rngs, **kw)
         else:
@@ -149,20 +111,6 @@ class ViTClassifier(nnx.Module):
             self.head = linear
 
     # ---------------------------------------------------------------------------- forward
-    def check_images(self, images) -> None:
-        c = self.config
-        shape = tuple(images.shape)
-        if len(shape) != 4 or shape[-1] != c.in_chans:
-            raise ValueError(
-                f"images must be NHWC [N, {c.img_size}, {c.img_size}, {c.in_chans}], "
-                f"got shape {shape}"
-            )
-        if shape[1:3] != (c.img_size, c.img_size):
-            raise ValueError(
-                f"images are {shape[1]}x{shape[2]}, the classifier was built for "
-                f"{c.img_size}x{c.img_size}; create it with img_size={shape[1]}"
-            )
-
     def _set_train(self, train: bool) -> None:
         if not isinstance(train, bool):
             raise ValueError(f"train must be a bool, got {train!r}")
@@ -172,15 +120,8 @@ class ViTClassifier(nnx.Module):
 
     def tokens(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         """Encoder tokens before the final norm: `[N, 1+L, D]` (cls first), compute dtype."""
-        self.check_images(images)
         self._set_train(train)
-        c = self.config
-        pos = self.pos_embed.get_value().astype(c.compute_dtype)
-        patches = ops.patchify(images.astype(c.compute_dtype), c.patch_size)
-        x = self.patch_embed(patches) + pos[:, 1:]
-        cls = self.cls_token.get_value().astype(c.compute_dtype) + pos[:, :1]
-        x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[-1])), x], axis=1)
-        return run_blocks(self.blocks, x, c.remat)
+        return self.encoder_tokens(images)
 
     def features(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         """Pooled feature `[N, D]` float32: `fc_norm(mean of patch tokens)` or `norm(x)[:, 0]`."""
@@ -229,69 +170,3 @@ def create_classifier(
         head_init_std=head_init_std,
         rngs=nnx.Rngs(params=seed, dropout=seed + 1),
     )
-
-
-# ----------------------------------------------------------------------------- weight transfer
-
-
-def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    """Nested mapping -> {path of str names: leaf}; int and str keys are treated alike."""
-    out = {}
-    for key, value in tree.items():
-        path = prefix + (str(key),)
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, path))
-        else:
-            out[path] = value
-    return out
-
-
-def load_encoder_params(classifier: ViTClassifier, params: Mapping) -> ViTClassifier:
-    """Copy pretrained encoder weights into `classifier` (in place; also returned).
-
-    `params` is a nested dict with the MAE parameter names, e.g.
-    `nnx.to_pure_dict(nnx.state(mae, nnx.Param))` or the `'params'` of a pretraining checkpoint.
-    Copied: `patch_embed`, `cls_token`, `blocks`, and `norm` when the classifier pools the cls
-    token (with global pooling `fc_norm` is new, as the official fine-tuning). The decoder and
-    any other key are ignored. Missing or mis-shaped encoder weights raise ValueError.
-    """
-    if not isinstance(params, Mapping):
-        raise ValueError(f"params must be a nested dict of arrays, got {type(params).__name__}")
-    wanted = ENCODER_KEYS + (() if classifier.global_pool else ("norm",))
-    source = {p: v for p, v in _flatten(params).items() if p[0] in wanted}
-    state = nnx.state(classifier, nnx.Param)
-    flat = nnx.to_flat_state(state)
-    targets = {tuple(map(str, path)): var for path, var in flat if str(path[0]) in wanted}
-    missing = sorted(".".join(p) for p in set(targets) - set(source))
-    extra = sorted(".".join(p) for p in set(source) - set(targets))
-    if missing or extra:
-        raise ValueError(
-            f"pretrained encoder does not match the classifier (depth {classifier.config.depth}, "
-            f"dim {classifier.config.embed_dim}): missing {missing[:8]}, unexpected {extra[:8]}"
-        )
-    for path, var in targets.items():
-        value = source[path]
-        if tuple(np.shape(value)) != tuple(var.get_value().shape):
-            raise ValueError(
-                f"pretrained {'.'.join(path)} has shape {tuple(np.shape(value))}, the classifier "
-                f"expects {tuple(var.get_value().shape)}"
-            )
-        var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
-    nnx.update(classifier, nnx.from_flat_state(flat))
-    return classifier
-
-
-def classifier_from_mae(mae_model, num_classes: int, *, seed: int = 0, **kwargs) -> ViTClassifier:
-    """A new `ViTClassifier` whose encoder is a copy of a pretrained `MAE`'s (decoder ignored).
-
-    `kwargs` are `ViTClassifier` options (`global_pool`, `drop_path_rate`, `linear_probe`,
-    `head_init_std`) or `MAEConfig` fields to change (e.g. `img_size=448`, `dtype='bfloat16'`).
-    At another image size the fixed sin-cos table is recomputed for the new grid (the official
-    fine-tuning instead bicubically interpolates the checkpoint's table). The new head /
-    `fc_norm` are initialized from `seed`.
-    """
-    fields = {f.name for f in dataclasses.fields(MAEConfig)}
-    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
-    config = dataclasses.replace(mae_model.config, **overrides).validate()
-    clf = ViTClassifier(config, num_classes, rngs=nnx.Rngs(params=seed, dropout=seed + 1), **kwargs)
-    return load_encoder_params(clf, nnx.to_pure_dict(nnx.state(mae_model, nnx.Param)))

@@ -26,12 +26,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from ml_collections import config_dict
 
-from mae_jax import flops, init_from, models, optim, train
+from mae_jax import init_from, models, optim, train
 from mae_jax import sharding as shd
 from mae_jax import train_step as ts
 from mae_jax import workdir as wdir
@@ -43,32 +43,18 @@ from mae_jax.models.classifier import ENCODER_KEYS, ViTClassifier
 # prepare(key, images [B,H,W,C], labels [B] int) -> (images [B,H,W,C], targets [B,C] float32)
 Prepare = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
-# Config keys every classification config has (task-specific keys are added by each task).
-COMMON_KEYS = frozenset(
-    {
-        "task",
-        "seed",
-        "init_from",
-        "keep_every_epochs",
-        "model",
-        "num_classes",
-        "global_pool",
-        "data",
-        "batch_size",
-        "eval_batch_size",
-        "epochs",
-        "warmup_epochs",
-        "total_steps",
-        "optim",
-        "mesh",
-        "sharding_rules",
-        "checkpoint_every_steps",
-        "keep_checkpoints",
-        "log_every_steps",
-        "eval_every_steps",
-        "peak_tflops",
-    }
-)
+
+def defaults() -> ml_collections.ConfigDict:
+    """The keys linear probing and fine-tuning share (neutral values; each task adds its own)."""
+    c = train.common_defaults()
+    c.init_from.parts = "encoder"
+    c.num_classes = config_dict.placeholder(int)  # None: from the data set
+    c.global_pool = False  # True: mean of the patch tokens + fc_norm; False: the cls token
+    c.eval_batch_size = config_dict.placeholder(int)  # None: batch_size
+    c.eval_every_steps = 0  # 0: evaluate only at the end
+    return c
+
+
 # Encoder fields that fix the parameter shapes: a pretrained checkpoint must agree on them.
 ENCODER_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
 _DROP_PATH_TAG = 1  # fold_in tags of the per-step key
@@ -240,24 +226,13 @@ def encoder_keys(global_pool: bool) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- config
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Resolved numbers of a classification run."""
+    """Resolved numbers of a classification run: model, classes, weights and the common plan."""
 
     model: models.MAEConfig
     num_classes: int
-    total_steps: int
-    warmup_steps: int
-    steps_per_epoch: int | None
     eval_batch_size: int
-    optim: ml_collections.ConfigDict
     source: init_from.Source | None
-    schedule: dict
-    milestone_every: int
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
-    return int(value)
+    run: train.Plan
 
 
 def resolve_model(config, source: init_from.Source | None) -> models.MAEConfig:
@@ -304,16 +279,17 @@ def resolve_model(config, source: init_from.Source | None) -> models.MAEConfig:
     return mcfg
 
 
-def plan(config, known_keys: frozenset[str], resume: train.Resume = None, where: str = "") -> Plan:
-    """Validate `config` and resolve the model, classes, step counts and optimizer config
-    (reads the `config.init_from` checkpoint's meta, no arrays; nothing is compiled)."""
-    unknown = sorted(set(config.keys()) - known_keys)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known_keys)}")
+def plan(
+    config,
+    defaults: ml_collections.ConfigDict,
+    resume: train.Resume = None,
+    where: str = "",
+) -> Plan:
+    """Validate `config` against its task's `defaults` and resolve the model, classes, steps
+    and optimizer (reads the `config.init_from` checkpoint's meta, no arrays; nothing compiled)."""
+    train.check_keys(config, defaults)
     source = init_from.locate(config.get("init_from"))
     mcfg = resolve_model(config, source)
-    batch = _positive_int("batch_size", config.batch_size)
-    eval_batch = _positive_int("eval_batch_size", config.get("eval_batch_size") or batch)
     info = pipeline.dataset_info(config.data)
     num_classes = config.num_classes
     if num_classes is None:
@@ -322,61 +298,33 @@ def plan(config, known_keys: frozenset[str], resume: train.Resume = None, where:
             raise ValueError(
                 "the data set does not say how many classes it has: set config.num_classes"
             )
-    num_classes = _positive_int("num_classes", num_classes)
-    steps_per_epoch = None
-    if info and info.num_train_examples:
-        steps_per_epoch = max(1, info.num_train_examples // batch)
-    if config.total_steps is not None:
-        total = _positive_int("total_steps", config.total_steps)
-        warmup = int(round(config.warmup_epochs / config.epochs * total)) if config.epochs else 0
-    else:
-        if steps_per_epoch is None:
-            raise ValueError("the data set size is unknown: set config.total_steps")
-        if not config.epochs or config.epochs <= 0:
-            raise ValueError(f"config.epochs must be positive, got {config.epochs!r}")
-        total = max(1, int(config.epochs * steps_per_epoch))
-        warmup = int(config.warmup_epochs * steps_per_epoch)
-    if config.warmup_epochs < 0:
-        raise ValueError(f"config.warmup_epochs must be >= 0, got {config.warmup_epochs!r}")
+    num_classes = train.positive_int("num_classes", num_classes)
     if config.eval_every_steps < 0:
         raise ValueError(f"config.eval_every_steps must be >= 0, got {config.eval_every_steps}")
-    schedule = train.resolve_schedule(total, min(warmup, total), resume, where)
-    oc = ml_collections.ConfigDict(config.optim.to_dict())
-    if oc.get("layer_decay") is not None and oc.get("num_layers") is None:
-        oc.num_layers = mcfg.depth
-    oc = train.apply_schedule(oc, batch, schedule)
-    return Plan(
-        mcfg,
-        num_classes,
-        total,
-        oc.warmup_steps,
-        steps_per_epoch,
-        eval_batch,
-        oc,
-        source,
-        schedule,
-        train.milestone_steps(config, steps_per_epoch),
+    layers = {}
+    if config.optim.get("layer_decay") is not None and config.optim.get("num_layers") is None:
+        layers = {"num_layers": mcfg.depth}
+    run_plan = train.plan(
+        config,
+        defaults,
+        info.num_train_examples if info else None,
+        resume,
+        where,
+        optim_overrides=layers,
     )
+    eval_batch = train.positive_int(
+        "eval_batch_size", config.get("eval_batch_size") or config.batch_size
+    )
+    return Plan(mcfg, num_classes, eval_batch, source, run_plan)
 
 
 def check_mesh(config, p: Plan, mesh) -> None:
-    dp = shd.data_parallel_size(mesh)
-    for name, batch in (("batch_size", config.batch_size), ("eval_batch_size", p.eval_batch_size)):
-        if batch % dp or batch % jax.process_count():
-            raise ValueError(
-                f"config.{name}={batch} is not divisible by the data-parallel size {dp} (mesh "
-                f"{dict(mesh.shape)}) and the process count {jax.process_count()}; change it "
-                f"or config.mesh"
-            )
-
-
-def classifier_flops_per_image(c: models.MAEConfig, num_classes: int) -> float:
-    """Forward FLOPs of the classifier on one image (matrix products, multiply-add = 2)."""
-    tokens = 1 + c.num_patches
-    return float(
-        2 * c.num_patches * c.patch_dim * c.embed_dim
-        + c.depth * flops.block_flops(tokens, c.embed_dim, c.mlp_ratio)
-        + 2 * c.embed_dim * num_classes
+    train.check_batches(
+        mesh,
+        {
+            "config.batch_size": config.batch_size,
+            "config.eval_batch_size": p.eval_batch_size,
+        },
     )
 
 
@@ -429,7 +377,7 @@ def classification_task(
     fns = build(
         model_fn,
         trainable,
-        p.optim,
+        p.run.optim,
         mesh,
         prepare=prepare,
         drop_path=drop_path,
@@ -453,7 +401,7 @@ def classification_task(
         "task": config.task,
         "num_classes": p.num_classes,
         "init_from": p.source.describe() if p.source else "",
-        "schedule": p.schedule,
+        "schedule": p.run.schedule,
     }
 
     def run_eval(state, step):
@@ -470,7 +418,7 @@ def classification_task(
 
     def periodic(writer, state, batch, step):
         every = config.eval_every_steps
-        if every and step % every == 0 and step < p.total_steps:
+        if every and step % every == 0 and step < p.run.total_steps:
             r = run_eval(state, step)
             return {"eval_top1": r["top1"], "eval_top5": r["top5"], "eval_loss": r["loss"]}
         return None
@@ -493,7 +441,7 @@ def classification_task(
         name=name,
         fns=fns,
         init=init,
-        total_steps=p.total_steps,
+        total_steps=p.run.total_steps,
         batch_size=config.batch_size,
         make_data=lambda start, should_stop=None: pipeline.create_train_iterator(
             config.data,
@@ -505,10 +453,10 @@ def classification_task(
         ),
         meta=lambda: meta,
         check_meta=lambda m, step: check_workdir(m, meta, workdir, step),
-        resolved=train.resolved_config(config, p.total_steps, p.optim),
+        resolved=train.resolved_config(config, p.run.total_steps, p.run.optim),
         device_keys=("image", "label"),
         flops_per_image=flops_per_image,
-        milestone_every=p.milestone_every,
+        milestone_every=p.run.milestone_every,
         periodic=periodic,
         final=final,
     )

@@ -16,62 +16,21 @@ from __future__ import annotations
 
 import ml_collections
 from flax import nnx
-from ml_collections import config_dict
 
-from mae_jax import init_from, optim, train
-from mae_jax.data import pipeline
+from mae_jax import flops, train
 from mae_jax.data.mixup import smooth_one_hot
 from mae_jax.models.classifier import LINPROBE_HEAD_STD, ViTClassifier
 from mae_jax.tasks import classify as cs
 
 TASK = "linear_probe"
-KNOWN_KEYS = cs.COMMON_KEYS
 # The trainable parameters: the head's Linear (`head.1`); BatchNorm has no affine parameters.
 TRAINABLE = nnx.All(nnx.Param, nnx.PathContains("head"))
 
 
-def base_config(model_name: str) -> ml_collections.ConfigDict:
-    """The paper's ImageNet-1K linear-probing recipe for `model_name` (REFERENCE.md)."""
-    c = ml_collections.ConfigDict()
+def defaults() -> ml_collections.ConfigDict:
+    """Every key a linear-probing config has (neutral values; recipes: configs/linprobe.py)."""
+    c = cs.defaults()
     c.task = TASK
-    c.seed = 0
-    # The encoder: a pretraining / imported workdir or a PyTorch file ('' = random init).
-    c.init_from = init_from.default_config(parts="encoder")
-    c.model = ml_collections.ConfigDict(
-        dict(
-            name=model_name,
-            dtype="bfloat16",
-            param_dtype="float32",
-            remat=False,
-            attention_impl=config_dict.placeholder(str),
-        )
-    )
-    c.num_classes = config_dict.placeholder(int)  # None: from the data set
-    c.global_pool = False  # the paper's probe uses the cls token
-    c.data = pipeline.default_data_config()
-    c.data.source = "tfds"
-    c.data.name = "imagenet2012"
-    c.data.image_size = 224
-    c.data.train_crop_min_scale = 0.08  # RandomResizedCrop (torchvision default scale)
-    c.batch_size = 16384  # global
-    c.eval_batch_size = config_dict.placeholder(int)  # None: batch_size
-    c.epochs = 90
-    c.warmup_epochs = 10
-    c.total_steps = config_dict.placeholder(int)  # overrides epochs
-    c.optim = optim.default_optim_config()
-    c.optim.name = "lars"
-    c.optim.base_lr = 0.1
-    c.optim.weight_decay = 0.0
-    c.optim.momentum = 0.9
-    c.optim.min_lr = 0.0
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.sharding_rules = config_dict.placeholder(tuple)
-    c.checkpoint_every_steps = 1000
-    c.keep_checkpoints = 3
-    c.keep_every_epochs = 0  # milestones kept for good (0: none)
-    c.log_every_steps = 50
-    c.eval_every_steps = 0  # 0: evaluate only at the end
-    c.peak_tflops = config_dict.placeholder(float)
     return c
 
 
@@ -102,13 +61,13 @@ def linear_probe_task(config, mesh, workdir: str, resume: train.Resume = None) -
         raise ValueError(
             f"config.task must be {TASK!r} for linear probing, got {config.get('task')!r}"
         )
-    p = cs.plan(config, KNOWN_KEYS, resume, workdir)
-    if p.optim.get("layer_decay") is not None:
+    p = cs.plan(config, defaults(), resume, workdir)
+    if p.run.optim.get("layer_decay") is not None:
         raise ValueError(
             "config.optim.layer_decay does not apply to linear probing (only the "
             "head is trained); leave it None"
         )
-    fwd = cs.classifier_flops_per_image(p.model, p.num_classes)
+    fwd = flops.classifier_flops_per_image(p.model, p.num_classes)
     # Forward only through the frozen encoder; the head's backward is negligible.
     return cs.classification_task(
         config,

@@ -18,44 +18,27 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mae_jax import flops, init_from, models, optim
+from mae_jax import flops, init_from, models, optim, train
 from mae_jax import sharding as shd
 from mae_jax import train_step as ts
 from mae_jax.data import pipeline
 from mae_jax.train import (
     Resume,
     Task,
-    apply_schedule,
-    milestone_steps,
-    resolve_schedule,
     resolved_config,
     run,
 )
 
-TOP_LEVEL_KEYS = frozenset(
-    {
-        "seed",
-        "model",
-        "data",
-        "batch_size",
-        "grad_accum_steps",
-        "epochs",
-        "warmup_epochs",
-        "total_steps",
-        "optim",
-        "mesh",
-        "sharding_rules",
-        "checkpoint_every_steps",
-        "keep_checkpoints",
-        "log_every_steps",
-        "reconstruction_every_steps",
-        "peak_tflops",
-        "knn_every_steps",
-        "task",
-        "init_from",
-        "keep_every_epochs",
-    }
-)
+
+def defaults() -> ml_collections.ConfigDict:
+    """Every key a pretraining config has (neutral values; the recipe is configs/mae_pretrain.py)."""
+    c = train.common_defaults()
+    c.task = "pretrain"
+    c.grad_accum_steps = 1
+    c.reconstruction_every_steps = 0  # TensorBoard reconstruction grid every N steps (0: off)
+    return c
+
+
 # Model fields that define the parameter shapes: a workdir's checkpoint must agree on them.
 ARCHITECTURE_FIELDS = (
     "img_size",
@@ -73,82 +56,39 @@ ARCHITECTURE_FIELDS = (
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Resolved numbers of a run."""
+    """Resolved numbers of a pretraining run: the model and the common plan."""
 
     model: models.MAEConfig
-    total_steps: int
-    warmup_steps: int
-    steps_per_epoch: int | None
-    optim: ml_collections.ConfigDict
-    schedule: dict
-    milestone_every: int
-
-
-def model_config(config) -> models.MAEConfig:
-    return models.resolve(config.model)
+    run: train.Plan
 
 
 def plan(config, num_train_examples: int | None, resume: Resume = None, where: str = "") -> Plan:
-    """Validate `config` and resolve step counts and the optimizer config (no compilation).
-
-    `resume`: the newest checkpoint's `(step, meta)` of the workdir, whose schedule a rerun
-    continues (`resolve_schedule`)."""
-    unknown = sorted(set(config.keys()) - TOP_LEVEL_KEYS)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(TOP_LEVEL_KEYS)}")
-    mcfg = model_config(config)
-    if config.batch_size <= 0:
-        raise ValueError(f"config.batch_size must be positive, got {config.batch_size}")
+    """Validate `config` and resolve the model, steps and optimizer (nothing compiled).
+    `resume`: the workdir's newest checkpoint `(step, meta)`, whose schedule a rerun continues."""
+    run_plan = train.plan(config, defaults(), num_train_examples, resume, where)
     accum = config.grad_accum_steps
-    if accum <= 0 or config.batch_size % accum:
+    if (
+        isinstance(accum, bool)
+        or not isinstance(accum, int)
+        or accum <= 0
+        or (config.batch_size % accum)
+    ):
         raise ValueError(
-            f"config.grad_accum_steps={accum} must be positive and divide "
+            f"config.grad_accum_steps={accum!r} must be a positive integer dividing "
             f"config.batch_size={config.batch_size}"
         )
-    steps_per_epoch = None
-    if num_train_examples:
-        steps_per_epoch = max(1, num_train_examples // config.batch_size)
-    if config.total_steps is not None:
-        if config.total_steps <= 0:
-            raise ValueError(f"config.total_steps must be positive, got {config.total_steps}")
-        total = int(config.total_steps)
-        warmup = (
-            int(round(config.warmup_epochs / max(config.epochs, 1e-9) * total))
-            if config.epochs
-            else 0
-        )
-    else:
-        if steps_per_epoch is None:
-            raise ValueError("the data set size is unknown: set config.total_steps")
-        total = int(config.epochs * steps_per_epoch)
-        warmup = int(config.warmup_epochs * steps_per_epoch)
-    schedule = resolve_schedule(total, min(warmup, total), resume, where)
-    oc = apply_schedule(config.optim, config.batch_size, schedule)
-    return Plan(
-        mcfg,
-        total,
-        oc.warmup_steps,
-        steps_per_epoch,
-        oc,
-        schedule,
-        milestone_steps(config, steps_per_epoch),
-    )
+    return Plan(models.resolve(config.model), run_plan)
 
 
 def check_mesh(config, mesh) -> None:
-    dp = shd.data_parallel_size(mesh)
-    per_step = config.batch_size // config.grad_accum_steps
-    if per_step % dp:
-        raise ValueError(
-            f"global batch {config.batch_size} (micro-batch {per_step} with grad_accum_steps="
-            f"{config.grad_accum_steps}) is not divisible by the data-parallel size {dp} "
-            f"(mesh {dict(mesh.shape)}); change config.batch_size or config.mesh"
-        )
-    if config.batch_size % jax.process_count():
-        raise ValueError(
-            f"global batch {config.batch_size} is not divisible by the process "
-            f"count {jax.process_count()}"
-        )
+    micro = config.batch_size // config.grad_accum_steps
+    train.check_batches(
+        mesh,
+        {
+            "config.batch_size": config.batch_size,
+            "the micro-batch config.batch_size / config.grad_accum_steps": micro,
+        },
+    )
 
 
 def check_workdir_model(meta: dict, mcfg: models.MAEConfig, where: str, step: int) -> None:
@@ -241,7 +181,7 @@ def step_fns(config, p: Plan, mesh) -> ts.StepFns:
     """The jitted, sharded MAE train step of `config` (resolved as `p`) on `mesh`."""
     return build_step(
         lambda: models.create(p.model, seed=config.seed),
-        p.optim,
+        p.run.optim,
         mesh,
         accum_steps=config.grad_accum_steps,
         rules=shd.rules(config.get("sharding_rules")),
@@ -294,7 +234,7 @@ def task(config, mesh, resume: Resume = None, where: str = "") -> Task:
         name=f"pretrain {p.model.name}",
         fns=fns,
         init=init,
-        total_steps=p.total_steps,
+        total_steps=p.run.total_steps,
         batch_size=config.batch_size,
         make_data=lambda start, should_stop=None: pipeline.create_pretrain_iterator(
             config.data,
@@ -306,12 +246,12 @@ def task(config, mesh, resume: Resume = None, where: str = "") -> Task:
         meta=lambda: {
             "model": dataclasses.asdict(p.model),
             "task": "pretrain",
-            "schedule": p.schedule,
+            "schedule": p.run.schedule,
         },
         check_meta=lambda meta, step: check_workdir_model(meta, p.model, where, step),
-        resolved=resolved_config(config, p.total_steps, p.optim),
+        resolved=resolved_config(config, p.run.total_steps, p.run.optim),
         flops_per_image=flops.mae_train_flops_per_image(p.model),
-        milestone_every=p.milestone_every,
+        milestone_every=p.run.milestone_every,
         periodic=periodic,
     )
 
