@@ -16,7 +16,7 @@ from mae_jax import ops
 from mae_jax.models import MAEConfig
 
 # Dense bf16 matrix-product peak per device, TFLOP/s. H100/H200: what large bf16 products reach
-# (about 800, see REFERENCE.md), not the 989 of the data sheet; TPUs: the published peaks.
+# (about 800, docs/performance.md), not the 989 of the data sheet; TPUs: the published peaks.
 PEAK_TFLOPS = {
     "H100": 800.0,
     "H200": 800.0,

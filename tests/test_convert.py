@@ -114,7 +114,7 @@ def test_round_trip_keeps_bfloat16_storage_and_exports_float32():
 
 # ----------------------------------------------------------------------------- key sets
 def reference_keys(depth, decoder_depth):
-    """The official MaskedAutoencoderViT key set, written from REFERENCE.md."""
+    """The official MaskedAutoencoderViT key set (facebookresearch/mae, models_mae.py)."""
 
     def block(prefix):
         return [
@@ -140,7 +140,7 @@ def reference_keys(depth, decoder_depth):
     return keys
 
 
-PAPER = [  # name, D, depth, patch, entries, numbers, encoder numbers (REFERENCE.md)
+PAPER = [  # name, D, depth, patch, entries, numbers, encoder numbers (official models_mae.py state dicts)
     ("mae_vit_base_patch16", 768, 12, 16, 254, 111_907_840, 85_798_656),
     ("mae_vit_large_patch16", 1024, 24, 16, 398, 329_541_888, 303_301_632),
     ("mae_vit_huge_patch14", 1280, 32, 14, 494, 657_074_508, 630_764_800),

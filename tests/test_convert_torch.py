@@ -121,7 +121,7 @@ def test_half_precision_tensors_are_widened(tmp_path):
 
 # ----------------------------------------------------------------------------- bicubic
 def _official_interpolate(table, new_grid):
-    """The official fine-tuning code's pos-embed interpolation, written from REFERENCE.md:
+    """The official fine-tuning code's pos-embed interpolation, written from the official util/pos_embed.py:
     cls row kept, patch rows as a [1, D, g, g] image, torch bicubic, align_corners=False."""
     t = torch.from_numpy(table)
     extra, pos = t[:, :1], t[:, 1:]

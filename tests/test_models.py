@@ -12,7 +12,8 @@ from flax import nnx
 from mae_jax import models, ops
 from mae_jax.models.vit import FixedEmbedding
 
-# Trainable parameter counts of the official models (REFERENCE.md).
+# Trainable parameter counts of the official models (facebookresearch/mae models_mae.py built in
+# PyTorch: the sum of numel() over parameters with requires_grad).
 OFFICIAL_TRAINABLE = {
     "mae_vit_base_patch16": 111_655_680,
     "mae_vit_large_patch16": 329_239_296,
