@@ -10,6 +10,7 @@ import re
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import flags
 from absl import logging as absl_logging
@@ -52,6 +53,46 @@ def flags_parser(parser: Callable[[list[str]], list[str]]) -> Callable[[list[str
             sys.exit(report(e))
 
     return run
+
+
+def call(
+    prog: str,
+    define_flags: Callable[[flags.FlagValues], None],
+    interpret: Callable[[flags.FlagValues, list[str]], Any],
+    execute: Callable[[Any], int],
+    argv: Sequence[str],
+) -> int:
+    """A command run in this process (tests): fresh flags, `interpret(flags, positional args)`
+    (raising CommandLineError for a bad command line), then `execute(what it returned)`.
+    Returns the exit status: 0, 1 (failed) or 2 (bad command line, one line `error: ...`)."""
+    fv = flags.FlagValues()
+    define_flags(fv)
+    try:
+        what = interpret(fv, parse(fv, [prog, *argv])[1:])
+    except CommandLineError as e:
+        return report(e)
+    return execute(what)
+
+
+def run_command(
+    interpret: Callable[[flags.FlagValues, list[str]], Any],
+    execute: Callable[[Any], int],
+) -> None:
+    """`python -m ...`: the same command through `app.run` on the global flags (defined by the
+    caller's main module, so that `--help` lists them); a bad command line is refused (exit 2)
+    before anything runs."""
+    from absl import app  # noqa: PLC0415
+
+    def parser(argv: list[str]) -> list[str]:
+        args = flags.FLAGS(argv)
+        interpret(flags.FLAGS, args[1:])
+        return args
+
+    def app_main(argv: list[str]) -> int:
+        quiet_library_logs()
+        return execute(interpret(flags.FLAGS, argv[1:]))
+
+    app.run(app_main, flags_parser=flags_parser(parser))
 
 
 # ------------------------------------------------------------------ library noise

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
 from mae_jax import cli, models, ops
@@ -325,26 +325,9 @@ def _run_reporting(args) -> int:
 def main(argv: Sequence[str]) -> int:
     """`python -m mae_jax.visualize ARGV...` in this process: `main(["--output", ...])`.
     Returns the exit status: 0, 1 (failed) or 2 (bad command line, one line `error: ...`)."""
-    fv = flags.FlagValues()
-    define_flags(fv)
-    try:
-        args = options(fv, cli.parse(fv, [PROG, *argv])[1:])
-    except CommandLineError as e:
-        return cli.report(e)
-    return _run_reporting(args)
-
-
-def _parse_command_line(argv: list[str]) -> list[str]:
-    args = flags.FLAGS(argv)
-    options(flags.FLAGS, args[1:])  # refuse a bad command line before anything runs
-    return args
-
-
-def _app_main(argv: list[str]) -> int:
-    cli.quiet_library_logs()
-    return _run_reporting(options(flags.FLAGS, argv[1:]))
+    return cli.call(PROG, define_flags, options, _run_reporting, argv)
 
 
 if __name__ == "__main__":
     define_flags(flags.FLAGS)
-    app.run(_app_main, flags_parser=cli.flags_parser(_parse_command_line))
+    cli.run_command(options, _run_reporting)

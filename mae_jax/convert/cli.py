@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from mae_jax import cli
 from mae_jax.cli import CommandLineError
@@ -248,27 +248,13 @@ def run(name: str, args) -> int:
 def main(argv: Sequence[str]) -> int:
     """`python -m mae_jax.convert ARGV...` in this process: `main(["export", "--workdir", ...])`.
     Returns the exit status: 0, 1 (failed) or 2 (bad command line, one line `error: ...`)."""
-    fv = flags.FlagValues()
-    define_flags(fv)
-    try:
-        args = cli.parse(fv, [PROG, *argv])
-        name, options = command(fv, args[1:])
-    except CommandLineError as e:
-        return cli.report(e)
-    return run(name, options)
+    return cli.call(PROG, define_flags, command, _execute, argv)
 
 
-def _parse_command_line(argv: list[str]) -> list[str]:
-    args = flags.FLAGS(argv)
-    command(flags.FLAGS, args[1:])  # refuse a bad command line before anything runs
-    return args
-
-
-def _app_main(argv: list[str]) -> int:
-    cli.quiet_library_logs()
-    return run(*command(flags.FLAGS, argv[1:]))
+def _execute(what) -> int:
+    return run(*what)
 
 
 def run_app() -> None:
-    """`python -m mae_jax.convert`: `app.run` on the flags `define_flags(flags.FLAGS)` made."""
-    app.run(_app_main, flags_parser=cli.flags_parser(_parse_command_line))
+    """`python -m mae_jax.convert`, on the flags `define_flags(flags.FLAGS)` made."""
+    cli.run_command(command, _execute)
