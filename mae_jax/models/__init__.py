@@ -6,10 +6,18 @@ from typing import Any
 
 from flax import nnx
 
-from mae_jax.models.config import PRESETS, MAEConfig, config_block, dtype_name, resolve
+from mae_jax.models.config import (
+    ARCHITECTURE_FIELDS,
+    PRESETS,
+    MAEConfig,
+    config_block,
+    dtype_name,
+    resolve,
+)
 from mae_jax.models.mae import MAE, MAEOutput
 
 __all__ = [
+    "ARCHITECTURE_FIELDS",
     "MAE",
     "MAEConfig",
     "MAEOutput",

@@ -28,6 +28,21 @@ def dtype_name(dtype: Any) -> Any:
     return name if name in _DTYPES else dtype
 
 
+# The fields that fix the parameter shapes: checkpoints of one model agree on all of them.
+ARCHITECTURE_FIELDS = (
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "decoder_embed_dim",
+    "decoder_depth",
+    "decoder_num_heads",
+    "mlp_ratio",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class MAEConfig:
     """Architecture and loss settings of an MAE model (defaults: the official ViT-B/16)."""
@@ -80,18 +95,9 @@ class MAEConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{field} must be a positive integer, got {value!r}")
 
-        for field in (
-            "img_size",
-            "patch_size",
-            "in_chans",
-            "embed_dim",
-            "depth",
-            "num_heads",
-            "decoder_embed_dim",
-            "decoder_depth",
-            "decoder_num_heads",
-        ):
-            positive(field)
+        for field in ARCHITECTURE_FIELDS:
+            if field != "mlp_ratio":
+                positive(field)
         if self.img_size % self.patch_size:
             raise ValueError(
                 f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}"

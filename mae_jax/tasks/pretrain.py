@@ -39,19 +39,7 @@ def defaults() -> ml_collections.ConfigDict:
     return c
 
 
-# Model fields that define the parameter shapes: a workdir's checkpoint must agree on them.
-ARCHITECTURE_FIELDS = (
-    "img_size",
-    "patch_size",
-    "in_chans",
-    "embed_dim",
-    "depth",
-    "num_heads",
-    "decoder_embed_dim",
-    "decoder_depth",
-    "decoder_num_heads",
-    "mlp_ratio",
-)
+ARCHITECTURE_FIELDS = models.ARCHITECTURE_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
