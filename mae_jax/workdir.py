@@ -725,6 +725,11 @@ class Writer:
                 create=True,
                 cleanup_tmp_directories=True,  # safe: the lock says no one else writes here
                 enable_async_checkpointing=self._async,
+                async_options=(
+                    ocp.AsyncOptions(post_finalization_callback=self._finalized)
+                    if self._async
+                    else None
+                ),
                 preservation_policy=preservation,
             )
             self._mngr = ocp.CheckpointManager(
@@ -743,8 +748,13 @@ class Writer:
 
     def _note_finished(self):
         if self._pending is not None and not self._manager().is_saving_in_progress():
-            step, started = self._pending
             self._pending = None
+
+    def _finalized(self):
+        """Orbax's post-finalization callback (a background thread when saving asynchronously):
+        the moment the checkpoint is complete on disk."""
+        if self._pending is not None:
+            step, started = self._pending
             logging.info("checkpoint %d saved (%.1f s)", step, time.perf_counter() - started)
 
     def save(self, step: int, state: Any, meta: dict) -> bool:
@@ -769,6 +779,8 @@ class Writer:
             force=True,
         )
         self._pending = (step, started)
+        if not self._async:
+            self._finalized()
         return True
 
     def wait(self) -> None:
