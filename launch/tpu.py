@@ -319,6 +319,7 @@ def run_spec_from_args(args, env, accelerator_type: str) -> RunSpec:
         )
     for kv in args.env or ():
         _check(r"[A-Za-z_][A-Za-z0-9_]*=.*", kv, "--env", "KEY=VALUE")
+    check_training_args(config, args.extra_args, getattr(args, "configs_dir", None))
     return RunSpec(
         run_name,
         config,
@@ -328,6 +329,31 @@ def run_spec_from_args(args, env, accelerator_type: str) -> RunSpec:
         _check_home_path(args.venv, "--venv"),
         _check_home_path(args.remote_dir, "--remote-dir"),
     )
+
+
+def check_training_args(config: str, extra: Sequence[str], configs_dir: str | None) -> None:
+    """Load the config here and check the training flags after `--` (config keys and the types
+    of their values) as the training command will, before anything starts on the pod."""
+    name = config.split(":", 1)[0]
+    local = name if os.path.isabs(name) else os.path.join(REPO_ROOT, name)
+    if configs_dir and not os.path.exists(local):
+        local = os.path.join(os.path.abspath(configs_dir), os.path.basename(name))
+    if not os.path.isfile(local):
+        raise SettingError(
+            f"--config {config!r} is not a file here ({local}); the launcher checks the config "
+            "and the flags after `--` before anything starts on the pod"
+        )
+    variant = config[len(name) :]
+    try:
+        from mae_jax import main as training  # noqa: PLC0415 - only run/supervise need it
+    except ImportError as e:
+        raise SettingError(
+            f"checking the training flags needs the mae_jax package here (pip install -e .): {e}"
+        ) from None
+    try:
+        training.check_command_line(["main", f"--config={local}{variant}", *extra])
+    except training.CommandLineError as e:
+        raise SettingError(f"training flags: {e}") from None
 
 
 # --------------------------------------------------------------------------- commands

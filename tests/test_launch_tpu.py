@@ -190,8 +190,8 @@ def test_dry_run_run(example):
             f"--accelerator-type={ex['accel']}",
             "--bucket=my-bucket",
             "--",
-            "--config.num_epochs=800",
-            "--config.data_dir=gs://my-bucket/tfds",
+            "--config.epochs=800",
+            "--config.data.data_dir=gs://my-bucket/tfds",
         ]
     )
     assert rc == 0 and len(cmds) == 1
@@ -206,8 +206,8 @@ def test_dry_run_run(example):
         "mae_jax.main",
         "--config=configs/mae_vit_large.py",
         "--workdir=gs://my-bucket/mae-jax/mae_vit_large",
-        "--config.num_epochs=800",
-        "--config.data_dir=gs://my-bucket/tfds",
+        "--config.epochs=800",
+        "--config.data.data_dir=gs://my-bucket/tfds",
     ]
     assert "nohup" in script and "< /dev/null &" in script
     assert 'LOG="$HOME"/mae-logs/mae_vit_large.$(hostname).log' in script  # per worker
@@ -276,7 +276,7 @@ def test_dry_run_supervise(example):
             "--bucket=gs://my-bucket",
             "--max-restarts=5",
             "--",
-            "--config.num_epochs=800",
+            "--config.epochs=800",
         ]
     )
     assert rc == 0
@@ -290,7 +290,7 @@ def test_dry_run_supervise(example):
     assert f"--accelerator-type={ex['accel']}" in create and "--spot" in create
     assert "--worker=all" in install and "git clone" in remote(install)
     assert "--worker=all" in run
-    assert "--workdir=gs://my-bucket/mae-jax/mae_vit_large --config.num_epochs=800" in remote(run)
+    assert "--workdir=gs://my-bucket/mae-jax/mae_vit_large --config.epochs=800" in remote(run)
     for argv in cmds:
         assert_loc(argv)
     assert "at most 5 restarts" in text
@@ -408,6 +408,29 @@ def test_dry_run_flag_after_separator_refused(capsys):
     assert rc == 2 and "put it before `--`" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flag,message",
+    [
+        ("--config.num_epochs=800", "unknown config key 'num_epochs'; did you mean 'epochs'?"),
+        ("--config.batch_size=lots", "config.batch_size must be an int, got 'lots'"),
+        ("--config.model.nmae=x", "unknown config key 'model.nmae'"),
+    ],
+)
+def test_training_flags_are_checked_before_anything_runs(flag, message, capsys):
+    class Forbidden:
+        def run(self, argv):
+            raise AssertionError(f"ran {argv}")
+
+    rc = tpu.main(
+        ["run", *BASE, "--accelerator-type=v4-8", "--bucket=my-bucket", "--", flag],
+        env={},
+        runner=Forbidden(),
+        out=io.StringIO(),
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and f"error: training flags: {message}" in err, err
+
+
 # --------------------------------------------------------------------------- supervise
 
 
@@ -467,7 +490,7 @@ def make_supervisor(cloud, queued=False, max_restarts=3, skip_first_install=Fals
     c = tpu.CreateSpec(accel, tpu.default_runtime_version(accel), spot=True)
     i = tpu.InstallSpec(git_url="https://github.com/example/mae-jax.git", git_rev="0123abcd")
     r = tpu.RunSpec(
-        "vitl", "configs/mae_vit_large.py", "gs://my-bucket/vitl", ("--config.num_epochs=800",)
+        "vitl", "configs/mae_vit_large.py", "gs://my-bucket/vitl", ("--config.epochs=800",)
     )
     sleeps = []
     logs = []
@@ -517,7 +540,7 @@ def test_supervise_healthy_preempted_recreated_restarted():
     runs = [argv for k, argv in cloud.calls if k == "run"]
     assert runs[0] == runs[1]  # the same command: it resumes from the workdir's checkpoint
     assert "--worker=all" in runs[0]
-    assert "--workdir=gs://my-bucket/vitl --config.num_epochs=800" in remote(runs[0])
+    assert "--workdir=gs://my-bucket/vitl --config.epochs=800" in remote(runs[0])
     delete = next(argv for k, argv in cloud.calls if k == "delete")
     create = next(argv for k, argv in cloud.calls if k == "create")
     assert delete[3:6] == ["tpu-vm", "delete", "mae-pod"]
@@ -707,7 +730,7 @@ def test_remote_scripts_parse(shell, tmp_path):
             "--accelerator-type=v4-32",
             "--bucket=my-bucket",
             "--",
-            "--config.note=it's quoted",
+            "--config.data.name=it's quoted",
         ],
         ["stop", *BASE],
         ["logs", *BASE],
