@@ -675,48 +675,24 @@ def test_cli_module_entry_point(workdir, tmp_path):
     path, _, late = workdir
     out = str(tmp_path / "m.safetensors")
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mae_jax.convert",
-            "export",
-            "--workdir",
-            path,
-            "--format",
-            "timm",
-            "--output",
-            out,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
-    )
+
+    def export():
+        command = ["-m", "mae_jax.convert", "export", "--workdir", path, "--format", "timm"]
+        return subprocess.run(
+            [sys.executable, *command, "--output", out],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO,
+            timeout=300,
+        )
+
+    res = export()
     assert res.returncode == 0, res.stderr[-3000:]
     np.testing.assert_array_equal(
         _load(out)["norm.bias"], convert.to_pytorch(late, "timm")["norm.bias"]
     )
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mae_jax.convert",
-            "export",
-            "--workdir",
-            path,
-            "--format",
-            "timm",
-            "--output",
-            out,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
-    )
+    res = export()  # the output exists now
     assert res.returncode == 1 and "error:" in res.stderr
     res = subprocess.run(
         [sys.executable, "-m", "mae_jax.convert", "export", "--workdir", path, "--output", out],
