@@ -422,11 +422,10 @@ def _train(config, wd: wdir.Writer, task: Task, mesh, resumable: bool) -> dict:
         if hasattr(data, "close"):
             data.close()
     if not interrupted and primary:
-        tb = wd.root
         print(
             f"{task.name}: done at step {task.total_steps}. checkpoints: {wd.checkpoints}; "
             f"metrics: {wdir.join(wd.root, metrics.JSONL_NAME)}; TensorBoard: tensorboard "
-            f"--logdir {tb}; config: {wdir.join(wd.root, wdir.CONFIG)}",
+            f"--logdir {wd.root}; config: {wdir.join(wd.root, wdir.CONFIG)}",
             flush=True,
         )
     return last

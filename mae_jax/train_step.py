@@ -14,6 +14,7 @@ apart and passed to every call. Every entry is sharded by its variables' `logica
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -77,6 +78,7 @@ def apply_gradients(
     return new_state, metrics
 
 
+@dataclasses.dataclass
 class StepFns:
     """The jitted programs of one model / optimizer / mesh, and what they run on.
 
@@ -86,9 +88,18 @@ class StepFns:
     built on first use, so lowering for compile-only devices never executes anything.
     """
 
-    def __init__(self, **fields):
-        self.__dict__.update(fields)
-        self._rest = None
+    jit_step: Any
+    jit_eval: Any  # None when the task does not evaluate
+    jit_rest: Any
+    jit_init: Any
+    graphdef: Any
+    abstract_state: Any
+    state_shardings: Any
+    abstract_rest: Any
+    rest_shardings: Any
+    batch_shardings: dict
+    replicated: Any
+    _rest: Any = dataclasses.field(default=None, init=False, repr=False)
 
     @property
     def rest(self):
@@ -177,5 +188,4 @@ def build(
         rest_shardings=rest_sh,
         batch_shardings=batch_sh,
         replicated=rep,
-        mesh=mesh,
     )

@@ -33,6 +33,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -179,9 +180,7 @@ def check_writable_dir(root: str) -> None:
         probe = join(root, f".write-test-{os.getpid()}")
         write_text(probe, "")
         remove(probe)
-    except (OSError, Exception) as e:  # gfile raises tf.errors, not OSError
-        if isinstance(e, WorkdirError):
-            raise
+    except Exception as e:  # noqa: BLE001 - OSError, or tf.errors from gfile on URIs
         raise WorkdirError(f"cannot write to the workdir {root} ({_first_line(e)})") from None
 
 
@@ -289,10 +288,12 @@ class Lock:
                 )
         self._write_lease()
         time.sleep(0.05)  # a racing writer's lease would land in between: re-read
-        if read_json(self.path).get("started") != self.holder["started"] or (
-            read_json(self.path).get("pid") != self.holder["pid"]
+        holder = read_json(self.path)
+        if (holder.get("started"), holder.get("pid")) != (
+            self.holder["started"],
+            self.holder["pid"],
         ):
-            self._refuse(read_json(self.path))
+            self._refuse(holder)
         self._thread = threading.Thread(target=self._renew, name="workdir-lock", daemon=True)
         self._thread.start()
 
@@ -403,8 +404,6 @@ def _agree(ok: bool) -> bool:
 def _quiet_orbax_teardown() -> None:
     """After a failed read, Orbax's abandoned reads report "Event loop is closed" from garbage
     collection, hundreds of times; those (and only those) are dropped, once noted."""
-    import sys  # noqa: PLC0415
-
     previous = sys.unraisablehook
     if getattr(previous, "_mae_jax_quiet", False):
         return
@@ -740,11 +739,8 @@ class Writer:
     def steps(self) -> list[int]:
         """Finalized checkpoint steps (the one being written excluded)."""
         self._note_finished()
-        return (
-            self._manager().all_steps()
-            if self._pending is None
-            else sorted(s for s in self._manager().all_steps() if s != self._pending[0])
-        )
+        writing = self._pending[0] if self._pending is not None else None
+        return sorted(s for s in self._manager().all_steps() if s != writing)
 
     def _note_finished(self):
         if self._pending is not None and not self._manager().is_saving_in_progress():

@@ -22,12 +22,6 @@ from mae_jax import flops, init_from, models, optim, train
 from mae_jax import sharding as shd
 from mae_jax import train_step as ts
 from mae_jax.data import pipeline
-from mae_jax.train import (
-    Resume,
-    Task,
-    resolved_config,
-    run,
-)
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -39,9 +33,6 @@ def defaults() -> ml_collections.ConfigDict:
     return c
 
 
-ARCHITECTURE_FIELDS = models.ARCHITECTURE_FIELDS
-
-
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Resolved numbers of a pretraining run: the model and the common plan."""
@@ -50,7 +41,9 @@ class Plan:
     run: train.Plan
 
 
-def plan(config, num_train_examples: int | None, resume: Resume = None, where: str = "") -> Plan:
+def plan(
+    config, num_train_examples: int | None, resume: train.Resume = None, where: str = ""
+) -> Plan:
     """Validate `config` and resolve the model, steps and optimizer (nothing compiled).
     `resume`: the workdir's newest checkpoint `(step, meta)`, whose schedule a rerun continues."""
     run_plan = train.plan(config, defaults(), num_train_examples, resume, where)
@@ -84,7 +77,7 @@ def check_workdir_model(meta: dict, mcfg: models.MAEConfig, where: str, step: in
     saved = meta.get("model") or {}
     diffs = {
         k: (saved.get(k), getattr(mcfg, k))
-        for k in ARCHITECTURE_FIELDS
+        for k in models.ARCHITECTURE_FIELDS
         if saved.get(k) != getattr(mcfg, k)
     }
     if diffs:
@@ -197,7 +190,7 @@ def build_step(model_fn, optim_config, mesh, *, accum_steps: int = 1, rules=shd.
     )
 
 
-def task(config, mesh, resume: Resume = None, where: str = "") -> Task:
+def task(config, mesh, resume: train.Resume = None, where: str = "") -> train.Task:
     """The MAE pretraining task of `config` on `mesh` (validated before anything compiles)."""
     info = pipeline.dataset_info(config.data)
     p = plan(config, info.num_train_examples if info else None, resume, where)
@@ -218,7 +211,7 @@ def task(config, mesh, resume: Resume = None, where: str = "") -> Task:
             _log_reconstruction(writer, fns, state, batch, p.model, step)
         return None
 
-    return Task(
+    return train.Task(
         name=f"pretrain {p.model.name}",
         fns=fns,
         init=init,
@@ -237,7 +230,7 @@ def task(config, mesh, resume: Resume = None, where: str = "") -> Task:
             "schedule": p.run.schedule,
         },
         check_meta=lambda meta, step: check_workdir_model(meta, p.model, where, step),
-        resolved=resolved_config(config, p.run.total_steps, p.run.optim),
+        resolved=train.resolved_config(config, p.run.total_steps, p.run.optim),
         flops_per_image=flops.mae_train_flops_per_image(p.model),
         milestone_every=p.run.milestone_every,
         periodic=periodic,
@@ -246,7 +239,7 @@ def task(config, mesh, resume: Resume = None, where: str = "") -> Task:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrain MAE as `config` says, in `workdir`. Returns the last logged metrics."""
-    return run(config, workdir, lambda mesh, resume: task(config, mesh, resume, workdir))
+    return train.run(config, workdir, lambda mesh, resume: task(config, mesh, resume, workdir))
 
 
 def _process_local(tree):
