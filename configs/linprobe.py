@@ -31,7 +31,12 @@ def get_config(variant: str = "vit_base"):
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
     c = linear_probe.defaults()  # every key, neutral values
-    c.model = models.config_block(VARIANTS[variant], dtype="bfloat16", param_dtype="float32")
+    c.model = models.config_block(
+        VARIANTS[variant],
+        dtype="bfloat16",
+        param_dtype="float32",
+        scan_layers=variant != "smoke",  # one scanned layer: compile time independent of depth
+    )
     c.global_pool = False  # the paper's probe reads the cls token
     c.data.source = "tfds"
     c.data.name = "imagenet2012"

@@ -22,7 +22,7 @@ from mae_jax.tasks import pretrain
 VARIANTS = {
     "vit_base": dict(model="mae_vit_base_patch16"),
     "vit_large": dict(model="mae_vit_large_patch16"),
-    "vit_huge": dict(model="mae_vit_huge_patch14", remat=True),
+    "vit_huge": dict(model="mae_vit_huge_patch14", remat="full"),
     "smoke": dict(model="mae_vit_tiny_patch4_32"),
 }
 
@@ -38,7 +38,9 @@ def get_config(variant: str = "vit_base"):
         mask_ratio=0.75,
         dtype="bfloat16",  # compute; parameters and optimizer state stay float32
         param_dtype="float32",
-        remat=v.get("remat", False),
+        remat=v.get("remat", "none"),
+        # the blocks as one scanned layer: XLA compiles one block, whatever the depth
+        scan_layers=variant != "smoke",
     )
     c.data.source = "tfds"
     c.data.name = "imagenet2012"

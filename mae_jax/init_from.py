@@ -149,9 +149,10 @@ def _from_pytorch(source: Source, target: dict, mcfg) -> dict:
     from mae_jax import convert  # noqa: PLC0415 - torch-side code only when asked for
 
     converted = convert.read_pytorch(source.path, mcfg, strict=False)
+    params = models.layout.like(converted.params, target)  # stacked blocks if the model scans
     out = {}
     for top, tree in target.items():
-        if top not in converted.params:
+        if top not in params:
             raise ValueError(f"{source.path} has no {top!r} parameters (encoder-only file?)")
 
         def put(leaf, value):
@@ -160,7 +161,7 @@ def _from_pytorch(source: Source, target: dict, mcfg) -> dict:
                 raise ValueError(f"{source.path}: shape {value.shape} does not fit {leaf.shape}")
             return jax.make_array_from_callback(value.shape, leaf.sharding, lambda i: value[i])
 
-        out[top] = jax.tree.map(put, tree, converted.params[top])
+        out[top] = jax.tree.map(put, tree, params[top])
     return out
 
 

@@ -122,16 +122,39 @@ def gather_tokens(x: jax.Array, ids: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, ids[..., None], axis=1)
 
 
+@jax.custom_vjp
+def permute_tokens(x: jax.Array, order: jax.Array) -> jax.Array:
+    """`x [N, L, D]` with its tokens reordered by the permutations `order [N, L]`:
+    `out[n, i] = x[n, order[n, i]]`.
+
+    Equal to `gather_tokens(x, order)`, but its gradient is the inverse permutation, again a
+    gather, where the gather's own gradient is a scatter-add: slow on CPUs and TPUs, and
+    `order` being a permutation, never needed."""
+    return gather_tokens(x, order)
+
+
+def _permute_fwd(x, order):
+    return gather_tokens(x, order), order
+
+
+def _permute_bwd(order, grad):
+    inverse = jnp.argsort(order, axis=1)
+    return gather_tokens(grad, inverse), None
+
+
+permute_tokens.defvjp(_permute_fwd, _permute_bwd)
+
+
 def unshuffle(visible: jax.Array, mask_token: jax.Array, ids_restore: jax.Array) -> jax.Array:
     """Put visible tokens back in patch order and fill the removed ones with `mask_token`.
 
     `visible [N, L_keep, D]` (in shuffled order), `mask_token [1, 1, D]`,
-    `ids_restore [N, L]` -> `[N, L, D]`.
+    `ids_restore [N, L]` (a permutation per sample) -> `[N, L, D]`.
     """
     n, len_keep, d = visible.shape
     num_patches = ids_restore.shape[1]
     fill = jnp.broadcast_to(mask_token.astype(visible.dtype), (n, num_patches - len_keep, d))
-    return gather_tokens(jnp.concatenate([visible, fill], axis=1), ids_restore)
+    return permute_tokens(jnp.concatenate([visible, fill], axis=1), ids_restore)
 
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:

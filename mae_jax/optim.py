@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from ml_collections import config_dict
 
@@ -171,8 +172,22 @@ def scaled_lr(base_lr: float, global_batch_size: int) -> float:
 # ----------------------------------------------------------------------------- per-param rules
 
 
+def stacked_layers(names: tuple[str, ...]) -> bool:
+    """Whether the parameter at `names` holds stacked blocks (`scan_layers`: `blocks.attn...`
+    with the blocks along its leading axis) rather than one block's (`blocks.3.attn...`)."""
+    for i, name in enumerate(names[:-1]):
+        if name in ("blocks", "decoder_blocks"):
+            return not names[i + 1].isdigit()
+    return False
+
+
+def param_ndim(names: tuple[str, ...], leaf: Any) -> int:
+    """The ndim of one block's parameter: the leaf's, less the layers axis when stacked."""
+    return jnp.ndim(leaf) - int(stacked_layers(names))
+
+
 def _decays(names: tuple[str, ...], leaf: Any, exclude: Sequence[str]) -> bool:
-    return jnp.ndim(leaf) > 1 and not _matches(names, exclude)
+    return param_ndim(names, leaf) > 1 and not _matches(names, exclude)
 
 
 def weight_decay_mask(params: PyTree, exclude: Sequence[str] = ()) -> PyTree:
@@ -185,15 +200,21 @@ def weight_decay_mask(params: PyTree, exclude: Sequence[str] = ()) -> PyTree:
     return _map_with_names(lambda n, x: bool(_decays(n, x, exclude)), params)
 
 
-def _layer_id(names: tuple[str, ...], num_layers: int) -> int:
+def _layer_id(names: tuple[str, ...], num_layers: int, leaf: Any = None) -> Any:
+    """The layer id of a parameter; for stacked blocks, an int array `[depth]` (block i: i+1)."""
     for i, name in enumerate(names):
         if name in ("cls_token", "pos_embed", "patch_embed"):
             return 0
         if name == "blocks" and i + 1 < len(names):
-            try:
-                block = int(names[i + 1])
-            except ValueError:
-                continue
+            if stacked_layers(names):
+                depth = int(jnp.shape(leaf)[0])
+                if depth > num_layers:
+                    raise ValueError(
+                        f"parameter {'.'.join(names)} stacks {depth} blocks, but num_layers="
+                        f"{num_layers}"
+                    )
+                return np.arange(1, depth + 1)
+            block = int(names[i + 1])
             if not 0 <= block < num_layers:
                 raise ValueError(
                     f"parameter {'.'.join(names)} is in block {block}, but num_layers="
@@ -212,9 +233,10 @@ def layer_ids(params: PyTree, num_layers: int) -> PyTree:
     """Tree of int layer ids, the official MAE fine-tuning rule (util/lr_decay.py).
 
     cls_token, pos_embed, patch_embed.* -> 0; blocks.i.* -> i + 1; everything else -> num_layers+1.
+    Stacked blocks (`blocks.attn...`, `[depth, ...]`) get the array `[1, ..., depth]`.
     """
     _check_num_layers(num_layers)
-    return _map_with_names(lambda n, x: _layer_id(n, num_layers), params)
+    return _map_with_names(lambda n, x: _layer_id(n, num_layers, x), params)
 
 
 def _check_decay(decay):
@@ -223,13 +245,21 @@ def _check_decay(decay):
         raise ValueError(f"layer_decay must be in (0, 1], got {decay!r}")
 
 
+def _lr_scale(names: tuple[str, ...], leaf: Any, num_layers: int, decay: float) -> Any:
+    """`decay ** (num_layers + 1 - layer_id)`: a float, or for stacked blocks an array shaped
+    `[depth, 1, ...]` to broadcast against the leaf."""
+    scale = float(decay) ** (num_layers + 1 - _layer_id(names, num_layers, leaf))
+    if isinstance(scale, np.ndarray):
+        return scale.reshape((-1,) + (1,) * (jnp.ndim(leaf) - 1))
+    return scale
+
+
 def layerwise_lr_scales(params: PyTree, num_layers: int, decay: float) -> PyTree:
-    """Tree of float lr scales `decay ** (num_layers + 1 - layer_id)` (head 1.0, patch_embed least)."""
+    """Tree of lr scales `decay ** (num_layers + 1 - layer_id)` (head 1.0, patch_embed least):
+    floats, and `[depth, 1, ...]` arrays for stacked blocks."""
     _check_num_layers(num_layers)
     _check_decay(decay)
-    return _map_with_names(
-        lambda n, x: float(decay) ** (num_layers + 1 - _layer_id(n, num_layers)), params
-    )
+    return _map_with_names(lambda n, x: _lr_scale(n, x, num_layers, decay), params)
 
 
 def _as_names(what: str, names: Any) -> tuple[str, ...]:
@@ -288,8 +318,7 @@ def scale_by_layer_decay(num_layers: int, decay: float) -> optax.GradientTransfo
         del params
 
         def f(names, u):
-            scale = float(decay) ** (num_layers + 1 - _layer_id(names, num_layers))
-            return u * jnp.asarray(scale, u.dtype)
+            return u * jnp.asarray(_lr_scale(names, u, num_layers, decay), u.dtype)
 
         return _map_with_names(f, updates), state
 
@@ -301,7 +330,7 @@ def scale_by_lars(
 ) -> optax.GradientTransformation:
     """The LARS rescaling of util/lars.py, before momentum. For ndim > 1 params only:
     g <- g + wd * p; g <- g * (trust * |p| / |g|) (ratio 1 when |p| or |g| is 0).
-    ndim <= 1 params pass through unchanged."""
+    ndim <= 1 params pass through unchanged. Stacked blocks: per block (norms per layer)."""
     _check_number("weight_decay", weight_decay)
     _check_number("trust_coefficient", trust_coefficient)
     wd, trust = float(weight_decay), float(trust_coefficient)
@@ -314,18 +343,19 @@ def scale_by_lars(
         if params is None:
             raise ValueError("scale_by_lars needs params in update(), got None")
 
-        def f(u, p):
-            if jnp.ndim(p) <= 1:
+        def f(names, u, p):
+            if param_ndim(names, p) <= 1:
                 return u
             p32, u32 = p.astype(jnp.float32), u.astype(jnp.float32)
             u32 = u32 + wd * p32
-            p_norm = jnp.sqrt(jnp.sum(p32 * p32))
-            u_norm = jnp.sqrt(jnp.sum(u32 * u32))
+            axes = tuple(range(int(stacked_layers(names)), p.ndim))  # all but the layers axis
+            p_norm = jnp.sqrt(jnp.sum(p32 * p32, axis=axes, keepdims=True))
+            u_norm = jnp.sqrt(jnp.sum(u32 * u32, axis=axes, keepdims=True))
             safe_u = jnp.where(u_norm > 0, u_norm, 1.0)
             ratio = jnp.where((p_norm > 0) & (u_norm > 0), trust * p_norm / safe_u, 1.0)
             return (u32 * ratio).astype(u.dtype)
 
-        return jax.tree_util.tree_map(f, updates, params), state
+        return _map_with_names(f, updates, params), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -281,7 +281,7 @@ def options(fv: flags.FlagValues, args: Sequence[str]) -> types.SimpleNamespace:
 def run(args) -> str:
     """Write the PNG grid for the options `args`; its path. Errors raise ValueError / OSError."""
     # CPU-friendly execution of any trained config: XLA attention, no remat.
-    overrides = dict(attention_impl=None, remat=False)
+    overrides = dict(attention_impl="xla", remat="none")
     if args.img_size is not None:
         overrides["img_size"] = args.img_size
     if args.checkpoint is not None:

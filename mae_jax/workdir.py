@@ -428,6 +428,32 @@ def _restore_args(leaf):
     return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
 
 
+def _place(values, target):
+    """Nested dicts/lists of numpy arrays -> `target`'s structure, leaf by key path; leaves
+    whose target has a sharding become `jax.Array`s with it."""
+    from mae_jax.optim import path_names  # noqa: PLC0415
+
+    by_path = {path_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(values)[0]}
+    flat, treedef = jax.tree_util.tree_flatten_with_path(target)
+    leaves = []
+    for p, leaf in flat:
+        names = path_names(p)
+        if names not in by_path:
+            raise WorkdirError(f"the checkpoint has no entry {'.'.join(names)}")
+        value = np.asarray(by_path[names], dtype=leaf.dtype)
+        if value.shape != tuple(leaf.shape):
+            raise WorkdirError(
+                f"checkpoint entry {'.'.join(names)} has shape {value.shape}, expected "
+                f"{tuple(leaf.shape)}"
+            )
+        if getattr(leaf, "sharding", None) is not None:
+            value = jax.make_array_from_callback(
+                value.shape, leaf.sharding, lambda i, v=value: v[i]
+            )
+        leaves.append(value)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 @dataclasses.dataclass(frozen=True)
 class Restored:
     step: int
@@ -486,16 +512,46 @@ class Reader:
     def _read_state(self, step: int, target, partial: bool):
         import orbax.checkpoint as ocp  # noqa: PLC0415
 
+        from mae_jax.models import layout  # noqa: PLC0415
+
         path = join(self.directory, str(step), _STATE)
         with ocp.PyTreeCheckpointer() as reader:
-            return reader.restore(
+            try:  # the tree as written (its metadata file is redundant otherwise)
+                stored = reader.metadata(path).item_metadata.tree
+            except Exception:  # noqa: BLE001 - lost metadata: restore by the target alone
+                stored = None
+            if partial and stored is not None:
+                stored = {k: stored[k] for k in target if k in stored}
+            want, have = layout.layout_of(target), layout.layout_of(stored)
+            if want is None or have is None or want == have:
+                return reader.restore(
+                    path,
+                    args=ocp.args.PyTreeRestore(
+                        item=target,
+                        restore_args=jax.tree.map(_restore_args, target),
+                        partial_restore=partial,
+                    ),
+                )
+            # Written with the blocks in the other layout (`scan_layers` changed since): read
+            # it as written, on the host, then convert and place into the target's shardings.
+            logging.info(
+                "checkpoint %d holds the transformer blocks %s; converting them to %s",
+                step,
+                "stacked" if have else "per block",
+                "stacked" if want else "per block",
+            )
+            as_written = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored
+            )
+            raw = reader.restore(
                 path,
                 args=ocp.args.PyTreeRestore(
-                    item=target,
-                    restore_args=jax.tree.map(_restore_args, target),
+                    item=as_written,
+                    restore_args=jax.tree.map(_restore_args, as_written),
                     partial_restore=partial,
                 ),
             )
+        return _place(layout.convert(raw, want), target)
 
     def restore(
         self,

@@ -166,10 +166,8 @@ def test_init_from_loads_the_encoder_like_the_tasks(tmp_path):
 
 def test_drop_path_rates_and_eval_is_deterministic():
     assert drop_path_rates(0.1, 3) == pytest.approx([0.0, 0.05, 0.1])
-    clf = nnx.eval_shape(
-        lambda: create_classifier("mae_vit_small_patch16", 5, drop_path_rate=0.3, img_size=32)
-    )
-    rates = [0.0 if b.drop_path is None else b.drop_path.rate for b in clf.blocks]
+    clf = create_classifier("mae_vit_small_patch16", 5, drop_path_rate=0.3, img_size=32)
+    rates = [float(b.drop_path.rate.get_value()) for b in clf.blocks]
     np.testing.assert_allclose(rates, np.linspace(0, 0.3, 12), rtol=1e-6)
 
     clf = create_classifier("mae_vit_test", 10, seed=2, drop_path_rate=0.5)
@@ -237,7 +235,8 @@ def test_layerwise_lr_decay_scales_per_depth():
 
 
 def test_jitted_finetune_step_grads_reach_every_param():
-    clf = create_classifier("mae_vit_test", 10, drop_path_rate=0.1)
+    # rate 0.5 for the last block: a new draw of its 4 x 2 masks is unlikely to repeat the first
+    clf = create_classifier("mae_vit_test", 10, drop_path_rate=0.5)
     graphdef, params, rest = nnx.split(clf, nnx.Param, ...)
     x = images()
     y = jnp.array([0, 1, 2, 9])
@@ -278,3 +277,26 @@ def test_bad_arguments():
         clf(jnp.zeros((1, 3, 32, 32)), train=False)
     with pytest.raises(ValueError, match="train must be a bool"):
         clf(jnp.zeros((1, 32, 32, 3)), train=None)
+
+
+def test_stacked_blocks_with_drop_path():
+    # Same parameters in both layouts: same logits in eval; in training, drop path draws
+    # (one key per block, from the reseeded stream) make both differ from eval.
+    x = images()
+    loop = create_classifier("mae_vit_test", 10, seed=1, drop_path_rate=0.4)
+    scan = create_classifier("mae_vit_test", 10, seed=1, drop_path_rate=0.4, scan_layers=True)
+    np.testing.assert_allclose(scan(x, train=False), loop(x, train=False), rtol=1e-5, atol=1e-7)
+    rates = scan.blocks.drop_path.rate.get_value()
+    np.testing.assert_allclose(rates, [0.0, 0.4], rtol=1e-6)
+    for model in (loop, scan):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(p, seed, g=graphdef, r=rest):
+            m = nnx.merge(g, p, r, copy=True)
+            nnx.reseed(m, dropout=seed, policy="match_shape")
+            return jnp.sum(m(x, train=True) ** 2)
+
+        a, grads = jax.value_and_grad(loss)(params, 7)
+        assert np.isfinite(a) and float(a) == float(loss(params, 7))
+        assert float(a) != float(loss(params, 8))
+        assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))

@@ -66,7 +66,7 @@ def test_unknown_config_key_is_one_sentence_with_hint(tmp_path, arg, key, hint):
         (["--config.batch_size=abc"], "config.batch_size must be an int, got 'abc'"),
         (["--config.batch_size", "abc"], "config.batch_size must be an int, got 'abc'"),
         (["--config.optim.lr=fast"], "config.optim.lr must be a float, got 'fast'"),
-        (["--config.model.remat=maybe"], "config.model.remat must be a bool"),
+        (["--config.model.scan_layers=maybe"], "config.model.scan_layers must be a bool"),
         (["--config.model.embed_dim=6.5"], "config.model.embed_dim must be an int, got '6.5'"),
     ],
 )

@@ -4,12 +4,14 @@ import dataclasses
 import json
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from mae_jax import models, ops
+from mae_jax.models import layout, vit
 from mae_jax.models.vit import FixedEmbedding
 
 # Trainable parameter counts of the official models (facebookresearch/mae models_mae.py built in
@@ -153,22 +155,108 @@ def test_gradients_reach_every_param_and_no_pos_embed():
     assert "cls_token" in names and "mask_token" in names
 
 
-def test_remat_gives_same_loss_and_grads():
+def _loss_and_grads(model, images, noise):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    f = jax.jit(
+        jax.value_and_grad(
+            lambda p, g=graphdef, r=rest: nnx.merge(g, p, r)(images, noise=noise).loss
+        )
+    )
+    return f(params)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("remat", ["none", "full", "dots_no_batch", "dots"])
+def test_remat_policies_and_scanned_layers_give_same_loss_and_grads(scan, remat):
     images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     noise = jax.random.uniform(jax.random.key(1), (2, 16))
-    results = []
-    for remat in (False, True):
-        m = models.create("mae_vit_test", seed=0, remat=remat)
-        graphdef, params, rest = nnx.split(m, nnx.Param, ...)
-        f = jax.jit(
-            jax.value_and_grad(
-                lambda p, g=graphdef, r=rest: nnx.merge(g, p, r)(images, noise=noise).loss
-            )
-        )
-        results.append(f(params))
-    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+    base = _loss_and_grads(models.create("mae_vit_test", seed=0), images, noise)
+    m = models.create("mae_vit_test", seed=0, remat=remat, scan_layers=scan)
+    loss, grads = _loss_and_grads(m, images, noise)
+    np.testing.assert_allclose(loss, base[0], rtol=1e-6)
+    grads = layout.convert(nnx.to_pure_dict(grads), stacked=False)
+    want = nnx.to_pure_dict(base[1])
+    assert jax.tree.structure(grads) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_stacked_blocks_hold_the_same_initial_values_with_a_layers_axis():
+    loop = models.create("mae_vit_test", seed=3)
+    scan = models.create("mae_vit_test", seed=3, scan_layers=True)
+    assert isinstance(scan.blocks, vit.Block) and isinstance(scan.decoder_blocks, vit.Block)
+    qkv = scan.blocks.attn.qkv.kernel
+    assert qkv.get_value().shape == (2, 32, 96)
+    assert qkv.get_metadata()["logical_axes"] == (None, "embed", "qkv")
+    per_block = layout.convert(nnx.to_pure_dict(nnx.state(scan, nnx.Param)), stacked=False)
+    want = nnx.to_pure_dict(nnx.state(loop, nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, per_block, want)
+    back = layout.convert(want, stacked=True)
+    jax.tree.map(np.testing.assert_array_equal, back, nnx.to_pure_dict(nnx.state(scan, nnx.Param)))
+    assert layout.layout_of(back) is True and layout.layout_of(want) is False
+
+
+def _count(jaxpr, primitive: str) -> int:
+    """Occurrences of `primitive` in a jaxpr, counting each sub-jaxpr (scan bodies) once."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == primitive
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            n += _count(sub, primitive)
+    return n
+
+
+def test_scanned_layers_trace_one_block_whatever_the_depth():
+    images = jnp.zeros((1, 32, 32, 3))
+    noise = jnp.zeros((1, 16))
+
+    def matmuls(depth, scan):
+        m = models.create("mae_vit_test", depth=depth, decoder_depth=depth, scan_layers=scan)
+        graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+        loss = lambda p: nnx.merge(graphdef, p, rest)(images, noise=noise).loss  # noqa: E731
+        return _count(jax.make_jaxpr(jax.grad(loss))(params).jaxpr, "dot_general")
+
+    assert matmuls(2, True) == matmuls(6, True)
+    assert matmuls(6, False) > matmuls(2, False)
+
+
+def test_remat_names_and_old_booleans():
+    assert models.resolve("mae_vit_test", remat=True).remat == "full"
+    assert models.resolve("mae_vit_test", remat=False).remat == "none"
+    assert models.config_block("mae_vit_test", remat=True).remat == "full"
+    with pytest.raises(ValueError, match=r"remat 'yes' is not one of \('none', 'full'"):
+        models.resolve("mae_vit_test", remat="yes")
+    with pytest.raises(ValueError, match="scan_layers must be True or False, got 1"):
+        models.resolve("mae_vit_test", scan_layers=1)
+
+
+@pytest.mark.parametrize("tokens", [50, 197])
+def test_padded_attention_equals_unpadded_forward_and_gradients(tokens):
+    shape = (2, tokens, 4, 16)
+    q, k, v = (jax.random.normal(jax.random.key(i), shape) for i in range(3))
+    cot = jax.random.normal(jax.random.key(3), shape)
+
+    def plain(q, k, v):
+        return jnp.sum(jax.nn.dot_product_attention(q, k, v, implementation="xla") * cot)
+
+    def padded(q, k, v):
+        out = vit.padded_attention(q, k, v, multiple=vit.CUDNN_SEQ_MULTIPLE, implementation="xla")
+        assert out.shape == shape
+        return jnp.sum(out * cot)
+
+    want = jax.value_and_grad(plain, argnums=(0, 1, 2))(q, k, v)
+    got = jax.value_and_grad(padded, argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for a, b in zip(got[1], want[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_automatic_attention_is_xla_off_gpu():
+    # On a CPU `attention_impl=None` must not touch cuDNN: the result is XLA's exactly.
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 10, 2, 8)) for i in range(3))
+    np.testing.assert_array_equal(
+        vit.attention(q, k, v, None), jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    )
 
 
 @pytest.mark.slow
@@ -293,5 +381,5 @@ def test_bad_architecture_messages_name_field_and_value():
         models.resolve("mae_vit_test", depth=0)
     with pytest.raises(ValueError, match="mlp_ratio must be positive, got 0"):
         models.resolve("mae_vit_test", mlp_ratio=0.0)
-    with pytest.raises(ValueError, match="remat must be True or False, got 'yes'"):
+    with pytest.raises(ValueError, match="remat 'yes' is not one of"):
         models.resolve("mae_vit_test", remat="yes")

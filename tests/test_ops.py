@@ -131,6 +131,18 @@ def test_unshuffle_restores_order_and_fills_mask_tokens():
     np.testing.assert_array_equal(np.asarray(full)[m], 7.0)
 
 
+def test_permute_tokens_gradient_is_the_gathers_and_scatter_free():
+    x = jax.random.normal(jax.random.key(5), (3, 12, 4))
+    order = jnp.argsort(jax.random.uniform(jax.random.key(6), (3, 12)), axis=1)
+    cot = jax.random.normal(jax.random.key(7), (3, 12, 4))
+    np.testing.assert_array_equal(ops.permute_tokens(x, order), ops.gather_tokens(x, order))
+    want = jax.grad(lambda x: jnp.sum(ops.gather_tokens(x, order) * cot))(x)
+    grad = lambda x: jnp.sum(ops.permute_tokens(x, order) * cot)  # noqa: E731
+    np.testing.assert_array_equal(jax.grad(grad)(x), want)
+    backward = str(jax.make_jaxpr(jax.grad(grad))(x))
+    assert "scatter" not in backward and "gather" in backward
+
+
 @pytest.mark.parametrize("dim,gh,gw", [(16, 4, 4), (64, 3, 5), (768, 14, 14)])
 def test_sincos_2d_closed_form(dim, gh, gw):
     table = ops.sincos_2d(dim, (gh, gw), cls_token=True)

@@ -559,3 +559,33 @@ def test_unknown_config_key_and_depth_mismatch():
     cfg.update(layer_decay=0.75, num_layers=2)
     with pytest.raises(ValueError, match="blocks.2.* in block 2"):
         optim.create_optimizer(cfg, vit_tree(depth=4))
+
+
+@pytest.mark.parametrize("name", ["adamw", "lars", "sgd"])
+def test_stacked_blocks_get_the_per_block_rules(name):
+    # scan_layers stores the blocks stacked: weight decay, LARS norms and layer-wise lr
+    # decay must still act per block, as on the per-block layout.
+    from mae_jax.models import layout
+    from mae_jax.models.classifier import create_classifier
+
+    model = create_classifier("mae_vit_test", 5, seed=0, scan_layers=True)
+    stacked = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    per_block = layout.convert(stacked, stacked=False)
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.01) + 0.1 * x, stacked)
+    cfg = optim.default_optim_config()
+    cfg.name, cfg.lr, cfg.weight_decay = name, 1e-2, 0.05
+    cfg.layer_decay, cfg.num_layers = 0.75, model.config.depth
+    cfg.total_steps, cfg.warmup_steps = 10, 0
+    results = []
+    for params, g in ((stacked, grads), (per_block, layout.convert(grads, stacked=False))):
+        tx = optim.create_optimizer(cfg, params)
+        updates, _ = tx.update(g, tx.init(params), params)
+        results.append(updates)
+    got = layout.convert(results[0], stacked=False)
+    assert jax.tree.structure(got) == jax.tree.structure(results[1])
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(results[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    mask = optim.weight_decay_mask(stacked)
+    assert mask["blocks"]["attn"]["qkv"]["kernel"] and not mask["blocks"]["attn"]["qkv"]["bias"]
+    ids = optim.layer_ids(stacked, model.config.depth)
+    np.testing.assert_array_equal(ids["blocks"]["norm1"]["scale"], [1, 2])

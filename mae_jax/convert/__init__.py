@@ -34,7 +34,7 @@ from mae_jax.convert import files, mapping, posembed
 from mae_jax.convert.files import check_hf_config, hf_config, load_state_dict, save
 from mae_jax.convert.mapping import FORMATS, detect_format, pytorch_shapes
 from mae_jax.convert.posembed import interpolate_pos_embed, resize_pos_embed
-from mae_jax.models import MAE, create, resolve
+from mae_jax.models import MAE, create, layout, resolve
 from mae_jax.models.config import MAEConfig
 
 __all__ = [
@@ -84,10 +84,12 @@ def params_to_pytorch(
     pos_embed: Any = None,
     decoder_pos_embed: Any = None,
 ) -> dict[str, np.ndarray]:
-    """Our params tree (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`) -> flat float32 numpy
-    state dict in `format`. Position tables (`[1, 1+L, D]`, default: fixed sin-cos) are
-    resized to `img_size`'s grid when given (see `resize_pos_embed`)."""
+    """Our params tree (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`, blocks per block or
+    stacked) -> flat float32 numpy state dict in `format`. Position tables (`[1, 1+L, D]`,
+    default: fixed sin-cos) are resized to `img_size`'s grid when given (see
+    `resize_pos_embed`)."""
     config = resolve(config)
+    params = layout.convert(params, stacked=False)
     grid = target_grid(config, img_size)
     tables = []
     for table, dim in (
@@ -208,7 +210,7 @@ def build_model(converted: Converted, name_or_config: Any, *, seed: int = 0) -> 
     model = create(config, seed=seed)
     state = nnx.state(model, nnx.Param)
     pure = nnx.to_pure_dict(state)
-    _assign(pure, converted.params)
+    _assign(pure, layout.like(converted.params, pure))  # stacked when the model scans
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
     for name, table in converted.pos_tables.items():

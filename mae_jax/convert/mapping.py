@@ -209,7 +209,7 @@ def _abstract_params(config: MAEConfig) -> dict:
 
     # Blocks of one stack all have the same shapes: trace a one-block model (tracing the
     # construction of a 32-block model takes seconds) and repeat its block.
-    small = dataclasses.replace(config, depth=1, decoder_depth=1)
+    small = dataclasses.replace(config, depth=1, decoder_depth=1, scan_layers=False)
     model = nnx.eval_shape(lambda: MAE(small, rngs=nnx.Rngs(0)))
     tree = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tree["blocks"] = {i: tree["blocks"][0] for i in range(config.depth)}

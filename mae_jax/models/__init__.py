@@ -6,6 +6,7 @@ from typing import Any
 
 from flax import nnx
 
+from mae_jax.models import layout
 from mae_jax.models.config import (
     ARCHITECTURE_FIELDS,
     PRESETS,
@@ -25,6 +26,7 @@ __all__ = [
     "config_block",
     "create",
     "dtype_name",
+    "layout",
     "resolve",
 ]
 

@@ -28,7 +28,7 @@ from flax import nnx
 from mae_jax.models.config import MAEConfig, resolve
 from mae_jax.models.encoder import ENCODER_KEYS as ENCODER_KEYS  # re-exported: init_from, tasks
 from mae_jax.models.encoder import Encoder
-from mae_jax.models.vit import layer_norm, normal, zeros
+from mae_jax.models.vit import block_list, layer_norm, normal, zeros
 
 FINETUNE_HEAD_STD = 2e-5  # main_finetune.py: trunc_normal_(head.weight, std=2e-5)
 LINPROBE_HEAD_STD = 0.01  # main_linprobe.py: trunc_normal_(head.weight, std=0.01)
@@ -114,7 +114,7 @@ class ViTClassifier(Encoder):
     def _set_train(self, train: bool) -> None:
         if not isinstance(train, bool):
             raise ValueError(f"train must be a bool, got {train!r}")
-        for block in self.blocks:
+        for block in block_list(self.blocks):
             if block.drop_path is not None:
                 block.drop_path.deterministic = not train
 

@@ -14,6 +14,7 @@ from ml_collections import config_dict
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = (None, "xla", "cudnn")
+REMAT_NAMES = ("none", "full", "dots_no_batch", "dots")  # `vit.REMAT_POLICIES`
 DTYPE_FIELDS = ("dtype", "param_dtype")
 
 
@@ -62,12 +63,15 @@ class MAEConfig:
     mask_ratio: float = 0.75
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype
-    attention_impl: str | None = None
-    remat: bool = False
+    attention_impl: str | None = None  # None: cuDNN flash attention on GPUs (half), else XLA
+    remat: str = "none"  # one of REMAT_NAMES; True/False (older configs) mean "full"/"none"
+    scan_layers: bool = False  # blocks as one scanned layer: compile time independent of depth
 
     def __post_init__(self):
         for field in DTYPE_FIELDS:  # jnp.bfloat16, np.dtype("float32"), ... -> their names
             object.__setattr__(self, field, dtype_name(getattr(self, field)))
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
 
     @property
     def grid_size(self) -> int:
@@ -123,9 +127,13 @@ class MAEConfig:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio!r}")
         if not 0.0 <= float(self.mask_ratio) < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio!r}")
-        for field in ("norm_pix_loss", "remat"):
+        for field in ("norm_pix_loss", "scan_layers"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"{field} must be True or False, got {getattr(self, field)!r}")
+        if self.remat not in REMAT_NAMES:
+            raise ValueError(
+                f"remat {self.remat!r} is not one of {REMAT_NAMES} (True/False mean full/none)"
+            )
         for field in DTYPE_FIELDS:
             if getattr(self, field) not in _DTYPES:
                 raise ValueError(
@@ -217,6 +225,8 @@ def config_block(name: str, **fields) -> ml_collections.ConfigDict:
         if field.name == "name":
             continue
         value = fields.get(field.name)
+        if field.name == "remat" and isinstance(value, bool):
+            value = "full" if value else "none"
         if field.name in DTYPE_FIELDS and value is not None:
             value = dtype_name(value)
             if value not in _DTYPES:

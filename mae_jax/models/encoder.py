@@ -18,7 +18,14 @@ from flax import nnx
 
 from mae_jax import ops
 from mae_jax.models.config import MAEConfig
-from mae_jax.models.vit import Block, FixedEmbedding, PatchEmbed, normal, run_blocks
+from mae_jax.models.vit import (
+    Block,
+    FixedEmbedding,
+    PatchEmbed,
+    normal,
+    run_blocks,
+    stack_blocks,
+)
 
 # Parameter subtrees of the encoder that a classifier takes over from a pretrained MAE; the
 # final `norm` too when it pools the cls token (`mae_jax.init_from`, `mae_jax.tasks.classify`).
@@ -40,7 +47,7 @@ class Encoder(nnx.Module):
     Args:
       config: an `MAEConfig` (its encoder fields).
       drop_path_rate: stochastic depth of the last block (0 .. rate over the blocks, see
-        `drop_path_rates`); 0 builds no DropPath.
+        `drop_path_rates`; every block gets a DropPath, the first with rate 0); 0 builds none.
       rngs: the `params` stream for the initialization (and `dropout` for drop path).
     """
 
@@ -55,20 +62,22 @@ class Encoder(nnx.Module):
         self.pos_embed = FixedEmbedding(
             jnp.asarray(ops.sincos_2d(d, c.grid_size))[None].astype(c.storage_dtype)
         )
-        self.blocks = nnx.List(
-            [
-                Block(
-                    d,
-                    c.num_heads,
-                    c.mlp_ratio,
-                    attention_impl=c.attention_impl,
-                    drop_path=rate,
-                    rngs=rngs,
-                    **kw,
-                )
-                for rate in drop_path_rates(drop_path_rate, c.depth)
-            ]
-        )
+        blocks = [
+            Block(
+                d,
+                c.num_heads,
+                c.mlp_ratio,
+                attention_impl=c.attention_impl,
+                drop_path=rate,
+                rngs=rngs,
+                **kw,
+            )
+            for rate in (
+                drop_path_rates(drop_path_rate, c.depth) if drop_path_rate > 0 else [None] * c.depth
+            )
+        ]
+        # Stacked (`scan_layers`): the same initial values, one array per parameter.
+        self.blocks = stack_blocks(blocks) if c.scan_layers else nnx.List(blocks)
 
     def check_images(self, images) -> None:
         """Raise ValueError unless `images` is `[N, img_size, img_size, in_chans]`."""

@@ -17,7 +17,15 @@ from flax import nnx
 from mae_jax import ops
 from mae_jax.models.config import MAEConfig
 from mae_jax.models.encoder import Encoder
-from mae_jax.models.vit import Block, FixedEmbedding, layer_norm, linear, normal, run_blocks
+from mae_jax.models.vit import (
+    Block,
+    FixedEmbedding,
+    layer_norm,
+    linear,
+    normal,
+    run_blocks,
+    stack_blocks,
+)
 
 
 class MAEOutput(NamedTuple):
@@ -45,19 +53,18 @@ class MAE(Encoder):
         self.decoder_pos_embed = FixedEmbedding(
             jnp.asarray(ops.sincos_2d(dd, c.grid_size))[None].astype(c.storage_dtype)
         )
-        self.decoder_blocks = nnx.List(
-            [
-                Block(
-                    dd,
-                    c.decoder_num_heads,
-                    c.mlp_ratio,
-                    attention_impl=c.attention_impl,
-                    rngs=rngs,
-                    **kw,
-                )
-                for _ in range(c.decoder_depth)
-            ]
-        )
+        blocks = [
+            Block(
+                dd,
+                c.decoder_num_heads,
+                c.mlp_ratio,
+                attention_impl=c.attention_impl,
+                rngs=rngs,
+                **kw,
+            )
+            for _ in range(c.decoder_depth)
+        ]
+        self.decoder_blocks = stack_blocks(blocks) if c.scan_layers else nnx.List(blocks)
         self.decoder_norm = layer_norm(dd, rngs=rngs, **kw)
         self.decoder_pred = linear(dd, c.patch_dim, ("embed", None), rngs=rngs, **kw)
         # Own masking stream, used when neither noise nor rngs are given.

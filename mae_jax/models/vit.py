@@ -8,6 +8,8 @@ that `mae_jax.sharding` maps to mesh axes; the modules themselves know nothing o
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -108,11 +110,63 @@ class PatchEmbed(nnx.Module):
         return self.proj(patches)
 
 
+# cuDNN's fused (flash) attention refuses the token counts of the MAE (50 visible + cls in the
+# encoder, 197 in the decoder); padded to a multiple of this, with the padded keys masked, it runs.
+CUDNN_SEQ_MULTIPLE = 64
+_HALF_DTYPES = (jnp.bfloat16, jnp.float16)
+_cudnn_refused: list[str] = []  # why the automatic choice fell back to XLA (warned once)
+
+
+def padded_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, multiple: int, implementation: str
+) -> jax.Array:
+    """Attention with the token axis zero-padded to a multiple of `multiple`.
+
+    `q, k, v [N, T, H, Dh]` -> `[N, T, H, Dh]`. The padded keys are masked out (sequence
+    lengths `T`) and the padded query rows dropped, so the result equals unpadded attention.
+    """
+    n, t = q.shape[:2]
+    padded = -(-t // multiple) * multiple
+    if padded != t:
+        widths = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+        q, k, v = (jnp.pad(a, widths) for a in (q, k, v))
+    lengths = jnp.full((n,), t, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        implementation=implementation,
+    )
+    return out[:, :t]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None) -> jax.Array:
+    """Softmax attention `[N, T, H, Dh]` -> `[N, T, H, Dh]`.
+
+    `implementation`: 'xla'; 'cudnn' (cuDNN flash attention on the padded token axis, GPUs
+    only); None chooses cuDNN for half-precision inputs on a GPU, falling back to XLA (with one
+    warning) when cuDNN refuses them, and XLA everywhere else.
+    """
+    if implementation == "cudnn":
+        return padded_attention(q, k, v, multiple=CUDNN_SEQ_MULTIPLE, implementation="cudnn")
+    if implementation is None and jax.default_backend() == "gpu" and q.dtype in _HALF_DTYPES:
+        try:
+            return padded_attention(q, k, v, multiple=CUDNN_SEQ_MULTIPLE, implementation="cudnn")
+        except (NotImplementedError, RuntimeError, ValueError) as e:
+            if not _cudnn_refused:
+                _cudnn_refused.append(str(e))
+                warnings.warn(
+                    f"cuDNN attention unavailable ({e}); using XLA attention", stacklevel=2
+                )
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with a fused `qkv` projection (rows q, k, v; heads contiguous).
 
-    `implementation` is passed to `jax.nn.dot_product_attention` (None = XLA's choice,
-    'xla', or 'cudnn').
+    `implementation`: see `attention` (None = automatic, 'xla', 'cudnn').
     """
 
     def __init__(
@@ -141,7 +195,7 @@ class Attention(nnx.Module):
         h = self.num_heads
         qkv = self.qkv(x).reshape(n, t, 3, h, d // h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [N, T, H, Dh]
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        out = attention(q, k, v, self.implementation)
         return self.proj(out.reshape(n, t, d))
 
 
@@ -160,29 +214,37 @@ class Mlp(nnx.Module):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
+class DropRate(nnx.Variable):
+    """The stochastic-depth rate of one block: a constant, never trained or checkpointed.
+
+    A value rather than a Python attribute, so every block has the same structure and the
+    blocks can run as one scanned layer."""
+
+
 class DropPath(nnx.Module):
     """Stochastic depth per sample (`rate` = probability of dropping the residual branch)."""
 
-    def __init__(self, rate: float, *, rngs: nnx.Rngs | None = None):
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"drop path rate must be in [0, 1), got {rate}")
-        self.rate = rate
+    def __init__(self, rate: float, *, rngs: nnx.Rngs):
+        if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop path rate must be a number in [0, 1), got {rate!r}")
+        self.rate = DropRate(jnp.asarray(rate, jnp.float32))
         self.deterministic = False
-        self.rngs = rngs.fork() if (rngs is not None and rate > 0) else None
+        self.rngs = rngs.fork()
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.rate == 0.0 or self.deterministic:
+        if self.deterministic:
             return x
-        if self.rngs is None:
-            raise ValueError("DropPath with rate > 0 needs rngs to train")
-        keep = 1.0 - self.rate
+        keep = 1.0 - self.rate.get_value()
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         draw = jax.random.bernoulli(self.rngs.dropout(), keep, shape)
-        return x * draw.astype(x.dtype) / keep
+        return x * draw.astype(x.dtype) / keep.astype(x.dtype)
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`."""
+    """Pre-norm transformer block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`.
+
+    `drop_path`: None (no stochastic depth) or this block's rate (0.0 included, so the blocks
+    of one model share their structure)."""
 
     def __init__(
         self,
@@ -193,7 +255,7 @@ class Block(nnx.Module):
         dtype,
         param_dtype,
         attention_impl: str | None = None,
-        drop_path: float = 0.0,
+        drop_path: float | None = None,
         rngs: nnx.Rngs,
     ):
         kw: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -201,7 +263,7 @@ class Block(nnx.Module):
         self.attn = Attention(dim, num_heads, implementation=attention_impl, **kw)
         self.norm2 = layer_norm(dim, **kw)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), **kw)
-        self.drop_path = DropPath(drop_path, rngs=rngs) if drop_path > 0 else None
+        self.drop_path = DropPath(drop_path, rngs=rngs) if drop_path is not None else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dp = self.drop_path if self.drop_path is not None else (lambda y: y)
@@ -209,17 +271,80 @@ class Block(nnx.Module):
         return x + dp(self.mlp(self.norm2(x)))
 
 
-def _call_block(block: Block, x: jax.Array) -> jax.Array:
+# Activation rematerialization (`MAEConfig.remat`): what the backward pass keeps of each
+# block's forward; the rest is recomputed. None: keep everything (no remat).
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only the block inputs
+    # keep the outputs of the projections (qkv, proj, fc1, fc2: matmuls without batch
+    # dimensions), recompute attention, norms and GELU
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,  # attention scores kept too
+}
+
+
+def _apply(block: Block, x: jax.Array) -> jax.Array:
     return block(x)
 
 
-_remat_call_block = nnx.remat(_call_block)
+def _with_layers_axis(var: nnx.Variable, value: jax.Array) -> nnx.Variable:
+    axes = var.get_metadata().get("logical_axes")
+    if axes is None:
+        return var.replace(value)
+    return var.replace(value, logical_axes=(None,) + tuple(axes))
 
 
-def run_blocks(blocks, x: jax.Array, remat: bool = False) -> jax.Array:
-    """Apply a sequence of blocks; with `remat`, each block's activations are recomputed in
-    the backward pass instead of stored."""
-    call = _remat_call_block if remat else _call_block
+def stack_blocks(blocks: list[Block]) -> Block:
+    """Blocks of one structure -> one Block whose variables hold them all along a new leading
+    axis (`[depth, ...]`; its `logical_axes` start with None: the layers axis is never
+    sharded). `run_blocks` runs it as one scanned layer."""
+    graphdef, _ = nnx.split(blocks[0])
+    states = []
+    for i, block in enumerate(blocks):
+        block_graphdef, state = nnx.split(block)
+        if block_graphdef != graphdef:
+            raise ValueError(f"block {i} differs in structure from block 0; cannot stack them")
+        states.append(state)
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    stacked = jax.tree.map(
+        lambda *vs: _with_layers_axis(vs[0], jnp.stack([v.get_value() for v in vs])),
+        *states,
+        is_leaf=is_var,
+    )
+    return nnx.merge(graphdef, stacked)
+
+
+def _scan(stacked: Block, x: jax.Array, policy: Callable | None) -> jax.Array:
+    """One `lax.scan` over the leading (layers) axis of a `stack_blocks` module: one block is
+    compiled, whatever the depth."""
+    graphdef, state = nnx.split(stacked)
+
+    def body(carry, layer_state):
+        block = nnx.merge(graphdef, layer_state)
+        return block(carry), nnx.state(block, nnx.RngState)
+
+    if policy is not None:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    x, rng_states = jax.lax.scan(body, x, state)
+    nnx.update(stacked, rng_states)  # the RNG streams advanced in the scan
+    return x
+
+
+def run_blocks(blocks, x: jax.Array, remat: str = "none") -> jax.Array:
+    """Apply transformer blocks to `x [N, T, D]`: a list of `Block`s one after the other, or
+    a `stack_blocks` module as one scanned layer (the same result).
+
+    `remat` names a `REMAT_POLICIES` entry: what each block keeps for the backward pass.
+    """
+    policy = REMAT_POLICIES[remat]
+    if isinstance(blocks, Block):
+        return _scan(blocks, x, policy)
+    call = _apply if policy is None else nnx.remat(_apply, policy=policy)
     for block in blocks:
         x = call(block, x)
     return x
+
+
+def block_list(blocks) -> list[Block]:
+    """The modules holding the blocks: the list itself, or the one stacked module."""
+    return [blocks] if isinstance(blocks, Block) else list(blocks)

@@ -100,7 +100,7 @@ def loss_and_grads(
     def loss_fn(params):
         model = _merge(graphdef, state, rest, params)
         if drop_path:
-            nnx.reseed(model, dropout=drop_key)
+            nnx.reseed(model, dropout=drop_key, policy="match_shape")  # stacked: a key per block
         logits = model(images, train=True)
         stats = nnx.state(model, nnx.BatchStat) if "batch_stats" in state else None
         return soft_target_cross_entropy(logits, targets), (logits, stats)
