@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from mae_jax import flops
+from mae_jax import compile_cache, flops
 from mae_jax import sharding as shd
 from mae_jax.tasks import pretrain
 
@@ -236,18 +236,11 @@ def topology_devices(topo: Topology, backend: str, libtpu_path: str | None = Non
 
 
 # ------------------------------------------------------------------------------ compile
-def _with_total_steps(config: ml_collections.ConfigDict, total: int):
-    c = ml_collections.ConfigDict(config.to_dict())
-    if c.total_steps is None:
-        c.total_steps = total
-    return c
-
-
 def lower_train_step(config: ml_collections.ConfigDict, mesh: Mesh):
     """Lower the pretraining step for `config` on `mesh` from abstract values only: the very
     `jax.jit` object training runs (`tasks.pretrain.step_fns`), lowered without executing
     anything (compile-only devices can hold no arrays). Returns `(lowered, plan)`."""
-    p = pretrain.plan(_with_total_steps(config, 1000), None)
+    p = pretrain.plan_without_data(config, 1000)
     pretrain.check_mesh(config, mesh)
     fns = pretrain.step_fns(config, p, mesh)
     c = p.model
@@ -396,6 +389,9 @@ def main(argv):
                 jax.config.update("jax_num_cpu_devices", topo.num_devices)
             except RuntimeError:
                 pass
+        # Compile-only TPU devices write cache entries but cannot load them: cache CPU/GPU only.
+        cache = _CONFIG.value.get("compilation_cache", compile_cache.AUTO)
+        compile_cache.enable("none" if backend == "tpu" else cache)
         report = check(
             _CONFIG.value, f.topology, backend=backend, hbm_gib=f.hbm_gib, libtpu_path=f.libtpu_path
         )

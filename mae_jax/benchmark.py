@@ -11,6 +11,8 @@ first call (tracing + lowering + XLA compilation + one step), runs `--warmup` st
 `--steps` steps one by one with `block_until_ready`, and prints images/s, step time (median,
 min/max, p10/p90), model TFLOP/s (`flops.mae_train_flops_per_image` x images/s), MFU against
 `--peak_tflops` or the known per-device peak, peak memory, compile time, device and versions.
+The persistent compilation cache (`--config.compilation_cache`, `mae_jax.compile_cache`) is on
+by default: a second start loads the step from it and says "cache hit".
 
 On a CPU, pick the number of simulated devices with
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` (default 1).
@@ -18,6 +20,7 @@ On a CPU, pick the number of simulated devices with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -32,13 +35,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mae_jax import flops
+from mae_jax import compile_cache, flops
 from mae_jax import sharding as shd
 from mae_jax.tasks import pretrain
-
-_TRACE = "/jax/core/compile/jaxpr_trace_duration"
-_LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
-_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
 def throughput(
@@ -100,31 +99,8 @@ def peak_memory(devices: Sequence[jax.Device]) -> tuple[int, str]:
     return int(rss), "process max RSS (host memory; these devices report no memory stats)"
 
 
-class _CompileEvents:
-    """Collects JAX's compile-phase durations (trace, lower to MLIR, XLA compile)."""
-
-    def __init__(self):
-        self.events: list[tuple[str, float]] = []
-
-    def __call__(self, event: str, duration: float, **_):
-        if event in (_TRACE, _LOWER, _COMPILE):
-            self.events.append((event, float(duration)))
-
-    def __enter__(self):
-        jax.monitoring.register_event_duration_secs_listener(self)
-        return self
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self)
-
-    def summary(self) -> dict:
-        of = lambda name: [d for e, d in self.events if e == name]  # noqa: E731
-        # Nested jits are traced inside the outer trace: the longest trace is the whole one.
-        return {
-            "trace_s": max(of(_TRACE), default=0.0),
-            "lower_s": sum(of(_LOWER)),
-            "xla_compile_s": sum(of(_COMPILE)),
-        }
+# Compile-phase durations and persistent-cache hits (trace, lower, XLA compile or cache load).
+_CompileEvents = compile_cache.CompileEvents
 
 
 def _process_cpu_seconds() -> float:
@@ -132,27 +108,28 @@ def _process_cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _bench_config(config: ml_collections.ConfigDict, total: int) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict(config.to_dict())
-    if c.total_steps is None:  # no data set to derive it from: any positive count will do
-        c.total_steps = total
-    return c
+@dataclasses.dataclass
+class Prepared:
+    """What `prepare` builds: the plan, mesh and step functions, a fresh train state, a batch of
+    synthetic device-resident images and the step key."""
+
+    plan: pretrain.Plan
+    mesh: Any
+    fns: Any
+    state: dict
+    batch: dict
+    key: jax.Array
 
 
-def run(
+def prepare(
     config: ml_collections.ConfigDict,
-    *,
-    steps: int = 10,
-    warmup: int = 2,
-    peak_tflops: float | None = None,
-) -> dict:
-    """Build the train step for `config`, run and time it; return every figure as a dict."""
-    if steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {steps}")
-    if warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {warmup}")
-    p = pretrain.plan(_bench_config(config, 1 + warmup + steps), None)
-    mesh = shd.make_mesh(config.mesh)
+    total_steps: int,
+    devices: Sequence[jax.Device] | None = None,
+) -> Prepared:
+    """The train step of `config` on its mesh over `devices` (default: all), a fresh state and
+    random normalized images, ready to run (nothing compiled yet)."""
+    p = pretrain.plan_without_data(config, total_steps)
+    mesh = shd.make_mesh(config.mesh, devices)
     pretrain.check_mesh(config, mesh)
     fns = pretrain.step_fns(config, p, mesh)
     state = fns.init()
@@ -161,15 +138,35 @@ def run(
     images = jax.jit(
         lambda k: jax.random.normal(k, shape, jnp.float32), out_shardings=shd.batch_sharding(mesh)
     )(jax.random.key(config.seed + 1))
-    batch = {"image": images}
-    key = jax.random.key(config.seed)
     jax.block_until_ready((state, images))
+    return Prepared(p, mesh, fns, state, {"image": images}, jax.random.key(config.seed))
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    *,
+    steps: int = 10,
+    warmup: int = 2,
+    peak_tflops: float | None = None,
+    prepared: Prepared | None = None,
+) -> dict:
+    """Build the train step for `config` (or take `prepared`, made by `prepare` from the same
+    config), run and time it; return every figure as a dict."""
+    if steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {steps}")
+    if warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {warmup}")
+    pr = prepared or prepare(config, 1 + warmup + steps)
+    p, mesh, fns, state, batch, key = pr.plan, pr.mesh, pr.fns, pr.state, pr.batch, pr.key
+    pr.state = None  # donated to the first step
+    c = p.model
 
     with _CompileEvents() as events:
         t0 = time.perf_counter()
         state, metrics = fns.step(state, batch, key)
         jax.block_until_ready((state, metrics))
         first_call = time.perf_counter() - t0
+    first_loss = float(jax.device_get(metrics["loss"]))
     for _ in range(warmup):
         state, metrics = fns.step(state, batch, key)
     jax.block_until_ready((state, metrics))
@@ -216,6 +213,7 @@ def run(
         "flops_per_image": flops_per_image,
         "peak_memory_bytes": mem,
         "peak_memory_kind": mem_what,
+        "first_loss": first_loss,
         "final_loss": loss,
     }
     result.update(events.summary())
@@ -240,7 +238,7 @@ def format_report(r: dict) -> str:
             f"device: {r['num_devices']} x {r['device_kind']} (backend {r['backend']}, "
             f"jax {r['jax_version']})",
             f"compile: first call {r['first_call_s']:.2f} s (trace {r['trace_s']:.2f} s, lower "
-            f"{r['lower_s']:.2f} s, XLA compile {r['xla_compile_s']:.2f} s, plus one step)",
+            f"{r['lower_s']:.2f} s, {compile_cache.describe(r)}, plus one step)",
             f"step time: median {r['step_time_median_s'] * 1e3:.1f} ms, min "
             f"{r['step_time_min_s'] * 1e3:.1f} ms, max {r['step_time_max_s'] * 1e3:.1f} ms, p10 "
             f"{r['step_time_p10_s'] * 1e3:.1f} ms, p90 {r['step_time_p90_s'] * 1e3:.1f} ms "
@@ -285,6 +283,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
     try:
+        compile_cache.enable(_CONFIG.value.get("compilation_cache", compile_cache.AUTO))
         result = run(_CONFIG.value, steps=f.steps, warmup=f.warmup, peak_tflops=f.peak_tflops)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

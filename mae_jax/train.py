@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from mae_jax import flops, init_from, metrics, models, optim
+from mae_jax import compile_cache, flops, init_from, metrics, models, optim, profiler
 from mae_jax import sharding as shd
 from mae_jax import train_step as ts
 from mae_jax import workdir as wdir
@@ -89,6 +89,8 @@ def common_defaults() -> ml_collections.ConfigDict:
     c.keep_every_epochs = 0.0  # milestones kept for good (0: none)
     c.log_every_steps = 50
     c.peak_tflops = config_dict.placeholder(float)  # None: known per device (mae_jax.flops)
+    c.compilation_cache = compile_cache.AUTO  # dir or gs:// URI; 'none' or '': off
+    c.profile_steps = config_dict.placeholder(tuple)  # (start_step, num_steps); None: off
     return c
 
 
@@ -259,9 +261,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[...
     """Init or resume `make_task(mesh, resume)`'s state in `workdir` and train it to the end.
 
     Common config keys: seed, mesh, checkpoint_every_steps, keep_checkpoints,
-    keep_every_epochs, log_every_steps, peak_tflops. Returns the last logged metrics.
+    keep_every_epochs, log_every_steps, peak_tflops, compilation_cache (`mae_jax.compile_cache`),
+    profile_steps (`profiler.window`). Returns the last logged metrics.
     """
+    profile = profiler.window(config.get("profile_steps"))
     mesh = shd.make_mesh(config.mesh)
+    compile_cache.enable(config.get("compilation_cache", compile_cache.AUTO), jax.process_count())
     root = wdir.normalize(workdir)
     # Validate everything before writing anything: the task is planned from a read-only look
     # at the workdir, then planned again under the lock if a checkpoint landed in between.
@@ -276,7 +281,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[...
             if _complete(task, latest, root):
                 return {"step": latest[0], "complete": True}
         wd.keep_every = task.milestone_every
-        return _train(config, wd, task, mesh, resumable=latest is not None)
+        with compile_cache.CompileEvents() as startup:
+            return _train(config, wd, task, mesh, latest is not None, profile, startup)
 
 
 def _complete(task: Task, latest: Resume, root: str) -> bool:
@@ -304,7 +310,15 @@ def _latest(root: str) -> Resume:
     return latest
 
 
-def _train(config, wd: wdir.Writer, task: Task, mesh, resumable: bool) -> dict:
+def _train(
+    config,
+    wd: wdir.Writer,
+    task: Task,
+    mesh,
+    resumable: bool,
+    profile: tuple[int, int] | None,
+    startup: compile_cache.CompileEvents,
+) -> dict:
     fns = task.fns
     restored = None
     if resumable:
@@ -340,6 +354,10 @@ def _train(config, wd: wdir.Writer, task: Task, mesh, resumable: bool) -> dict:
     )
 
     def save(step):
+        with jax.profiler.TraceAnnotation("checkpoint_save"):
+            return _save(step)
+
+    def _save(step):
         meta = {
             **task.meta(),
             "data_position": data.position,
@@ -356,67 +374,85 @@ def _train(config, wd: wdir.Writer, task: Task, mesh, resumable: bool) -> dict:
         else:
             logging.error("preemption notice: could not save step %d; exiting", step)
 
+    trace = profiler.Profiler(profile, wd.root, start, task.total_steps)
     interrupted = False
+    state_out: Any = state
     try:
         for step in range(start, task.total_steps):
-            try:
-                batch = next(data)
-            except pipeline.Interrupted:
-                interrupted = True
-                if last_saved != step:
-                    save(step)
-                exit_on_preemption(step)
-                break
-            arrays = {k: shd.global_batch(batch[k], mesh) for k in task.device_keys}
-            state, m = fns.step(state, arrays, key)
-            done = step + 1
-            preempted = wd.preempted(done)
-            wants_save = (
-                done % config.checkpoint_every_steps == 0
-                or done == task.total_steps
-                or (task.milestone_every and done % task.milestone_every == 0)
-                or preempted
-            )
-            is_log = done % config.log_every_steps == 0 or done == task.total_steps or done == 1
-            if is_log or wants_save:
-                bad = int(jax.device_get(state["nonfinite_step"]))
-                if bad >= 0:
-                    where = (
-                        f"the last good checkpoint is step {last_saved} in {wd.checkpoints}"
-                        if last_saved is not None
-                        else "no checkpoint was saved yet"
+            trace.before(step)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                try:
+                    with jax.profiler.TraceAnnotation("data"):
+                        batch = next(data)
+                        arrays = {k: shd.global_batch(batch[k], mesh) for k in task.device_keys}
+                except pipeline.Interrupted:
+                    interrupted = True
+                    if last_saved != step:
+                        save(step)
+                    exit_on_preemption(step)
+                    break
+                state, m = fns.step(state, arrays, key)
+                state_out = (state, m)
+                if step == start:
+                    startup.stop()
+                    took = startup.summary()
+                    logging.info(
+                        "%s: start-up compilation: %s (tracing %.2f s, lowering %.2f s)",
+                        task.name,
+                        compile_cache.describe(took),
+                        took["trace_s"],
+                        took["lower_s"],
                     )
-                    raise TrainingError(f"non-finite loss at step {bad}; stopping ({where})")
-            values = {}
-            if is_log:
-                values = {k: float(v) for k, v in jax.device_get(m).items()}
-                now = time.perf_counter()
-                ips = (done - step_last) * task.batch_size / max(now - t_last, 1e-9)
-                t_last, step_last = now, done
-                values.update(images_per_sec=ips, skipped_images=data.skipped)
-                if task.flops_per_image:
-                    values["tflops_per_device"] = (
-                        ips * task.flops_per_image / 1e12 / jax.device_count()
-                    )
-                    if peak:
-                        values["mfu"] = values["tflops_per_device"] / peak
-            if task.periodic is not None:
-                values.update(task.periodic(writer, state, batch, done) or {})
-            if task.final is not None and done == task.total_steps:
-                values.update(task.final(writer, state, done) or {})
-            if values:
-                writer.write_scalars(done, values)
-                last = {"step": done, **values}
-            if wants_save and save(done):
-                last_saved = done
-            if preempted or wd.preemption_requested:
-                if last_saved != done:
-                    save(done)
+                done = step + 1
+                preempted = wd.preempted(done)
+                wants_save = (
+                    done % config.checkpoint_every_steps == 0
+                    or done == task.total_steps
+                    or (task.milestone_every and done % task.milestone_every == 0)
+                    or preempted
+                )
+                is_log = done % config.log_every_steps == 0 or done == task.total_steps or done == 1
+                if is_log or wants_save:
+                    bad = int(jax.device_get(state["nonfinite_step"]))
+                    if bad >= 0:
+                        where = (
+                            f"the last good checkpoint is step {last_saved} in {wd.checkpoints}"
+                            if last_saved is not None
+                            else "no checkpoint was saved yet"
+                        )
+                        raise TrainingError(f"non-finite loss at step {bad}; stopping ({where})")
+                values = {}
+                if is_log:
+                    values = {k: float(v) for k, v in jax.device_get(m).items()}
+                    now = time.perf_counter()
+                    ips = (done - step_last) * task.batch_size / max(now - t_last, 1e-9)
+                    t_last, step_last = now, done
+                    values.update(images_per_sec=ips, skipped_images=data.skipped)
+                    if task.flops_per_image:
+                        values["tflops_per_device"] = (
+                            ips * task.flops_per_image / 1e12 / jax.device_count()
+                        )
+                        if peak:
+                            values["mfu"] = values["tflops_per_device"] / peak
+                if task.periodic is not None:
+                    values.update(task.periodic(writer, state, batch, done) or {})
+                if task.final is not None and done == task.total_steps:
+                    values.update(task.final(writer, state, done) or {})
+                if values:
+                    writer.write_scalars(done, values)
+                    last = {"step": done, **values}
+                if wants_save and save(done):
                     last_saved = done
-                interrupted = True
-                exit_on_preemption(done)
-                break
+                if preempted or wd.preemption_requested:
+                    if last_saved != done:
+                        save(done)
+                        last_saved = done
+                    interrupted = True
+                    exit_on_preemption(done)
+                    break
+            trace.after(step, state_out)
     finally:
+        trace.stop(state_out)  # a run that ends or fails inside the window
         wd.wait()
         writer.close()
         if hasattr(data, "close"):

@@ -1,6 +1,10 @@
-"""Test setup: force the CPU with 8 simulated devices before JAX starts."""
+"""Test setup: force the CPU with 8 simulated devices before JAX starts; keep the XLA
+compilation cache of this session in a temporary directory (never the user's home)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -8,6 +12,9 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# Read by mae_jax.compile_cache (config.compilation_cache='auto'); subprocesses inherit it.
+os.environ["MAE_JAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="mae_jax_test_xla_cache_")
+atexit.register(shutil.rmtree, os.environ["MAE_JAX_COMPILATION_CACHE"], ignore_errors=True)
 
 
 import logging  # noqa: E402

@@ -356,3 +356,13 @@ def test_aot_cli_compiles_for_tpu_without_hardware(tmp_path):
     r = json.loads(out_json.read_text())
     assert r["num_devices"] == 4 and not r["stand_in"] and r["mesh"]["data"] == 4
     assert r["argument_bytes"] > 0 and r["total_bytes"] < 32 * aot.GIB
+
+
+@pytest.mark.parametrize("recipe", ["configs/mae_vit_base.py", "configs/mae_vit_huge.py"])
+def test_the_paper_recipes_plan_without_a_data_set(recipe):
+    # The recipes count warm-up and milestones in epochs; the benchmark and the AOT compile
+    # read no data set.
+    from mae_jax.tasks import pretrain
+
+    p = pretrain.plan_without_data(load_config(recipe), 5)
+    assert p.run.total_steps == 5 and p.run.warmup_steps == 0

@@ -89,6 +89,20 @@ def test_params_and_optimizer_state_are_fsdp_sharded():
     assert kernel.addressable_shards[0].data.shape == (8, 128)
 
 
+def test_stacked_blocks_are_fsdp_sharded_with_a_replicated_layers_axis():
+    mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    fns = pretrain.build_step(
+        lambda: models.create("mae_vit_test", scan_layers=True), _optim_config(), mesh
+    )
+    state = fns.init()
+    kernel = state["params"]["blocks"]["mlp"]["fc1"]["kernel"].get_value()
+    assert kernel.shape == (2, 32, 128)
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    mu = state["opt_state"][1].trace["blocks"]["mlp"]["fc1"]["kernel"].get_value()
+    assert mu.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    assert kernel.addressable_shards[0].data.shape == (2, 8, 128)
+
+
 def _metrics(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -264,6 +278,27 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path):
     assert sorted(got) == [1, 2, 4, 6]  # metrics after the checkpoint were replaced, not doubled
     for step in (4, 6):
         assert got[step] == pytest.approx(expected[step], rel=1e-6), step
+
+
+@pytest.mark.slow
+def test_a_run_resumes_and_is_read_across_block_layouts(tmp_path):
+    # A per-block checkpoint resumes into a scanned model (stacked blocks) and the stacked
+    # checkpoints it writes are read back per block by the readers (export, init_from).
+    import shutil
+
+    from mae_jax import init_from
+
+    workdir = str(tmp_path / "run")
+    pretrain.train_and_evaluate(small(), workdir)
+    expected = {r["step"]: r["loss"] for r in _metrics(workdir)}
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
+    pretrain.train_and_evaluate(small(**{"model.scan_layers": True}), workdir)
+    got = {r["step"]: r["loss"] for r in _metrics(workdir)}
+    for step in (4, 6):
+        assert got[step] == pytest.approx(expected[step], rel=1e-4), step
+    step, _, params = init_from.read_mae(workdir)
+    assert step == 6 and sorted(params["blocks"]) == [0, 1]  # read per block
+    assert params["blocks"][1]["attn"]["qkv"]["kernel"].shape == (32, 96)
 
 
 @pytest.mark.parametrize(

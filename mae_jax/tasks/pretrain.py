@@ -41,6 +41,19 @@ class Plan:
     run: train.Plan
 
 
+def plan_without_data(config, total_steps: int) -> Plan:
+    """The plan of `config` for a program that reads no data set (the benchmark, the AOT
+    compile): epoch-based counts cannot be resolved, so `total_steps` (unless the config sets
+    it), no warm-up (unless set in steps) and no milestones stand in for them."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    if c.total_steps is None:
+        c.total_steps = total_steps
+    if c.warmup_steps is None:
+        c.warmup_steps = 0
+    c.keep_every_epochs = 0.0
+    return plan(c, None)
+
+
 def plan(
     config, num_train_examples: int | None, resume: train.Resume = None, where: str = ""
 ) -> Plan:

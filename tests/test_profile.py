@@ -1,0 +1,165 @@
+"""config.profile_steps: a jax.profiler trace of a window of training steps in the workdir."""
+
+import glob
+import gzip
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from config_files import ROOT
+from test_train import small
+
+from mae_jax import profiler
+from mae_jax.tasks import pretrain
+
+
+@pytest.fixture
+def info_log():
+    """The absl INFO (and higher) messages logged during the test."""
+    from absl import logging as absl_logging
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger = absl_logging.get_absl_logger()
+    handler, level = Keep(level=logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def _trace_files(profile_dir):
+    runs = glob.glob(os.path.join(profile_dir, "plugins", "profile", "*"))
+    assert len(runs) == 1, runs
+    return {
+        "xplane": glob.glob(os.path.join(runs[0], "*.xplane.pb")),
+        "perfetto": glob.glob(os.path.join(runs[0], "perfetto_trace.json.gz")),
+    }
+
+
+def _event_names(perfetto_path):
+    with gzip.open(perfetto_path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return [e.get("name") for e in events]
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ((-1, 3), "the start step must be >= 0"),
+        ((10, 0), "the number of steps must be >= 1"),
+        ((10,), r"must be \(start_step, num_steps\)"),
+        ((1, 2, 3), r"must be \(start_step, num_steps\)"),
+        (("abc",), r"must be \(start_step, num_steps\)"),
+        ((1.5, 2), r"must be \(start_step, num_steps\)"),
+        ((True, 2), r"must be \(start_step, num_steps\)"),
+        ("10,3", r"must be \(start_step, num_steps\)"),
+    ],
+)
+def test_bad_windows_are_refused_naming_the_value(value, message):
+    with pytest.raises(ValueError, match=message) as e:
+        profiler.window(value)
+    assert repr(value) in str(e.value)
+
+
+def test_good_windows():
+    assert profiler.window(None) is None
+    assert profiler.window((10, 3)) == (10, 3)
+    assert profiler.window([0, 1]) == (0, 1)
+
+
+def test_a_bad_window_stops_the_run_before_anything_is_written(tmp_path):
+    workdir = str(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"profile_steps=\(-1, 3\)"):
+        pretrain.train_and_evaluate(small(profile_steps=(-1, 3)), workdir)
+    assert not os.path.exists(workdir)
+
+
+@pytest.mark.slow
+def test_the_command_line_refuses_a_bad_window(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mae_jax.main",
+            "--config=configs/smoke.py",
+            f"--workdir={tmp_path / 'run'}",
+            "--config.profile_steps=(10, 0)",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "error: config.profile_steps=(10, 0): the number of steps must be >= 1" in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_training_run_writes_the_trace_of_its_window(tmp_path, info_log):
+    workdir = str(tmp_path / "run")
+    pretrain.train_and_evaluate(small(total_steps=4, profile_steps=(1, 2)), workdir)
+    profile_dir = os.path.join(workdir, "profile")
+    files = _trace_files(profile_dir)
+    assert len(files["xplane"]) == 1 and len(files["perfetto"]) == 1, files
+    names = _event_names(files["perfetto"][0])
+    assert names.count("train") == 2  # the StepTraceAnnotations of steps 1 and 2
+    assert "data" in names and "checkpoint_save" in names  # step 2 saves checkpoint 3
+    assert f"profile of steps 1..2 written to {profile_dir}" in "\n".join(info_log)
+    assert any("start-up compilation" in m for m in info_log)
+
+
+def _step(x):
+    return jax.jit(lambda v: jnp.sin(v) * 2.0)(x)
+
+
+def test_a_run_that_ends_inside_the_window_still_writes_it(tmp_path, info_log):
+    root = str(tmp_path / "run")
+    trace = profiler.Profiler((2, 10), root, first=0, total=4)
+    x = jnp.ones((4,))
+    for step in range(4):
+        trace.before(step)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            x = _step(x)
+        trace.after(step, x)
+    trace.stop(x)  # what the loop's `finally` does
+    profile_dir = os.path.join(root, "profile")
+    files = _trace_files(profile_dir)
+    assert files["xplane"] and files["perfetto"]
+    assert _event_names(files["perfetto"][0]).count("train") == 2
+    assert f"profile of steps 2..3 written to {profile_dir}" in "\n".join(info_log)
+    trace.stop(x)  # idempotent
+
+
+def test_a_remote_workdir_gets_a_copy(info_log):
+    import tensorflow as tf
+
+    root = f"ram://profile-test-{os.getpid()}"
+    trace = profiler.Profiler((0, 1), root, first=0, total=2)
+    x = _step(jnp.ones((4,)))
+    trace.before(0)
+    x = _step(x)
+    trace.after(0, x)
+    names = [os.path.basename(p) for p in tf.io.gfile.glob(f"{root}/profile/plugins/profile/*/*")]
+    assert "perfetto_trace.json.gz" in names and any(n.endswith(".xplane.pb") for n in names)
+    assert f"profile of steps 0..0 written to {root}/profile" in "\n".join(info_log)
+
+
+def test_a_window_after_the_run_warns(warnings_log):
+    profiler.Profiler((10, 3), "/nonexistent", first=0, total=5)
+    profiler.Profiler((0, 3), "/nonexistent", first=3, total=5)
+    assert sum("no step of that window is run" in m for m in warnings_log) == 2
+    profiler.Profiler((4, 3), "/nonexistent", first=3, total=5)
+    assert sum("no step of that window is run" in m for m in warnings_log) == 2
