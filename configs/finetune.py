@@ -38,7 +38,9 @@ def get_config(variant: str = "vit_base"):
         dtype="bfloat16",
         param_dtype="float32",
         remat=remat,
-        scan_layers=variant != "smoke",  # one scanned layer: compile time independent of depth
+        # one scanned layer (compile time independent of depth) where blocks keep only their
+        # inputs; see configs/mae_pretrain.py
+        scan_layers=remat == "full",
     )
     c.global_pool = True
     c.drop_path_rate = drop_path

@@ -39,8 +39,12 @@ def get_config(variant: str = "vit_base"):
         dtype="bfloat16",  # compute; parameters and optimizer state stay float32
         param_dtype="float32",
         remat=v.get("remat", "none"),
-        # the blocks as one scanned layer: XLA compiles one block, whatever the depth
-        scan_layers=variant != "smoke",
+        # The blocks as one scanned layer (XLA compiles one block, whatever the depth) where
+        # each block keeps only its input: without remat a scan stacks every block's
+        # activations, which the compiler cannot rematerialize across iterations (ViT-L on
+        # v4-32 at the paper's batch: 55 GiB of temporaries scanned, 24.8 GiB per block;
+        # docs/performance.md).
+        scan_layers=v.get("remat", "none") == "full",
     )
     c.data.source = "tfds"
     c.data.name = "imagenet2012"

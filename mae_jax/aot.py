@@ -323,6 +323,17 @@ def check(
     return report
 
 
+def out_of_memory_message(error: Exception, topology: str) -> str:
+    """The verdict when the compiler itself gives up for lack of memory (TPU: it refuses a
+    program whose temporaries exceed the HBM, before any memory analysis exists)."""
+    first = str(error).strip().splitlines()[0]
+    return (
+        f"per-device total: more than the HBM of {topology} -> DOES NOT FIT (the compiler "
+        f"refused the program: {first}); try --config.model.remat=full, a larger mesh.fsdp "
+        f"or a smaller batch"
+    )
+
+
 def format_report(r: dict) -> str:
     g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
     lines = [
@@ -398,6 +409,11 @@ def main(argv):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(out_of_memory_message(e, f.topology), flush=True)
+        sys.exit(1)
     print(format_report(report), flush=True)
     if f.json:
         with open(f.json, "w") as fh:

@@ -366,3 +366,15 @@ def test_the_paper_recipes_plan_without_a_data_set(recipe):
 
     p = pretrain.plan_without_data(load_config(recipe), 5)
     assert p.run.total_steps == 5 and p.run.warmup_steps == 0
+
+
+def test_aot_names_an_out_of_memory_refusal_as_does_not_fit():
+    from mae_jax import aot
+
+    error = jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (55.38G) exceeds available HBM (30.75G).\nmore detail"
+    )
+    text = aot.out_of_memory_message(error, "v4-32")
+    assert "DOES NOT FIT" in text and "v4-32" in text and "(55.38G)" in text
+    assert "more detail" not in text and "remat=full" in text
