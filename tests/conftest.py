@@ -22,9 +22,8 @@ import logging  # noqa: E402
 import pytest  # noqa: E402
 
 
-@pytest.fixture
-def warnings_log():
-    """The absl warnings logged during the test, as message texts."""
+def _absl_messages(level):
+    """Collects the absl messages at `level` and above, as texts, while the fixture lives."""
     from absl import logging as absl_logging
 
     records = []
@@ -33,7 +32,23 @@ def warnings_log():
         def emit(self, record):
             records.append(record.getMessage())
 
-    handler = Keep(level=logging.WARNING)
-    absl_logging.get_absl_logger().addHandler(handler)
+    logger = absl_logging.get_absl_logger()
+    handler, before = Keep(level=level), logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > level:  # let the messages through, never hold any back
+        logger.setLevel(level)
     yield records
-    absl_logging.get_absl_logger().removeHandler(handler)
+    logger.removeHandler(handler)
+    logger.setLevel(before)
+
+
+@pytest.fixture
+def warnings_log():
+    """The absl warnings logged during the test, as message texts."""
+    yield from _absl_messages(logging.WARNING)
+
+
+@pytest.fixture
+def info_log():
+    """The absl INFO (and higher) messages logged during the test."""
+    yield from _absl_messages(logging.INFO)

@@ -3,7 +3,6 @@
 import glob
 import gzip
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -16,26 +15,6 @@ from test_train import small
 
 from mae_jax import profiler
 from mae_jax.tasks import pretrain
-
-
-@pytest.fixture
-def info_log():
-    """The absl INFO (and higher) messages logged during the test."""
-    from absl import logging as absl_logging
-
-    records = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    logger = absl_logging.get_absl_logger()
-    handler, level = Keep(level=logging.INFO), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def _trace_files(profile_dir):
