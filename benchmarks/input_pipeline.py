@@ -4,16 +4,21 @@ Measures images/s of `create_pretrain_iterator` (file read, fused JPEG
 decode + RandomResizedCrop, bicubic resize, flip, normalize, batching) with
 tf.data restricted to `--threads` threads, and the process CPU time per image.
 
-  python benchmarks/pipeline.py                 # generated 300-500 px JPEGs
-  python benchmarks/pipeline.py --folder /data/imagenet/train --threads 8
+  python benchmarks/input_pipeline.py           # generated 300-500 px JPEGs
+  python benchmarks/input_pipeline.py --folder /data/imagenet/train --threads 8
+  python benchmarks/input_pipeline.py --data jpeg_reduced_scale=False \
+      --data jpeg_dct_method=INTEGER_FAST      # data config overrides
 
-Without --folder it writes `--num-images` JPEGs (sides 300-500 px, quality 90)
-cropped from the photos bundled with scikit-image into a temporary folder.
-It also times, on the same files and machine, a single-threaded PIL/numpy
-version of the reference PyTorch pipeline (open, RandomResizedCrop bicubic,
-flip, ToTensor, Normalize), since a shared or busy machine moves both numbers;
-the torchvision original did about 435 images/s on one idle core of the
-2-core dev machine on such images.
+Without --folder it writes `--num-images` JPEGs (quality 90, both sides in
+`--sides`, default 300-500 px) cropped from the photos bundled with
+scikit-image (photos smaller than the requested side are first upscaled,
+bicubic) into a temporary folder. It also times, on the same files and
+machine, a single-threaded PIL/numpy version of the reference PyTorch
+pipeline (open, RandomResizedCrop bicubic, flip, ToTensor, Normalize) in a
+child process, in `--rounds` chunks alternating with ours, since a shared or
+busy machine moves both numbers: compare the ratio, not the figures.
+The torchvision original did about 435 images/s on one idle core of the
+2-core dev machine on 300-500 px images.
 """
 
 from __future__ import annotations
@@ -40,21 +45,31 @@ PHOTOS = (
 )
 
 
-def make_jpeg_folder(root: str, num_images: int, seed: int = 0) -> str:
-    """Writes root/<photo>/img_i.jpg crops with both sides in [300, 500] px."""
+def make_jpeg_folder(
+    root: str, num_images: int, seed: int = 0, sides: tuple[int, int] = (300, 500)
+) -> str:
+    """Writes root/<photo>/img_i.jpg crops with both sides in [sides[0], sides[1]] px."""
     from PIL import Image
     from skimage import data
 
+    lo, hi = sides
+    if not 16 <= lo <= hi:
+        raise ValueError(f"--sides {lo},{hi}: need 16 <= min <= max")
     rng = np.random.default_rng(seed)
     photos = {}
     for name in PHOTOS:
         img = getattr(data, name)()
-        photos[name] = np.asarray(img[0] if name == "stereo_motorcycle" else img)
+        img = np.asarray(img[0] if name == "stereo_motorcycle" else img)
+        grow = hi / min(img.shape[:2])
+        if grow > 1:  # too small for the requested sides: upscale (bicubic)
+            size = (round(img.shape[1] * grow), round(img.shape[0] * grow))
+            img = np.asarray(Image.fromarray(img).resize(size, Image.BICUBIC))
+        photos[name] = img
     for i in range(num_images):
         name = PHOTOS[i % len(PHOTOS)]
         photo = photos[name]
-        h = int(rng.integers(300, min(500, photo.shape[0]) + 1))
-        w = int(rng.integers(300, min(500, photo.shape[1]) + 1))
+        h = int(rng.integers(lo, min(hi, photo.shape[0]) + 1))
+        w = int(rng.integers(lo, min(hi, photo.shape[1]) + 1))
         y = int(rng.integers(0, photo.shape[0] - h + 1))
         x = int(rng.integers(0, photo.shape[1] - w + 1))
         os.makedirs(os.path.join(root, name), exist_ok=True)
@@ -64,10 +79,10 @@ def make_jpeg_folder(root: str, num_images: int, seed: int = 0) -> str:
     return root
 
 
-def pil_baseline(folder: str, image_size: int, max_images: int = 400, seed: int = 0) -> dict:
-    """The reference pipeline's per-image work, single-threaded with PIL/numpy:
-    open + RGB, torchvision's RandomResizedCrop (scale 0.2-1, bicubic), flip,
-    ToTensor, Normalize. Same machine, same files: a fair yardstick."""
+def _pil_transform(image_size: int, seed: int):
+    """The reference pipeline's per-image work with PIL/numpy: open + RGB,
+    torchvision's RandomResizedCrop (scale 0.2-1, ratio 3/4-4/3, bicubic), flip,
+    ToTensor, Normalize. Returns path -> float32 [3, S, S]."""
     import math
     import random
 
@@ -76,8 +91,6 @@ def pil_baseline(folder: str, image_size: int, max_images: int = 400, seed: int 
     rnd = random.Random(seed)
     mean = np.array([0.485, 0.456, 0.406], np.float32)
     std = np.array([0.229, 0.224, 0.225], np.float32)
-    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs)
-    files = files[:max_images]
 
     def one(path):
         with open(path, "rb") as f:
@@ -98,13 +111,65 @@ def pil_baseline(folder: str, image_size: int, max_images: int = 400, seed: int 
         x = np.asarray(img, np.float32) / 255.0
         return ((x - mean) / std).transpose(2, 0, 1)
 
-    for path in files[:20]:  # warm the file cache
-        one(path)
-    cpu = time.process_time()
-    for path in files:
-        one(path)
-    cpu = time.process_time() - cpu
-    return {"images": len(files), "images_per_cpu_s": round(len(files) / cpu, 1)}
+    return one
+
+
+def _pil_worker(conn, folder: str, image_size: int, seed: int = 0) -> None:
+    """Child process: for each n received, transforms the next n files (cycling)
+    single-threaded and sends back its CPU seconds; None stops it."""
+    one = _pil_transform(image_size, seed)
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs)
+    k = 0
+    while (n := conn.recv()) is not None:
+        cpu = time.process_time()
+        for _ in range(n):
+            one(files[k % len(files)])
+            k += 1
+        conn.send(time.process_time() - cpu)
+
+
+class PilBaseline:
+    """The PIL/numpy baseline in a child process, run in chunks between ours.
+
+    Its CPU time is its own process's, so nothing of tf.data's background
+    threads leaks into it (nor the reverse); alternating chunks expose both to
+    the same load on a shared machine.
+    """
+
+    def __init__(self, folder: str, image_size: int):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_pil_worker, args=(child, folder, image_size), daemon=True)
+        self._proc.start()
+        self.images, self.cpu_s = 0, 0.0
+
+    def run(self, n: int, timed: bool = True) -> float:
+        """Transforms n images; returns (and, if timed, adds up) their CPU seconds."""
+        self._conn.send(n)
+        cpu = self._conn.recv()
+        if timed:
+            self.images += n
+            self.cpu_s += cpu
+        return cpu
+
+    def close(self):
+        self._conn.send(None)
+        self._proc.join(timeout=30)
+
+
+def _wait_idle(max_s: float = 5.0) -> None:
+    """Waits until this process's background threads (tf.data prefetching) stop
+    using CPU, so a timed span starts with full buffers."""
+    deadline = time.perf_counter() + max_s
+    last = time.process_time()
+    while time.perf_counter() < deadline:
+        time.sleep(0.2)
+        now = time.process_time()
+        if now - last < 0.01:
+            return
+        last = now
 
 
 def run(
@@ -115,9 +180,23 @@ def run(
     image_size: int,
     warmup: int,
     antialias: bool = True,
+    overrides: dict | None = None,
+    baseline_images: int = 0,
+    rounds: int = 5,
 ) -> dict:
+    """Times `create_pretrain_iterator` over `num_batches` batches in `rounds`
+    chunks; with `baseline_images` > 0 the PIL baseline runs that many images
+    in as many chunks between ours.
+
+    Each chunk of ours ends once tf.data's background prefetching has caught up
+    (buffers full, as at the start), so the two never run at the same time;
+    ours' CPU time is the whole process's over all its chunks, its wall time
+    includes the catching up (polled every 0.2 s, so slightly pessimistic).
+    """
     from mae_jax.data import pipeline
 
+    if rounds < 1 or num_batches < rounds:
+        raise ValueError(f"need 1 <= --rounds ({rounds}) <= --num-batches ({num_batches})")
     cfg = pipeline.default_data_config()
     cfg.source = "folder"
     cfg.path = folder
@@ -125,27 +204,76 @@ def run(
     cfg.threads = threads
     cfg.num_parallel_calls = threads
     cfg.antialias = antialias
+    cfg.update(overrides or {})
+    baseline = PilBaseline(folder, image_size) if baseline_images > 0 else None
     it = pipeline.create_pretrain_iterator(
         cfg, global_batch_size=batch_size, seed=0, process_index=0, process_count=1
     )
-    for _ in range(warmup):
-        next(it)
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(num_batches):
-        batch = next(it)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    try:
+        for _ in range(warmup):
+            next(it)
+        if baseline is not None:
+            baseline.run(20, timed=False)  # warm the file cache and imports
+        _wait_idle()
+        wall = 0.0
+        cpu = 0.0
+        for r in range(rounds):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            for _ in range(num_batches * (r + 1) // rounds - num_batches * r // rounds):
+                batch = next(it)
+            _wait_idle()  # prefetching catches up before the baseline runs
+            wall += time.perf_counter() - start
+            cpu += time.process_time() - start_cpu
+            if baseline is not None:
+                n = baseline_images * (r + 1) // rounds - baseline_images * r // rounds
+                baseline.run(n)
+    finally:
+        if baseline is not None:
+            baseline.close()
     assert batch["image"].shape == (batch_size, image_size, image_size, 3)
     images = batch_size * num_batches
-    return {
+    result = {
         "images": images,
         "threads": threads,
         "image_size": image_size,
+        "rounds": rounds,
         "wall_s": round(wall, 3),
         "images_per_s": round(images / wall, 1),
         "images_per_s_per_thread": round(images / wall / threads, 1),
         "images_per_cpu_s": round(images / cpu, 1),
         "skipped": it.skipped,
+        "data": {k: cfg.get(k) for k in ("jpeg_dct_method", "jpeg_reduced_scale")}
+        | dict(overrides or {}),
     }
+    if baseline is not None:
+        result["pil_baseline_images"] = baseline.images
+        result["pil_baseline_images_per_cpu_s"] = round(baseline.images / baseline.cpu_s, 1)
+        result["ratio"] = round(
+            result["images_per_cpu_s"] / result["pil_baseline_images_per_cpu_s"], 3
+        )
+    return result
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """'key=value' -> (key, value), value parsed as a Python literal when it is one."""
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--data {text!r}: expected key=value")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _loadavg() -> str:
+    """The 1/5/15-minute load averages (Linux), '' elsewhere: a busy machine skews figures."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return ""
 
 
 def main(argv=None):
@@ -166,12 +294,43 @@ def main(argv=None):
         help="1: PIL-like antialiased bicubic (default), 0: plain bicubic",
     )
     parser.add_argument(
+        "--sides",
+        default="300,500",
+        help="MIN,MAX side in px of the generated JPEGs (without --folder)",
+    )
+    parser.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        type=parse_override,
+        metavar="KEY=VALUE",
+        help="data config override, e.g. jpeg_reduced_scale=False (repeatable)",
+    )
+    parser.add_argument(
         "--no-baseline", action="store_true", help="skip the single-threaded PIL baseline"
     )
+    parser.add_argument(
+        "--baseline-images", type=int, default=800, help="images the PIL baseline transforms"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="alternate ours and the baseline in this many chunks (same load for both)",
+    )
     args = parser.parse_args(argv)
+    try:
+        sides = tuple(int(v) for v in args.sides.split(","))
+    except ValueError:
+        sides = ()
+    if len(sides) != 2:
+        parser.error(f"--sides {args.sides!r}: expected MIN,MAX (two integers)")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    load_start = _loadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = args.folder or make_jpeg_folder(os.path.join(tmp, "jpegs"), args.num_images)
+        folder = args.folder or make_jpeg_folder(
+            os.path.join(tmp, "jpegs"), args.num_images, sides=sides
+        )
         result = run(
             folder,
             args.batch_size,
@@ -180,12 +339,14 @@ def main(argv=None):
             args.image_size,
             args.warmup,
             bool(args.antialias),
+            dict(args.data),
+            0 if args.no_baseline else args.baseline_images,
+            args.rounds,
         )
-        if not args.no_baseline:
-            result["pil_baseline_images_per_cpu_s"] = pil_baseline(folder, args.image_size)[
-                "images_per_cpu_s"
-            ]
-    result["folder"] = args.folder or f"generated ({args.num_images} JPEGs, 300-500 px)"
+    result["folder"] = args.folder or (
+        f"generated ({args.num_images} JPEGs, {sides[0]}-{sides[1]} px)"
+    )
+    result["loadavg"] = f"{load_start} -> {_loadavg()}"
     print(json.dumps(result))
     line = (
         f"mae_jax: {result['images_per_s_per_thread']:.0f} images/s per thread, "
@@ -195,9 +356,10 @@ def main(argv=None):
     if "pil_baseline_images_per_cpu_s" in result:
         line += (
             f"; PIL/torchvision-style baseline here: "
-            f"{result['pil_baseline_images_per_cpu_s']:.0f} images per CPU-second"
+            f"{result['pil_baseline_images_per_cpu_s']:.0f} images per CPU-second "
+            f"(ratio {result['ratio']:.2f}x)"
         )
-    print(line)
+    print(line + f"; load average {result['loadavg']}")
 
 
 if __name__ == "__main__":

@@ -146,9 +146,11 @@ def test_bad_crop_params_raise():
 @pytest.mark.parametrize("shape", [(300, 280), (150, 180)])  # down- and upscaling
 def test_resize_matches_pil_bicubic(shape):
     image = _photo("astronaut")[: shape[0], : shape[1]]
-    ours = augment.resize_bicubic(tf_module().constant(image), [224, 224]).numpy()
     ref = np.asarray(Image.fromarray(image).resize((224, 224), Image.BICUBIC), np.float32)
+    ours = augment.resize_bicubic(tf_module().constant(image), [224, 224]).numpy()
     assert np.abs(np.round(ours) - ref).mean() < 0.3
+    crop = augment.resample_crop(tf_module().constant(image), 224).numpy()  # training path
+    assert np.abs(crop - ref).mean() < 0.3
 
 
 def test_eval_preprocessing_matches_pil_resize_center_crop():
@@ -246,6 +248,32 @@ def test_resume_equals_kth_batch_across_epochs_and_chunks(folder, monkeypatch):
     for k, batch in enumerate(_take(it, 9)):
         np.testing.assert_array_equal(batch["image"], fresh[k]["image"])
     assert it.position == 9
+
+
+def test_decode_options_change_pixels_slightly_not_the_stream(folder):
+    # 300-500 px photos at image_size 32: crops are >= 2x the output, so the
+    # default decodes them at 1/2..1/8 DCT scale (jpeg_reduced_scale), where
+    # libjpeg's scaled IDCTs ignore jpeg_dct_method.
+    reduced = _take(_pretrain(_cfg(folder)), 2)
+    full = _take(_pretrain(_cfg(folder, jpeg_reduced_scale=False)), 2)
+    fast_dct = _take(
+        _pretrain(_cfg(folder, jpeg_reduced_scale=False, jpeg_dct_method="INTEGER_FAST")), 2
+    )
+    for first, second in ((reduced, full), (full, fast_dct)):
+        for a, b in zip(first, second):
+            np.testing.assert_array_equal(a["key"], b["key"])
+            assert not np.array_equal(a["image"], b["image"])
+            assert np.abs(a["image"] - b["image"]).mean() < 0.05  # ~2.5 grey levels
+    cfg = _cfg(folder, folder_eval_fraction=0.4)
+    ev = [
+        next(pipeline.create_eval_iterator(cfg, 4, process_index=0, process_count=1))["image"]
+        for cfg in (cfg, _cfg(folder, folder_eval_fraction=0.4, jpeg_dct_method="INTEGER_FAST"))
+    ]
+    assert not np.array_equal(*ev) and np.abs(ev[0] - ev[1]).mean() < 0.05
+    with pytest.raises(ValueError, match="'DCT_FLOAT'"):
+        _pretrain(_cfg(folder, jpeg_dct_method="DCT_FLOAT"))
+    with pytest.raises(ValueError, match="jpeg_reduced_scale"):
+        _pretrain(_cfg(folder, jpeg_reduced_scale=None))
 
 
 def test_augmentation_differs_between_epochs(folder):

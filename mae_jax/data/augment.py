@@ -5,6 +5,12 @@ so that the same seed always produces the same crop/flip, whatever thread or
 process runs it. Images are HWC; outputs are float32 normalized with the
 ImageNet mean/std (NHWC once batched).
 
+Training crops are resized as PIL resizes the uint8 images of the reference
+torchvision pipeline (separable bicubic, each pass rounded to uint8; see
+`resample_crop`), flipped as uint8 and normalized last. JPEG decoding can use
+libjpeg's reduced DCT scales (1/2, 1/4, 1/8) for crops at least 2, 4, 8 times
+the output side; see `jpeg_scale` and `decode_crop_resize`.
+
 The crop box sampler follows torchvision's `RandomResizedCrop.get_params`:
 10 attempts of (area fraction ~ U(scale), log aspect ~ U(log ratio)), the first
 box that fits wins; otherwise a center crop with the aspect ratio clamped.
@@ -12,13 +18,20 @@ box that fits wins; otherwise a center crop with the aspect ratio clamped.
 
 from __future__ import annotations
 
+import functools
 import math
+
+import numpy as np
 
 from mae_jax.data.lazy_tf import tf_module
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 JPEG_MAGIC = b"\xff\xd8\xff"
+# libjpeg's IDCT: INTEGER_ACCURATE (JDCT_ISLOW) is what PIL, hence torchvision,
+# decodes with (bit-identical pixels); TensorFlow's default '' is INTEGER_FAST.
+JPEG_DCT_METHODS = ("INTEGER_ACCURATE", "INTEGER_FAST")
+JPEG_SCALES = (1, 2, 4, 8)  # DCT scale denominators `decode_and_crop_jpeg(ratio=)` accepts
 _EXTRA_AUG_TAG = 0xE7A  # seed of `augment_fn` in random_resized_crop
 
 
@@ -85,45 +98,96 @@ def sample_crop_box(
     return tf.cast(box, tf.int32)
 
 
+def check_dct_method(dct_method: str) -> str:
+    """`dct_method` if it is one of JPEG_DCT_METHODS, else a ValueError naming it."""
+    if dct_method not in JPEG_DCT_METHODS:
+        raise ValueError(
+            f"jpeg_dct_method {dct_method!r} must be one of {JPEG_DCT_METHODS} "
+            f"(INTEGER_ACCURATE decodes exactly as PIL/torchvision)"
+        )
+    return dct_method
+
+
 def _is_jpeg(data):
     tf = tf_module()
     return tf.equal(tf.strings.substr(data, 0, 3), JPEG_MAGIC)
 
 
-def image_shape(data):
+def image_shape(data, is_jpeg=None):
     """int32 [2] (height, width) of an encoded image, reading only the header for JPEG."""
     tf = tf_module()
     return tf.cond(
-        _is_jpeg(data),
+        _is_jpeg(data) if is_jpeg is None else is_jpeg,
         lambda: tf.image.extract_jpeg_shape(data)[:2],
-        lambda: tf.shape(decode(data))[:2],
+        lambda: tf.shape(_decode_any(data))[:2],
     )
 
 
-def decode(data):
-    """Decodes any JPEG/PNG/GIF/BMP/WebP string to uint8 [H, W, 3]."""
+def _decode_any(data):
+    """Any JPEG/PNG/GIF/BMP/WebP string -> uint8 [H, W, 3], without JPEG options."""
     tf = tf_module()
-    image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+    return tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+
+
+def decode(data, dct_method: str = "INTEGER_FAST", is_jpeg=None):
+    """Decodes any JPEG/PNG/GIF/BMP/WebP string to uint8 [H, W, 3] (JPEG: `dct_method`)."""
+    tf = tf_module()
+    check_dct_method(dct_method)
+    image = tf.cond(
+        _is_jpeg(data) if is_jpeg is None else is_jpeg,
+        lambda: tf.io.decode_jpeg(data, channels=3, dct_method=dct_method),
+        lambda: _decode_any(data),
+    )
     image.set_shape([None, None, 3])
     return image
 
 
-def decode_and_crop(data, box):
+def decode_and_crop(data, box, dct_method: str = "INTEGER_FAST", is_jpeg=None):
     """Decodes only the crop `box` (y, x, h, w) of an encoded image: uint8 [h, w, 3].
 
     JPEGs use the fused `decode_and_crop_jpeg`; other formats decode fully.
     """
     tf = tf_module()
-
-    def jpeg():
-        return tf.image.decode_and_crop_jpeg(data, box, channels=3)
-
-    def other():
-        return tf.image.crop_to_bounding_box(decode(data), box[0], box[1], box[2], box[3])
-
-    image = tf.cond(_is_jpeg(data), jpeg, other)
+    check_dct_method(dct_method)
+    image = tf.cond(
+        _is_jpeg(data) if is_jpeg is None else is_jpeg,
+        lambda: tf.image.decode_and_crop_jpeg(data, box, channels=3, dct_method=dct_method),
+        lambda: tf.image.crop_to_bounding_box(_decode_any(data), box[0], box[1], box[2], box[3]),
+    )
     image.set_shape([None, None, 3])
     return image
+
+
+def jpeg_scale(crop_h, crop_w, out_h: int, out_w: int):
+    """Largest r in JPEG_SCALES with crop_h / r >= out_h and crop_w / r >= out_w.
+
+    Decoding at 1/r then never upsamples: the reduced crop still has at least
+    the output's pixels along both axes. int32 scalar tensor.
+    """
+    tf = tf_module()
+    crop_h = tf.cast(crop_h, tf.int32)
+    crop_w = tf.cast(crop_w, tf.int32)
+    r = tf.constant(1, tf.int32)
+    for k in JPEG_SCALES[1:]:
+        r = tf.where((crop_h >= k * out_h) & (crop_w >= k * out_w), k, r)
+    return r
+
+
+def _reduced_window(hw, box, r: int):
+    """Window of the 1/r-scale image covering `box` (full-scale y, x, h, w).
+
+    libjpeg's 1/r image has ceil(H / r) x ceil(W / r) pixels, pixel i covering
+    full-scale pixels [r i, r i + r). Returns (window int32 [4] in scaled
+    pixels, float32 [2] offset of the box's top-left corner inside the window,
+    float32 [2] box size, both in scaled pixels).
+    """
+    tf = tf_module()
+    hw = tf.cast(hw, tf.int32)
+    start = box[:2] // r
+    stop = tf.minimum(-((-(box[:2] + box[2:])) // r), -(-hw // r))  # ceil division
+    window = tf.concat([start, stop - start], 0)
+    offset = tf.cast(box[:2], tf.float32) / r - tf.cast(start, tf.float32)
+    return window, offset, tf.cast(box[2:], tf.float32) / r
 
 
 def resize_bicubic(image, size, antialias: bool = True):
@@ -131,7 +195,7 @@ def resize_bicubic(image, size, antialias: bool = True):
 
     With `antialias`, downscaling widens the kernel like PIL does (so this
     matches torchvision on PIL images); upscaling uses the plain (cheaper) kernel,
-    which is the same function.
+    which is the same function. (Training crops use the faster `resample_crop`.)
     """
     tf = tf_module()
     size = tf.convert_to_tensor(size, tf.int32)
@@ -151,12 +215,143 @@ def resize_bicubic(image, size, antialias: bool = True):
     return tf.clip_by_value(out, 0.0, 255.0)
 
 
-def normalize(image):
-    """[..., 3] float in [0, 255] -> float32 (x / 255 - mean) / std (ImageNet)."""
+def _resample_rows(x, size: int, scale, translation, antialias: bool):
+    """Bicubic resampling of the rows of x [n, m] (uint8/float): float32 [size, m].
+
+    Output row i samples input row position (i + 0.5 - translation) / scale - 0.5
+    (half-pixel centres); `antialias` widens the kernel by 1 / scale when
+    downscaling (PIL's filter support). One ScaleAndTranslate call on an
+    [1, n, 1, m] image: its row gather runs over whole contiguous rows.
+    """
     tf = tf_module()
-    scale = [1.0 / (255.0 * s) for s in IMAGENET_STD]
-    offset = [-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
-    return tf.cast(image, tf.float32) * tf.constant(scale) + tf.constant(offset)
+    out = tf.raw_ops.ScaleAndTranslate(
+        images=tf.reshape(x, [1, tf.shape(x)[0], 1, tf.shape(x)[1]]),
+        size=tf.constant([size, 1], tf.int32),
+        scale=tf.stack([tf.cast(scale, tf.float32), 1.0]),
+        translation=tf.stack([tf.cast(translation, tf.float32), 0.0]),
+        kernel_type="keyscubic",
+        antialias=antialias,
+    )
+    return tf.reshape(out, [size, tf.shape(x)[1]])
+
+
+def resample_crop(image, size: int, offset=None, extent=None, antialias: bool = True, flip=None):
+    """uint8 [h, w, 3] -> uint8 [size, size, 3]: bicubic resize of a box, optional h-flip.
+
+    The box is `extent` (float32 [2], height and width, default (h, w)) pixels
+    at `offset` (float32 [2], y and x of its top-left corner, default 0) in the
+    continuous pixel coordinates of `image`; fractional boxes are exact.
+    `flip`: optional bool scalar tensor, mirror the output horizontally.
+
+    Separable like PIL: a vertical pass rounded and clipped to uint8 (as PIL
+    stores its intermediate), then a horizontal one, rounded. Each pass is
+    `_resample_rows`; between them the data is transposed as a 2-D uint8
+    [rows, width * 3] matrix so that the second pass also runs over rows and
+    channels end up planar ([w, 3, size]), and a last 2-D transpose restores
+    HWC. ScaleAndTranslate's own column gather (a scalar loop per pixel and
+    channel) and 3-channel transposes (a memmove per pixel) are about 2x slower.
+    Same kernel and weights as `tf.image.resize(..., 'bicubic', antialias)`.
+    """
+    tf = tf_module()
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    if extent is None:
+        extent = tf.cast(tf.stack([h, w]), tf.float32)
+    if offset is None:
+        offset = tf.zeros([2], tf.float32)
+    scale = size / extent
+    shift = -offset * scale
+    rows = _resample_rows(tf.reshape(image, [h, w * 3]), size, scale[0], shift[0], antialias)
+    cols = tf.reshape(tf.transpose(round_to_uint8(rows)), [w, 3 * size])  # [x, (c, y)]
+    out = round_to_uint8(_resample_rows(cols, size, scale[1], shift[1], antialias))
+    if flip is not None:
+        out = tf.cond(flip, lambda: tf.reverse(out, [0]), lambda: out)  # reverse x
+    out = tf.reshape(tf.transpose(tf.reshape(out, [size * 3, size])), [size, size, 3])
+    return out
+
+
+def decode_crop_resize(
+    data,
+    box,
+    size: int,
+    antialias: bool = True,
+    dct_method: str = "INTEGER_FAST",
+    reduced_scale: bool = False,
+    hw=None,
+    is_jpeg=None,
+    flip=None,
+):
+    """Encoded image -> uint8 [size, size, 3]: crop `box` (y, x, h, w), bicubic resize.
+
+    See `resample_crop` (also for the optional `flip`, a bool scalar tensor).
+    With `reduced_scale`, a JPEG crop whose sides are >= r * size (r = 2, 4, 8,
+    see `jpeg_scale`) is decoded by libjpeg at 1/r scale (its IDCT reduces each
+    8x8 block to 8/r x 8/r pixels): about r^2 fewer pixels to decode and
+    resize. The box then maps to a fractional box of the 1/r image: the
+    covering integer window is decoded and the exact box resampled from it, so
+    the geometry is the full-scale crop's. `hw`: the image's int32 [2]
+    (height, width), read from the header when None.
+    """
+    tf = tf_module()
+    check_dct_method(dct_method)
+    is_jpeg = _is_jpeg(data) if is_jpeg is None else is_jpeg
+
+    def full_scale():
+        image = decode_and_crop(data, box, dct_method, is_jpeg)
+        return resample_crop(image, size, antialias=antialias, flip=flip)
+
+    if not reduced_scale:
+        return full_scale()
+    hw = image_shape(data, is_jpeg) if hw is None else hw
+
+    def reduced(r):
+        def fn():
+            if r == 1:
+                return full_scale()
+            window, offset, extent = _reduced_window(hw, box, r)
+            image = tf.image.decode_and_crop_jpeg(
+                data, window, channels=3, ratio=r, dct_method=dct_method
+            )
+            return resample_crop(image, size, offset, extent, antialias, flip)
+
+        return fn
+
+    def jpeg():
+        r = jpeg_scale(box[2], box[3], size, size)
+        index = tf.add_n([tf.cast(r >= k, tf.int32) for k in JPEG_SCALES[1:]])
+        return tf.switch_case(index, [reduced(k) for k in JPEG_SCALES])
+
+    out = tf.cond(is_jpeg, jpeg, full_scale)
+    out.set_shape([size, size, 3])
+    return out
+
+
+def round_to_uint8(image):
+    """float [..., 3] -> uint8, rounded half up and clipped to [0, 255] (as PIL)."""
+    tf = tf_module()
+    return tf.saturate_cast(image + 0.5, tf.uint8)
+
+
+@functools.cache
+def _normalize_coefficients(shape: tuple[int, ...]):
+    scale = np.array([1.0 / (255.0 * s) for s in IMAGENET_STD], np.float32)
+    offset = np.array([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], np.float32)
+    return np.broadcast_to(scale, shape).copy(), np.broadcast_to(offset, shape).copy()
+
+
+def normalize(image):
+    """[..., 3] uint8/float in [0, 255] -> float32 (x / 255 - mean) / std (ImageNet).
+
+    For statically shaped [..., H, W, 3] images the per-channel coefficients are
+    [H, W, 3] constants: TF's broadcast of a [3] vector along the last axis
+    costs about 3x the plain elementwise op (same values either way).
+    """
+    tf = tf_module()
+    image = tf.cast(image, tf.float32)
+    shape = tuple(image.shape[-3:]) if image.shape.rank and image.shape.rank >= 3 else ()
+    if not (len(shape) == 3 and all(shape) and shape[-1] == 3 and math.prod(shape) <= 1 << 22):
+        shape = (3,)
+    scale, offset = _normalize_coefficients(shape)
+    return image * tf.constant(scale) + tf.constant(offset)
 
 
 def random_resized_crop(
@@ -168,6 +363,8 @@ def random_resized_crop(
     flip: bool = True,
     antialias: bool = True,
     augment_fn=None,
+    dct_method: str = "INTEGER_FAST",
+    reduced_scale: bool = False,
 ):
     """Encoded image -> float32 [S, S, 3] normalized: RandomResizedCrop + flip.
 
@@ -179,27 +376,31 @@ def random_resized_crop(
       flip: random horizontal flip with probability 0.5.
       antialias: PIL-like antialiasing when downscaling.
       augment_fn: optional `(image, seed) -> image` replacing the final `normalize`:
-        it gets the cropped, flipped float32 [S, S, 3] image with values in [0, 255]
-        (not normalized) and its own int64 [2] stateless seed (derived from `seed`,
-        so the crop and flip are the same with or without it), and returns the
-        final float32 [S, S, 3] model input, normalized (e.g. RandAugment on the
-        rounded uint8 pixels, `normalize`, then RandomErasing).
+        it gets the cropped, flipped float32 [S, S, 3] image with integer values in
+        [0, 255] (the rounded uint8 pixels, not normalized) and its own int64 [2]
+        stateless seed (derived from `seed`, so the crop and flip are the same with
+        or without it), and returns the final float32 [S, S, 3] model input,
+        normalized (e.g. RandAugment on the uint8 pixels, `normalize`, then
+        RandomErasing).
+      dct_method: libjpeg IDCT, one of JPEG_DCT_METHODS.
+      reduced_scale: decode large JPEG crops at 1/2, 1/4 or 1/8 scale (see
+        `decode_crop_resize`).
     """
     tf = tf_module()
     seeds = tf.random.experimental.stateless_split(seed, 2)
-    hw = image_shape(data)
+    is_jpeg = _is_jpeg(data)
+    hw = image_shape(data, is_jpeg)
     box = sample_crop_box(hw[0], hw[1], seeds[0], scale, ratio)
-    image = decode_and_crop(data, box)
-    image = resize_bicubic(image, [image_size, image_size], antialias)
-    if flip:
-        do_flip = tf.random.stateless_uniform([], seeds[1]) < 0.5
-        image = tf.cond(do_flip, lambda: tf.reverse(image, [1]), lambda: image)
+    do_flip = tf.random.stateless_uniform([], seeds[1]) < 0.5 if flip else None
+    image = decode_crop_resize(
+        data, box, image_size, antialias, dct_method, reduced_scale, hw, is_jpeg, do_flip
+    )
+    image.set_shape([image_size, image_size, 3])
     if augment_fn is None:
         image = normalize(image)
     else:
-        image.set_shape([image_size, image_size, 3])
         extra_seed = tf.random.experimental.stateless_fold_in(seed, _EXTRA_AUG_TAG)
-        image = tf.cast(augment_fn(image, extra_seed), tf.float32)
+        image = tf.cast(augment_fn(tf.cast(image, tf.float32), extra_seed), tf.float32)
     image.set_shape([image_size, image_size, 3])
     return image
 
@@ -215,14 +416,20 @@ def resize_shorter_side(height, width, size: int):
     return tf.where(h <= w, tf.stack([size, long_]), tf.stack([long_, size]))
 
 
-def center_crop_eval(data, image_size: int, crop_fraction: float = 0.875, antialias: bool = True):
+def center_crop_eval(
+    data,
+    image_size: int,
+    crop_fraction: float = 0.875,
+    antialias: bool = True,
+    dct_method: str = "INTEGER_FAST",
+):
     """Encoded image -> float32 [S, S, 3] normalized: resize shorter side to
     int(S / crop_fraction) (bicubic), then center crop S, as the reference eval."""
     tf = tf_module()
     if not 0 < crop_fraction <= 1:
         raise ValueError(f"eval crop fraction {crop_fraction!r} must be in (0, 1]")
     resize_to = max(int(image_size / crop_fraction), image_size)
-    image = decode(data)
+    image = decode(data, dct_method)
     hw = tf.shape(image)[:2]
     new_hw = resize_shorter_side(hw[0], hw[1], resize_to)
     image = resize_bicubic(image, new_hw, antialias)

@@ -88,6 +88,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.crop_ratio = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio range
     cfg.flip = True
     cfg.antialias = True  # PIL-like antialiased bicubic when downscaling
+    # libjpeg IDCT: 'INTEGER_ACCURATE' (PIL/torchvision's, bit-identical) | 'INTEGER_FAST'
+    cfg.jpeg_dct_method = "INTEGER_ACCURATE"
+    # Decode JPEG crops >= 2x/4x/8x image_size at 1/2, 1/4, 1/8 scale (train iterators).
+    cfg.jpeg_reduced_scale = True
     cfg.eval_crop_fraction = 0.875  # eval: resize shorter side to size / this
     cfg.shuffle_buffer = 10_000  # TFDS only; other sources shuffle fully
     cfg.num_parallel_calls = -1  # images decoded in parallel (-1: autotune)
@@ -111,6 +115,13 @@ def _check_max_bad(value) -> int:
             f"unreadable examples in a row that stops the run), got {value!r}"
         )
     return int(value)
+
+
+def _check_bool(key: str, value) -> bool:
+    """`value` if it is a bool (numpy bools too), else a ValueError naming the data config key."""
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"data config {key} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def _resolve(cfg) -> ml_collections.ConfigDict:
@@ -218,6 +229,8 @@ def _train_process_fn(
     scale = (float(min_scale), 1.0)
     flip, antialias = bool(cfg.flip), bool(cfg.antialias)
     augment.check_crop_params(scale, ratio)
+    dct_method = augment.check_dct_method(cfg.jpeg_dct_method)
+    reduced_scale = _check_bool("jpeg_reduced_scale", cfg.jpeg_reduced_scale)
 
     def process(data, elem):
         base = tf.stack([tf.constant(seed, tf.int64), elem["epoch"]])
@@ -225,7 +238,16 @@ def _train_process_fn(
         aug_seed = tf.random.experimental.stateless_fold_in(base, elem["key"])
         out = {
             "image": augment.random_resized_crop(
-                data, aug_seed, size, scale, ratio, flip, antialias, augment_fn
+                data,
+                aug_seed,
+                size,
+                scale,
+                ratio,
+                flip,
+                antialias,
+                augment_fn,
+                dct_method=dct_method,
+                reduced_scale=reduced_scale,
             )
         }
         if with_labels:
@@ -477,7 +499,8 @@ def _stream_iterator(
     def open_chunk(step: int, guarded: bool):
         epoch, offset = divmod(step * b, n)
         ds = shard.stream(epoch, epochs_per_chunk, int(seed)).skip(offset)
-        ds = ds.map(graph_fn(lambda elem: {**elem, "valid": tf.constant(True)}))
+        if guarded:  # only the guarded map reads `valid` (one map stage less otherwise)
+            ds = ds.map(graph_fn(lambda elem: {**elem, "valid": tf.constant(True)}))
         num_batches = (epochs_per_chunk * n - offset) // b
         ds = _map_images(ds, shard, process, fallback, cfg, guarded)
         ds = ds.batch(b, drop_remainder=True).take(num_batches)
@@ -598,13 +621,14 @@ def create_eval_iterator(
     sizes = source.shard_sizes(split, pc)
     num_batches = max(math.ceil(max(sizes) / b), 1)
     size, frac, antialias = int(cfg.image_size), float(cfg.eval_crop_fraction), bool(cfg.antialias)
+    dct_method = augment.check_dct_method(cfg.jpeg_dct_method)
     options = _options(cfg)
 
     def process(data, elem):
         return _with_key(
             cfg,
             {
-                "image": augment.center_crop_eval(data, size, frac, antialias),
+                "image": augment.center_crop_eval(data, size, frac, antialias, dct_method),
                 "label": tf.cast(elem["label"], tf.int32),
                 "mask": tf.constant(True),
             },
