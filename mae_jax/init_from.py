@@ -24,7 +24,7 @@ from ml_collections import config_dict
 
 from mae_jax import models
 from mae_jax import workdir as wdir
-from mae_jax.models.classifier import ENCODER_KEYS
+from mae_jax.models.classifier import ENCODER_KEYS, LINEAR_PROBE_TRAINABLE, Head, from_head
 
 PARTS = ("all", "encoder")
 _TORCH_FILES = (".pth", ".pt", ".bin", ".safetensors")
@@ -52,23 +52,24 @@ class Source:
         return self.path if self.step is None else f"{self.path} (step {self.step})"
 
 
-def locate(init_from) -> Source | None:
-    """Validate `config.init_from` and find its source (reads a workdir's meta, no arrays)."""
+def locate(init_from, key: str = "config.init_from") -> Source | None:
+    """Validate `config.init_from` (or another `{path, step}` group named `key`, such as
+    evaluation's `config.checkpoint`) and find its source (reads a workdir's meta, no arrays)."""
     if init_from is None or not init_from.get("path"):
         if init_from is not None and init_from.get("step") is not None:
-            raise ValueError("config.init_from.step is set but config.init_from.path is empty")
+            raise ValueError(f"{key}.step is set but {key}.path is empty")
         return None
     parts = init_from.get("parts") or "all"
     if parts not in PARTS:
-        raise ValueError(f"config.init_from.parts={parts!r} is not one of {PARTS}")
+        raise ValueError(f"{key}.parts={parts!r} is not one of {PARTS}")
     path = os.fspath(init_from.path)
     step = init_from.get("step")
     local = not wdir.is_remote(path)
     if (local and os.path.isfile(os.path.expanduser(path))) or path.endswith(_TORCH_FILES):
         if step is not None:
-            raise ValueError("config.init_from.step applies to workdirs, not to PyTorch files")
+            raise ValueError(f"{key}.step applies to workdirs, not to PyTorch files")
         if local and not os.path.exists(os.path.expanduser(path)):
-            raise ValueError(f"config.init_from.path={path!r} does not exist")
+            raise ValueError(f"{key}.path={path!r} does not exist")
         return Source(os.path.expanduser(path), "pytorch", None, None, parts)
     if local and os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
         if not wdir.isdir(wdir.join(path, wdir.CHECKPOINTS)):  # a Hugging Face directory
@@ -76,18 +77,16 @@ def locate(init_from) -> Source | None:
     try:
         reader = wdir.Reader(path)
     except wdir.WorkdirError as e:
-        raise ValueError(f"config.init_from.path: {e}") from None
+        raise ValueError(f"{key}.path: {e}") from None
     steps = reader.steps()
     if not steps:
         raise ValueError(
-            f"config.init_from.path={path!r} holds no finalized checkpoint; expected a "
+            f"{key}.path={path!r} holds no finalized checkpoint; expected a "
             f"training workdir, one written by `python -m mae_jax.convert import`, or a PyTorch "
             f"file (.pth, .safetensors, Hugging Face directory)"
         )
     if step is not None and step not in steps:
-        raise ValueError(
-            f"config.init_from.step={step} is not a checkpoint of {path!r}; available: {steps}"
-        )
+        raise ValueError(f"{key}.step={step} is not a checkpoint of {path!r}; available: {steps}")
     chosen = steps[-1] if step is None else step
     meta = reader.meta(chosen)
     if "model" not in meta:
@@ -165,13 +164,9 @@ def _from_pytorch(source: Source, target: dict, mcfg) -> dict:
     return out
 
 
-def read_mae(path, step: int | None = None, **overrides):
-    """`(step, config, params)` of an MAE workdir's checkpoint `step` (default: the newest
-    intact one), read-only (safe while that run trains): the model config from its meta
-    (`overrides` replace fields, e.g. `img_size`) and only its `params`, as numpy arrays."""
-    from mae_jax.convert.mapping import abstract_params  # noqa: PLC0415
-
-    reader = wdir.Reader(path)
+def checkpoint_meta(reader: wdir.Reader, step: int | None, what: str) -> tuple[int, dict]:
+    """`(step, meta)` of checkpoint `step` (default: the newest with a readable meta), whose
+    meta must say which model it holds (`what`: the kind of checkpoint, for the message)."""
     if step is None:
         found = reader.latest_meta()
         if found is None:
@@ -182,20 +177,106 @@ def read_mae(path, step: int | None = None, **overrides):
         raise wdir.WorkdirError(
             f"there is no checkpoint {step} in {reader.directory}; available: {reader.steps()}"
         )
-    meta = found[1]
-    if "model" not in meta:
+    if "model" not in found[1]:
         raise wdir.WorkdirError(
             f"checkpoint {found[0]} in {reader.directory} says nothing of its model (meta keys "
-            f"{sorted(meta)}); is it an mae-jax pretraining checkpoint?"
+            f"{sorted(found[1])}); is it an mae-jax {what} checkpoint?"
         )
-    config = models.resolve(meta["model"], **overrides)
+    return found
 
-    def same_model(other: dict, s: int):
+
+def _same_model(reader: wdir.Reader, step: int, meta: dict):
+    def check(other: dict, s: int):
         if other.get("model") != meta["model"]:
             raise wdir.WorkdirError(
-                f"checkpoint {s} in {reader.directory} holds another model than checkpoint "
-                f"{found[0]}"
+                f"checkpoint {s} in {reader.directory} holds another model than checkpoint {step}"
             )
 
-    restored = reader.restore_params(abstract_params(config), step=step, check_meta=same_model)
+    return check
+
+
+def read_mae(path, step: int | None = None, **overrides):
+    """`(step, config, params)` of an MAE workdir's checkpoint `step` (default: the newest
+    intact one), read-only (safe while that run trains): the model config from its meta
+    (`overrides` replace fields, e.g. `img_size`) and only its `params`, as numpy arrays."""
+    from mae_jax.convert.mapping import abstract_params  # noqa: PLC0415
+
+    reader = wdir.Reader(path)
+    found = checkpoint_meta(reader, step, "pretraining")
+    config = models.resolve(found[1]["model"], **overrides)
+    check = _same_model(reader, *found)
+    restored = reader.restore_params(abstract_params(config), step=step, check_meta=check)
     return restored.step, config, restored.state
+
+
+@dataclasses.dataclass(frozen=True)
+class Classifier:
+    """A classifier checkpoint read to the host (`read_classifier`)."""
+
+    step: int
+    config: models.MAEConfig
+    head: Head
+    tree: dict  # Params and BatchNorm statistics, numpy, the checkpoint's block layout
+    pos_embed: np.ndarray | None  # [1, 1+L, D] when the checkpoint holds its own (imported)
+    meta: dict
+
+
+def is_classifier(meta: dict) -> bool:
+    """Whether a checkpoint meta is a classifier's (fine-tuning, linear probing, or imported)."""
+    return "num_classes" in meta
+
+
+def _head(meta: dict, reader: wdir.Reader, root: str, step: int) -> Head:
+    """The head of a classifier checkpoint; workdirs written before the meta held
+    `global_pool` take it from the run's `config.json`."""
+    where = f"checkpoint {step} in {reader.directory}"
+    if "global_pool" not in meta:
+        config_file = wdir.join(root, wdir.CONFIG)
+        if wdir.exists(config_file):
+            meta = {**meta, "global_pool": wdir.read_json(config_file).get("global_pool")}
+    return Head.from_meta(meta, where)
+
+
+def read_classifier(path, step: int | None = None) -> Classifier:
+    """A classifier workdir's checkpoint `step` (default: the newest intact one), read-only:
+    its model config and head from the meta, and its Params and BatchNorm statistics (the
+    training layout's 'params', 'frozen' and 'batch_stats' entries merged), as numpy arrays."""
+    from mae_jax.convert.classifier import merge_trees  # noqa: PLC0415
+
+    reader = wdir.Reader(path)
+    found, meta = checkpoint_meta(reader, step, "fine-tuning or linear-probing")
+    if not is_classifier(meta):
+        raise wdir.WorkdirError(
+            f"checkpoint {found} in {reader.directory} is not a classifier's (its meta has no "
+            f"num_classes): expected a fine-tuning or linear-probing workdir"
+        )
+    config = models.resolve(meta["model"])
+    head = _head(meta, reader, wdir.normalize(path), found)
+    model = nnx.eval_shape(lambda: from_head(config, head))
+    # The entries as the writer split them: a linear-probing run trains the head only.
+    trained = head.linear_probe and meta.get("kind") != "weights"
+    split = nnx.split(
+        model, LINEAR_PROBE_TRAINABLE if trained else nnx.Param, nnx.Param, nnx.BatchStat, ...
+    )[1:4]
+    target = {
+        name: nnx.to_pure_dict(part)
+        for name, part in zip(("params", "frozen", "batch_stats"), split)
+        if jax.tree.leaves(part)
+    }
+    if meta.get("pos_embed") == "learned":
+        table = model.pos_embed.get_value()
+        target["pos_embed"] = jax.ShapeDtypeStruct(table.shape, table.dtype)
+    restored = reader.restore(
+        target, step=step, partial=True, check_meta=_same_model(reader, found, meta)
+    )
+    parts = restored.state
+    tree = merge_trees(*(parts[k] for k in ("params", "frozen", "batch_stats") if k in parts))
+    pos = parts.get("pos_embed")
+    return Classifier(
+        restored.step,
+        config,
+        head,
+        jax.tree.map(np.asarray, tree),
+        None if pos is None else np.asarray(pos),
+        restored.meta,
+    )

@@ -47,6 +47,7 @@ TASKS = {
     "pretrain": "mae_jax.tasks.pretrain:train_and_evaluate",
     "linear_probe": "mae_jax.tasks.linear_probe:train_and_evaluate",
     "finetune": "mae_jax.tasks.finetune:train_and_evaluate",
+    "evaluate": "mae_jax.tasks.evaluate:run",
 }
 
 

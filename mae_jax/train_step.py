@@ -40,10 +40,12 @@ def split_params(model) -> tuple[Any, dict, Any]:
     return graphdef, {"params": params}, rest
 
 
-def init_state(parts: dict, tx: optax.GradientTransformation) -> dict:
+def init_state(parts: dict, tx: optax.GradientTransformation | None) -> dict:
+    """The train state of the model `parts` (no `opt_state` without an optimizer `tx`)."""
+    opt = {} if tx is None else {"opt_state": tx.init(parts["params"])}
     return {
         **parts,
-        "opt_state": tx.init(parts["params"]),
+        **opt,
         "step": jnp.zeros((), jnp.int32),
         "nonfinite_step": jnp.full((), -1, jnp.int32),
     }
@@ -83,7 +85,7 @@ class StepFns:
     """The jitted programs of one model / optimizer / mesh, and what they run on.
 
     `jit_step(state, batch, key, rest) -> (state, metrics)`: the train step (`jax.jit` object;
-    state donated). `jit_init() -> state`: a fresh state. `jit_eval(state, batch, rest) -> sums`
+    state donated; None in an evaluation-only build). `jit_init() -> state`: a fresh state. `jit_eval(state, batch, rest) -> sums`
     when the task evaluates. `batch` is a dict of global arrays with `batch_keys`. `rest` is
     built on first use, so lowering for compile-only devices never executes anything.
     """
@@ -139,10 +141,10 @@ class StepFns:
 
 def build(
     model_fn: Callable[[], Any],
-    tx: optax.GradientTransformation,
+    tx: optax.GradientTransformation | None,
     mesh: Mesh,
     *,
-    step_fn: StepFn,
+    step_fn: StepFn | None,
     split: Split = split_params,
     batch_keys: Sequence[str] = ("image",),
     eval_fn: EvalFn | None = None,
@@ -150,7 +152,10 @@ def build(
     rules=shd.DEFAULT_RULES,
 ) -> StepFns:
     """Abstract state, shardings and the jitted init / train (/ eval) programs of `model_fn`'s
-    model under `tx` on `mesh`. Nothing is executed or compiled here."""
+    model under `tx` on `mesh`. Nothing is executed or compiled here. An evaluation-only build
+    (`step_fn` and `tx` None, `eval_fn` given) has no train step and no optimizer state."""
+    if step_fn is None and eval_fn is None:
+        raise ValueError("train_step.build needs a step_fn, an eval_fn or both")
     abstract_model = nnx.eval_shape(model_fn)
     graphdef, abstract_parts, abstract_rest = split(abstract_model)
     abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract_parts)
@@ -162,12 +167,14 @@ def build(
     def train(state, batch, key, rest):
         return step_fn(state, batch, key, graphdef=graphdef, rest=rest)
 
-    jit_step = jax.jit(
-        train,
-        in_shardings=(state_sh, {k: batch_sh[k] for k in batch_keys}, rep, rest_sh),
-        out_shardings=(state_sh, rep),
-        donate_argnums=(0,),
-    )
+    jit_step = None
+    if step_fn is not None:
+        jit_step = jax.jit(
+            train,
+            in_shardings=(state_sh, {k: batch_sh[k] for k in batch_keys}, rep, rest_sh),
+            out_shardings=(state_sh, rep),
+            donate_argnums=(0,),
+        )
     jit_eval = None
     if eval_fn is not None:
         jit_eval = jax.jit(

@@ -428,7 +428,7 @@ def _restore_args(leaf):
     return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
 
 
-def _place(values, target):
+def place(values, target):
     """Nested dicts/lists of numpy arrays -> `target`'s structure, leaf by key path; leaves
     whose target has a sharding become `jax.Array`s with it."""
     from mae_jax.optim import path_names  # noqa: PLC0415
@@ -551,7 +551,7 @@ class Reader:
                     partial_restore=partial,
                 ),
             )
-        return _place(layout.convert(raw, want), target)
+        return place(layout.convert(raw, want), target)
 
     def restore(
         self,

@@ -50,6 +50,25 @@ def randomized(name_or_config, seed=0, **overrides):
     return model
 
 
+def randomized_classifier(name_or_config, num_classes=7, seed=0, **kw):
+    """A `ViTClassifier` (`kw`: global_pool, linear_probe) whose every parameter and BatchNorm
+    statistic is random (variances positive)."""
+    from mae_jax.models.classifier import create_classifier
+
+    model = create_classifier(name_or_config, num_classes, seed=seed, **kw)
+    state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+    flat_state = nnx.to_flat_state(state)
+    rng = np.random.default_rng(seed + 200)
+    for path, var in flat_state:
+        x = var.get_value()
+        value = 0.2 * rng.standard_normal(x.shape)
+        if path[-1] == "var":
+            value = np.abs(value) + 0.5
+        var.set_value(jnp.asarray(value, x.dtype))
+    nnx.update(model, nnx.from_flat_state(flat_state))
+    return model
+
+
 def params_of(model):
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 

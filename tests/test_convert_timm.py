@@ -26,15 +26,25 @@ pytest.importorskip("safetensors")
 if importlib.util.find_spec("timm") is None:
     pytest.skip("timm is not installed", allow_module_level=True)
 
-from test_convert import BIGGER, DECODER, randomized  # noqa: E402
+from test_convert import BIGGER, DECODER, randomized, randomized_classifier  # noqa: E402
 
 from mae_jax import convert  # noqa: E402
+from mae_jax.convert import classifier as cc  # noqa: E402
+from mae_jax.convert import mapping  # noqa: E402
 from mae_jax.models import resolve  # noqa: E402
+from mae_jax.models.classifier import Head  # noqa: E402
 
 NAMED = {
     "vit_base_patch16_224": "mae_vit_base_patch16",
     "vit_large_patch16_224": "mae_vit_large_patch16",
     "vit_huge_patch14_224": "mae_vit_huge_patch14",
+}
+# Classifier exports timm must load strictly and compute our logits with (BIGGER, 7 classes).
+CLASSIFIERS = {
+    "finetuned_gap": dict(global_pool=True),
+    "finetuned_cls": dict(global_pool=False),
+    "probe_cls": dict(global_pool=False, linear_probe=True),
+    "probe_gap": dict(global_pool=True, linear_probe=True),
 }
 
 SCRIPT = textwrap.dedent(r'''
@@ -136,6 +146,19 @@ SCRIPT = textwrap.dedent(r'''
                                          state["blocks.1.attn.qkv.weight"])),
         }
 
+    for case in job["classifiers"]:  # our classifier exports, loaded strictly by timm
+        model = VisionTransformer(**case["kwargs"]).eval()
+        load_checkpoint(model, case["file"], strict=True)
+        with torch.no_grad():
+            logits = model(torch.from_numpy(np.load(case["images"])))
+        np.save(case["out"], logits.numpy())
+
+    result["named_classifiers"] = {}
+    for name, kwargs in job["named_classifiers"]:  # timm's MAE fine-tuned layout, by name
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        result["named_classifiers"][name] = {k: list(v.shape) for k, v in model.state_dict().items()}
+
     for name in job["named"]:  # the timm model names the issue promises, on the meta device
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False, num_classes=0)
@@ -167,6 +190,8 @@ def timm_run(tmp_path_factory):
         "ours_to_timm": [],
         "timm_to_ours": [],
         "finetune": [],
+        "classifiers": [],
+        "named_classifiers": [],
         "named": list(NAMED),
         "result": str(tmp / "result.json"),
     }
@@ -202,6 +227,25 @@ def timm_run(tmp_path_factory):
     job["finetune"].append(
         {"file": pth, "kwargs": dict(timm_kwargs(models["bigger"].config), img_size=64)}
     )
+    for tag, kw in CLASSIFIERS.items():
+        clf = randomized_classifier(BIGGER, 7, seed=6, **kw)
+        file = str(tmp / f"{tag}.safetensors")
+        convert.save(cc.classifier_to_pytorch(clf, "timm"), file, "timm", clf.config)
+        name, kwargs = cc.timm_model(clf.config, clf.head_spec)
+        assert name is None  # BIGGER is no timm size: every field is given
+        job["classifiers"].append(
+            {
+                "kwargs": kwargs,
+                "file": file,
+                "images": str(tmp / "bigger_x.npy"),
+                "out": str(tmp / f"{tag}_logits.npy"),
+            }
+        )
+        models[tag] = clf
+    for timm_name, preset in NAMED.items():
+        name, kwargs = cc.timm_model(resolve(preset), Head(1000, True, False))
+        assert name == timm_name
+        job["named_classifiers"].append([name, kwargs])
     job_file = tmp / "job.json"
     job_file.write_text(json.dumps(job))
     script = tmp / "run_timm.py"
@@ -268,3 +312,28 @@ def test_timm_named_models_have_our_timm_keys_and_shapes(timm_run, timm_name):
     result, _, _, _ = timm_run
     theirs = {k: tuple(v) for k, v in result["named"][timm_name].items()}
     assert theirs == convert.pytorch_shapes(resolve(NAMED[timm_name]), "timm")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tag", list(CLASSIFIERS))
+def test_timm_classifier_from_our_export_gives_our_logits(timm_run, tag):
+    """Fine-tuned (global pool + fc_norm, or cls token) and linear-probed (BatchNorm folded into
+    the head) classifiers: timm's VisionTransformer loads our export strictly and computes our
+    logits on the same images."""
+    _, models, images, tmp = timm_run
+    theirs = np.load(tmp / f"{tag}_logits.npy")
+    ours = np.asarray(models[tag](jnp.asarray(images["bigger"]), train=False))
+    assert ours.shape == theirs.shape == (2, 7)
+    assert _relerr(ours, theirs) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("timm_name", list(NAMED))
+def test_timm_named_classifiers_have_our_fine_tuned_keys_and_shapes(timm_run, timm_name):
+    """`timm.create_model(vit_*_patch*_224, global_pool='avg', fc_norm=True, num_classes=1000)`:
+    the official fine-tuned layout (fc_norm, head, no norm)."""
+    result, _, _, _ = timm_run
+    theirs = {k: tuple(v) for k, v in result["named_classifiers"][timm_name].items()}
+    head = Head(1000, True, False)
+    ours = mapping.classifier_shapes(resolve(NAMED[timm_name]), head, "timm")
+    assert theirs == ours and "fc_norm.weight" in ours and "norm.weight" not in ours

@@ -25,10 +25,12 @@ from test_convert import (  # noqa: E402
     flat,  # noqa: E402
     params_of,
     randomized,
+    randomized_classifier,
 )
 
 from mae_jax import convert  # noqa: E402
 from mae_jax import workdir as wdir  # noqa: E402
+from mae_jax.convert import classifier as cc  # noqa: E402
 from mae_jax.convert import cli, mapping  # noqa: E402
 from mae_jax.models import resolve  # noqa: E402
 
@@ -117,6 +119,72 @@ def test_half_precision_tensors_are_widened(tmp_path):
     back = convert.from_pytorch(sd, "mae_vit_test")
     want = sd["blocks.0.mlp.fc1.weight"].float().numpy().T
     np.testing.assert_array_equal(np.asarray(back.blocks[0].mlp.fc1.kernel.get_value()), want)
+
+
+# ----------------------------------------------------------------------------- classifiers
+def _same_tree(a, b):
+    fa, fb = flat(cc.classifier_tree(a)), flat(cc.classifier_tree(b))
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(global_pool=False), dict(global_pool=False, linear_probe=True)],
+    ids=["finetuned_gap", "finetuned_cls", "probe_cls"],
+)
+def test_official_classifier_pth_round_trip_is_exact(kw, tmp_path):
+    """Our classifier -> the official fine-tuning / linear-probing `.pth` -> back: every
+    parameter, statistic and the position table identical; the keys are the official
+    `models_vit` ones (head.0 / head.1 for a linear probe)."""
+    model = randomized_classifier(BIGGER, 7, seed=8, **kw)
+    sd = cc.classifier_to_pytorch(model, "official")
+    path = str(tmp_path / "classifier.pth")
+    convert.save(sd, path, "official", model.config)
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert list(raw) == ["model"]
+    keys = set(raw["model"])
+    pooled = kw.get("global_pool", True)
+    assert ("fc_norm.weight" in keys) == pooled and ("norm.weight" in keys) != pooled
+    if kw.get("linear_probe"):
+        assert {"head.0.running_mean", "head.0.running_var", "head.1.weight"} <= keys
+        assert raw["model"]["head.0.num_batches_tracked"].dtype == torch.int64
+    else:
+        assert raw["model"]["head.weight"].shape == (7, BIGGER["embed_dim"])
+    back = cc.classifier_from_pytorch(path, resolve(BIGGER))
+    assert back.head_spec == model.head_spec
+    _same_tree(model, back)
+    np.testing.assert_array_equal(back.pos_embed.get_value(), model.pos_embed.get_value())
+
+
+def test_official_classifier_with_a_trained_position_table_keeps_it(tmp_path):
+    """The official fine-tuning trains pos_embed: imported as found, exported back as is."""
+    model = randomized_classifier(BIGGER, 5, seed=9)
+    sd = cc.classifier_to_pytorch(model, "official")
+    sd["pos_embed"] = sd["pos_embed"] + 0.05 * np.random.default_rng(0).standard_normal(
+        sd["pos_embed"].shape
+    ).astype(np.float32)
+    converted = cc.read_classifier(sd, resolve(BIGGER))
+    assert not converted.sincos
+    back = cc.build_classifier(converted, resolve(BIGGER))
+    np.testing.assert_array_equal(
+        cc.classifier_to_pytorch(back, "official")["pos_embed"], sd["pos_embed"]
+    )
+
+
+def test_classifier_files_that_do_not_fit_are_refused(tmp_path):
+    model = randomized_classifier(BIGGER, 5, seed=1)
+    sd = cc.classifier_to_pytorch(model, "official")
+    with pytest.raises(ValueError, match="mis-shaped keys.*blocks.0.attn.qkv.weight"):
+        cc.read_classifier(sd, "mae_vit_test")  # another width
+    with pytest.raises(ValueError, match="no classifier head"):
+        cc.read_classifier(
+            convert.to_pytorch(randomized("mae_vit_test"), "official"), "mae_vit_test"
+        )
+    extra = dict(sd, **{"dist_token": np.zeros((1, 1, 64), np.float32)})
+    with pytest.raises(ValueError, match="unexpected keys.*dist_token"):
+        cc.read_classifier(extra, resolve(BIGGER))
 
 
 # ----------------------------------------------------------------------------- bicubic
@@ -216,6 +284,49 @@ def test_hf_export_keys_and_shapes_match_transformers_for_paper_models(name):
         )
     theirs = {k: tuple(v.shape) for k, v in mapping.normalize_hf_names(hf.state_dict()).items()}
     assert theirs == convert.pytorch_shapes(config, "hf")
+
+
+def _hf_classifier(directory):
+    model, info = transformers.ViTForImageClassification.from_pretrained(
+        directory, output_loading_info=True, attn_implementation="eager"
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not info["mismatched_keys"], info
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(global_pool=False), dict(global_pool=False, linear_probe=True)], ids=["ft", "probe"]
+)
+def test_hf_image_classifier_from_our_export_gives_our_logits(kw, tmp_path):
+    """A cls-token classifier (a linear probe with its BatchNorm folded into the head) in
+    `ViTForImageClassification`, and back (a HF directory imports as a plain-head classifier
+    computing the same logits)."""
+    model = randomized_classifier(BIGGER, 7, seed=10, **kw)
+    directory = str(tmp_path / "hf")
+    convert.save(
+        cc.classifier_to_pytorch(model, "hf"),
+        directory,
+        "hf",
+        model.config,
+        hf_cfg=cc.hf_classifier_config(model.config, model.head_spec),
+    )
+    hf = _hf_classifier(directory)
+    assert hf.config.num_labels == 7 and hf.config.layer_norm_eps == 1e-6
+    images = np.random.default_rng(1).standard_normal((3, 48, 48, 3)).astype(np.float32)
+    ours = np.asarray(model(jnp.asarray(images), train=False))
+    with torch.no_grad():
+        theirs = hf(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).logits
+    assert relerr(ours, theirs.numpy()) < 1e-5
+    back = cc.classifier_from_pytorch(directory, resolve(BIGGER))
+    assert not back.linear_probe and not back.global_pool
+    assert relerr(back(jnp.asarray(images), train=False), ours) < 1e-5
+
+
+def test_hf_export_of_a_global_pool_classifier_is_refused():
+    model = randomized_classifier("mae_vit_test", 3)
+    with pytest.raises(ValueError, match="cannot express global average pooling"):
+        cc.classifier_to_pytorch(model, "hf")
 
 
 # ----------------------------------------------------------------------------- CLI with torch

@@ -14,6 +14,10 @@ Formats:
 - "hf": Hugging Face `ViTMAEForPreTraining` names (hub naming, `vit.encoder.layer.{i}...`,
   `decoder.decoder_layers.{i}...`) with a `config.json` from `hf_config`.
 
+Classifiers (fine-tuned / linear-probed ViTs) go through `mae_jax.convert.classifier`
+(`classifier_to_pytorch`, `classifier_from_pytorch`: official fine-tuning format, timm
+`VisionTransformer` with its head, HF `ViTForImageClassification`).
+
 Only numpy and jax are needed to convert; torch (for `.pth`) and safetensors are imported
 lazily by the file functions. `.pth` files are read with `torch.load(weights_only=True)` only.
 """
@@ -21,7 +25,6 @@ lazily by the file functions. `.pth` files are read with `torch.load(weights_onl
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -31,6 +34,11 @@ import numpy as np
 from flax import nnx
 
 from mae_jax.convert import files, mapping, posembed
+from mae_jax.convert.classifier import (
+    classifier_from_pytorch,
+    classifier_to_pytorch,
+    read_classifier,
+)
 from mae_jax.convert.files import check_hf_config, hf_config, load_state_dict, save
 from mae_jax.convert.mapping import FORMATS, detect_format, pytorch_shapes
 from mae_jax.convert.posembed import interpolate_pos_embed, resize_pos_embed
@@ -42,6 +50,8 @@ __all__ = [
     "Converted",
     "build_model",
     "check_hf_config",
+    "classifier_from_pytorch",
+    "classifier_to_pytorch",
     "detect_format",
     "from_pytorch",
     "hf_config",
@@ -49,6 +59,7 @@ __all__ = [
     "load_state_dict",
     "params_to_pytorch",
     "pytorch_shapes",
+    "read_classifier",
     "read_pytorch",
     "resize_pos_embed",
     "save",
@@ -149,15 +160,8 @@ def read_pytorch(state_dict_or_path: Any, name_or_config: Any, *, strict: bool =
     truncated or damaged files, and a directory without a valid `config.json`, raise ValueError.
     """
     config = resolve(name_or_config)
-    hf_cfg = None
-    if isinstance(state_dict_or_path, (str, os.PathLike)):
-        source = os.fspath(state_dict_or_path)
-        if os.path.isdir(source):  # a Hugging Face directory: its config.json first
-            hf_cfg = files.read_hf_config(source)
-        sd = load_state_dict(source)
-    else:
-        source = "the state dict"
-        sd = files.unwrap(state_dict_or_path)
+    loaded = files.load_input(state_dict_or_path)
+    sd, source, hf_cfg = loaded.state_dict, loaded.source, loaded.hf_cfg
     fmt = detect_format(sd)
     if fmt == "hf":
         sd = mapping.normalize_hf_names(sd)
@@ -190,27 +194,13 @@ def read_pytorch(state_dict_or_path: Any, name_or_config: Any, *, strict: bool =
     return Converted(params, tables, fmt, has_decoder, source, sincos)
 
 
-def _assign(target: dict, source: Mapping, path: tuple = ()) -> None:
-    for key, value in source.items():
-        if isinstance(value, Mapping):
-            _assign(target[key], value, path + (key,))
-            continue
-        old = target[key]
-        if tuple(old.shape) != tuple(np.shape(value)):
-            raise ValueError(
-                f"{'.'.join(map(str, path + (key,)))}: shape {np.shape(value)} "
-                f"does not fit {tuple(old.shape)}"
-            )
-        target[key] = jnp.asarray(value, dtype=old.dtype)
-
-
 def build_model(converted: Converted, name_or_config: Any, *, seed: int = 0) -> MAE:
     """Our model holding `converted`'s weights (parts it lacks: initialized from `seed`)."""
     config = resolve(name_or_config)
     model = create(config, seed=seed)
     state = nnx.state(model, nnx.Param)
     pure = nnx.to_pure_dict(state)
-    _assign(pure, layout.like(converted.params, pure))  # stacked when the model scans
+    mapping.assign(pure, layout.like(converted.params, pure))  # stacked when the model scans
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
     for name, table in converted.pos_tables.items():

@@ -1,4 +1,5 @@
-"""Command line: export a pretraining workdir's checkpoint to PyTorch files, import them back.
+"""Command line: export a workdir's checkpoint (an MAE, or a fine-tuned / linear-probed
+classifier) to PyTorch files, import them back.
 
     python -m mae_jax.convert export --workdir DIR [--step N] --format official|timm|hf \
         --output PATH [--img-size S] [--force]
@@ -6,9 +7,14 @@
         [--set FIELD=VALUE ...] [--seed S] [--ignore-unexpected]
 
 Export reads a workdir read-only (`mae_jax.workdir.Reader`: safe while that run trains), only
-the params of its newest intact checkpoint. `import` writes a weights workdir: step 0 with
-state `{'params': ...}` and meta `{'model': ..., 'kind': 'weights', 'source': ...}`; runs start
-from it with `--config.init_from.path=DIR` (it is not a run to resume).
+the weights of its newest intact checkpoint; a classifier workdir (fine-tuning, linear probing)
+is exported with its head (`mae_jax.convert.classifier`). `import` writes a weights workdir:
+step 0 with state `{'params': ...}` and meta `{'model': ..., 'kind': 'weights', 'source': ...}`;
+runs start from it with `--config.init_from.path=DIR` (it is not a run to resume). A file with a
+classifier head (official fine-tuned or linear-probed, timm, HF `ViTForImageClassification`)
+becomes a classifier weights workdir (meta: the head; state: also its BatchNorm statistics,
+and its position table when not the fixed sin-cos one), for `task=evaluate`; with
+`--ignore-unexpected` only its encoder is imported, as MAE weights.
 """
 
 from __future__ import annotations
@@ -48,6 +54,21 @@ def restore_params(workdir: str, step: int | None):
         raise CliError(str(e)) from None
 
 
+def read_checkpoint(workdir: str, step: int | None):
+    """A workdir's checkpoint, read-only: an `init_from.Classifier` for a classifier's,
+    else `(step, config, params)` of an MAE's."""
+    from mae_jax import init_from  # noqa: PLC0415
+    from mae_jax import workdir as wdir  # noqa: PLC0415
+
+    try:
+        _, meta = init_from.checkpoint_meta(wdir.Reader(workdir), step, "mae-jax")
+        if init_from.is_classifier(meta):
+            return init_from.read_classifier(workdir, step)
+        return init_from.read_mae(workdir, step)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
 def _count(sd) -> tuple[int, int]:
     return len(sd), int(sum(np.size(v) for v in sd.values()))
 
@@ -55,6 +76,7 @@ def _count(sd) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- export
 def run_export(args) -> None:
     from mae_jax import convert  # pylint: disable=import-outside-toplevel
+    from mae_jax.convert import classifier as cc  # pylint: disable=import-outside-toplevel
 
     fmt = args.format
     out = os.path.abspath(os.path.expanduser(args.output))
@@ -71,15 +93,49 @@ def run_export(args) -> None:
         )
     if fmt == "hf" and out.endswith((".pth", ".pt", ".safetensors")):
         raise CliError(f"--format hf writes a directory; got the file name {out}")
-    step, config, params = restore_params(args.workdir, args.step)
-    print(f"read the params of step {step} ({config.name}) from {args.workdir}", file=sys.stderr)
-    sd = convert.params_to_pytorch(params, config, fmt, img_size=args.img_size)
-    convert.save(sd, out, fmt, config, img_size=args.img_size, overwrite=args.force)
+    found = read_checkpoint(args.workdir, args.step)
+    if isinstance(found, tuple):
+        step, config, params = found
+        print(
+            f"read the params of step {step} ({config.name}) from {args.workdir}", file=sys.stderr
+        )
+        sd = convert.params_to_pytorch(params, config, fmt, img_size=args.img_size)
+        convert.save(sd, out, fmt, config, img_size=args.img_size, overwrite=args.force)
+        what = ""
+    else:
+        step, config, head = found.step, found.config, found.head
+        sd = cc.tree_to_pytorch(
+            found.tree,
+            config,
+            head,
+            fmt,
+            img_size=args.img_size,
+            pos_embed=found.pos_embed,
+            num_batches_tracked=step,
+        )
+        hf_cfg = cc.hf_classifier_config(config, head, args.img_size) if fmt == "hf" else None
+        convert.save(
+            sd, out, fmt, config, img_size=args.img_size, overwrite=args.force, hf_cfg=hf_cfg
+        )
+        what = f", {describe_head(head)}" + (
+            ", BatchNorm folded into the head" if head.linear_probe and fmt != "official" else ""
+        )
     n, numbers = _count(sd)
     print(
-        f"wrote {out}: {fmt} format, {n} tensors, {numbers:,} numbers "
+        f"wrote {out}: {fmt} format{what}, {n} tensors, {numbers:,} numbers "
         f"(step {step}, image size {args.img_size or config.img_size})"
     )
+    if what and fmt == "timm":
+        name, kwargs = cc.timm_model(config, head, args.img_size)
+        call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        model = f"timm.create_model({name!r}, {call})" if name else f"VisionTransformer({call})"
+        print(f"load it in timm: model = {model}; timm.models.load_checkpoint(model, {out!r})")
+
+
+def describe_head(head) -> str:
+    kind = "linear probe" if head.linear_probe else "classifier"
+    pool = "global pool + fc_norm" if head.global_pool else "cls token"
+    return f"{kind} with {head.num_classes} classes ({pool})"
 
 
 # ----------------------------------------------------------------------------- import
@@ -103,6 +159,7 @@ def run_import(args) -> None:
 
     from mae_jax import convert  # pylint: disable=import-outside-toplevel
     from mae_jax import workdir as wdir  # pylint: disable=import-outside-toplevel
+    from mae_jax.convert import files, mapping  # pylint: disable=import-outside-toplevel
     from mae_jax.models import resolve  # pylint: disable=import-outside-toplevel
 
     config = resolve(args.model, **_parse_overrides(args.set))
@@ -113,7 +170,10 @@ def run_import(args) -> None:
         wdir.check_new_weights_dir(args.workdir)
     except wdir.WorkdirError as e:
         raise CliError(str(e)) from None
-    converted = convert.read_pytorch(src, config, strict=not args.ignore_unexpected)
+    loaded = files.load_input(src)
+    if not args.ignore_unexpected and mapping.classifier_head(loaded.state_dict) is not None:
+        return import_classifier(loaded, config, args.workdir)
+    converted = convert.read_pytorch(loaded, config, strict=not args.ignore_unexpected)
     if not converted.sincos:
         warnings.warn(
             "the file's position tables are not the fixed sin-cos ones; checkpoints "
@@ -139,6 +199,42 @@ def run_import(args) -> None:
     )
 
 
+def import_classifier(loaded, config, workdir: str) -> None:
+    """A classifier file -> a classifier weights workdir (see the module docstring)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+
+    from mae_jax import workdir as wdir  # pylint: disable=import-outside-toplevel
+    from mae_jax.convert import classifier as cc  # pylint: disable=import-outside-toplevel
+
+    converted = cc.read_classifier(loaded, config)
+    model = cc.build_classifier(converted, config)
+    state = {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))}
+    stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+    if jax.tree.leaves(stats):
+        state["batch_stats"] = stats
+    if not converted.sincos:  # a trained table (the official fine-tuning trains it): kept
+        state["pos_embed"] = np.asarray(model.pos_embed.get_value())
+    meta = {
+        "model": dataclasses.asdict(config),
+        "kind": "weights",
+        **converted.head.meta(),
+        "pos_embed": "sincos" if converted.sincos else "learned",
+        "source": loaded.source,
+        "source_format": converted.format,
+    }
+    try:
+        root = wdir.write_weights(workdir, jax.tree.map(np.asarray, state), meta)
+    except wdir.WorkdirError as e:
+        raise CliError(str(e)) from None
+    table = "" if converted.sincos else ", its trained position table kept"
+    print(
+        f"wrote {root}: {config.name} {describe_head(converted.head)} from {loaded.source} "
+        f"({converted.format} format{table}); evaluate it with python -m mae_jax.main "
+        f"--config=configs/evaluate.py --workdir=EVAL_DIR --config.checkpoint={root}"
+    )
+
+
 # ----------------------------------------------------------------------------- main
 PROG = "python -m mae_jax.convert"
 # subcommand -> (its flags, the required ones)
@@ -159,7 +255,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string(
         "workdir",
         None,
-        "export: pretraining workdir (holds checkpoints/); "
+        "export: pretraining, fine-tuning or linear-probing workdir (holds checkpoints/); "
         "import: workdir to create the checkpoint in",
         flag_values=fv,
     )

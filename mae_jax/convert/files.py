@@ -10,6 +10,7 @@ files get the usual mode (0o666 less the umask).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import importlib
 import json
@@ -268,6 +269,27 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """An input read once (`load_input`), to be read again without reloading."""
+
+    state_dict: dict[str, np.ndarray]
+    source: str  # the path, or "the state dict"
+    hf_cfg: dict | None  # a Hugging Face directory's config.json
+
+
+def load_input(state_dict_or_path: Any) -> Loaded:
+    """A state dict, a `.pth` / `.safetensors` file or a Hugging Face directory (its
+    `config.json` read first) as a flat numpy state dict; a `Loaded` is returned as is."""
+    if isinstance(state_dict_or_path, Loaded):
+        return state_dict_or_path
+    if isinstance(state_dict_or_path, (str, os.PathLike)):
+        source = os.fspath(state_dict_or_path)
+        hf_cfg = read_hf_config(source) if os.path.isdir(source) else None
+        return Loaded(load_state_dict(source), source, hf_cfg)
+    return Loaded(unwrap(state_dict_or_path), "the state dict", None)
+
+
 # ----------------------------------------------------------------------------- HF config
 def hf_config(config: MAEConfig, img_size: int | None = None) -> dict:
     """A `ViTMAEConfig`-compatible dict (`config.json`) for `config`."""
@@ -416,7 +438,8 @@ def _atomic_write(path: str, write, created: list[str] = ()) -> None:
 def save_torch_file(
     state_dict: Mapping[str, np.ndarray], path: str, *, overwrite: bool = False
 ) -> None:
-    """`torch.save({'model': state_dict}, path)` with float32 tensors (the official layout)."""
+    """`torch.save({'model': state_dict}, path)` (the official layout; float32 tensors, and
+    int64 for integer arrays such as BatchNorm's `num_batches_tracked`)."""
     torch = _require("torch", f"writing {path}")
     created = _check_target(path, overwrite)
     tensors = {
@@ -478,15 +501,19 @@ def save(
     *,
     img_size: int | None = None,
     overwrite: bool = False,
+    hf_cfg: Mapping | None = None,
 ) -> str:
     """Write `state_dict` (from `to_pytorch(..., fmt)`) to `path`: a directory for 'hf';
-    otherwise `.pth`/`.pt` (torch, `{'model': ...}` wrapper) or `.safetensors`. Returns path."""
+    otherwise `.pth`/`.pt` (torch, `{'model': ...}` wrapper) or `.safetensors`. Returns path.
+    `hf_cfg`: the `config.json` of an 'hf' directory (default: the MAE's `hf_config`)."""
     mapping.check_format(fmt)
     path = os.fspath(path)
     if fmt == "hf":
         if path.endswith(TORCH_EXTS + (SAFETENSORS_EXT,)):
             raise ValueError(f"the 'hf' format writes a directory; got the file name {path}")
-        save_hf_dir(state_dict, hf_config(config, img_size), path, overwrite=overwrite)
+        if hf_cfg is None:
+            hf_cfg = hf_config(config, img_size)
+        save_hf_dir(state_dict, hf_cfg, path, overwrite=overwrite)
     elif path.endswith((".pth", ".pt")):
         save_torch_file(state_dict, path, overwrite=overwrite)
     elif path.endswith(SAFETENSORS_EXT):

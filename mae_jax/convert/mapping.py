@@ -1,7 +1,10 @@
-"""Names and layouts: our parameter tree <-> PyTorch state dicts (official MAE, timm, HF).
+"""Names and layouts: our parameter tree <-> PyTorch state dicts (official MAE, timm, HF), for the
+MAE (`rules`) and for the classifier (`classifier_rules`: official fine-tuned / linear-probed,
+timm `VisionTransformer` with its head, HF `ViTForImageClassification`).
 
 Our tree is `nnx.to_pure_dict(nnx.state(model, nnx.Param))` (nested dicts, int keys for block
-lists) plus the two fixed position tables `pos_embed` / `decoder_pos_embed` `[1, 1+L, D]`.
+lists; a classifier's also holds its BatchNorm statistics, `nnx.BatchStat`) plus the fixed
+position tables `pos_embed` / `decoder_pos_embed` `[1, 1+L, D]`.
 PyTorch layouts: Linear weight `[out, in]` (ours `[in, out]`), LayerNorm `weight` (ours
 `scale`), patch embedding Conv2d weight `[D, C, p, p]` (ours `[p*p*C, D]` on (row, col, channel)
 patch vectors), and in the HF format the fused `qkv` split into `query`, `key`, `value`.
@@ -19,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -27,8 +31,10 @@ from mae_jax.models.config import MAEConfig
 
 FORMATS = ("official", "timm", "hf")
 
-# Rule kinds.
-TENSOR, POS, LINEAR, NORM, PATCH, QKV = "tensor", "pos", "linear", "norm", "patch", "qkv"
+# Rule kinds. BN: running statistics of a BatchNorm without affine parameters (ours `mean`,
+# `var`; PyTorch `running_mean`, `running_var`).
+TENSOR, POS, LINEAR, NORM, PATCH, QKV, BN = "tensor", "pos", "linear", "norm", "patch", "qkv", "bn"
+BN_COUNT = "num_batches_tracked"  # PyTorch's BatchNorm counter (int64 scalar), unused by ours
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +49,8 @@ class Rule:
     def torch_keys(self) -> list[str]:
         if self.kind in (TENSOR, POS):
             return [self.theirs[0]]
+        if self.kind == BN:
+            return [f"{self.theirs[0]}.running_mean", f"{self.theirs[0]}.running_var"]
         return [f"{name}.{leaf}" for name in self.theirs for leaf in ("weight", "bias")]
 
 
@@ -83,10 +91,8 @@ def _block_rules(ours: tuple, theirs: str, hf: bool, decoder: bool) -> list[Rule
     ]
 
 
-def rules(config: MAEConfig, fmt: str) -> list[Rule]:
-    """The mapping of every tensor of `config`'s model for `fmt` (timm: encoder rules only)."""
-    check_format(fmt)
-    hf = fmt == "hf"
+def _encoder_rules(config: MAEConfig, hf: bool) -> list[Rule]:
+    """The encoder's rules, its final `norm` last."""
     if hf:
         enc = [
             Rule(("cls_token",), ("vit.embeddings.cls_token",), TENSOR, False),
@@ -99,7 +105,6 @@ def rules(config: MAEConfig, fmt: str) -> list[Rule]:
             ),
         ]
         block, norm = "vit.encoder.layer", "vit.layernorm"
-        dec_prefix, dec_block = "decoder.", "decoder.decoder_layers"
     else:
         enc = [
             Rule(("cls_token",), ("cls_token",), TENSOR, False),
@@ -107,12 +112,20 @@ def rules(config: MAEConfig, fmt: str) -> list[Rule]:
             Rule(("patch_embed", "proj"), ("patch_embed.proj",), PATCH, False),
         ]
         block, norm = "blocks", "norm"
-        dec_prefix, dec_block = "", "decoder_blocks"
     for i in range(config.depth):
         enc += _block_rules(("blocks", i), f"{block}.{i}", hf, False)
     enc.append(Rule(("norm",), (norm,), NORM, False))
+    return enc
+
+
+def rules(config: MAEConfig, fmt: str) -> list[Rule]:
+    """The mapping of every tensor of `config`'s model for `fmt` (timm: encoder rules only)."""
+    check_format(fmt)
+    hf = fmt == "hf"
+    enc = _encoder_rules(config, hf)
     if fmt == "timm":
         return enc
+    dec_prefix, dec_block = ("decoder.", "decoder.decoder_layers") if hf else ("", "decoder_blocks")
     dec = [
         Rule(("decoder_embed",), (f"{dec_prefix}decoder_embed",), LINEAR, True),
         Rule(("mask_token",), (f"{dec_prefix}mask_token",), TENSOR, True),
@@ -125,6 +138,44 @@ def rules(config: MAEConfig, fmt: str) -> list[Rule]:
         Rule(("decoder_pred",), (f"{dec_prefix}decoder_pred",), LINEAR, True),
     ]
     return enc + dec
+
+
+def classifier_rules(config: MAEConfig, head, fmt: str) -> list[Rule]:
+    """The mapping of a classifier (`head`: a `models.classifier.Head`) for `fmt`.
+
+    'official' and 'timm' share the names of the official `models_vit.VisionTransformer`
+    (timm's, with `global_pool='avg', fc_norm=True` for global pooling): `fc_norm` replaces
+    `norm` with global pooling; the head is `head`, or for linear probing `head.0` (BatchNorm
+    statistics) + `head.1` (Linear), as the official `main_linprobe.py` saves it. 'hf' is
+    `ViTForImageClassification` (cls token after `vit.layernorm`, `classifier`). timm and HF have
+    a plain Linear head: fold a linear probe's BatchNorm into it first
+    (`mae_jax.convert.classifier.fold_batchnorm`); HF has no global pooling (ValueError).
+    """
+    check_format(fmt)
+    hf = fmt == "hf"
+    if hf and head.global_pool:
+        raise ValueError(
+            "Hugging Face ViTForImageClassification classifies the cls token after the final "
+            "layernorm; it cannot express global average pooling + fc_norm, so this model "
+            "(global_pool=True) cannot be exported to it: use the 'timm' or 'official' format"
+        )
+    if head.linear_probe and fmt != "official":
+        raise ValueError(
+            f"the {fmt!r} format has a Linear head: fold the linear probe's BatchNorm into it "
+            f"first (fold_batchnorm)"
+        )
+    out = _encoder_rules(config, hf)
+    if head.global_pool:
+        out = [r for r in out if r.ours != ("norm",)]
+        out.append(Rule(("fc_norm",), ("fc_norm",), NORM, False))
+    if hf:
+        out.append(Rule(("head",), ("classifier",), LINEAR, False))
+    elif head.linear_probe:
+        out.append(Rule(("head", 0), ("head.0",), BN, False))
+        out.append(Rule(("head", 1), ("head.1",), LINEAR, False))
+    else:
+        out.append(Rule(("head",), ("head",), LINEAR, False))
+    return out
 
 
 # ----------------------------------------------------------------------------- tree helpers
@@ -140,15 +191,31 @@ def _set(tree: dict, path: tuple, value: Any) -> None:
     tree[path[-1]] = value
 
 
+def assign(target: dict, source: Mapping, path: tuple = ()) -> None:
+    """Write `source`'s leaves into the nested dict `target` in place, each cast to the
+    dtype of the array it replaces (ValueError naming the entry on a shape mismatch)."""
+    for key, value in source.items():
+        if isinstance(value, Mapping):
+            assign(target[key], value, path + (key,))
+            continue
+        old = target[key]
+        if tuple(old.shape) != tuple(np.shape(value)):
+            raise ValueError(
+                f"{'.'.join(map(str, path + (key,)))}: shape {np.shape(value)} "
+                f"does not fit {tuple(old.shape)}"
+            )
+        target[key] = jnp.asarray(value, dtype=old.dtype)
+
+
 # ----------------------------------------------------------------------------- ours -> torch
 def _to_torch(
-    params: Mapping, config: MAEConfig, fmt: str, pos_embed, decoder_pos_embed
+    params: Mapping, rule_list: list[Rule], config: MAEConfig, pos_embed, decoder_pos_embed
 ) -> dict[str, Any]:
     """Layout conversion with array methods only, so it also runs on tracers (shapes)."""
     p, c = config.patch_size, config.in_chans
     out: dict[str, Any] = {}
     pos = {("pos_embed",): pos_embed, ("decoder_pos_embed",): decoder_pos_embed}
-    for rule in rules(config, fmt):
+    for rule in rule_list:
         name = rule.theirs[0]
         if rule.kind == POS:
             out[name] = pos[rule.ours]
@@ -158,6 +225,8 @@ def _to_torch(
             out[name] = node
         elif rule.kind == NORM:
             out[f"{name}.weight"], out[f"{name}.bias"] = node["scale"], node["bias"]
+        elif rule.kind == BN:
+            out[f"{name}.running_mean"], out[f"{name}.running_var"] = node["mean"], node["var"]
         elif rule.kind == LINEAR:
             out[f"{name}.weight"], out[f"{name}.bias"] = node["kernel"].T, node["bias"]
         elif rule.kind == PATCH:
@@ -180,13 +249,17 @@ def params_to_pytorch(
     *,
     pos_embed: np.ndarray | None = None,
     decoder_pos_embed: np.ndarray | None = None,
+    rule_list: list[Rule] | None = None,
 ) -> dict[str, np.ndarray]:
     """Our params (pure dict) -> flat `{torch name: float32 numpy array}` for `fmt`.
 
     `pos_embed` / `decoder_pos_embed` `[1, 1+L, D]` default to the fixed sin-cos tables of
-    `config`'s grid; pass them already at the target grid.
+    `config`'s grid; pass them already at the target grid. `rule_list`: the MAE's `rules` by
+    default (a classifier's: `classifier_rules`).
     """
     check_format(fmt)
+    if rule_list is None:
+        rule_list = rules(config, fmt)
     params = jax.tree.map(lambda x: np.asarray(x).astype(np.float32), params)
     g = config.grid_size
     if pos_embed is None:
@@ -195,8 +268,8 @@ def params_to_pytorch(
         decoder_pos_embed = ops.sincos_2d(config.decoder_embed_dim, g)[None]
     out = _to_torch(
         params,
+        rule_list,
         config,
-        fmt,
         np.asarray(pos_embed, np.float32),
         np.asarray(decoder_pos_embed, np.float32),
     )
@@ -223,20 +296,49 @@ def abstract_params(config: MAEConfig) -> dict:
     return jax.tree.map(lambda x: x, tree)  # a fresh copy of the cached containers
 
 
+@functools.lru_cache(maxsize=16)
+def _abstract_classifier(config: MAEConfig, head) -> dict:
+    from mae_jax.models.classifier import from_head  # pylint: disable=import-outside-toplevel
+
+    small = dataclasses.replace(config, depth=1, scan_layers=False)  # as `_abstract_params`
+    model = nnx.eval_shape(lambda: from_head(small, head))
+    tree = nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
+    tree["blocks"] = {i: tree["blocks"][0] for i in range(config.depth)}
+    return tree
+
+
+def abstract_classifier(config: MAEConfig, head) -> dict:
+    """A classifier's tree (Params and BatchNorm statistics) of `config` and `head` with
+    `jax.ShapeDtypeStruct` leaves (nothing allocated)."""
+    return jax.tree.map(lambda x: x, _abstract_classifier(config, head))
+
+
+def _shapes(rule_list: list[Rule], tree: dict, config: MAEConfig, grid: int | None) -> dict:
+    g = config.grid_size if grid is None else grid
+    f32 = np.float32
+    pos = jax.ShapeDtypeStruct((1, 1 + g * g, config.embed_dim), f32)
+    dpos = jax.ShapeDtypeStruct((1, 1 + g * g, config.decoder_embed_dim), f32)
+    out = jax.eval_shape(lambda prm, a, b: _to_torch(prm, rule_list, config, a, b), tree, pos, dpos)
+    return {k: tuple(v.shape) for k, v in out.items()}
+
+
 def pytorch_shapes(
     config: MAEConfig, fmt: str = "official", grid: int | None = None
 ) -> dict[str, tuple[int, ...]]:
     """`{torch name: shape}` of `fmt`'s state dict for `config` (position tables on `grid`,
     default the config's), computed without allocating any parameter."""
     check_format(fmt)
-    g = config.grid_size if grid is None else grid
-    f32 = np.float32
-    pos = jax.ShapeDtypeStruct((1, 1 + g * g, config.embed_dim), f32)
-    dpos = jax.ShapeDtypeStruct((1, 1 + g * g, config.decoder_embed_dim), f32)
-    out = jax.eval_shape(
-        lambda prm, a, b: _to_torch(prm, config, fmt, a, b), abstract_params(config), pos, dpos
+    return _shapes(rules(config, fmt), abstract_params(config), config, grid)
+
+
+def classifier_shapes(
+    config: MAEConfig, head, fmt: str = "official", grid: int | None = None
+) -> dict[str, tuple[int, ...]]:
+    """`{torch name: shape}` of a classifier's state dict in `fmt` (see `classifier_rules`;
+    a linear probe's in 'official' only), without allocating any parameter."""
+    return _shapes(
+        classifier_rules(config, head, fmt), abstract_classifier(config, head), config, grid
     )
-    return {k: tuple(v.shape) for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------- torch -> ours
@@ -247,6 +349,8 @@ def _from_torch(sd: Mapping[str, np.ndarray], rule: Rule):
         return sd[name]
     if rule.kind == NORM:
         return {"scale": sd[f"{name}.weight"], "bias": sd[f"{name}.bias"]}
+    if rule.kind == BN:
+        return {"mean": sd[f"{name}.running_mean"], "var": sd[f"{name}.running_var"]}
     if rule.kind == LINEAR:
         return {"kernel": sd[f"{name}.weight"].T, "bias": sd[f"{name}.bias"]}
     if rule.kind == PATCH:
@@ -264,16 +368,21 @@ def _from_torch(sd: Mapping[str, np.ndarray], rule: Rule):
 
 
 def pytorch_to_params(
-    sd: Mapping[str, np.ndarray], config: MAEConfig, fmt: str, with_decoder: bool
+    sd: Mapping[str, np.ndarray],
+    config: MAEConfig,
+    fmt: str,
+    with_decoder: bool,
+    rule_list: list[Rule] | None = None,
 ) -> tuple[dict, dict]:
     """Numpy state dict (already validated) -> `(params pure dict, position tables)`.
 
     Without `with_decoder`, only encoder entries are read. Position tables are returned as
-    found (`{'pos_embed': ..., 'decoder_pos_embed': ...}`), not resized.
+    found (`{'pos_embed': ..., 'decoder_pos_embed': ...}`), not resized. `rule_list`: the
+    MAE's `rules` by default (a classifier's: `classifier_rules`).
     """
     params: dict = {}
     tables: dict = {}
-    for rule in rules(config, fmt):
+    for rule in rules(config, fmt) if rule_list is None else rule_list:
         if rule.decoder and not with_decoder:
             continue
         value = _from_torch(sd, rule)
@@ -336,6 +445,26 @@ def detect_format(keys: Iterable[str]) -> str:
     )
 
 
+def classifier_head(sd: Mapping[str, Any]):
+    """The `models.classifier.Head` a state dict's keys describe, or None when it has no
+    classifier head (an MAE or a bare encoder). Official / timm names: `head.weight`
+    (fine-tuned) or `head.1.weight` (linear probe), `fc_norm.*` for global pooling; Hugging Face
+    (`normalize_hf_names` applied): `classifier.weight`, always the cls token."""
+    from mae_jax.models.classifier import Head  # pylint: disable=import-outside-toplevel
+
+    for key, probe in (
+        ("head.weight", False),
+        ("head.1.weight", True),
+        ("classifier.weight", False),
+    ):
+        if key in sd:
+            shape = np.shape(sd[key])
+            if len(shape) != 2:
+                raise ValueError(f"{key} has shape {shape}; expected [num_classes, width]")
+            return Head(int(shape[0]), "fc_norm.weight" in sd, probe)
+    return None
+
+
 def format_list(items: list[str], limit: int = 25) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
@@ -352,6 +481,23 @@ def check_state_dict(
     pos_keys = {r.theirs[0] for r in rules(config, full) if r.kind == POS}
     decoder_keys = decoder_torch_keys(config, fmt)
     wanted = {k: s for k, s in expected.items() if with_decoder or k not in decoder_keys}
+    return compare_shapes(sd, wanted, pos_keys)
+
+
+def check_classifier_state_dict(
+    sd: Mapping[str, np.ndarray], config: MAEConfig, head, fmt: str
+) -> tuple[list[str], list[str], list[str]]:
+    """`check_state_dict` for a classifier state dict in `fmt` ('official' or 'hf')."""
+    wanted = classifier_shapes(config, head, fmt)
+    pos_keys = {r.theirs[0] for r in classifier_rules(config, head, fmt) if r.kind == POS}
+    return compare_shapes(sd, wanted, pos_keys)
+
+
+def compare_shapes(
+    sd: Mapping[str, np.ndarray], wanted: Mapping[str, tuple], pos_keys: set[str]
+) -> tuple[list[str], list[str], list[str]]:
+    """`(missing, unexpected, mis-shaped)` keys of `sd` against `wanted` shapes; position tables
+    (`pos_keys`) may be on any square grid of the right width."""
     missing = [k for k in wanted if k not in sd]
     unexpected = [k for k in sd if k not in wanted]
     misshaped = []

@@ -19,6 +19,8 @@ sin-cos and the official recipe gives it a tiny lr (layer id 0) anyway.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -34,6 +36,43 @@ FINETUNE_HEAD_STD = 2e-5  # main_finetune.py: trunc_normal_(head.weight, std=2e-
 LINPROBE_HEAD_STD = 0.01  # main_linprobe.py: trunc_normal_(head.weight, std=0.01)
 BN_EPS = 1e-6  # BatchNorm1d(affine=False, eps=1e-6) of main_linprobe.py
 BN_MOMENTUM = 0.9  # PyTorch momentum 0.1 == flax momentum 0.9
+# The trainable parameters of linear probing: the head's Linear (`head.1`); the BatchNorm has
+# no affine parameters, the encoder is frozen.
+LINEAR_PROBE_TRAINABLE = nnx.All(nnx.Param, nnx.PathContains("head"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """What a classifier adds to its encoder; with the `MAEConfig`, all that fixes its layout.
+
+    `num_classes`; `global_pool`: mean of the patch tokens + `fc_norm` (else `norm` + cls
+    token); `linear_probe`: BatchNorm (no affine) + Linear head (else a Linear head).
+    """
+
+    num_classes: int
+    global_pool: bool
+    linear_probe: bool
+
+    def meta(self) -> dict:
+        """The fields as stored in a checkpoint's meta."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_meta(cls, meta: Mapping, where: str = "the checkpoint") -> Head:
+        """From a checkpoint meta (`meta()`'s fields; `linear_probe` defaults to
+        `task == 'linear_probe'`). ValueError when a field is missing or not of its type."""
+        values = dict(meta)
+        values.setdefault("linear_probe", meta.get("task") == "linear_probe")
+        missing = [f.name for f in dataclasses.fields(cls) if values.get(f.name) is None]
+        if missing:
+            raise ValueError(
+                f"{where} says nothing of the classifier's {', '.join(missing)} (meta keys "
+                f"{sorted(meta)}); is it a fine-tuning or linear-probing checkpoint?"
+            )
+        n = values["num_classes"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{where}: num_classes must be a positive integer, got {n!r}")
+        return cls(n, bool(values["global_pool"]), bool(values["linear_probe"]))
 
 
 class ViTClassifier(Encoder):
@@ -110,6 +149,10 @@ class ViTClassifier(Encoder):
         else:
             self.head = linear
 
+    @property
+    def head_spec(self) -> Head:
+        return Head(self.num_classes, self.global_pool, self.linear_probe)
+
     # ---------------------------------------------------------------------------- forward
     def _set_train(self, train: bool) -> None:
         if not isinstance(train, bool):
@@ -142,6 +185,19 @@ class ViTClassifier(Encoder):
             bn, linear = self.head
             return linear(bn(feats, use_running_average=not train)).astype(jnp.float32)
         return self.head(feats).astype(jnp.float32)
+
+
+def from_head(config: MAEConfig, head: Head, *, seed: int = 0, **kw) -> ViTClassifier:
+    """A freshly initialized classifier of `config` with `head` (`kw`: `drop_path_rate`,
+    `head_init_std`); parameters from `seed`, drop path from `seed + 1`."""
+    return ViTClassifier(
+        config,
+        head.num_classes,
+        global_pool=head.global_pool,
+        linear_probe=head.linear_probe,
+        rngs=nnx.Rngs(params=seed, dropout=seed + 1),
+        **kw,
+    )
 
 
 def create_classifier(

@@ -38,7 +38,7 @@ from mae_jax import workdir as wdir
 from mae_jax.data import pipeline
 from mae_jax.data.mixup import soft_target_cross_entropy
 from mae_jax.evaluate.metrics import topk_correct
-from mae_jax.models.classifier import ENCODER_KEYS, ViTClassifier
+from mae_jax.models.classifier import ENCODER_KEYS, Head, ViTClassifier
 
 # prepare(key, images [B,H,W,C], labels [B] int) -> (images [B,H,W,C], targets [B,C] float32)
 Prepare = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
@@ -186,6 +186,23 @@ def build(
         ),
         split=functools.partial(split_classifier, trainable=trainable),
         batch_keys=("image", "label"),
+        eval_fn=eval_step,
+        eval_keys=("image", "label", "mask"),
+        rules=rules,
+    )
+
+
+def build_eval(model_fn: Callable[[], ViTClassifier], mesh, *, rules=shd.DEFAULT_RULES):
+    """An evaluation-only `train_step.build` (no optimizer state, no train step) of a
+    classifier: state `{'params', 'batch_stats' (linear probe), 'step', 'nonfinite_step'}`,
+    eval step on `{'image', 'label', 'mask'}` (`eval_step`)."""
+    return ts.build(
+        model_fn,
+        None,
+        mesh,
+        step_fn=None,
+        split=functools.partial(split_classifier, trainable=nnx.Param),
+        batch_keys=(),
         eval_fn=eval_step,
         eval_keys=("image", "label", "mask"),
         rules=rules,
@@ -363,12 +380,13 @@ def classification_task(
     trainable,
     prepare: Prepare,
     drop_path: bool,
-    global_pool: bool,
+    head: Head,
     flops_per_image: float | None,
     augment_fn: Callable | None = None,
 ) -> train.Task:
     """The `train.Task` of a linear probe / fine-tuning run in `workdir` (both differ only in
-    the model, the trainable filter, `prepare`, the optimizer config and `augment_fn`).
+    the model and its `head`, the trainable filter, `prepare`, the optimizer config and
+    `augment_fn`). The checkpoints' meta holds the model config and `head.meta()`.
 
     Evaluation (top-1/top-5 on the eval split) runs every `config.eval_every_steps` (0: never)
     and at the end; the final one is also written to `workdir/eval_results.json`.
@@ -393,13 +411,13 @@ def classification_task(
             )
             return state
         return init_from.load(
-            state, fns.state_shardings, p.source, encoder_keys(global_pool), p.model
+            state, fns.state_shardings, p.source, encoder_keys(head.global_pool), p.model
         )
 
     meta = {
         "model": dataclasses.asdict(p.model),
         "task": config.task,
-        "num_classes": p.num_classes,
+        **head.meta(),  # num_classes, global_pool, linear_probe
         "init_from": p.source.describe() if p.source else "",
         "schedule": p.run.schedule,
     }

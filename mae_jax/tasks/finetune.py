@@ -23,7 +23,7 @@ from flax import nnx
 from mae_jax import flops, train
 from mae_jax.data import augment
 from mae_jax.data.mixup import mixup_cutmix, smooth_one_hot
-from mae_jax.models.classifier import FINETUNE_HEAD_STD, ViTClassifier
+from mae_jax.models.classifier import FINETUNE_HEAD_STD, Head, ViTClassifier
 from mae_jax.tasks import classify as cs
 
 TASK = "finetune"
@@ -205,7 +205,7 @@ def finetune_task(config, mesh, workdir: str, resume: train.Resume = None) -> tr
         trainable=nnx.Param,
         prepare=lambda k, x, y: prepare(k, x, y, **mix),
         drop_path=rate > 0,
-        global_pool=global_pool,
+        head=Head(p.num_classes, global_pool, linear_probe=False),
         flops_per_image=3.0 * flops.classifier_flops_per_image(p.model, p.num_classes),
         augment_fn=augment_fn,
     )

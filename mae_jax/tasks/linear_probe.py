@@ -19,12 +19,11 @@ from flax import nnx
 
 from mae_jax import flops, train
 from mae_jax.data.mixup import smooth_one_hot
-from mae_jax.models.classifier import LINPROBE_HEAD_STD, ViTClassifier
+from mae_jax.models.classifier import LINEAR_PROBE_TRAINABLE, LINPROBE_HEAD_STD, Head, ViTClassifier
 from mae_jax.tasks import classify as cs
 
 TASK = "linear_probe"
-# The trainable parameters: the head's Linear (`head.1`); BatchNorm has no affine parameters.
-TRAINABLE = nnx.All(nnx.Param, nnx.PathContains("head"))
+TRAINABLE = LINEAR_PROBE_TRAINABLE  # the head's Linear (`head.1`)
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -79,7 +78,7 @@ def linear_probe_task(config, mesh, workdir: str, resume: train.Resume = None) -
         trainable=TRAINABLE,
         prepare=lambda k, x, y: prepare(k, x, y, num_classes=p.num_classes),
         drop_path=False,
-        global_pool=bool(config.global_pool),
+        head=Head(p.num_classes, bool(config.global_pool), linear_probe=True),
         flops_per_image=fwd,
     )
 
