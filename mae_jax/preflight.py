@@ -316,8 +316,8 @@ class Preflight:
         rate = timed / cpu
         say(
             f"read {batch * batches} examples ({batches} batches of {batch}, {size} px); the "
-            f"{timed} after the first batch: {timed / wall:.0f} images/s wall, {rate:.0f} images per CPU-second, "
-            f"{it.skipped} unreadable skipped"
+            f"{timed} after the first batch: {timed / wall:.0f} images/s wall, {rate:.0f} "
+            f"images per CPU-second, {it.skipped} unreadable skipped"
         )
         summary = f"{where}: {rate:.0f} images per CPU-second"
         if it.skipped:
