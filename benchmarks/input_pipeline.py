@@ -159,19 +159,6 @@ class PilBaseline:
         self._proc.join(timeout=30)
 
 
-def _wait_idle(max_s: float = 5.0) -> None:
-    """Waits until this process's background threads (tf.data prefetching) stop
-    using CPU, so a timed span starts with full buffers."""
-    deadline = time.perf_counter() + max_s
-    last = time.process_time()
-    while time.perf_counter() < deadline:
-        time.sleep(0.2)
-        now = time.process_time()
-        if now - last < 0.01:
-            return
-        last = now
-
-
 def run(
     folder: str,
     batch_size: int,
@@ -193,7 +180,7 @@ def run(
     ours' CPU time is the whole process's over all its chunks, its wall time
     includes the catching up (polled every 0.2 s, so slightly pessimistic).
     """
-    from mae_jax.data import pipeline
+    from mae_jax.data import pipeline, throughput
 
     if rounds < 1 or num_batches < rounds:
         raise ValueError(f"need 1 <= --rounds ({rounds}) <= --num-batches ({num_batches})")
@@ -214,16 +201,16 @@ def run(
             next(it)
         if baseline is not None:
             baseline.run(20, timed=False)  # warm the file cache and imports
-        _wait_idle()
+        throughput.wait_idle()
         wall = 0.0
         cpu = 0.0
         for r in range(rounds):
-            start, start_cpu = time.perf_counter(), time.process_time()
-            for _ in range(num_batches * (r + 1) // rounds - num_batches * r // rounds):
-                batch = next(it)
-            _wait_idle()  # prefetching catches up before the baseline runs
-            wall += time.perf_counter() - start
-            cpu += time.process_time() - start_cpu
+            # each span ends once prefetching caught up, before the baseline runs
+            span_wall, span_cpu, batch = throughput.time_batches(
+                it, num_batches * (r + 1) // rounds - num_batches * r // rounds
+            )
+            wall += span_wall
+            cpu += span_cpu
             if baseline is not None:
                 n = baseline_images * (r + 1) // rounds - baseline_images * r // rounds
                 baseline.run(n)

@@ -345,14 +345,14 @@ def check_training_args(config: str, extra: Sequence[str], configs_dir: str | No
         )
     variant = config[len(name) :]
     try:
-        from mae_jax import main as training  # noqa: PLC0415 - only run/supervise need it
+        from mae_jax import cli  # noqa: PLC0415 - only run/supervise need it
     except ImportError as e:
         raise SettingError(
             f"checking the training flags needs the mae_jax package here (pip install -e .): {e}"
         ) from None
     try:
-        training.check_command_line(["main", f"--config={local}{variant}", *extra])
-    except training.CommandLineError as e:
+        cli.check_command_line(["main", f"--config={local}{variant}", *extra])
+    except cli.CommandLineError as e:
         raise SettingError(f"training flags: {e}") from None
 
 

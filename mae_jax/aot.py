@@ -181,6 +181,19 @@ def resolve_backend(topo: Topology, backend: str, libtpu_path: str | None = None
     return "gpu" if len(gpus) >= topo.num_devices else "cpu"
 
 
+def select_backend(topo: Topology, backend: str, libtpu_path: str | None = None) -> str:
+    """`resolve_backend`, and for the CPU stand-in ask JAX for `topo.num_devices` host devices
+    (call it before JAX starts its backends; a started one keeps its count, and
+    `topology_devices` then says how to get more)."""
+    chosen = resolve_backend(topo, backend, libtpu_path)
+    if chosen == "cpu":
+        try:  # JAX refuses once its backends started (resolve_backend may probe GPUs)
+            jax.config.update("jax_num_cpu_devices", topo.num_devices)
+        except RuntimeError:
+            pass
+    return chosen
+
+
 def topology_devices(topo: Topology, backend: str, libtpu_path: str | None = None) -> list:
     """Devices to compile for: compile-only TPU devices, local GPUs, or host CPU devices."""
     if backend == "tpu":
@@ -394,12 +407,7 @@ def main(argv):
     f = flags.FLAGS
     try:
         topo = parse_topology(f.topology, f.hbm_gib)
-        backend = resolve_backend(topo, f.backend, f.libtpu_path)
-        if backend == "cpu":
-            try:  # JAX refuses once its backends started (resolve_backend may probe GPUs)
-                jax.config.update("jax_num_cpu_devices", topo.num_devices)
-            except RuntimeError:
-                pass
+        backend = select_backend(topo, f.backend, f.libtpu_path)
         # Compile-only TPU devices write cache entries but cannot load them: cache CPU/GPU only.
         cache = _CONFIG.value.get("compilation_cache", compile_cache.AUTO)
         compile_cache.enable("none" if backend == "tpu" else cache)

@@ -1,9 +1,10 @@
-"""Shared by the package's commands (`main`, `convert`, `visualize`): absl flag parsing where a bad
-command line ends in one line `error: ...` and exit status 2, and library noise kept off the
-console."""
+"""Shared by the package's commands (`main`, `preflight`, `convert`, `visualize`): absl flag
+parsing where a bad command line ends in one line `error: ...` and exit status 2, the check of
+`--config.KEY=VALUE` overrides against the config file, and library noise kept off the console."""
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -14,6 +15,9 @@ from typing import Any
 
 from absl import flags
 from absl import logging as absl_logging
+from ml_collections import config_dict
+
+from mae_jax import config_file
 
 USAGE_ERROR = 2  # exit status of a bad command line
 
@@ -93,6 +97,136 @@ def run_command(
         return execute(interpret(flags.FLAGS, argv[1:]))
 
     app.run(app_main, flags_parser=flags_parser(parser))
+
+
+# ------------------------------------------------------------------ config files and overrides
+# --config.a.b=v, --config.a.b v, --noconfig.a.b (absl also accepts one leading dash)
+_OVERRIDE = re.compile(r"--?(no)?config\.([^=]*)(?:=(.*))?", re.DOTALL)
+# type of a config field -> (absl parser, what it expects)
+_TYPE_CHECKS = {
+    bool: (flags.BooleanParser(), "a bool (true or false)"),
+    int: (flags.IntegerParser(), "an int"),
+    float: (flags.FloatParser(), "a float"),
+}
+
+
+def config_path(args: list[str]) -> str | None:
+    """The value of the last `--config` in `args` (None without one)."""
+    path = None
+    for i, arg in enumerate(args):
+        name, eq, value = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name == "config":
+            path = value if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return path
+
+
+def load_config(path: str) -> Any:
+    """`mae_jax.config_file.load`, its errors as `CommandLineError` (exit 2)."""
+    try:
+        return config_file.load(path)
+    except config_file.ConfigFileError as e:
+        raise CommandLineError(str(e)) from None
+
+
+def _field_type(config: config_dict.ConfigDict, key: str) -> type | None:
+    """The type of `config.KEY`; `CommandLineError` when `config` has no such key (None when
+    the key is left to ml_collections: indexing, or a group that is None)."""
+    holder, parts = config, key.split(".")
+    for depth, part in enumerate(parts):
+        if "[" in part or holder is None:
+            return None
+        where = ".".join(["config", *parts[:depth]])
+        if not isinstance(holder, config_dict.ConfigDict):
+            raise CommandLineError(
+                f"unknown config key {key!r}: {where} is {holder!r}, not a group of keys"
+            )
+        if part not in holder:
+            known = sorted(holder.keys())
+            close = difflib.get_close_matches(part, known, n=1)
+            prefix = "".join(p + "." for p in parts[:depth])
+            hint = (
+                f"did you mean {prefix + close[0]!r}?"
+                if close
+                else f"{where} has keys {', '.join(known)}"
+            )
+            raise CommandLineError(f"unknown config key {key!r}; {hint}")
+        if depth == len(parts) - 1:
+            return holder.get_type(part)
+        holder = holder[part]
+    return None
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Load the `--config` file and check each `--config.KEY[=VALUE]` of `argv` against it
+    (key, and type of value), raising `CommandLineError` for the first problem."""
+    args = flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+    if "--" in args:
+        args = args[: args.index("--")]
+    path = config_path(args)
+    if path is None:
+        return  # absl reports the missing --config
+    config = load_config(path)
+    if not isinstance(config, config_dict.ConfigDict):
+        return
+    for i, arg in enumerate(args):
+        m = _OVERRIDE.fullmatch(arg)
+        if not m:
+            continue
+        negated, key, value = m.groups()
+        field_type = _field_type(config, key)
+        if negated:
+            continue
+        if value is None and field_type is not bool and i + 1 < len(args):
+            value = args[i + 1]  # `--config.KEY VALUE`
+        if value is not None and field_type in _TYPE_CHECKS:
+            parser, expected = _TYPE_CHECKS[field_type]
+            try:
+                parser.parse(value)
+            except (TypeError, ValueError):
+                raise CommandLineError(f"config.{key} must be {expected}, got {value!r}") from None
+
+
+def config_overrides(args: list[str]) -> list[str]:
+    """The `--config.KEY[=VALUE]` arguments of `args` as given (with the separate value of a
+    `--config.KEY VALUE`), e.g. to pass them on to the training command."""
+    out = []
+    for i, arg in enumerate(args):
+        m = _OVERRIDE.fullmatch(arg)
+        if not m:
+            continue
+        out.append(arg)
+        negated, _, value = m.groups()
+        if not negated and value is None and i + 1 < len(args) and not args[i + 1].startswith("-"):
+            out.append(args[i + 1])
+    return out
+
+
+def check_and_parse(
+    flag_values: flags.FlagValues | None = None,
+) -> Callable[[list[str]], list[str]]:
+    """A parser of `flag_values` (default the global flags) for a command with a `--config`
+    file flag: each `--config.KEY[=VALUE]` is checked against the file (`check_command_line`)
+    before absl parses; raises `CommandLineError` for a bad command line (use with `parse`)."""
+
+    def run(argv: list[str]) -> list[str]:
+        fv = flags.FLAGS if flag_values is None else flag_values
+        try:
+            check_command_line(argv)
+            return fv(argv)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections overrides
+            raise CommandLineError(
+                f"cannot apply the --config overrides: {first_line(e)}"
+            ) from None
+
+    return run
+
+
+def config_flags_parser(
+    flag_values: flags.FlagValues | None = None,
+) -> Callable[[list[str]], list[str]]:
+    """`app.run`'s `flags_parser` of `check_and_parse`: a bad command line ends the process in
+    `error: ...` and exit status 2."""
+    return flags_parser(check_and_parse(flag_values))
 
 
 # ------------------------------------------------------------------ library noise

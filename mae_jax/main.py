@@ -13,18 +13,14 @@ failed run in `error: ...` and exit status 1.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import os
-import re
 import sys
-from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
-from mae_jax import cli, config_file
-from mae_jax.cli import CommandLineError
+from mae_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
@@ -82,106 +78,9 @@ def init_distributed() -> None:
     )
 
 
-# ------------------------------------------------------------------ command-line checking
-# --config.a.b=v, --config.a.b v, --noconfig.a.b (absl also accepts one leading dash)
-_OVERRIDE = re.compile(r"--?(no)?config\.([^=]*)(?:=(.*))?", re.DOTALL)
-# type of a config field -> (absl parser, what it expects)
-_TYPE_CHECKS = {
-    bool: (flags.BooleanParser(), "a bool (true or false)"),
-    int: (flags.IntegerParser(), "an int"),
-    float: (flags.FloatParser(), "a float"),
-}
-
-
-def _config_path(args: list[str]) -> str | None:
-    """The value of the last `--config` in `args` (None without one)."""
-    path = None
-    for i, arg in enumerate(args):
-        name, eq, value = arg.lstrip("-").partition("=")
-        if arg.startswith("-") and name == "config":
-            path = value if eq else (args[i + 1] if i + 1 < len(args) else None)
-    return path
-
-
-def load_config(path: str) -> Any:
-    """`mae_jax.config_file.load`, its errors as `CommandLineError` (exit 2)."""
-    try:
-        return config_file.load(path)
-    except config_file.ConfigFileError as e:
-        raise CommandLineError(str(e)) from None
-
-
-def _field_type(config: config_dict.ConfigDict, key: str) -> type | None:
-    """The type of `config.KEY`; `CommandLineError` when `config` has no such key (None when
-    the key is left to ml_collections: indexing, or a group that is None)."""
-    holder, parts = config, key.split(".")
-    for depth, part in enumerate(parts):
-        if "[" in part or holder is None:
-            return None
-        where = ".".join(["config", *parts[:depth]])
-        if not isinstance(holder, config_dict.ConfigDict):
-            raise CommandLineError(
-                f"unknown config key {key!r}: {where} is {holder!r}, not a group of keys"
-            )
-        if part not in holder:
-            known = sorted(holder.keys())
-            close = difflib.get_close_matches(part, known, n=1)
-            prefix = "".join(p + "." for p in parts[:depth])
-            hint = (
-                f"did you mean {prefix + close[0]!r}?"
-                if close
-                else f"{where} has keys {', '.join(known)}"
-            )
-            raise CommandLineError(f"unknown config key {key!r}; {hint}")
-        if depth == len(parts) - 1:
-            return holder.get_type(part)
-        holder = holder[part]
-    return None
-
-
-def check_command_line(argv: list[str]) -> None:
-    """Load the `--config` file and check each `--config.KEY[=VALUE]` of `argv` against it
-    (key, and type of value), raising `CommandLineError` for the first problem."""
-    args = flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
-    if "--" in args:
-        args = args[: args.index("--")]
-    path = _config_path(args)
-    if path is None:
-        return  # absl reports the missing --config
-    config = load_config(path)
-    if not isinstance(config, config_dict.ConfigDict):
-        return
-    for i, arg in enumerate(args):
-        m = _OVERRIDE.fullmatch(arg)
-        if not m:
-            continue
-        negated, key, value = m.groups()
-        field_type = _field_type(config, key)
-        if negated:
-            continue
-        if value is None and field_type is not bool and i + 1 < len(args):
-            value = args[i + 1]  # `--config.KEY VALUE`
-        if value is not None and field_type in _TYPE_CHECKS:
-            parser, expected = _TYPE_CHECKS[field_type]
-            try:
-                parser.parse(value)
-            except (TypeError, ValueError):
-                raise CommandLineError(f"config.{key} must be {expected}, got {value!r}") from None
-
-
-def _check_and_parse(argv: list[str]) -> list[str]:
-    try:
-        check_command_line(argv)
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections overrides
-        raise CommandLineError(
-            f"cannot apply the --config overrides: {cli.first_line(e)}"
-        ) from None
-
-
-# `app.run`'s flag parser: absl's, but a bad command line ends in one line `error: ...` on stderr
-# and exit status 2 (usage error) instead of a traceback.
-parse_flags = cli.flags_parser(_check_and_parse)
+# `app.run`'s flag parser: absl's, the `--config.KEY` overrides checked first (`cli`); a bad
+# command line ends in one line `error: ...` on stderr and exit status 2 instead of a traceback.
+parse_flags = cli.config_flags_parser()
 
 
 def check_model(config) -> None:

@@ -10,6 +10,7 @@ Public API:
       one pass, yields {'image', 'label', 'mask' bool [B/P]} (resize + center crop);
       the last batch is padded, `mask` marks real examples.
   dataset_info(cfg) -> DatasetInfo(num_train_examples, num_eval_examples, num_classes)
+  describe_source(cfg) -> str: the training split in words, as errors name it
   InputError (a ValueError): the data cannot be read (see below).
   Interrupted: `should_stop()` returned True while waiting for data.
 
@@ -140,6 +141,13 @@ def dataset_info(cfg) -> DatasetInfo:
     """Sizes and classes of the configured data set (all processes together)."""
     cfg = _resolve(cfg)
     return make_source(cfg).info(str(cfg.train_split), str(cfg.eval_split))
+
+
+def describe_source(cfg) -> str:
+    """The configured training split in words, as errors name it (e.g. "split 'train' of
+    image folder '/data/train'")."""
+    cfg = _resolve(cfg)
+    return make_source(cfg).describe(str(cfg.train_split))
 
 
 def _process_layout(global_batch_size: int, process_index, process_count):

@@ -203,6 +203,12 @@ def build_step(model_fn, optim_config, mesh, *, accum_steps: int = 1, rules=shd.
     )
 
 
+def checkpoint_meta(p: Plan) -> dict:
+    """What every pretraining checkpoint records besides the state (the loop adds the step,
+    seed and data position): the model config, the task and the schedule."""
+    return {"model": dataclasses.asdict(p.model), "task": "pretrain", "schedule": p.run.schedule}
+
+
 def task(config, mesh, resume: train.Resume = None, where: str = "") -> train.Task:
     """The MAE pretraining task of `config` on `mesh` (validated before anything compiles)."""
     info = pipeline.dataset_info(config.data)
@@ -237,11 +243,7 @@ def task(config, mesh, resume: train.Resume = None, where: str = "") -> train.Ta
             start_step=start,
             should_stop=should_stop,
         ),
-        meta=lambda: {
-            "model": dataclasses.asdict(p.model),
-            "task": "pretrain",
-            "schedule": p.run.schedule,
-        },
+        meta=lambda: checkpoint_meta(p),
         check_meta=lambda meta, step: check_workdir_model(meta, p.model, where, step),
         resolved=train.resolved_config(config, p.run.total_steps, p.run.optim),
         flops_per_image=flops.mae_train_flops_per_image(p.model),
