@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 from flax import nnx
-from ml_collections import config_dict
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from ml_collections import config_dict
 
 from mae_jax import flops, init_from, models, optim, train
 from mae_jax import sharding as shd
