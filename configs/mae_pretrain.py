@@ -63,6 +63,12 @@ def get_config(variant: str = "vit_base"):
     c.keep_every_epochs = 100  # milestones kept for good, for 400/800/1600-epoch comparisons
     c.log_every_steps = 50
     c.reconstruction_every_steps = 5000
+    # kNN monitor (mae_jax.evaluate.knn_monitor), off unless asked for with
+    # --config.knn_every_steps=N: weighted 20-NN top-1 of the cls token, a bank of the first
+    # 10k train images and the first 10k validation images (docs/performance.md: cost).
+    c.knn_every_steps = 0
+    c.knn_bank_size = 10_000
+    c.knn_num_queries = 10_000
     if variant == "smoke":  # a tiny MAE on the embedded photos, about a minute on 2 CPU cores
         c.model.dtype = "float32"  # CPUs gain nothing from bf16
         c.data.source = "embedded"
@@ -76,4 +82,8 @@ def get_config(variant: str = "vit_base"):
         c.keep_every_epochs = 0
         c.log_every_steps = 20
         c.reconstruction_every_steps = 50
+        # kNN over the whole embedded set (2400 bank, 600 queries; the caps of 10k), on the
+        # mean of the patch tokens: the MAE loss never reads the cls token, which after 150
+        # steps is no better than at initialization (as configs/linprobe.py's smoke notes).
+        c.knn_global_pool = True
     return c

@@ -139,3 +139,18 @@ def global_batch(local: Any, mesh: Mesh) -> Any:
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local
     )
+
+
+def process_local(tree: Any) -> Any:
+    """Global arrays -> arrays this process holds alone: a replicated array's local copy, a
+    sharded one gathered to numpy (a collective: every process must call this together)."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return x
+        if x.is_fully_replicated:
+            return x.addressable_data(0)
+        return multihost_utils.process_allgather(x, tiled=True)
+
+    return jax.tree.map(one, tree)

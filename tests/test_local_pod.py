@@ -24,7 +24,8 @@ import local_pod  # noqa: E402  pylint: disable=g-import-not-at-top
 # A small real run: a 2-block model on 32x32 images, 12 steps, a checkpoint every 4 steps, and
 # parameters FSDP-sharded over all 8 devices, i.e. across the 2 processes (cross-process
 # all-gathers in the step, Orbax saving shards of both processes, reconstruction grids that
-# gather the parameters).
+# gather the parameters), and the kNN monitor every 4 steps (each process reads its strided half
+# of the first 200 train / 100 eval examples; features are gathered to both).
 SETTINGS = {
     "model.name": "mae_vit_test",
     "batch_size": 16,
@@ -34,6 +35,9 @@ SETTINGS = {
     "reconstruction_every_steps": 4,
     "mesh.data": 1,
     "mesh.fsdp": 8,
+    "knn_every_steps": 4,
+    "knn_bank_size": 200,
+    "knn_num_queries": 100,
 }
 OVERRIDES = [f"--config.{k}={v}" for k, v in SETTINGS.items()]
 RUN_TIMEOUT = 480
@@ -261,12 +265,12 @@ def _steps(ckpt_dir) -> list[int]:
     )
 
 
-def _losses(workdir) -> dict[int, float]:
+def _losses(workdir, key="loss") -> dict[int, float]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     steps = [r["step"] for r in records]
     assert len(steps) == len(set(steps)), f"steps logged twice: {steps}"
-    return {r["step"]: float(r["loss"]) for r in records}
+    return {r["step"]: float(r[key]) for r in records if key in r}
 
 
 def _event_tags(workdir) -> set[str]:
@@ -409,3 +413,8 @@ def test_two_processes_train_checkpoint_get_killed_resume_and_match_one_process(
     b = np.array([ref[s] for s in range(1, 13)])
     np.testing.assert_allclose(a, b, rtol=1e-5)
     assert a[-1] < a[0]  # it learns
+    # The same kNN top-1: the same 200 + 100 examples (strided shards), the same features.
+    pod_knn, ref_knn = _losses(wd, "knn_top1"), _losses(tmp_path / "ref", "knn_top1")
+    assert sorted(pod_knn) == sorted(ref_knn) == [4, 8, 12]
+    assert pod_knn == ref_knn, (pod_knn, ref_knn)
+    assert "kNN monitor at step 12: top-1" in out and "bank 200, queries 100" in out

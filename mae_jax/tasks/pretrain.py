@@ -1,5 +1,5 @@
 """MAE pretraining as a `train.Task`: the plan of a pretraining config, the sharded MAE train
-step, and reconstruction pictures in TensorBoard.
+step, reconstruction pictures in TensorBoard and the kNN monitor (`evaluate.knn_monitor`).
 
 `python -m mae_jax.main --config=configs/mae_vit_base.py --workdir=DIR` runs
 `train_and_evaluate`; rerunning it on the same workdir resumes (see `mae_jax.train.run`).
@@ -17,11 +17,13 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from ml_collections import config_dict
 
 from mae_jax import flops, init_from, models, optim, train
 from mae_jax import sharding as shd
 from mae_jax import train_step as ts
 from mae_jax.data import pipeline
+from mae_jax.evaluate import knn_monitor
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -30,6 +32,14 @@ def defaults() -> ml_collections.ConfigDict:
     c.task = "pretrain"
     c.grad_accum_steps = 1
     c.reconstruction_every_steps = 0  # TensorBoard reconstruction grid every N steps (0: off)
+    # kNN monitor (mae_jax.evaluate.knn_monitor): top-1 every N steps and at the end (0: off)
+    c.knn_every_steps = 0
+    c.knn_bank_size = 10_000  # labelled bank: the first N examples of data.train_split
+    c.knn_num_queries = 10_000  # queries: the first N examples of data.eval_split
+    c.knn_k = 20  # neighbours (DINO's 20)
+    c.knn_temperature = 0.07  # votes weighted exp(cosine / T) (DINO's 0.07)
+    c.knn_batch_size = config_dict.placeholder(int)  # None: batch_size / grad_accum_steps
+    c.knn_global_pool = False  # False: the cls token; True: the mean of the patch tokens
     return c
 
 
@@ -39,6 +49,7 @@ class Plan:
 
     model: models.MAEConfig
     run: train.Plan
+    knn: knn_monitor.Settings
 
 
 def plan_without_data(config, total_steps: int) -> Plan:
@@ -55,10 +66,16 @@ def plan_without_data(config, total_steps: int) -> Plan:
 
 
 def plan(
-    config, num_train_examples: int | None, resume: train.Resume = None, where: str = ""
+    config,
+    num_train_examples: int | None,
+    resume: train.Resume = None,
+    where: str = "",
+    info=None,
 ) -> Plan:
-    """Validate `config` and resolve the model, steps and optimizer (nothing compiled).
-    `resume`: the workdir's newest checkpoint `(step, meta)`, whose schedule a rerun continues."""
+    """Validate `config` and resolve the model, steps, optimizer and kNN monitor (nothing
+    compiled). `resume`: the workdir's newest checkpoint `(step, meta)`, whose schedule a rerun
+    continues. `info`: `pipeline.dataset_info(config.data)` (caps the kNN bank and queries at
+    the splits' sizes), None when no data set is read."""
     run_plan = train.plan(config, defaults(), num_train_examples, resume, where)
     accum = config.grad_accum_steps
     if (
@@ -71,7 +88,8 @@ def plan(
             f"config.grad_accum_steps={accum!r} must be a positive integer dividing "
             f"config.batch_size={config.batch_size}"
         )
-    return Plan(models.resolve(config.model), run_plan)
+    knn = knn_monitor.settings(config, info, config.batch_size // accum)
+    return Plan(models.resolve(config.model), run_plan, knn)
 
 
 def check_mesh(config, mesh) -> None:
@@ -179,11 +197,22 @@ def step_fns(config, p: Plan, mesh) -> ts.StepFns:
         mesh,
         accum_steps=config.grad_accum_steps,
         rules=shd.rules(config.get("sharding_rules")),
+        global_pool=p.knn.global_pool,
     )
 
 
-def build_step(model_fn, optim_config, mesh, *, accum_steps: int = 1, rules=shd.DEFAULT_RULES):
-    """`train_step.build` for the MAE of `model_fn` under the optimizer of `optim_config`."""
+def build_step(
+    model_fn,
+    optim_config,
+    mesh,
+    *,
+    accum_steps: int = 1,
+    rules=shd.DEFAULT_RULES,
+    global_pool: bool = False,
+):
+    """`train_step.build` for the MAE of `model_fn` under the optimizer of `optim_config`; the
+    eval program is the kNN monitor's feature forward (`knn_monitor.feature_step`, features
+    pooled as `global_pool` says) on `{'image', 'label', 'mask'}`."""
     tx = optim.create_optimizer(optim_config)
     lr_fn = optim.learning_rate_fn(optim_config)
     num_patches = nnx.eval_shape(model_fn).config.num_patches
@@ -199,6 +228,8 @@ def build_step(model_fn, optim_config, mesh, *, accum_steps: int = 1, rules=shd.
             accum_steps=accum_steps,
             mesh=mesh,
         ),
+        eval_fn=functools.partial(knn_monitor.feature_step, global_pool=global_pool),
+        eval_keys=("image", "label", "mask"),
         rules=rules,
     )
 
@@ -212,8 +243,10 @@ def checkpoint_meta(p: Plan) -> dict:
 def task(config, mesh, resume: train.Resume = None, where: str = "") -> train.Task:
     """The MAE pretraining task of `config` on `mesh` (validated before anything compiles)."""
     info = pipeline.dataset_info(config.data)
-    p = plan(config, info.num_train_examples if info else None, resume, where)
+    p = plan(config, info.num_train_examples if info else None, resume, where, info)
     check_mesh(config, mesh)
+    if p.knn.every_steps:
+        train.check_batches(mesh, {"config.knn_batch_size": p.knn.batch_size})
     source = init_from.locate(config.get("init_from"))
     fns = step_fns(config, p, mesh)
 
@@ -224,11 +257,21 @@ def task(config, mesh, resume: train.Resume = None, where: str = "") -> train.Ta
             state = init_from.load(state, fns.state_shardings, source, keys, p.model)
         return state
 
+    def run_knn(state, step):
+        result = knn_monitor.evaluate(fns, state, config.data, p.knn, mesh)
+        return knn_monitor.log(result, p.knn, step)
+
     def periodic(writer, state, batch, step):
         every = config.reconstruction_every_steps
         if every and step % every == 0:
             _log_reconstruction(writer, fns, state, batch, p.model, step)
+        every = p.knn.every_steps
+        if every and step % every == 0 and step < p.run.total_steps:
+            return run_knn(state, step)
         return None
+
+    def final(writer, state, step):
+        return run_knn(state, step) if p.knn.every_steps else None
 
     return train.Task(
         name=f"pretrain {p.model.name}",
@@ -249,6 +292,7 @@ def task(config, mesh, resume: train.Resume = None, where: str = "") -> train.Ta
         flops_per_image=flops.mae_train_flops_per_image(p.model),
         milestone_every=p.run.milestone_every,
         periodic=periodic,
+        final=final,
     )
 
 
@@ -257,27 +301,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return train.run(config, workdir, lambda mesh, resume: task(config, mesh, resume, workdir))
 
 
-def _process_local(tree):
-    """Global arrays -> arrays this process holds alone: a replicated array's local copy, a
-    sharded one gathered to numpy (a collective: every process must call this together)."""
-    from jax.experimental import multihost_utils
-
-    def one(x):
-        if not isinstance(x, jax.Array) or x.is_fully_addressable:
-            return x
-        if x.is_fully_replicated:
-            return x.addressable_data(0)
-        return multihost_utils.process_allgather(x, tiled=True)
-
-    return jax.tree.map(one, tree)
-
-
 def _log_reconstruction(writer, fns, state, batch, mcfg, step):
     """Reconstruction grid of the first images of the batch into TensorBoard.
 
     Called by every process (parameters sharded across processes are gathered first); only
     process 0 then runs the model, on its own devices, and writes the grid."""
-    params, rest = _process_local(state["params"]), _process_local(fns.rest)
+    params, rest = shd.process_local(state["params"]), shd.process_local(fns.rest)
     if jax.process_index() != 0:
         return
     try:

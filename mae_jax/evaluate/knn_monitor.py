@@ -1,0 +1,177 @@
+"""kNN monitor of a pretraining run: weighted k-NN top-1 of the encoder's features, every
+`config.knn_every_steps` steps and at the end (`mae_jax.tasks.pretrain`).
+
+The bank is the first `knn_bank_size` examples of the train split, the queries the first
+`knn_num_queries` of the eval split, both read by `pipeline.create_eval_iterator` (resize and
+centre crop, no augmentation) in batches of `knn_batch_size`, every process its own shard.
+Features are computed by the task's jitted eval program (`train_step.StepFns.evaluate`, the
+same state and batch shardings as the train step) and returned replicated, so every process
+ends with the global bank and queries; padded or unreadable examples (`mask` False) are
+dropped. The search (`evaluate.knn.knn_accuracy`: cosine, top-k, `exp(sim / T)` votes) then
+runs on each process's first device over that bounded bank.
+
+Which examples: process p's j-th example counts when `j * P + p < limit` (P processes). With
+the embedded and folder sources (shards strided over the split) that is exactly the first
+`limit` examples of the split whatever P is, so a pod and one process see the same bank; with
+TFDS (contiguous shards per process) it is `limit / P` examples from each process's part.
+
+Features: the cls token after the encoder's final norm by default (the token the paper's
+linear probe and DINO's kNN read); `knn_global_pool=True` takes the mean of the normed patch
+tokens instead (`evaluate.knn.encoder_features`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mae_jax import sharding as shd
+from mae_jax.data import pipeline
+from mae_jax.evaluate import knn
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The resolved `config.knn_*` keys of a run."""
+
+    every_steps: int  # 0: off
+    bank_size: int  # examples of the train split (capped at its size)
+    num_queries: int  # examples of the eval split (capped at its size)
+    k: int
+    temperature: float
+    batch_size: int  # global batch of the feature forward
+    global_pool: bool
+    num_classes: int | None
+
+
+def _int(config, name: str, low: int) -> int:
+    value = config.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        what = "a positive integer" if low > 0 else f"an integer >= {low}"
+        raise ValueError(f"config.{name} must be {what}, got {value!r}")
+    return int(value)
+
+
+def settings(config, info, default_batch_size: int) -> Settings:
+    """Validate the `knn_*` keys of a pretraining `config` (also when the monitor is off) and
+    resolve them against the data set `info` (`pipeline.dataset_info`; None: unknown sizes).
+    `knn_batch_size=None` takes `default_batch_size` (the train micro-batch)."""
+    every = _int(config, "knn_every_steps", 0)
+    bank = _int(config, "knn_bank_size", 1)
+    queries = _int(config, "knn_num_queries", 1)
+    k = _int(config, "knn_k", 1)
+    temperature = config.get("knn_temperature")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature <= 0
+    ):
+        raise ValueError(f"config.knn_temperature must be a number > 0, got {temperature!r}")
+    if config.get("knn_batch_size") is None:
+        batch = default_batch_size
+    else:
+        batch = _int(config, "knn_batch_size", 1)
+    pool = config.get("knn_global_pool")
+    if not isinstance(pool, bool):
+        raise ValueError(f"config.knn_global_pool must be True or False, got {pool!r}")
+    num_classes = None
+    if info is not None:
+        bank = min(bank, info.num_train_examples)
+        queries = min(queries, info.num_eval_examples)
+        num_classes = info.num_classes
+        if every and not num_classes:
+            raise ValueError(
+                f"config.knn_every_steps={every} needs a labelled data set, but "
+                f"config.data (source {config.data.source!r}) has no labels; set it to 0"
+            )
+        if every and (bank < 1 or queries < 1):
+            raise ValueError(
+                f"config.knn_every_steps={every} needs examples in both splits: the train split "
+                f"{config.data.train_split!r} has {info.num_train_examples}, the eval split "
+                f"{config.data.eval_split!r} {info.num_eval_examples}"
+            )
+    if k > bank:
+        raise ValueError(
+            f"config.knn_k={k} is larger than the bank ({bank} examples: config.knn_bank_size="
+            f"{config.knn_bank_size}, capped at the train split's size); lower config.knn_k"
+        )
+    return Settings(every, bank, queries, k, float(temperature), batch, pool, num_classes)
+
+
+def feature_step(state: dict, batch: dict, *, graphdef, rest, global_pool: bool) -> dict:
+    """The eval program of pretraining: `{'features' [B, D] float32, 'label' [B], 'mask' [B]}`
+    of the global batch `{'image' [B, H, W, C], 'label', 'mask'}` (no masking of patches)."""
+    model = nnx.merge(graphdef, state["params"], rest)
+    features = knn.encoder_features(model, batch["image"], global_pool=global_pool)
+    return {"features": features, "label": batch["label"], "mask": batch["mask"]}
+
+
+def collect(fns, state: dict, data_config, split: str, limit: int, batch_size: int, mesh):
+    """`(features [N, D] float32, labels [N] int32)` of the first `limit` examples of `split`
+    (see the module docstring), the same on every process (all must call this together)."""
+    p, pc = jax.process_index(), jax.process_count()
+    data = pipeline.create_eval_iterator(data_config, global_batch_size=batch_size, split=split)
+    local = batch_size // pc
+    num_batches = min(len(data), math.ceil(math.ceil(limit / pc) / local))
+    features, labels = [], []
+    try:
+        for i in range(num_batches):
+            batch = next(data)
+            index = i * local + np.arange(local)
+            keep = np.asarray(batch["mask"], bool) & (index * pc + p < limit)
+            host = {"image": batch["image"], "label": batch["label"], "mask": keep}
+            out = shd.process_local(fns.evaluate(state, shd.global_batch(host, mesh)))
+            mask = np.asarray(out["mask"], bool)
+            features.append(np.asarray(out["features"], np.float32)[mask])
+            labels.append(np.asarray(out["label"], np.int32)[mask])
+    finally:
+        data.close()
+    if not features or not sum(len(f) for f in features):
+        raise ValueError(f"kNN monitor: no readable example in the first {limit} of {split!r}")
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def evaluate(fns, state: dict, data_config, s: Settings, mesh) -> dict:
+    """`{'knn_top1': percent, 'knn_seconds': wall time}` of the state's encoder, plus the
+    bank and query counts (`num_bank`, `num_queries`, real examples only)."""
+    t0 = time.perf_counter()
+    bank, bank_labels = collect(
+        fns, state, data_config, data_config.train_split, s.bank_size, s.batch_size, mesh
+    )
+    queries, query_labels = collect(
+        fns, state, data_config, data_config.eval_split, s.num_queries, s.batch_size, mesh
+    )
+    acc = knn.knn_accuracy(
+        bank,
+        bank_labels,
+        queries,
+        query_labels,
+        num_classes=s.num_classes,
+        k=min(s.k, len(bank)),
+        temperature=s.temperature,
+    )
+    return {
+        "knn_top1": 100.0 * acc["top1"],
+        "knn_seconds": time.perf_counter() - t0,
+        "num_bank": len(bank),
+        "num_queries": len(queries),
+    }
+
+
+def log(result: dict, s: Settings, step: int) -> dict:
+    """Says the result on the console (process 0) and returns the scalars to log."""
+    chance = f" (chance {100.0 / s.num_classes:.1f}%)" if s.num_classes else ""
+    line = (
+        f"kNN monitor at step {step}: top-1 {result['knn_top1']:.2f}%{chance}, k={s.k}, "
+        f"bank {result['num_bank']}, queries {result['num_queries']}, "
+        f"{result['knn_seconds']:.2f} s"
+    )
+    if jax.process_index() == 0:
+        print(line, flush=True)
+    return {"knn_top1": result["knn_top1"], "knn_seconds": result["knn_seconds"]}
