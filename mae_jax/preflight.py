@@ -233,7 +233,7 @@ class Preflight:
             p = pretrain.plan_without_data(c, 1)
             steps = short = "unresolved (epoch counts need the data set size)"
         else:
-            p = pretrain.plan(c, n)
+            p = pretrain.plan(c, n, info=self.info)  # also checks the kNN monitor keys
             r = p.run
             epochs = f" = {r.total_steps / r.steps_per_epoch:.4g} epochs" if n else ""
             short = f"{r.total_steps:,} steps{epochs}"

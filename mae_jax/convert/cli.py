@@ -153,6 +153,23 @@ def _parse_overrides(items) -> dict:
     return out
 
 
+def _write_weights(workdir: str, state: dict, config, source: str, fmt: str, **extra) -> str:
+    """`state` (numpy) as a weights workdir with the meta every import writes; its root."""
+    from mae_jax import workdir as wdir  # pylint: disable=import-outside-toplevel
+
+    meta = {
+        "model": dataclasses.asdict(config),
+        "kind": "weights",
+        **extra,
+        "source": source,
+        "source_format": fmt,
+    }
+    try:
+        return wdir.write_weights(workdir, state, meta)
+    except wdir.WorkdirError as e:
+        raise CliError(str(e)) from None
+
+
 def run_import(args) -> None:
     import jax  # pylint: disable=import-outside-toplevel
     from flax import nnx  # pylint: disable=import-outside-toplevel
@@ -182,16 +199,7 @@ def run_import(args) -> None:
         )
     model = convert.build_model(converted, config, seed=args.seed)
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    meta = {
-        "model": dataclasses.asdict(config),
-        "kind": "weights",
-        "source": src,
-        "source_format": converted.format,
-    }
-    try:
-        root = wdir.write_weights(args.workdir, {"params": params}, meta)
-    except wdir.WorkdirError as e:
-        raise CliError(str(e)) from None
+    root = _write_weights(args.workdir, {"params": params}, config, src, converted.format)
     decoder = "" if converted.has_decoder else ", decoder freshly initialized"
     print(
         f"wrote {root}: {config.name} weights from {src} ({converted.format} format{decoder}); "
@@ -204,7 +212,6 @@ def import_classifier(loaded, config, workdir: str) -> None:
     import jax  # pylint: disable=import-outside-toplevel
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
-    from mae_jax import workdir as wdir  # pylint: disable=import-outside-toplevel
     from mae_jax.convert import classifier as cc  # pylint: disable=import-outside-toplevel
 
     converted = cc.read_classifier(loaded, config)
@@ -215,23 +222,20 @@ def import_classifier(loaded, config, workdir: str) -> None:
         state["batch_stats"] = stats
     if not converted.sincos:  # a trained table (the official fine-tuning trains it): kept
         state["pos_embed"] = np.asarray(model.pos_embed.get_value())
-    meta = {
-        "model": dataclasses.asdict(config),
-        "kind": "weights",
+    root = _write_weights(
+        workdir,
+        jax.tree.map(np.asarray, state),
+        config,
+        loaded.source,
+        converted.format,
         **converted.head.meta(),
-        "pos_embed": "sincos" if converted.sincos else "learned",
-        "source": loaded.source,
-        "source_format": converted.format,
-    }
-    try:
-        root = wdir.write_weights(workdir, jax.tree.map(np.asarray, state), meta)
-    except wdir.WorkdirError as e:
-        raise CliError(str(e)) from None
+        pos_embed="sincos" if converted.sincos else "learned",
+    )
     table = "" if converted.sincos else ", its trained position table kept"
     print(
         f"wrote {root}: {config.name} {describe_head(converted.head)} from {loaded.source} "
         f"({converted.format} format{table}); evaluate it with python -m mae_jax.main "
-        f"--config=configs/evaluate.py --workdir=EVAL_DIR --config.checkpoint={root}"
+        f"--config=configs/evaluate.py --workdir=EVAL_DIR --config.checkpoint.path={root}"
     )
 
 
