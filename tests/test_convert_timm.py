@@ -169,16 +169,7 @@ SCRIPT = textwrap.dedent(r'''
 
 
 def timm_kwargs(config):
-    return dict(
-        img_size=config.img_size,
-        patch_size=config.patch_size,
-        in_chans=config.in_chans,
-        embed_dim=config.embed_dim,
-        depth=config.depth,
-        num_heads=config.num_heads,
-        mlp_ratio=config.mlp_ratio,
-        qkv_bias=True,
-    )
+    return dict(cc.vit_kwargs(config), qkv_bias=True)
 
 
 @pytest.fixture(scope="module")

@@ -214,8 +214,10 @@ def test_bicubic_interpolation_matches_torch(old, new):
 transformers = pytest.importorskip("transformers")
 
 
-def _hf_model(directory):
-    model, info = transformers.ViTMAEForPreTraining.from_pretrained(
+def _hf_model(directory, cls=None):
+    """`cls` (default `ViTMAEForPreTraining`) from our export: every key used, none missing."""
+    cls = cls or transformers.ViTMAEForPreTraining
+    model, info = cls.from_pretrained(
         directory, output_loading_info=True, attn_implementation="eager"
     )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -286,15 +288,6 @@ def test_hf_export_keys_and_shapes_match_transformers_for_paper_models(name):
     assert theirs == convert.pytorch_shapes(config, "hf")
 
 
-def _hf_classifier(directory):
-    model, info = transformers.ViTForImageClassification.from_pretrained(
-        directory, output_loading_info=True, attn_implementation="eager"
-    )
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    assert not info["mismatched_keys"], info
-    return model.eval()
-
-
 @pytest.mark.parametrize(
     "kw", [dict(global_pool=False), dict(global_pool=False, linear_probe=True)], ids=["ft", "probe"]
 )
@@ -311,7 +304,7 @@ def test_hf_image_classifier_from_our_export_gives_our_logits(kw, tmp_path):
         model.config,
         hf_cfg=cc.hf_classifier_config(model.config, model.head_spec),
     )
-    hf = _hf_classifier(directory)
+    hf = _hf_model(directory, transformers.ViTForImageClassification)
     assert hf.config.num_labels == 7 and hf.config.layer_norm_eps == 1e-6
     images = np.random.default_rng(1).standard_normal((3, 48, 48, 3)).astype(np.float32)
     ours = np.asarray(model(jnp.asarray(images), train=False))

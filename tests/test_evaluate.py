@@ -151,3 +151,26 @@ def test_evaluate_refuses_bad_sources_and_workdirs(run_dir, tmp_path):
     with pytest.raises(ValueError, match="not a classifier's"):
         evaluate.run(eval_config(mae), str(tmp_path / "e"))
     assert not os.path.exists(tmp_path / "e")  # nothing written by a refused evaluation
+
+
+def test_workdirs_older_than_the_head_meta_take_the_pooling_from_config_json(tmp_path):
+    """Runs written before checkpoints recorded `global_pool` (their config.json has it)."""
+    import dataclasses
+
+    from test_convert import randomized_classifier
+
+    from mae_jax.convert import classifier as cc
+
+    model = randomized_classifier("mae_vit_test", 4, seed=3, global_pool=False)
+    root = str(tmp_path / "old")
+    meta = {"model": dataclasses.asdict(model.config), "task": "finetune", "num_classes": 4}
+    with wdir.Writer(root, keep=None, async_save=False, handle_sigterm=False) as writer:
+        params = jax.tree.map(np.asarray, cc.classifier_tree(model))
+        writer.save(5, {"params": params}, meta)
+        writer.wait()
+    with pytest.raises(ValueError, match="says nothing of the classifier's global_pool"):
+        init_from.read_classifier(root)
+    wdir.write_json(os.path.join(root, wdir.CONFIG), {"task": "finetune", "global_pool": False})
+    found = init_from.read_classifier(root)
+    assert found.step == 5 and not found.head.global_pool and not found.head.linear_probe
+    np.testing.assert_array_equal(found.tree["head"]["kernel"], params["head"]["kernel"])

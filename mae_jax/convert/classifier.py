@@ -255,15 +255,20 @@ def timm_model(config: MAEConfig, head: Head, img_size: int | None = None) -> tu
         fc_norm=head.global_pool,
     )
     if name is None:
-        kwargs.update(
-            img_size=img,
-            patch_size=config.patch_size,
-            in_chans=config.in_chans,
-            embed_dim=config.embed_dim,
-            depth=config.depth,
-            num_heads=config.num_heads,
-            mlp_ratio=config.mlp_ratio,
-        )
+        kwargs.update(vit_kwargs(config, img))
     elif img != 224:
         kwargs["img_size"] = img
     return name, kwargs
+
+
+def vit_kwargs(config: MAEConfig, img_size: int | None = None) -> dict:
+    """The architecture arguments of timm's `VisionTransformer` for `config`'s encoder."""
+    return dict(
+        img_size=config.img_size if img_size is None else img_size,
+        patch_size=config.patch_size,
+        in_chans=config.in_chans,
+        embed_dim=config.embed_dim,
+        depth=config.depth,
+        num_heads=config.num_heads,
+        mlp_ratio=config.mlp_ratio,
+    )
