@@ -83,7 +83,7 @@ def get_config(variant: str = "vit_base"):
         c.log_every_steps = 20
         c.reconstruction_every_steps = 50
         # kNN over the whole embedded set (2400 bank, 600 queries; the caps of 10k), on the
-        # mean of the patch tokens: the MAE loss never reads the cls token, which after 150
-        # steps is no better than at initialization (as configs/linprobe.py's smoke notes).
+        # mean of the patch tokens: the MAE loss never reads the cls token, which moved from
+        # 73.0% at initialization to 73.8% after 150 steps (the mean: 71.8% to 75.0%).
         c.knn_global_pool = True
     return c
