@@ -118,9 +118,12 @@ def check_keys(config, defaults: ml_collections.ConfigDict) -> None:
         )
 
 
-def positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+def positive_int(name: str, value, low: int = 1) -> int:
+    """`value` as an int if it is an integer >= `low` (1: positive), else a ValueError naming
+    `config.{name}`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        what = "a positive integer" if low > 0 else f"an integer >= {low}"
+        raise ValueError(f"config.{name} must be {what}, got {value!r}")
     return int(value)
 
 

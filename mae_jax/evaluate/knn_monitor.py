@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from mae_jax import sharding as shd
+from mae_jax import train
 from mae_jax.data import pipeline
 from mae_jax.evaluate import knn
 
@@ -49,22 +50,14 @@ class Settings:
     num_classes: int | None
 
 
-def _int(config, name: str, low: int) -> int:
-    value = config.get(name)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        what = "a positive integer" if low > 0 else f"an integer >= {low}"
-        raise ValueError(f"config.{name} must be {what}, got {value!r}")
-    return int(value)
-
-
 def settings(config, info, default_batch_size: int) -> Settings:
     """Validate the `knn_*` keys of a pretraining `config` (also when the monitor is off) and
     resolve them against the data set `info` (`pipeline.dataset_info`; None: unknown sizes).
     `knn_batch_size=None` takes `default_batch_size` (the train micro-batch)."""
-    every = _int(config, "knn_every_steps", 0)
-    bank = _int(config, "knn_bank_size", 1)
-    queries = _int(config, "knn_num_queries", 1)
-    k = _int(config, "knn_k", 1)
+    every = train.positive_int("knn_every_steps", config.get("knn_every_steps"), 0)
+    bank = train.positive_int("knn_bank_size", config.get("knn_bank_size"))
+    queries = train.positive_int("knn_num_queries", config.get("knn_num_queries"))
+    k = train.positive_int("knn_k", config.get("knn_k"))
     temperature = config.get("knn_temperature")
     if (
         isinstance(temperature, bool)
@@ -76,7 +69,7 @@ def settings(config, info, default_batch_size: int) -> Settings:
     if config.get("knn_batch_size") is None:
         batch = default_batch_size
     else:
-        batch = _int(config, "knn_batch_size", 1)
+        batch = train.positive_int("knn_batch_size", config.get("knn_batch_size"))
     pool = config.get("knn_global_pool")
     if not isinstance(pool, bool):
         raise ValueError(f"config.knn_global_pool must be True or False, got {pool!r}")
