@@ -27,6 +27,10 @@ from mae_jax import workdir as wdir
 from mae_jax.models.classifier import ENCODER_KEYS, LINEAR_PROBE_TRAINABLE, Head, from_head
 
 PARTS = ("all", "encoder")
+# The architecture fields that fix the encoder's parameter shapes, and the whole MAE's (the
+# image size is not one: the position tables are fixed sin-cos, not parameters).
+ENCODER_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
+MAE_FIELDS = ENCODER_FIELDS + ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
 _TORCH_FILES = (".pth", ".pt", ".bin", ".safetensors")
 
 
@@ -47,6 +51,7 @@ class Source:
     step: int | None
     model: models.MAEConfig | None  # what a workdir's checkpoint says it holds
     parts: str
+    classifier: bool = False  # a workdir's checkpoint is a classifier's (no decoder)
 
     def describe(self) -> str:
         return self.path if self.step is None else f"{self.path} (step {self.step})"
@@ -94,7 +99,41 @@ def locate(init_from, key: str = "config.init_from") -> Source | None:
             f"checkpoint {chosen} of {path!r} says nothing of its model (meta keys "
             f"{sorted(meta)}); is it an mae-jax checkpoint?"
         )
-    return Source(reader.directory, "workdir", step, models.resolve(meta["model"]), parts)
+    model = models.resolve(meta["model"])
+    return Source(reader.directory, "workdir", step, model, parts, is_classifier(meta))
+
+
+def differences(saved: models.MAEConfig, mcfg: models.MAEConfig, fields) -> str:
+    """`fields` on which two model configs differ, as 'field: checkpoint A vs config B, ...'
+    ('' when they agree)."""
+    return ", ".join(
+        f"{f}: checkpoint {getattr(saved, f)!r} vs config {getattr(mcfg, f)!r}"
+        for f in fields
+        if getattr(saved, f) != getattr(mcfg, f)
+    )
+
+
+def check_pretraining_source(source: Source | None, mcfg: models.MAEConfig) -> None:
+    """Refuse, before anything is written, a workdir `source` that cannot initialize the MAE
+    `mcfg` as `source.parts` asks: a classifier's for all parts (it has no decoder), or one
+    whose architecture differs in the parts to copy. PyTorch files are checked when read."""
+    if source is None or source.kind != "workdir" or source.model is None:
+        return
+    saved = source.model
+    if source.classifier and source.parts == "all":
+        raise ValueError(
+            f"config.init_from.path={source.path!r} is a classifier's checkpoint (fine-tuning or "
+            f"linear probing of {saved.name!r}): it holds an encoder but no decoder; take its "
+            "encoder with config.init_from.parts=encoder"
+        )
+    fields = ENCODER_FIELDS if source.parts == "encoder" else MAE_FIELDS
+    detail = differences(saved, mcfg, fields)
+    if detail:
+        raise ValueError(
+            f"config.init_from.path={source.path!r} holds another model ({saved.name!r}; "
+            f"{detail}) than config.model ({mcfg.name!r}); start from it with "
+            f"config.model.name={saved.name!r}, or choose a source of {mcfg.name!r}"
+        )
 
 
 def wanted_keys(source: Source, available: list[str]) -> tuple[str, ...]:

@@ -56,7 +56,7 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 # Encoder fields that fix the parameter shapes: a pretrained checkpoint must agree on them.
-ENCODER_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
+ENCODER_FIELDS = init_from.ENCODER_FIELDS
 _DROP_PATH_TAG = 1  # fold_in tags of the per-step key
 _PREPARE_TAG = 2
 
@@ -273,15 +273,8 @@ def resolve_model(config, source: init_from.Source | None) -> models.MAEConfig:
         mcfg = models.resolve(fields)
     if pretrained is not None:
         saved = pretrained.model
-        diffs = {
-            f: (getattr(saved, f), getattr(mcfg, f))
-            for f in ENCODER_FIELDS
-            if getattr(saved, f) != getattr(mcfg, f)
-        }
-        if diffs:
-            detail = ", ".join(
-                f"{f}: checkpoint {a!r} vs config {b!r}" for f, (a, b) in diffs.items()
-            )
+        detail = init_from.differences(saved, mcfg, ENCODER_FIELDS)
+        if detail:
             raise ValueError(
                 f"config.init_from holds another encoder ({saved.name!r}; {detail}); set "
                 f"config.model.name={saved.name!r} (or empty to take it from the checkpoint)"

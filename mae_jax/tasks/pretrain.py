@@ -248,6 +248,8 @@ def task(config, mesh, resume: train.Resume = None, where: str = "") -> train.Ta
     if p.knn.every_steps:
         train.check_batches(mesh, {"config.knn_batch_size": p.knn.batch_size})
     source = init_from.locate(config.get("init_from"))
+    if resume is None:  # a resumed run's weights come from its own checkpoint
+        init_from.check_pretraining_source(source, p.model)
     fns = step_fns(config, p, mesh)
 
     def init():

@@ -1,0 +1,60 @@
+"""Messages a user reads when something is refused or slow (issue 21, items 6-8): each says what
+is wrong and what to do, and nothing that reads as damage when nothing is damaged."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from config_files import load_config, override
+from flax import nnx
+
+from mae_jax import models
+from mae_jax import workdir as wdir
+from mae_jax.tasks import pretrain
+
+
+def small(**kw):
+    c = load_config()
+    c.model.name = "mae_vit_test"
+    c.batch_size = 16
+    c.total_steps = 2
+    c.warmup_steps = 0
+    c.log_every_steps = 1
+    c.checkpoint_every_steps = 2
+    c.reconstruction_every_steps = 0
+    return override(c, **kw)
+
+
+def _weights(path, name, **meta):
+    """A weights workdir (as `convert import` writes) of model `name`."""
+    params = nnx.to_pure_dict(nnx.state(models.create(name, seed=1), nnx.Param))
+    meta = {"model": {"name": name}, "kind": "weights", **meta}
+    wdir.write_weights(path, {"params": jax.tree.map(np.asarray, params)}, meta)
+    return path
+
+
+# ------------------------------------------------------------------ item 6: init_from sources
+def test_init_from_another_architecture_names_both_models_and_writes_nothing(tmp_path):
+    source = _weights(str(tmp_path / "tiny"), "mae_vit_tiny_patch4_32")
+    run = tmp_path / "run"
+    with pytest.raises(ValueError) as e:
+        pretrain.train_and_evaluate(small(**{"init_from.path": source}), str(run))
+    message = str(e.value)
+    assert "holds another model ('mae_vit_tiny_patch4_32'" in message, message
+    assert "embed_dim: checkpoint 128 vs config 32" in message, message
+    assert "config.model.name='mae_vit_tiny_patch4_32'" in message, message
+    assert "damaged" not in message and "intact" not in message, message
+    assert not run.exists()  # refused before the workdir was created
+
+
+def test_init_from_a_classifier_workdir_names_its_kind_and_the_encoder_part(tmp_path):
+    source = _weights(str(tmp_path / "finetuned"), "mae_vit_test", num_classes=10)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError) as e:
+        pretrain.train_and_evaluate(small(**{"init_from.path": source}), str(run))
+    message = str(e.value)
+    assert "is a classifier's checkpoint" in message, message
+    assert "config.init_from.parts=encoder" in message, message
+    assert "depth or size" not in message, message
+    assert not run.exists()
