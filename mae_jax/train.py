@@ -382,6 +382,16 @@ def _train(
     state_out: Any = state
     try:
         for step in range(start, task.total_steps):
+            if step == start and wd.preemption_requested:
+                # A notice during start-up: no step ran, so there is nothing new to save; exit
+                # now rather than after compiling the step (minutes for a large model).
+                interrupted = True
+                print(
+                    f"preemption notice during start-up: exiting before step {step + 1}; the "
+                    f"next run starts from {f'step {start}' if start else 'the beginning'}",
+                    flush=True,
+                )
+                break
             trace.before(step)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 try:

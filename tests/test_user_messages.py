@@ -2,11 +2,15 @@
 is wrong and what to do, and nothing that reads as damage when nothing is damaged."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
 import pytest
-from config_files import load_config, override
+from config_files import ROOT, load_config, override
 from flax import nnx
 
 from mae_jax import models
@@ -58,3 +62,53 @@ def test_init_from_a_classifier_workdir_names_its_kind_and_the_encoder_part(tmp_
     assert "config.init_from.parts=encoder" in message, message
     assert "depth or size" not in message, message
     assert not run.exists()
+
+
+# ------------------------------------------------------------------ item 8: exit delays
+def _main_cmd(workdir, *extra):
+    return [
+        sys.executable,
+        "-u",
+        "-m",
+        "mae_jax.main",
+        f"--config={ROOT}/configs/smoke.py",
+        f"--workdir={workdir}",
+        "--config.model.name=mae_vit_test",
+        "--config.batch_size=16",
+        "--config.total_steps=4",
+        "--config.reconstruction_every_steps=0",
+        "--config.compilation_cache=none",  # the step compiles in full, as on a first run
+        *extra,
+    ]
+
+
+def _env():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    env.pop("XLA_FLAGS", None)  # one CPU device: the smoke config's mesh
+    return env
+
+
+@pytest.mark.slow
+def test_a_preemption_notice_during_start_up_exits_without_compiling_the_step(tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(
+        _main_cmd(workdir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+    )
+    lines, sent = [], None
+    for line in proc.stdout:
+        lines.append(line)
+        if sent is None and "initialized (" in line:  # the writer holds the workdir
+            proc.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+    assert proc.wait(timeout=300) == 0, "".join(lines)
+    took = time.monotonic() - sent
+    out = "".join(lines)
+    assert "preemption notice during start-up: exiting before step 1" in out, out
+    assert "step 1/" not in out and os.listdir(workdir / "checkpoints") == [], out
+    # was: the step compiled and ran, then step 1 was saved (25 s after the notice for the
+    # smoke model on a cold cache; minutes for ViT-L)
+    assert took < 15, f"{took:.1f} s from the notice to the exit\n{out}"
