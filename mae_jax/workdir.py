@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import logging as logging_std
 import os
 import signal
 import socket
@@ -418,6 +419,23 @@ def _quiet_orbax_teardown() -> None:
     sys.unraisablehook = hook
 
 
+class _NoItemMetadataWarning(logging_std.Filter):
+    """Orbax's `PyTreeCheckpointer` looks for a step-level `_CHECKPOINT_METADATA` file inside
+    the item (`<step>/state/`), where the checkpoint manager never writes one, and warns that it
+    "does not exist" on every read of an intact checkpoint: that warning (only) is dropped."""
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        return not (
+            record.msg == "Metadata file does not exist: %s"
+            and os.fspath(record.args[0] if record.args else "").endswith(
+                f"{_STATE}/_CHECKPOINT_METADATA"
+            )
+        )
+
+
+_NO_ITEM_METADATA_WARNING = _NoItemMetadataWarning()
+
+
 def _restore_args(leaf):
     import orbax.checkpoint as ocp  # noqa: PLC0415
 
@@ -515,6 +533,7 @@ class Reader:
         from mae_jax.models import layout  # noqa: PLC0415
 
         path = join(self.directory, str(step), _STATE)
+        logging_std.getLogger("absl").addFilter(_NO_ITEM_METADATA_WARNING)  # once: one instance
         with ocp.PyTreeCheckpointer() as reader:
             try:  # the tree as written (its metadata file is redundant otherwise)
                 stored = reader.metadata(path).item_metadata.tree

@@ -1,6 +1,7 @@
 """Messages a user reads when something is refused or slow (issue 21, items 6-8): each says what
 is wrong and what to do, and nothing that reads as damage when nothing is damaged."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -112,3 +113,15 @@ def test_a_preemption_notice_during_start_up_exits_without_compiling_the_step(tm
     # was: the step compiled and ran, then step 1 was saved (25 s after the notice for the
     # smoke model on a cold cache; minutes for ViT-L)
     assert took < 15, f"{took:.1f} s from the notice to the exit\n{out}"
+
+
+# ------------------------------------------------------------------ item 8: noise
+def test_reading_an_intact_checkpoint_logs_no_missing_metadata_warning(tmp_path, caplog):
+    from mae_jax import init_from
+
+    source = _weights(str(tmp_path / "weights"), "mae_vit_test")
+    with caplog.at_level(logging.INFO):
+        step, config, _ = init_from.read_mae(source)
+    assert step == 0 and config.name == "mae_vit_test"
+    noise = [r.getMessage() for r in caplog.records if "does not exist" in r.getMessage()]
+    assert not noise, noise
