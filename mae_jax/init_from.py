@@ -185,13 +185,38 @@ def load(state: dict, shardings: dict, source: Source, keys: tuple[str, ...], mc
 
 def _from_pytorch(source: Source, target: dict, mcfg) -> dict:
     from mae_jax import convert  # noqa: PLC0415 - torch-side code only when asked for
+    from mae_jax.convert import files, mapping  # noqa: PLC0415
 
-    converted = convert.read_pytorch(source.path, mcfg, strict=False)
+    loaded = files.load_input(source.path)
+    sd = loaded.state_dict
+    head = mapping.classifier_head(sd)
+    if head is not None and source.parts == "all":
+        raise ValueError(
+            f"config.init_from.path={source.path!r} is "
+            f"{mapping.describe(sd, mapping.detect_format(sd))}: it holds an encoder but no "
+            "decoder; take its encoder with config.init_from.parts=encoder"
+        )
+    if head is not None and head.global_pool and "norm.weight" not in sd and "norm" in target:
+        # Global pooling replaced the encoder's final norm by fc_norm: that norm starts anew.
+        logging.info(
+            "%s has no final norm (global pooling): norm starts as the identity", source.path
+        )
+        width = np.shape(sd["fc_norm.weight"])
+        sd = {
+            **sd,
+            "norm.weight": np.ones(width, np.float32),
+            "norm.bias": np.zeros(width, np.float32),
+        }
+        loaded = dataclasses.replace(loaded, state_dict=sd)
+    converted = convert.read_pytorch(loaded, mcfg, strict=False)
     params = models.layout.like(converted.params, target)  # stacked blocks if the model scans
     out = {}
     for top, tree in target.items():
         if top not in params:
-            raise ValueError(f"{source.path} has no {top!r} parameters (encoder-only file?)")
+            raise ValueError(
+                f"{source.path} ({mapping.describe(sd, converted.format)}) has no {top!r} "
+                "parameters; take its encoder with config.init_from.parts=encoder"
+            )
 
         def put(leaf, value):
             value = np.asarray(value, leaf.dtype)

@@ -693,6 +693,7 @@ class Writer:
         self._lock = Lock(self.root)
         ok = True
         error = None
+        self._created = self.primary and not exists(self.root)
         if self.primary:
             try:
                 check_writable_dir(self.root)
@@ -903,6 +904,27 @@ class Writer:
                 self._prev_handler = None
             if self.primary:
                 self._lock.release()
+                self._remove_if_unused()
+
+    def _remove_if_unused(self) -> None:
+        """A run that wrote nothing (refused before its first file) leaves no workdir behind:
+        its empty `checkpoints/` and `lock` go, and the root too when this writer created it."""
+        try:
+            names = set(listdir(self.root))
+            if not names <= {CHECKPOINTS, LOCK} or (
+                CHECKPOINTS in names and listdir(self.checkpoints)
+            ):
+                return
+            if LOCK in names:
+                remove(join(self.root, LOCK))
+            if is_remote(self.root):
+                _gfile().rmtree(self.checkpoints)
+            else:
+                os.rmdir(self.checkpoints)
+                if self._created:
+                    os.rmdir(self.root)
+        except Exception as e:  # noqa: BLE001 - tidying must not hide the run's own error
+            logging.warning("could not remove the unused workdir files in %s: %s", self.root, e)
 
     def __enter__(self) -> Writer:
         return self

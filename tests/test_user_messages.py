@@ -65,6 +65,42 @@ def test_init_from_a_classifier_workdir_names_its_kind_and_the_encoder_part(tmp_
     assert not run.exists()
 
 
+def _finetuned_pth(path, global_pool):
+    """An official fine-tuned classifier `.pth` of `mae_vit_test` (as `main_finetune.py` saves)."""
+    from mae_jax import convert
+    from mae_jax.convert import classifier as cc
+    from mae_jax.models.classifier import Head, from_head
+
+    clf = from_head(models.resolve("mae_vit_test"), Head(10, global_pool, False), seed=3)
+    convert.save(cc.classifier_to_pytorch(clf, "official"), path, "official", clf.config)
+    return path, clf
+
+
+def test_init_from_a_finetuned_pth_names_it_a_classifier_and_leaves_no_workdir(tmp_path):
+    pth, _ = _finetuned_pth(str(tmp_path / "finetuned.pth"), global_pool=True)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError) as e:
+        pretrain.train_and_evaluate(small(**{"init_from.path": pth}), str(run))
+    message = str(e.value)
+    assert "is a fine-tuned classifier, official MAE / timm names" in message, message
+    assert "config.init_from.parts=encoder" in message, message
+    assert "timm format" not in message, message
+    assert not run.exists()  # was: an empty checkpoints/ and a lock
+
+
+@pytest.mark.slow
+def test_pretraining_takes_the_encoder_of_a_global_pool_finetuned_pth(tmp_path):
+    pth, clf = _finetuned_pth(str(tmp_path / "finetuned.pth"), global_pool=True)
+    run = str(tmp_path / "run")
+    config = small(**{"init_from.path": pth, "init_from.parts": "encoder", "optim.lr": 0.0})
+    pretrain.train_and_evaluate(config, run)
+    blocks = nnx.to_pure_dict(nnx.state(clf.blocks, nnx.Param))
+    got = wdir.Reader(run).restore_params(
+        {"blocks": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), blocks)}
+    )
+    jax.tree.map(np.testing.assert_allclose, got.state["blocks"], blocks)
+
+
 # ------------------------------------------------------------------ item 8: exit delays
 def _main_cmd(workdir, *extra):
     return [

@@ -169,6 +169,7 @@ def read_pytorch(state_dict_or_path: Any, name_or_config: Any, *, strict: bool =
             for note in check_hf_config(hf_cfg, config):
                 warnings.warn(f"{source}: {note}", stacklevel=2)
     has_decoder = any(k in sd for k in mapping.decoder_torch_keys(config, fmt))
+    kind = mapping.describe(sd, fmt)
     missing, unexpected, misshaped = mapping.check_state_dict(sd, config, fmt, has_decoder)
     if unexpected and not strict:
         warnings.warn(
@@ -180,11 +181,11 @@ def read_pytorch(state_dict_or_path: Any, name_or_config: Any, *, strict: bool =
         unexpected = []
     if missing or unexpected or misshaped:
         raise mapping.mismatch_error(
-            f"{source} ({fmt} format) for model {config.name}", missing, unexpected, misshaped
+            f"{source} ({kind}) for model {config.name}", missing, unexpected, misshaped
         )
     if not has_decoder:
         warnings.warn(
-            f"{source} holds the encoder only ({fmt} format): the decoder of {config.name} is "
+            f"{source} holds the encoder only ({kind}): the decoder of {config.name} is "
             f"freshly initialized",
             stacklevel=2,
         )

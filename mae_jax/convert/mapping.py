@@ -465,6 +465,19 @@ def classifier_head(sd: Mapping[str, Any]):
     return None
 
 
+def describe(sd: Mapping[str, Any], fmt: str) -> str:
+    """What a state dict of format `fmt` ('official', 'timm', 'hf') holds, in words: an MAE, a
+    bare encoder or a classifier (for messages: a fine-tuned model has timm's names too)."""
+    names = "Hugging Face names" if fmt == "hf" else "official MAE / timm names"
+    head = classifier_head(sd)
+    if head is not None:
+        trained = "linear-probed" if head.linear_probe else "fine-tuned"
+        return f"a {trained} classifier, {names}"
+    if fmt == "official":
+        return "an MAE with its decoder, official format"
+    return f"{'an MAE' if fmt == 'hf' else 'an encoder without decoder'}, {names}"
+
+
 def format_list(items: list[str], limit: int = 25) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
