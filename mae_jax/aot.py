@@ -347,7 +347,9 @@ def out_of_memory_message(error: Exception, topology: str) -> str:
     )
 
 
-def format_report(r: dict) -> str:
+def format_report(r: dict, verdict: bool = True) -> str:
+    """`check`'s report as lines; `verdict=False` leaves out FITS / DOES NOT FIT (for a caller
+    that gives no verdict from a stand-in's figures)."""
     g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
     lines = [
         f"AOT compile check: {r['model']} ({r['dtype']} compute, remat={r['remat']}), "
@@ -372,7 +374,8 @@ def format_report(r: dict) -> str:
         f"aliased (donated) {g(r['alias_bytes'])}, temporaries {g(r['temp_bytes'])}, code "
         f"{g(r['code_bytes'])}",
         f"per-device total: {g(r['total_bytes'])} of {g(r['hbm_bytes'])} HBM "
-        f"({100 * r['fraction_of_hbm']:.1f}%) -> {'FITS' if r['fits'] else 'DOES NOT FIT'}",
+        f"({100 * r['fraction_of_hbm']:.1f}%)"
+        + (f" -> {'FITS' if r['fits'] else 'DOES NOT FIT'}" if verdict else ""),
     ]
     return "\n".join(lines)
 

@@ -24,7 +24,9 @@ needs a failed check is skipped, saying which):
   launch   `launch/tpu.py create / install / run --dry-run` for the topology (settings from the
            launcher's environment variables, MAE_TPU_PROJECT etc.; skipped when unset).
 
-Prints a line as each check starts and ends (with its duration), its details, then the checklist.
+Prints a line as each check starts and ends (with its duration), its details, then the checklist
+and a verdict: "ready" only when every check ran and passed, else the checks that failed or were
+not run (each can refuse a run: a skipped one is a question left open). `--help` lists the flags.
 Exit status: 0 when nothing failed, 1 when a check failed, 2 for a bad command line (unknown
 `--config.KEY`, a value of the wrong type, a bad --topology), as `mae_jax.main`.
 """
@@ -50,6 +52,9 @@ from mae_jax import cli
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 CHECKS = ("plan", "data", "model", "compile", "memory", "launch")  # in the order they run
+# Steps of the schedule the model check runs on when epoch counts cannot be resolved (no data
+# set): long enough that its two steps show the peak learning rate, not a schedule's end.
+PLACEHOLDER_STEPS = 1000
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(_REPO_ROOT, "launch", "tpu.py")
 
@@ -117,9 +122,16 @@ class Checklist:
         for r in self.results.values():
             lines.append(f"  {r.status}  {r.name:<{width}}  {r.seconds:6.1f} s  {r.summary}")
         counts = {s: sum(r.status == s for r in self.results.values()) for s in (PASS, FAIL, SKIP)}
+        skipped = [r.name for r in self.results.values() if r.status == SKIP]
+        if counts[FAIL]:
+            verdict = "NOT READY"
+        elif skipped:  # any check can refuse a run: ready only when all of them ran
+            verdict = f"nothing failed, but not checked: {', '.join(skipped)} (see above)"
+        else:
+            verdict = "ready"
         lines.append(
             f"preflight: {counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped"
-            f" -> {'NOT READY' if counts[FAIL] else 'ready'}"
+            f" -> {verdict}"
         )
         return "\n".join(lines)
 
@@ -201,6 +213,7 @@ class Preflight:
         self.checks = Checklist(out, total=len(CHECKS), skip=opts.skip)
         self.info = None  # the data set's DatasetInfo, once the data check opened it
         self.plan = None
+        self.placeholder_schedule = False  # the plan's steps stand in for unresolved epochs
         self.aot_report: dict | None = None
 
     def _hosts(self) -> int:
@@ -230,7 +243,8 @@ class Preflight:
             say(f"data set size unknown ({cli.first_line(e)}); the data check reports it")
         n = self.info.num_train_examples if self.info else None
         if n is None and c.total_steps is None:
-            p = pretrain.plan_without_data(c, 1)
+            p = pretrain.plan_without_data(c, PLACEHOLDER_STEPS)
+            self.placeholder_schedule = True
             steps = short = "unresolved (epoch counts need the data set size)"
         else:
             p = pretrain.plan(c, n, info=self.info)  # also checks the kNN monitor keys
@@ -355,6 +369,11 @@ class Preflight:
             f"{pr.plan.model.name} at batch {tiny.batch_size} on {cpu[0].device_kind} "
             f"(init {time.perf_counter() - t0:.1f} s)"
         )
+        if self.placeholder_schedule:
+            say(
+                f"schedule: a placeholder of {PLACEHOLDER_STEPS} steps without warm-up (the real "
+                "one needs the data set size), so the learning rate is about the peak"
+            )
         state, losses, norms = pr.state, [], []
         pr.state = None
         for i in range(2):
@@ -437,7 +456,7 @@ class Preflight:
                 raise
             raise CheckFailed(aot.out_of_memory_message(e, o.topology)) from None
         self.aot_report = r
-        for line in aot.format_report(r).splitlines():
+        for line in aot.format_report(r, verdict=not r["stand_in"]).splitlines():
             self.checks.say(line)
         kind = "CPU stand-in" if r["stand_in"] else f"{r['compiled_for_backend']} compiler"
         return (
@@ -617,6 +636,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     fv = flags.FlagValues()
     _define_flags(fv, argv)
+    if any(arg in ("-h", "-help", "--help", "--helpshort", "--helpfull") for arg in argv[1:]):
+        print(f"{__doc__.strip()}\n\nFlags:\n{fv.get_help()}", flush=True)
+        return 0
     try:
         cli.parse(cli.check_and_parse(fv), argv)
         opts = options(fv, argv[1:])

@@ -1,8 +1,11 @@
 """Messages a user reads when something is refused or slow (issue 21, items 6-8): each says what
 is wrong and what to do, and nothing that reads as damage when nothing is damaged."""
 
+import contextlib
+import io
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -161,3 +164,78 @@ def test_reading_an_intact_checkpoint_logs_no_missing_metadata_warning(tmp_path,
     assert step == 0 and config.name == "mae_vit_test"
     noise = [r.getMessage() for r in caplog.records if "does not exist" in r.getMessage()]
     assert not noise, noise
+
+
+# ------------------------------------------------------------------ item 7: preflight
+def _preflight_process(*args):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mae_jax.preflight", *args],
+        cwd=ROOT,
+        env=dict(_env(), TF_CPP_MIN_LOG_LEVEL="2"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _preflight(*args):
+    """`preflight.main` in this process: (exit status, stdout)."""
+    from mae_jax import preflight
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = preflight.main(["preflight", *args])
+    return rc, out.getvalue()
+
+
+@pytest.mark.slow
+def test_preflight_help_lists_its_flags():
+    rc, out, err = _preflight_process("--help")
+    assert rc == 0, out + err
+    assert "--topology" in out and "--skip" in out and "python -m mae_jax.preflight" in out
+    assert "Unknown command line flag" not in err, err
+
+
+def test_preflight_is_ready_only_when_every_check_ran():
+    rc, out = _preflight(
+        "--config=configs/smoke.py", "--topology=v4-8", "--skip=data,model,compile,launch"
+    )
+    assert rc == 0, out  # nothing failed ...
+    assert "-> ready" not in out, out  # ... but most is left open
+    assert "-> nothing failed, but not checked: data, model, compile, memory, launch" in out, out
+
+
+@pytest.mark.slow
+def test_preflight_gives_no_fit_verdict_from_the_cpu_stand_in():
+    rc, out, err = _preflight_process(
+        "--config=configs/smoke.py",
+        "--config.model.name=mae_vit_test",
+        "--topology=v4-8",
+        "--backend=cpu",
+        "--hbm_gib=0.001",  # the stand-in's figure is far over it
+        "--skip=data,model,launch",
+    )
+    assert rc == 0, out + err
+    assert "preflight [4/6] compile: PASS" in out, out
+    assert "per-device total:" in out, out
+    assert "DOES NOT FIT" not in out and "FITS" not in out, out  # was inside the PASS
+    assert "memory: SKIP" in out, out
+
+
+def test_preflight_model_check_without_the_data_set_size_runs_at_the_peak_lr(tmp_path):
+    rc, out = _preflight(
+        "--config=configs/mae_vit_base.py",
+        "--topology=v4-8",
+        f"--config.data.data_dir={tmp_path}",  # no ImageNet: epochs cannot become steps
+        "--config.model.name=mae_vit_test",
+        "--config.data.image_size=32",
+        "--skip=data,compile,launch",
+    )
+    assert "preflight [3/6] model: PASS" in out, out
+    lrs = [
+        float(x)
+        for x in re.findall(r"step \d: loss [\d.]+, grad norm [\d.e+-]+, lr ([\d.e+-]+)", out)
+    ]
+    assert len(lrs) == 2 and lrs[1] > 0.9 * lrs[0] > 0, out  # was 1.17e-06 then 0
+    assert "placeholder of 1000 steps" in out, out
