@@ -132,6 +132,10 @@ def _format_lr(lr: float) -> str:
     return f"{lr:.1e}" if math.isfinite(lr) else str(lr)
 
 
+# The scalars a console progress line shows; a call without any of them prints no line.
+PROGRESS_KEYS = frozenset({"loss", "lr", "images_per_sec"})
+
+
 class MetricsWriter:
     """Writes metrics of the primary process to JSON lines, TensorBoard and the console.
 
@@ -141,7 +145,9 @@ class MetricsWriter:
         file, directory or console line is produced.
       total_steps: shown as `step/total` and used for the ETA, when given.
       tensorboard: write TensorBoard event files (needs TensorFlow; falls back to JSON only).
-      console: print a progress line per `write_scalars` call (stdout, flushed).
+      console: print a progress line (stdout, flushed) per `write_scalars` call that holds
+        training progress (`PROGRESS_KEYS`); other scalars (an evaluation's, the kNN
+        monitor's) are said by the code that computed them, in a sentence of their own.
       clock: seconds source for the step rate (tests inject a fake clock).
     """
 
@@ -235,7 +241,7 @@ class MetricsWriter:
             with self._tb.as_default(step=step):
                 for k, v in values.items():
                     self._tf.summary.scalar(k, float(v))
-        if self._console:
+        if self._console and not PROGRESS_KEYS.isdisjoint(values):
             print(self.progress_line(step, values), flush=True, file=sys.stdout)
 
     def _update_rate(self, step: int):

@@ -239,3 +239,18 @@ def test_preflight_model_check_without_the_data_set_size_runs_at_the_peak_lr(tmp
     ]
     assert len(lrs) == 2 and lrs[1] > 0.9 * lrs[0] > 0, out  # was 1.17e-06 then 0
     assert "placeholder of 1000 steps" in out, out
+
+
+def test_scalars_without_training_progress_print_no_bare_progress_line(tmp_path, capsys):
+    from mae_jax import metrics
+
+    with metrics.MetricsWriter(tmp_path / "a", total_steps=None, tensorboard=False) as w:
+        w.write_scalars(180, {"eval_top1": 71.5, "eval_top5": 90.1})  # evaluate's record
+    still = lambda: 0.0  # noqa: E731 - no step rate: no ETA
+    with metrics.MetricsWriter(
+        tmp_path / "b", total_steps=200, tensorboard=False, clock=still
+    ) as w:
+        w.write_scalars(100, {"knn_top1": 40.0, "knn_seconds": 2.0})  # a kNN result alone
+        w.write_scalars(120, {"loss": 0.5, "lr": 1e-4})
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["step 120/200  loss 0.5000  lr 1.0e-04  ETA ?"], out  # was also 'step 180'
