@@ -52,6 +52,7 @@ class Source:
     model: models.MAEConfig | None  # what a workdir's checkpoint says it holds
     parts: str
     classifier: bool = False  # a workdir's checkpoint is a classifier's (no decoder)
+    lacks: tuple[str, ...] = ()  # encoder parts it does not hold (a global-pool classifier's norm)
 
     def describe(self) -> str:
         return self.path if self.step is None else f"{self.path} (step {self.step})"
@@ -100,7 +101,18 @@ def locate(init_from, key: str = "config.init_from") -> Source | None:
             f"{sorted(meta)}); is it an mae-jax checkpoint?"
         )
     model = models.resolve(meta["model"])
-    return Source(reader.directory, "workdir", step, model, parts, is_classifier(meta))
+    classifier, lacks = is_classifier(meta), ()
+    if classifier and _pooled(meta, reader, path, chosen):
+        lacks = ("norm",)  # global pooling normalizes with fc_norm instead
+    return Source(reader.directory, "workdir", step, model, parts, classifier, lacks)
+
+
+def _pooled(meta: dict, reader: wdir.Reader, path: str, step: int) -> bool:
+    """Whether a classifier checkpoint pools globally (False when its meta does not say)."""
+    try:
+        return _head(meta, reader, wdir.normalize(path), step).global_pool
+    except ValueError:
+        return False
 
 
 def differences(saved: models.MAEConfig, mcfg: models.MAEConfig, fields) -> str:
@@ -139,7 +151,8 @@ def check_pretraining_source(source: Source | None, mcfg: models.MAEConfig) -> N
 def wanted_keys(source: Source, available: list[str]) -> tuple[str, ...]:
     """Top-level parameter names to copy: all the model has, or the encoder's."""
     if source.parts == "encoder":
-        return tuple(k for k in ENCODER_KEYS + ("norm",) if k in available)
+        keys = ENCODER_KEYS + ("norm",)
+        return tuple(k for k in keys if k in available and k not in source.lacks)
     return tuple(available)
 
 

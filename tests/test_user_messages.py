@@ -271,3 +271,21 @@ def test_scalars_without_training_progress_print_no_bare_progress_line(tmp_path,
         w.write_scalars(120, {"loss": 0.5, "lr": 1e-4})
     out = capsys.readouterr().out.splitlines()
     assert out == ["step 120/200  loss 0.5000  lr 1.0e-04  ETA ?"], out  # was also 'step 180'
+
+
+@pytest.mark.slow
+def test_pretraining_takes_the_encoder_of_a_global_pool_finetuning_workdir(tmp_path):
+    from mae_jax.models.classifier import Head, from_head
+
+    clf = from_head(models.resolve("mae_vit_test"), Head(10, True, False), seed=3)
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(clf, nnx.Param)))
+    source = str(tmp_path / "finetuned")
+    meta = {"model": {"name": "mae_vit_test"}, "kind": "weights", **clf.head_spec.meta()}
+    wdir.write_weights(source, {"params": params}, meta)
+    run = str(tmp_path / "run")
+    config = small(**{"init_from.path": source, "init_from.parts": "encoder", "optim.lr": 0.0})
+    pretrain.train_and_evaluate(config, run)  # was: 'lacks ... norm: another depth or size?'
+    got = wdir.Reader(run).restore_params(
+        {"blocks": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params["blocks"])}
+    )
+    jax.tree.map(np.testing.assert_array_equal, got.state["blocks"], params["blocks"])
