@@ -5,7 +5,8 @@
                             official MAE / timm `.pth`, `.safetensors`, a Hugging Face directory
     config.init_from.step   a workdir's checkpoint step (None: its newest intact checkpoint)
     config.init_from.parts  'all' (every parameter the model shares with the source) or
-                            'encoder' (patch embedding, cls token, blocks, and the final norm)
+                            'encoder' (patch embedding, cls token, blocks, and the final norm
+                            when the source holds one: a global-pool classifier has none)
 
 It is used only when a run starts: resuming a workdir that holds checkpoints always wins.
 """
