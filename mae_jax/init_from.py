@@ -204,7 +204,7 @@ def _from_pytorch(source: Source, target: dict, mcfg) -> dict:
     loaded = files.load_input(source.path)
     sd = loaded.state_dict
     head = mapping.classifier_head(sd)
-    if head is not None and source.parts == "all":
+    if head is not None and any(top.startswith(("decoder", "mask_token")) for top in target):
         raise ValueError(
             f"config.init_from.path={source.path!r} is "
             f"{mapping.describe(sd, mapping.detect_format(sd))}: it holds an encoder but no "
