@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit,driver_version \
   --format=csv | tee "$out/gpu.txt"
 python3 benchmarks/side_by_side.py --models "$models" --batch "$batches" --dtype bfloat16 \
-  --json "$out/side_by_side.json" "$@" 2>&1 | grep -v "^W0000\|^I0000\|absl::InitializeLog" \
+  --json "$out/side_by_side.json" "$@" 2>&1 | grep --line-buffered -v "^W0000\|^I0000\|absl::InitializeLog" \
   | tee "$out/log.txt"
 rc=${PIPESTATUS[0]}
 # Profiles: keep the perfetto traces flat in OUT (the device tool returns 2 folders deep).
