@@ -97,7 +97,8 @@ def extract(
     `{'image', 'mask', ...}` (this process's rows: its j-th row is example `j * P + p` of P
     processes) and gather the outputs of the real examples (`mask`, and index < `limit`) on
     every process, in batch order: `{'features' [N, D], ..., 'index' [N]}` (all must call this
-    together). `progress(examples done, batches done)` after each batch."""
+    together; the batches stop being read past `limit`). `progress(examples kept, batches
+    done)` after each batch."""
     p, pc = jax.process_index(), jax.process_count()
     parts: dict[str, list] = {}
     done = 0
@@ -117,6 +118,8 @@ def extract(
         done += int(rows.sum())
         if progress is not None:
             progress(done, i + 1)
+        if limit is not None and (i + 1) * local * pc >= limit:
+            break  # every later example is past the limit
     if not parts:
         return {}
     return {key: np.concatenate(values) for key, values in parts.items()}

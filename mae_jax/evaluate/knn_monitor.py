@@ -23,7 +23,6 @@ tokens instead (`evaluate.knn.encoder_features`).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import time
 
@@ -110,11 +109,8 @@ def collect(fns, state: dict, data_config, split: str, limit: int, batch_size: i
     (see the module docstring), the same on every process (all must call this together)."""
     from mae_jax import features as feats  # noqa: PLC0415 - the shared extraction loop
 
-    pc = jax.process_count()
     data = pipeline.create_eval_iterator(data_config, global_batch_size=batch_size, split=split)
-    num_batches = min(len(data), math.ceil(math.ceil(limit / pc) / (batch_size // pc)))
-    keys = ("image", "label", "mask")
-    batches = ({k: b[k] for k in keys} for b in itertools.islice(data, num_batches))
+    batches = ({k: b[k] for k in ("image", "label", "mask")} for b in data)
     try:
         out = feats.extract(fns.evaluate, state, batches, mesh, limit=limit)
     finally:
