@@ -14,6 +14,7 @@ from config_files import load_config, override
 from flax import nnx
 
 import mae_jax
+from mae_jax import visualize
 from mae_jax import workdir as wdir
 from mae_jax.convert import cli as convert_cli
 from mae_jax.data import pipeline
@@ -222,3 +223,5 @@ def test_what_cannot_be_loaded_is_one_sentence(runs, tmp_path):
         mae_jax.load(runs["pre"], step=3)
     with pytest.raises(ValueError, match="load.path"):
         mae_jax.load(str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match="a classifier has no decoder to reconstruct with"):
+        visualize.restore_mae(runs["finetune"])
