@@ -478,23 +478,13 @@ def _quiet_orbax_teardown() -> None:
 
 def _quiet_disk_full_noise() -> None:
     """While a Writer saves: Orbax's threads report a full disk with a traceback per thread and
-    TensorStore's callbacks print "Event loop is closed" tracebacks afterwards; the Writer says
-    it once (`Writer.disk_full`), so those log records keep their line but lose the traceback,
-    and those printed tracebacks (only those) are dropped."""
+    TensorStore's callbacks report "Event loop is closed" afterwards; the Writer says it once
+    (`Writer.disk_full`), so those log records keep their line but lose the traceback, and the
+    "Event loop is closed" reports are dropped (`_quiet_orbax_teardown`)."""
     handler = logging.get_absl_handler()
     if not any(isinstance(f, _DiskFullTracebacks) for f in handler.filters):
         handler.addFilter(_DiskFullTracebacks())
-    previous = sys.excepthook
-    if getattr(previous, "_mae_jax_quiet", False):
-        return
-
-    def hook(kind, value, tb):
-        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-            return
-        previous(kind, value, tb)
-
-    hook._mae_jax_quiet = True
-    sys.excepthook = hook
+    _quiet_orbax_teardown()
 
 
 class _DiskFullTracebacks(std_logging.Filter):

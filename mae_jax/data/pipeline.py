@@ -10,9 +10,9 @@ Public API:
       one pass, yields {'image', 'label', 'mask' bool [B/P]} (resize + center crop);
       the last batch is padded, `mask` marks real examples.
   dataset_info(cfg) -> DatasetInfo(num_train_examples, num_eval_examples, num_classes)
-  describe_source(cfg) -> str: the training split in words, as errors name it
+  describe_source(cfg, split=None) -> str: a split (default: train) in words, as errors name it
   InputError (a ValueError): the data cannot be read (see below).
-  Interrupted: `should_stop()` returned True before a batch.
+  Interrupted: `should_stop()` returned True (waiting for data, or before an eval batch).
 
 Stream model. Each process p of P reads its own shard of n examples (disjoint
 shards covering the split). Its stream is epoch 0, epoch 1, ... back to back,
@@ -36,8 +36,9 @@ example is dropped (its position is still consumed). Skips are logged for the
 first few batches, then summarized every `_LOG_SKIPS_EVERY` such batches. More
 than `cfg.max_consecutive_bad` unreadable examples in a row (across batches)
 raise `InputError`: the data set is broken, not merely dirty. While batches
-are being dropped the iterator keeps polling `should_stop()` (if given): before
-every batch, it raises `Interrupted` when that returns True (e.g. after a SIGTERM).
+are being dropped the iterator calls `should_stop()` (if given) between them
+and raises `Interrupted` when it returns True (e.g. after a SIGTERM); a one-pass
+(eval) iterator calls it before every batch, so a long pass stops within a batch.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class InputError(ValueError):
 
 
 class Interrupted(Exception):
-    """`should_stop()` returned True before a batch (a stop was asked for, e.g. by a SIGTERM)."""
+    """`should_stop()` returned True while waiting for data, or before a batch of a one-pass
+    iterator (a stop was asked for, e.g. by a SIGTERM)."""
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -288,9 +290,10 @@ class DataIterator:
     `MAX_FAST_FAILURES` failures the iterator stays guarded.
 
     More than `max_consecutive_bad` unreadable examples in a row raise
-    `InputError` naming `source` (a description of the data). Before every
-    batch (also between dropped ones) `should_stop()` is called, if given; True
-    raises `Interrupted`.
+    `InputError` naming `source` (a description of the data). Between dropped
+    batches (no readable example), and before every batch of a one-pass iterator
+    (`total_batches` set), `should_stop()` is called, if given; True raises
+    `Interrupted`.
     """
 
     GUARDED_WINDOW = 64
@@ -374,9 +377,10 @@ class DataIterator:
 
     def __next__(self) -> dict[str, np.ndarray]:
         while True:
-            if self._should_stop is not None and self._should_stop():
-                what = f"{self.skipped} examples skipped so far" if self.skipped else "asked to"
-                raise Interrupted(f"{self._name}: stopped at batch {self.position} ({what})")
+            if self._total is not None and self._should_stop is not None and self._should_stop():
+                raise Interrupted(
+                    f"{self._name}: stopped at batch {self.position} of {self._total}"
+                )
             batch = self._next_raw()
             ok = batch.pop("ok")
             if ok.all():  # the common case: nothing else to do
@@ -390,7 +394,12 @@ class DataIterator:
                 return batch
             good = np.flatnonzero(ok)
             if good.size == 0:
-                continue  # dropped; `should_stop` is polled before the next one
+                if self._should_stop is not None and self._should_stop():
+                    raise Interrupted(
+                        f"{self._name}: stopped while waiting for readable data "
+                        f"(at batch {self.position}, {self.skipped} examples skipped)"
+                    )
+                continue
             bad_rows = np.flatnonzero(~ok)
             src = good[np.arange(bad_rows.size) % good.size]
             for k in batch:
@@ -541,9 +550,9 @@ def create_pretrain_iterator(
     bicubic) + horizontal flip + ImageNet normalization, over `cfg.train_split`.
     `start_step=K` yields first the batch a fresh iterator yields as its K-th.
     process_index/process_count default to jax.process_index()/process_count().
-    `should_stop()` is polled before every batch; True raises `Interrupted`.
-    More than cfg.max_consecutive_bad unreadable examples in a row raise
-    `InputError`.
+    `should_stop()` is polled between batches dropped as unreadable; True raises
+    `Interrupted`. More than cfg.max_consecutive_bad unreadable examples in a
+    row raise `InputError`.
     """
     return _stream_iterator(
         cfg,
