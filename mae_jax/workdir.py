@@ -19,6 +19,8 @@ Writers (`Writer`, one per run) hold the lock; a second writer is refused with a
 the holder, and a lock left by a killed process is taken over. Readers (`Reader`) never create,
 clean, rename or delete anything, and see only finalized checkpoints, so they can read a run in
 progress. Restoring skips a newest checkpoint that cannot be read, says so, and uses the next.
+A full file system while saving is one `DiskFullError` sentence (the full path, the size of one
+checkpoint, the intact checkpoints) once the half-written checkpoint is removed.
 
 Multi-process (Orbax's contract): every process calls `Writer.save`, `restore`, `wait`, `close`
 at the same points with the same arguments; process 0 alone takes the lock and writes the JSON
@@ -915,7 +917,8 @@ class Writer:
             self._note_finished()
             started = time.perf_counter()
             self._checkpoint_bytes = sum(
-                int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state)
+                int(getattr(x, "nbytes", None) or np.asarray(x).nbytes)
+                for x in jax.tree.leaves(state)
             )
             mngr.save(
                 step,
