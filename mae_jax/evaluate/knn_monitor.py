@@ -104,12 +104,17 @@ def feature_step(state: dict, batch: dict, *, graphdef, rest, global_pool: bool)
     return {"features": features, "label": batch["label"], "mask": batch["mask"]}
 
 
-def collect(fns, state: dict, data_config, split: str, limit: int, batch_size: int, mesh):
+def collect(
+    fns, state: dict, data_config, split: str, limit: int, batch_size: int, mesh, should_stop=None
+):
     """`(features [N, D] float32, labels [N] int32)` of the first `limit` examples of `split`
-    (see the module docstring), the same on every process (all must call this together)."""
+    (see the module docstring), the same on every process (all must call this together).
+    `should_stop()` is polled before every batch; True raises `pipeline.Interrupted`."""
     from mae_jax import features as feats  # noqa: PLC0415 - the shared extraction loop
 
-    data = pipeline.create_eval_iterator(data_config, global_batch_size=batch_size, split=split)
+    data = pipeline.create_eval_iterator(
+        data_config, global_batch_size=batch_size, split=split, should_stop=should_stop
+    )
     batches = ({k: b[k] for k in ("image", "label", "mask")} for b in data)
     try:
         out = feats.extract(fns.evaluate, state, batches, mesh, limit=limit)
@@ -120,15 +125,30 @@ def collect(fns, state: dict, data_config, split: str, limit: int, batch_size: i
     return np.asarray(out["features"], np.float32), np.asarray(out["label"], np.int32)
 
 
-def evaluate(fns, state: dict, data_config, s: Settings, mesh) -> dict:
+def evaluate(fns, state: dict, data_config, s: Settings, mesh, should_stop=None) -> dict:
     """`{'knn_top1': percent, 'knn_seconds': wall time}` of the state's encoder, plus the
-    bank and query counts (`num_bank`, `num_queries`, real examples only)."""
+    bank and query counts (`num_bank`, `num_queries`, real examples only). `should_stop()` is
+    polled before every batch of both passes; True raises `pipeline.Interrupted`."""
     t0 = time.perf_counter()
     bank, bank_labels = collect(
-        fns, state, data_config, data_config.train_split, s.bank_size, s.batch_size, mesh
+        fns,
+        state,
+        data_config,
+        data_config.train_split,
+        s.bank_size,
+        s.batch_size,
+        mesh,
+        should_stop,
     )
     queries, query_labels = collect(
-        fns, state, data_config, data_config.eval_split, s.num_queries, s.batch_size, mesh
+        fns,
+        state,
+        data_config,
+        data_config.eval_split,
+        s.num_queries,
+        s.batch_size,
+        mesh,
+        should_stop,
     )
     acc = knn.knn_accuracy(
         bank,
