@@ -27,9 +27,8 @@ Notes: our step draws new masking noise each step, the PyTorch step reuses the s
 (the same number of kept patches, so the same work). On a GPU, our peak memory is JAX's
 process-wide peak (it cannot be reset between models: list the smaller model first), and
 JAX's preallocation is off so that both sides fit (XLA_PYTHON_CLIENT_PREALLOCATE=false
-unless set). The defaults (20 timed steps after 3 warm-up) aim at ViT-B/16 + ViT-L/16 at batch 256
-in under 8 minutes on one H100/H200, where compilation (estimated at about a minute per side
-and model) dominates; not yet measured on a GPU.
+unless set). On one H200 (docs/performance.md) ViT-B/16 with three variants of our step, a
+profile of each and the compiled PyTorch step took about 6 minutes; ViT-L/16 about 3.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import glob
 import json
 import os
 import platform
@@ -58,7 +58,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mae_jax import benchmark, config_file, convert, flops, models, optim  # noqa: E402
+from mae_jax import benchmark, config_file, convert, flops, models, optim, profiler  # noqa: E402
 from mae_jax.convert import mapping  # noqa: E402
 from mae_jax.models.config import PRESETS  # noqa: E402
 
@@ -70,8 +70,8 @@ ALIASES = {
 }
 DTYPES = ("bfloat16", "float32")
 # Parity tolerance (relative, float32 loss). Measured: the two losses are equal to float32
-# rounding (< 1e-7) for ViT-B/16 at batch 8 on the CPU; other summation orders (GPU GEMMs over
-# 20-32 layers) should leave ~1e-6 (not yet measured on a GPU). A wrong weight, norm_pix_loss or mask ratio moves the loss by
+# rounding (< 1e-7) for ViT-B/16 at batch 8 on the CPU; on an H200 (float32 at "highest"
+# precision) 0.0 for ViT-B/16, 6.7e-8 for ViT-L/16, 1.2e-7 for ViT-H/14 (docs/performance.md). A wrong weight, norm_pix_loss or mask ratio moves the loss by
 # percents. Another noise barely moves it (with norm_pix_loss on random images every patch's
 # loss is about the same), so the masks are compared exactly as well.
 PARITY_TOL = 1e-4
@@ -96,8 +96,9 @@ def resolve_model(name: str) -> str:
     return preset
 
 
-def make_config(preset: str, dtype: str, batch: int):
-    """The pretraining recipe's config with this model, compute dtype and global batch."""
+def make_config(preset: str, dtype: str, batch: int, overrides: dict | None = None):
+    """The pretraining recipe's config with this model, compute dtype, global batch and model
+    field `overrides` (e.g. `{"attention_impl": "xla", "scan_layers": True}`)."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {DTYPES}")
     if batch <= 0:
@@ -106,9 +107,44 @@ def make_config(preset: str, dtype: str, batch: int):
     c.model.name = preset
     c.model.dtype = dtype
     c.model.param_dtype = "float32"
+    for k, v in (overrides or {}).items():
+        if k not in c.model:
+            raise ValueError(f"--variants: {k!r} is not a model key; expected one of "
+                             f"{sorted(c.model)}")  # fmt: skip
+        c.model[k] = v
     c.batch_size = batch
     c.total_steps = None  # set by benchmark.prepare (`pretrain.plan_without_data`)
     return c
+
+
+def parse_variants(text: str) -> list[dict]:
+    """`"attention_impl=cudnn;attention_impl=xla,scan_layers=true"` -> one dict of model
+    overrides per `;`-separated variant (`true`/`false` are booleans; an empty text is the
+    recipe as it is)."""
+    out = []
+    for part in text.split(";"):
+        v = {}
+        for item in filter(None, (x.strip() for x in part.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"--variants: {item!r} is not KEY=VALUE")
+            low = value.strip().lower()
+            v[key.strip()] = {"true": True, "false": False}.get(low, value.strip())
+        out.append(v)
+    return out
+
+
+def batch_for(spec: str, name: str, preset: str) -> int:
+    """The global batch of a model from `--batch`: one integer for every model, or
+    `vit_base=256,vit_huge=128` (model names or presets; others take `default=N` or 256)."""
+    spec = str(spec).strip()
+    if "=" not in spec:
+        return int(spec)
+    table = {}
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        table[key.strip()] = int(value)
+    return table.get(name, table.get(preset, table.get("default", 256)))
 
 
 def relative_diff(a: float, b: float) -> float:
@@ -217,7 +253,17 @@ def run_torch(
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    loss = step()
+    compile_error = None
+    try:
+        loss = step()
+    except Exception as e:  # noqa: BLE001 - torch.compile refused the model: time it eager
+        if not compile_:
+            raise
+        compile_error = f"{type(e).__name__}: {str(e)[:500]}"
+        print(f"torch.compile failed ({compile_error}); PyTorch runs eager", flush=True)
+        fwd, compile_ = model, False
+        opt.zero_grad(set_to_none=True)
+        loss = step()
     sync()
     first_call = time.perf_counter() - t0
     first_loss = float(loss)
@@ -236,6 +282,7 @@ def run_torch(
     result = {
         "implementation": "transformers ViTMAEForPreTraining (sdpa)",
         "compiled": bool(compile_),
+        "compile_error": compile_error,
         "autocast": "bfloat16" if amp else None,
         "adamw": fused,
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
@@ -263,7 +310,9 @@ def step0_noise(key, batch: int, num_patches: int) -> jax.Array:
 
 def our_loss_and_mask(prepared, mcfg, images, noise):
     """Our float32 loss (full matmul precision) at the initial state: (loss, mask)."""
-    cfg32 = dataclasses.replace(mcfg, dtype="float32")
+    # cuDNN's flash attention takes half precision only: float32 goes through XLA's.
+    impl = None if mcfg.attention_impl == "cudnn" else mcfg.attention_impl
+    cfg32 = dataclasses.replace(mcfg, dtype="float32", attention_impl=impl)
     graphdef = nnx.split(nnx.eval_shape(lambda: models.create(cfg32)), nnx.Param, ...)[0]
 
     def f(params, rest, x, z):
@@ -289,13 +338,17 @@ def export_hf(prepared, mcfg) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------ one model
-def compare(name: str, args, device) -> dict:
-    """Parity check, then both timed runs, for one model."""
+def compare(name: str, args, device, variants: list[dict]) -> dict:
+    """Parity check, then our step in each of `variants` (model overrides) and the PyTorch
+    step, timed, for one model. A variant that fails (e.g. out of memory) is recorded with its
+    error and the others go on; the fastest variant is the one compared."""
     import torch
 
     preset = resolve_model(name)
-    config = make_config(preset, args.dtype, args.batch)
-    prepared = benchmark.prepare(config, 1 + args.warmup + args.steps, devices=[device])
+    batch = batch_for(args.batch, name, preset)
+    steps_total = 1 + args.warmup + args.steps
+    config = make_config(preset, args.dtype, batch, variants[0])
+    prepared = benchmark.prepare(config, steps_total, devices=[device])
     mcfg = prepared.plan.model
     tdev = torch_device(device)
     model = hf_model(export_hf(prepared, mcfg), mcfg, tdev)
@@ -305,7 +358,7 @@ def compare(name: str, args, device) -> dict:
         raise ValueError(f"{preset}: {n_ours} trainable parameters here, {n_torch} in PyTorch")
 
     images = prepared.batch["image"]
-    noise = step0_noise(prepared.key, config.batch_size, mcfg.num_patches)
+    noise = step0_noise(prepared.key, batch, mcfg.num_patches)
     t_images = torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy()).to(tdev)
     t_noise = torch.from_numpy(np.array(noise)).to(tdev)
 
@@ -322,7 +375,7 @@ def compare(name: str, args, device) -> dict:
         "passed": same_mask and rel <= args.parity_tol,
     }
     print(
-        f"\n== {preset}: batch {config.batch_size}, {args.dtype} ==\n"
+        f"\n== {preset}: batch {batch}, {args.dtype} ==\n"
         f"parity (float32 loss of the first step, same weights, images and noise): ours "
         f"{ours_loss:.7f}, PyTorch {theirs_loss:.7f}, relative difference {rel:.2e} (tolerance "
         f"{args.parity_tol:g}), masks {'identical' if same_mask else 'DIFFERENT'}: "
@@ -337,10 +390,38 @@ def compare(name: str, args, device) -> dict:
         )
 
     peak = args.peak_tflops if args.peak_tflops is not None else flops.peak_tflops(device)
-    ours = benchmark.run(
-        config, steps=args.steps, warmup=args.warmup, peak_tflops=peak, prepared=prepared
-    )
     oc = prepared.plan.run.optim
+    tried = []
+    for i, variant in enumerate(variants):
+        vconfig = make_config(preset, args.dtype, batch, variant)
+        if i:
+            prepared = benchmark.prepare(vconfig, steps_total, devices=[device])
+        profile_dir = None
+        if args.profile_dir and name == args.models[0]:
+            profile_dir = os.path.join(args.profile_dir, f"{name}_{variant_label(variant)}")
+        try:
+            r = benchmark.run(
+                vconfig,
+                steps=args.steps,
+                warmup=args.warmup,
+                peak_tflops=peak,
+                prepared=prepared,
+                profile_steps=args.profile_steps if profile_dir else 0,
+                profile_dir=profile_dir,
+            )
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: record it, try the next
+            r = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+        r["variant"] = variant
+        tried.append(r)
+        print(f"ours [{variant_label(variant)}]: {describe_variant_result(r)}", flush=True)
+        if profile_dir and "error" not in r:
+            print(describe_profile(r, profile_dir), flush=True)
+        prepared = None
+        gc.collect()
+    done = [r for r in tried if "error" not in r]
+    if not done:
+        raise RuntimeError(f"{preset}: every variant of our step failed: {tried}")
+    ours = max(done, key=lambda r: r["images_per_sec"])
     del prepared
     gc.collect()
     compile_ = args.compile if args.compile is not None else tdev.type == "cuda"
@@ -363,15 +444,69 @@ def compare(name: str, args, device) -> dict:
         torch.cuda.empty_cache()
     out = {
         "model": preset,
-        "batch": config.batch_size,
+        "batch": batch,
         "dtype": args.dtype,
         "parity": parity,
         "ours": ours,
+        "ours_variants": tried,
         "pytorch": theirs,
         "ratio_images_per_sec": ours["images_per_sec"] / theirs["images_per_sec"],
     }
     print(format_table(out), flush=True)
     return out
+
+
+def describe_profile(r: dict, profile_dir: str, n: int = 15) -> str:
+    """The trace's top `n` device ops (`profiler.top_ops`), kept in `r["top_ops"]`."""
+    traces = sorted(glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"),
+                              recursive=True))  # fmt: skip
+    if not traces:
+        return f"profile: no perfetto_trace.json.gz under {profile_dir}"
+    where, rows = profiler.top_ops(traces[-1], n)
+    r["top_ops"], r["profile_trace"] = rows, traces[-1]
+    lines = [f"profile {traces[-1]} ({', '.join(where)}): top {len(rows)} ops by time"]
+    lines += [
+        f"  {x['share'] * 100:5.1f}%  {x['total_ms']:9.2f} ms  x{x['count']:<5} {x['name'][:100]}"
+        for x in rows
+    ]
+    return "\n".join(lines)
+
+
+def variant_label(variant: dict) -> str:
+    """`{'attention_impl': 'xla', 'scan_layers': True}` -> `attention_impl=xla,scan_layers=True`."""
+    return ",".join(f"{k}={v}" for k, v in variant.items()) or "recipe"
+
+
+def describe_variant_result(r: dict) -> str:
+    if "error" in r:
+        return f"FAILED ({r['error'][:200]})"
+    return (
+        f"{r['images_per_sec']:.1f} images/s, MFU {_pct(r['mfu'])}, step "
+        f"{r['step_time_median_s'] * 1e3:.1f} ms, first call {r['first_call_s']:.1f} s, peak "
+        f"memory {_gib(r['peak_memory_bytes'])} GiB"
+    )
+
+
+def summary_table(results: list[dict]) -> str:
+    """One line per model: ours, PyTorch, the ratio, MFU and our fastest settings."""
+    lines = [
+        "\nmodel                  batch  ours img/s (MFU)    PyTorch img/s (MFU)  ratio  "
+        "compile s ours/torch  peak GiB ours/torch  our settings"
+    ]
+    for r in results:
+        if "ours" not in r:
+            lines.append(f"{r['model']:<22} {r.get('error') or 'parity failed'}")
+            continue
+        a, b = r["ours"], r["pytorch"]
+        lines.append(
+            f"{r['model']:<22} {r['batch']:>5}  {a['images_per_sec']:>9.1f} ({_pct(a['mfu']):>6})"
+            f"  {b['images_per_sec']:>10.1f} ({_pct(b['mfu']):>6})  {r['ratio_images_per_sec']:>5.2f}"
+            f"  {a['first_call_s']:>8.1f}/{b['first_call_s']:<8.1f}   "
+            f"{_gib(a['peak_memory_bytes']):>6}/{_gib(b['peak_memory_bytes']):<6}      "
+            f"remat={a['remat']} attention={a['attention_impl']} "
+            f"scan={a.get('scan_layers')}"
+        )
+    return "\n".join(lines)
 
 
 def _gib(n):
@@ -471,7 +606,26 @@ def _loadavg() -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="vit_base,vit_large", help="comma-separated")
-    ap.add_argument("--batch", type=int, default=256, help="global batch")
+    ap.add_argument(
+        "--batch",
+        default="256",
+        help="global batch: N for every model, or per model: vit_base=256,vit_huge=128",
+    )
+    ap.add_argument(
+        "--variants",
+        default="",
+        help="our step's model overrides to time, ';'-separated, e.g. "
+        "'attention_impl=cudnn;attention_impl=xla;attention_impl=cudnn,scan_layers=true' "
+        "(default: the recipe's settings); the fastest is compared with PyTorch",
+    )
+    ap.add_argument(
+        "--sweep_models",
+        default=None,
+        help="models whose variants are all timed (default: the first model); the others "
+        "run the fastest variant of the last swept model",
+    )
+    ap.add_argument("--profile_dir", default=None, help="trace our first model's variants here")
+    ap.add_argument("--profile_steps", type=int, default=3, help="steps traced per variant")
     ap.add_argument("--dtype", default="bfloat16", help=f"compute dtype: {' or '.join(DTYPES)}")
     ap.add_argument(
         "--compile",
@@ -493,12 +647,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ap.error(f"--peak_tflops must be positive, got {args.peak_tflops}")
     if not args.parity_tol > 0:
         ap.error(f"--parity_tol must be positive, got {args.parity_tol}")
+    if args.profile_steps < 1:
+        ap.error(f"--profile_steps must be >= 1, got {args.profile_steps}")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    for m in args.models:
-        try:
-            resolve_model(m)
-        except ValueError as e:
-            ap.error(str(e))
+    sweep = args.sweep_models
+    args.sweep_models = args.models[:1] if sweep is None else [m.strip() for m in sweep.split(",")]
+    try:
+        for m in args.models:
+            if batch_for(args.batch, m, resolve_model(m)) <= 0:
+                raise ValueError(f"--batch must be positive, got {args.batch!r}")
+        args.variants = parse_variants(args.variants)
+        for v in args.variants:
+            make_config(resolve_model(args.models[0]), args.dtype, 1, v)
+    except ValueError as e:
+        ap.error(str(e))
     return args
 
 
@@ -522,19 +684,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"load average (/proc/loadavg): {env['loadavg']}",
         flush=True,
     )
-    results, status = [], 0
-    try:
-        for name in args.models:
-            results.append(compare(name, args, device))
-    except ParityError as e:
-        print(f"PARITY CHECK FAILED: {e}", file=sys.stderr, flush=True)
-        results.append(e.record)
-        status = 1
-    env["loadavg_end"] = _loadavg()
+    results, status, variants = [], 0, args.variants
+
+    def save():  # after every model, so a run cut short keeps what it measured
+        env["loadavg_end"] = _loadavg()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"environment": env, "results": results}, f, indent=2)
+
+    for name in args.models:
+        swept = name in args.sweep_models
+        try:
+            results.append(compare(name, args, device, variants if swept else variants[:1]))
+            if swept:  # the fastest first: the models after run it
+                variants = [results[-1]["ours"]["variant"]]
+        except ParityError as e:
+            print(f"PARITY CHECK FAILED: {e}", file=sys.stderr, flush=True)
+            results.append(e.record)
+            save()
+            return 1
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: the next model still runs
+            print(f"{name}: FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            results.append({"model": name, "error": f"{type(e).__name__}: {str(e)[:2000]}"})
+            status = 1
+        save()
     print(f"\nload average at the end: {env['loadavg_end']}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "results": results}, f, indent=2)
+    if len(results) > 1:
+        print(summary_table(results), flush=True)
     return status
 
 

@@ -69,7 +69,7 @@ def get_config(variant: str = "vit_base"):
     c.knn_every_steps = 0
     c.knn_bank_size = 10_000
     c.knn_num_queries = 10_000
-    if variant == "smoke":  # a tiny MAE on the embedded photos, about a minute on 2 CPU cores
+    if variant == "smoke":  # a tiny MAE on the embedded photos (time: configs/smoke.py)
         c.model.dtype = "float32"  # CPUs gain nothing from bf16
         c.data.source = "embedded"
         c.data.name = ""

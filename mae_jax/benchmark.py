@@ -149,9 +149,13 @@ def run(
     warmup: int = 2,
     peak_tflops: float | None = None,
     prepared: Prepared | None = None,
+    profile_steps: int = 0,
+    profile_dir: str | None = None,
 ) -> dict:
     """Build the train step for `config` (or take `prepared`, made by `prepare` from the same
-    config), run and time it; return every figure as a dict."""
+    config), run and time it; return every figure as a dict. With `profile_dir`, the
+    `profile_steps` steps after the timed ones are traced there (`jax.profiler`: a TensorBoard
+    profile run and its `perfetto_trace.json.gz`; `mae_jax.profiler.top_ops` sums it)."""
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
     if warmup < 0:
@@ -179,6 +183,12 @@ def run(
         times.append(time.perf_counter() - t0)
     cpu_per_step = (_process_cpu_seconds() - cpu0) / steps
     loss = float(jax.device_get(metrics["loss"]))
+    if profile_dir and profile_steps > 0:
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            for _ in range(profile_steps):
+                with jax.profiler.StepTraceAnnotation("train"):
+                    state, metrics = fns.step(state, batch, key)
+                    jax.block_until_ready((state, metrics))
 
     devices = list(mesh.devices.flat)
     peak = (
@@ -193,6 +203,7 @@ def run(
         "dtype": c.dtype,
         "param_dtype": c.param_dtype,
         "remat": c.remat,
+        "scan_layers": c.scan_layers,
         "attention_impl": c.attention_impl,
         "norm_pix_loss": c.norm_pix_loss,
         "mask_ratio": c.mask_ratio,
@@ -215,6 +226,7 @@ def run(
         "peak_memory_kind": mem_what,
         "first_loss": first_loss,
         "final_loss": loss,
+        "profile_dir": profile_dir if profile_steps > 0 else None,
     }
     result.update(events.summary())
     result.update(throughput(times, config.batch_size, flops_per_image, len(devices), peak))

@@ -8,7 +8,8 @@ hosts, `jax.distributed` is initialized first: automatically on Cloud TPU VMs, o
 A bad command line (an unknown `--config.KEY`, a value of the wrong type, a missing or broken
 config file) ends in one line `error: ...` on stderr and exit status 2, before anything is
 written; an invalid config (e.g. `--config.model.num_heads` not dividing `embed_dim`) or a
-failed run in `error: ...` and exit status 1.
+failed run in `error: ...` and exit status 1. A Ctrl-C saves the last completed step like a
+preemption notice, then exits with status 130 (a second Ctrl-C exits at once).
 """
 
 from __future__ import annotations
@@ -121,5 +122,19 @@ def main(argv):
         sys.exit(1)
 
 
+def interrupted(error: KeyboardInterrupt) -> int:
+    """Says how a Ctrl-C ended the process and returns its exit status (130, as a shell's)."""
+    from mae_jax import train
+
+    if isinstance(error, train.Stopped):  # the last completed step was saved and announced
+        print(error, flush=True)
+    else:
+        print("error: interrupted by Ctrl-C; nothing was saved", file=sys.stderr, flush=True)
+    return 130
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    try:
+        app.run(main, flags_parser=parse_flags)
+    except KeyboardInterrupt as e:
+        sys.exit(interrupted(e))

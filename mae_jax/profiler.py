@@ -120,3 +120,37 @@ def _copy_tree(src: str, dst: str) -> None:
         wdir.makedirs(target)
         for name in files:
             tf.io.gfile.copy(os.path.join(folder, name), wdir.join(target, name), overwrite=True)
+
+
+def top_ops(path: str, n: int = 20) -> tuple[list[str], list[dict]]:
+    """Where a trace's time went: the `n` event names with the most total duration in a
+    `perfetto_trace.json.gz` (or `.json`) written by `jax.profiler`, summed over the device
+    processes (names starting `/device:`, i.e. GPU/TPU kernels) when the trace has any, else
+    over every process. Returns (the processes summed, rows `{"name", "total_ms", "count",
+    "share"}` largest first; `share` is of all those processes' event time)."""
+    import gzip
+    import json
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    names = {
+        e["pid"]: e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    device = {pid for pid, name in names.items() if name.startswith("/device:")}
+    keep = device or set(names) or {e.get("pid") for e in events}
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in keep:
+            t = totals.setdefault(e.get("name", "?"), [0.0, 0])
+            t[0] += float(e.get("dur", 0.0))
+            t[1] += 1
+    whole = sum(t[0] for t in totals.values()) or 1.0
+    rows = [
+        {"name": k, "total_ms": v[0] / 1e3, "count": v[1], "share": v[0] / whole}
+        for k, v in sorted(totals.items(), key=lambda kv: -kv[1][0])[:n]
+    ]
+    return sorted(names.get(p, str(p)) for p in keep), rows

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,10 @@ class TrainingError(RuntimeError):
     """A run that cannot continue (non-finite loss, mismatched workdir)."""
 
 
+class Stopped(KeyboardInterrupt):
+    """A run stopped by Ctrl-C after its last completed step was saved (`run`)."""
+
+
 # ------------------------------------------------------------------------------ the loop
 @dataclasses.dataclass
 class Task:
@@ -41,8 +46,11 @@ class Task:
     at least `params`, `step` and `nonfinite_step`. `init()` builds the starting state (fresh, or
     from `config.init_from`). `meta()` is stored with every checkpoint; `check_meta(meta, step)`
     refuses a checkpoint of another model. `resolved` is the config with the numbers the run
-    uses (written to `config.json`). `periodic(writer, state, host_batch, step)` may log extras
-    and return scalars; `final(writer, state, step)` runs once at the last step.
+    uses (written to `config.json`). `periodic(writer, state, host_batch, step, should_stop)`
+    may log extras and return scalars; long work in it (evaluation passes) polls `should_stop()`
+    between batches and raises `pipeline.Interrupted` when it is True (the loop then saves the
+    step and stops). `final(writer, state, step)` runs once at the last step, to its end.
+    `check_batch(host_batch)` (optional) refuses a batch before its step (e.g. bad labels).
     """
 
     name: str
@@ -57,8 +65,9 @@ class Task:
     device_keys: tuple[str, ...] = ("image",)
     flops_per_image: float | None = None
     milestone_every: int = 0
-    periodic: Callable[[Any, dict, dict, int], dict | None] | None = None
+    periodic: Callable[[Any, dict, dict, int, Callable[[], bool]], dict | None] | None = None
     final: Callable[[Any, dict, int], dict | None] | None = None
+    check_batch: Callable[[dict], None] | None = None  # host batch, before its step
 
 
 # (step, meta) of the newest finalized checkpoint of the workdir a run resumes, or None.
@@ -166,7 +175,8 @@ def plan(
             )
         else:
             warmup = int(round(config.warmup_epochs * steps_per_epoch))
-    schedule = resolve_schedule(total, min(warmup, total), resume, where)
+    min_lr = float(config.optim.get("min_lr") or 0.0)
+    schedule = resolve_schedule(total, min(warmup, total), resume, where, min_lr)
     oc = ml_collections.ConfigDict(config.optim.to_dict())
     oc.update(optim_overrides or {})
     oc = apply_schedule(oc, batch, schedule)
@@ -192,12 +202,15 @@ def check_batches(mesh, batches: dict[str, int]) -> None:
             )
 
 
-def resolve_schedule(total: int, warmup: int, resume: Resume, where: str) -> dict:
+def resolve_schedule(
+    total: int, warmup: int, resume: Resume, where: str, min_lr: float = 0.0
+) -> dict:
     """The run's schedule: `{'total_steps', 'warmup_steps', 'extensions'}`.
 
     A resumed run keeps the warm-up it started with and records a change of its length as an
     extension at the resume step (`optim.extended_schedule`: no jump in the lr); a length below
-    the steps already done is refused.
+    the steps already done is refused. Extending a finished run (its lr at `min_lr`) is said
+    plainly, with the `init_from` command that starts a new schedule instead.
     """
     schedule = {"total_steps": int(total), "warmup_steps": int(warmup), "extensions": []}
     if resume is None:
@@ -216,14 +229,29 @@ def resolve_schedule(total: int, warmup: int, resume: Resume, where: str) -> dic
     schedule["extensions"] = [list(e) for e in saved.get("extensions", [])]
     if int(saved["total_steps"]) != total:
         schedule["extensions"].append([int(step), int(saved["total_steps"])])
-        logging.info(
-            "%s: run length changed from %d to %d steps at step %d: the learning rate "
-            "continues from its current value with the same cosine to the new end",
-            where,
-            saved["total_steps"],
-            total,
-            step,
-        )
+        if step >= int(saved["total_steps"]) and total > step:
+            logging.warning(
+                "%s: the run finished its schedule at step %d, so the %d added steps run at its "
+                "final learning rate, config.optim.min_lr=%g (a finished cosine does not "
+                "restart); to train them on a new schedule, start a new run from its weights "
+                "instead: python -m mae_jax.main --config=<the same config> --workdir=<a new "
+                "dir> --config.init_from.path=%s --config.total_steps=%d",
+                where,
+                step,
+                total - step,
+                min_lr,
+                where,
+                total - step,
+            )
+        else:
+            logging.info(
+                "%s: run length changed from %d to %d steps at step %d: the learning rate "
+                "continues from its current value with the same cosine to the new end",
+                where,
+                saved["total_steps"],
+                total,
+                step,
+            )
     return schedule
 
 
@@ -265,7 +293,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[...
 
     Common config keys: seed, mesh, checkpoint_every_steps, keep_checkpoints,
     keep_every_epochs, log_every_steps, peak_tflops, compilation_cache (`mae_jax.compile_cache`),
-    profile_steps (`profiler.window`). Returns the last logged metrics.
+    profile_steps (`profiler.window`). Returns the last logged metrics. A Ctrl-C saves the last
+    completed step like a preemption notice and then raises `Stopped`, once the workdir is closed.
     """
     profile = profiler.window(config.get("profile_steps"))
     mesh = shd.make_mesh(config.mesh)
@@ -284,8 +313,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[...
             if _complete(task, latest, root):
                 return {"step": latest[0], "complete": True}
         wd.keep_every = task.milestone_every
-        with compile_cache.CompileEvents() as startup:
-            return _train(config, wd, task, mesh, latest is not None, profile, startup)
+        try:
+            with compile_cache.CompileEvents() as startup:
+                last = _train(config, wd, task, mesh, latest is not None, profile, startup)
+        except Exception as e:
+            if not wdir.is_disk_full(e):  # checkpoints say it themselves (`Writer.save`)
+                raise
+            raise wd.disk_full(e) from None
+    if wd.stop_signal == signal.SIGINT:
+        raise Stopped(f"stopped by Ctrl-C; rerun the same command to resume ({root})")
+    return last
 
 
 def _complete(task: Task, latest: Resume, root: str) -> bool:
@@ -346,7 +383,11 @@ def _train(
     writer = metrics.MetricsWriter(wd.root, is_primary=primary, total_steps=task.total_steps)
     if start == 0:
         writer.write_config(task.resolved)
-    data = task.make_data(data_position, should_stop=lambda: wd.preemption_requested)
+
+    def should_stop() -> bool:
+        return wd.preemption_requested
+
+    data = task.make_data(data_position, should_stop=should_stop)
     key = jax.random.key(config.seed)
     peak = config.get("peak_tflops") or flops.peak_tflops()
     last_saved = None if restored is None else restored.step
@@ -370,7 +411,13 @@ def _train(
         }
         return wd.save(step, wdir.to_checkpoint(state), meta)
 
-    def exit_on_preemption(step):
+    def stop(step):
+        """The one preemption path (SIGTERM, Ctrl-C, a pod's sync point): save the last
+        completed step unless it is saved, wait until it is finalized, say so."""
+        nonlocal last_saved
+        if last_saved != step:
+            save(step)
+            last_saved = step
         wd.wait()
         if step in wd.steps():
             print(f"preemption notice: saved step {step} in {wd.checkpoints}; exiting", flush=True)
@@ -397,12 +444,12 @@ def _train(
                 try:
                     with jax.profiler.TraceAnnotation("data"):
                         batch = next(data)
+                        if task.check_batch is not None:
+                            task.check_batch(batch)
                         arrays = {k: shd.global_batch(batch[k], mesh) for k in task.device_keys}
                 except pipeline.Interrupted:
                     interrupted = True
-                    if last_saved != step:
-                        save(step)
-                    exit_on_preemption(step)
+                    stop(step)
                     break
                 state, m = fns.step(state, arrays, key)
                 state_out = (state, m)
@@ -448,7 +495,10 @@ def _train(
                         if peak:
                             values["mfu"] = values["tflops_per_device"] / peak
                 if task.periodic is not None:
-                    values.update(task.periodic(writer, state, batch, done) or {})
+                    try:
+                        values.update(task.periodic(writer, state, batch, done, should_stop) or {})
+                    except pipeline.Interrupted as e:  # saved and stopped below
+                        logging.warning("step %d: periodic work interrupted (%s)", done, e)
                 if task.final is not None and done == task.total_steps:
                     values.update(task.final(writer, state, done) or {})
                 if values:
@@ -457,11 +507,8 @@ def _train(
                 if wants_save and save(done):
                     last_saved = done
                 if preempted or wd.preemption_requested:
-                    if last_saved != done:
-                        save(done)
-                        last_saved = done
                     interrupted = True
-                    exit_on_preemption(done)
+                    stop(done)
                     break
             trace.after(step, state_out)
     finally:

@@ -224,14 +224,12 @@ def restore_mae(workdir, step: int | None = None, **overrides):
     `overrides` replace config fields (e.g. `img_size=448`: the position embeddings are fixed
     sin-cos, so any multiple of the patch size works). Returns `(model, step)`.
     """
-    from mae_jax import init_from
+    from mae_jax import loader
 
-    step, config, params = init_from.read_mae(workdir, step, **overrides)
-    model = models.create(config)
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, params)
-    nnx.update(model, state)
-    return model, step
+    loaded = loader.load(workdir, step=step, **overrides)
+    if loaded.kind != "mae":
+        raise ValueError(f"{loaded.describe()}: a classifier has no decoder to reconstruct with")
+    return loaded.model, loaded.step
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -19,6 +19,8 @@ Writers (`Writer`, one per run) hold the lock; a second writer is refused with a
 the holder, and a lock left by a killed process is taken over. Readers (`Reader`) never create,
 clean, rename or delete anything, and see only finalized checkpoints, so they can read a run in
 progress. Restoring skips a newest checkpoint that cannot be read, says so, and uses the next.
+A full file system while saving is one `DiskFullError` sentence (the full path, the size of one
+checkpoint, the intact checkpoints) once the half-written checkpoint is removed.
 
 Multi-process (Orbax's contract): every process calls `Writer.save`, `restore`, `wait`, `close`
 at the same points with the same arguments; process 0 alone takes the lock and writes the JSON
@@ -27,11 +29,14 @@ files, and all processes agree on which checkpoint they restored.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import errno
 import json
-import logging as logging_std
+import logging as std_logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -53,10 +58,39 @@ LOCK = "lock"
 _STATE = "state"
 _META = "meta"
 _META_FILE = "metadata"  # the file Orbax's JsonSave writes inside `meta/`
+_TMP_MARK = ".orbax-checkpoint-tmp"  # in the name of a checkpoint Orbax is still writing
+
+
+# The signals that ask a run to save its last completed step and stop (`Writer`).
+_STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
 
 
 class WorkdirError(ValueError):
     """A workdir that cannot be used as asked; the message is one sentence for the user."""
+
+
+class DiskFullError(WorkdirError):
+    """The file system of a workdir has no space left (`Writer.disk_full`)."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True when `error` (or an error it was raised from) is "No space left on device": an
+    OSError with errno ENOSPC, or TensorStore's RESOURCE_EXHAUSTED that Orbax passes on."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, DiskFullError):
+            return False  # already said
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _megabytes(num_bytes: float) -> str:
+    return f"{num_bytes / 1e6:.1f} MB"
 
 
 # ----------------------------------------------------------------------------- path layer
@@ -150,6 +184,18 @@ def remove(path) -> None:
         os.remove(path)
 
 
+def remove_tree(path) -> None:
+    if is_remote(path):
+        _gfile().rmtree(path)
+    else:
+        shutil.rmtree(path)
+
+
+def free_bytes(path) -> int | None:
+    """Free space of the local file system holding `path`; None for URIs."""
+    return None if is_remote(path) else shutil.disk_usage(path).free
+
+
 def rename(src, dst) -> None:
     if is_remote(src):
         _gfile().rename(src, dst, overwrite=False)
@@ -161,8 +207,21 @@ def read_json(path) -> Any:
     return json.loads(read_text(path))
 
 
+def _finite(value):
+    """`value` with non-finite floats (NaN, inf) as None: JSON has no such numbers."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 def write_json(path, value) -> None:
-    write_text(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+    """Writes `value` as JSON (non-finite floats as null), atomically."""
+    text = json.dumps(_finite(value), indent=2, sort_keys=True, default=str, allow_nan=False)
+    write_text(path, text + "\n")
 
 
 def _first_line(error: BaseException, limit: int = 300) -> str:
@@ -419,12 +478,12 @@ def _quiet_orbax_teardown() -> None:
     sys.unraisablehook = hook
 
 
-class _NoItemMetadataWarning(logging_std.Filter):
+class _NoItemMetadataWarning(std_logging.Filter):
     """Orbax's `PyTreeCheckpointer` looks for a step-level `_CHECKPOINT_METADATA` file inside
     the item (`<step>/state/`), where the checkpoint manager never writes one, and warns that it
     "does not exist" on every read of an intact checkpoint: that warning (only) is dropped."""
 
-    def filter(self, record: logging_std.LogRecord) -> bool:
+    def filter(self, record: std_logging.LogRecord) -> bool:
         return not (
             record.msg == "Metadata file does not exist: %s"
             and os.fspath(record.args[0] if record.args else "").endswith(
@@ -434,6 +493,27 @@ class _NoItemMetadataWarning(logging_std.Filter):
 
 
 _NO_ITEM_METADATA_WARNING = _NoItemMetadataWarning()
+
+
+def _quiet_disk_full_noise() -> None:
+    """While a Writer saves: Orbax's threads report a full disk with a traceback per thread and
+    TensorStore's callbacks report "Event loop is closed" afterwards; the Writer says it once
+    (`Writer.disk_full`), so those log records keep their line but lose the traceback, and the
+    "Event loop is closed" reports are dropped (`_quiet_orbax_teardown`)."""
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _DiskFullTracebacks) for f in handler.filters):
+        handler.addFilter(_DiskFullTracebacks())
+    _quiet_orbax_teardown()
+
+
+class _DiskFullTracebacks(std_logging.Filter):
+    def filter(self, record) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            if is_disk_full(record.exc_info[1]):
+                if record.name == "asyncio":  # "exception was never retrieved", per array
+                    return False
+                record.exc_info, record.exc_text = None, None
+        return True
 
 
 def _restore_args(leaf):
@@ -533,7 +613,7 @@ class Reader:
         from mae_jax.models import layout  # noqa: PLC0415
 
         path = join(self.directory, str(step), _STATE)
-        logging_std.getLogger("absl").addFilter(_NO_ITEM_METADATA_WARNING)  # once: one instance
+        std_logging.getLogger("absl").addFilter(_NO_ITEM_METADATA_WARNING)  # once: one instance
         with ocp.PyTreeCheckpointer() as reader:
             try:  # the tree as written (its metadata file is redundant otherwise)
                 stored = reader.metadata(path).item_metadata.tree
@@ -670,9 +750,10 @@ class Writer:
       keep_every: ... and, for good, every checkpoint whose step is a multiple of `keep_every`
         (0: none), e.g. the 100-epoch milestones of a long run.
       async_save: write in a background thread after the device-to-host copy.
-      handle_sigterm: single process: a SIGTERM sets `preemption_requested` (the loop saves and
-        exits); a second one ends the process at once (the newest finalized checkpoint stays).
-        With `jax.distributed`, JAX's preemption sync point decides instead (`preempted`).
+      handle_sigterm: single process: a SIGTERM or SIGINT (Ctrl-C) sets `preemption_requested`
+        (the loop saves the last completed step and exits; `stop_signal` says which came); a
+        second one ends the process at once (the newest finalized checkpoint stays). With
+        `jax.distributed`, JAX's preemption sync point decides instead (`preempted`).
     """
 
     def __init__(
@@ -709,12 +790,15 @@ class Writer:
             raise WorkdirError(f"process 0 could not open the workdir {self.root}; see its log")
         self._keep, self.keep_every, self._async = keep, keep_every, async_save
         self._mngr = None
-        self._sigterm = False
+        self.stop_signal: int | None = None  # the first SIGTERM / SIGINT received
         self._sync_preempted = False
-        self._prev_handler = None
+        self._prev_handlers: dict[int, Any] = {}
         self._pending: tuple[int, float] | None = None
+        self._checkpoint_bytes = 0  # of the newest save: its arrays' size
+        self._failed: DiskFullError | None = None
         if handle_sigterm:
             self._install_sigterm_handler()
+        _quiet_disk_full_noise()
 
     # ------------------------------------------------------------------- reading own state
     def reader(self) -> Reader:
@@ -751,23 +835,30 @@ class Writer:
             return  # JAX's preemption sync manager owns SIGTERM
         if threading.current_thread() is not threading.main_thread():
             return
-        self._prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        for signum in _STOP_SIGNALS:
+            self._prev_handlers[signum] = signal.signal(signum, self._on_stop_signal)
 
-    def _on_sigterm(self, signum, frame):
+    def _on_stop_signal(self, signum, frame):
         del frame
-        if self._sigterm:
+        name = _STOP_SIGNALS[signum]
+        if self.stop_signal is not None:
             logging.warning(
-                "second SIGTERM: exiting now; the newest finalized checkpoint stays usable"
+                "second %s: exiting now; the newest finalized checkpoint stays usable", name
             )
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self._sigterm = True
-        logging.warning("SIGTERM received: saving the last completed step, then exiting")
+        self.stop_signal = signum
+        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        logging.warning(
+            "%s received: saving the last completed step, then exiting (%s again: exit at once)",
+            name,
+            again,
+        )
 
     @property
     def preemption_requested(self) -> bool:
-        return self._sigterm or self._sync_preempted
+        return self.stop_signal is not None or self._sync_preempted
 
     def preempted(self, step: int) -> bool:
         """True once a preemption notice arrived. With several processes it is JAX's sync point:
@@ -841,25 +932,97 @@ class Writer:
         mngr = self._manager()
         if step in mngr.all_steps():
             return False
-        self._note_finished()
-        started = time.perf_counter()
-        mngr.save(
-            step,
-            args=ocp.args.Composite(
-                **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
-            ),
-            force=True,
-        )
-        self._pending = (step, started)
-        if not self._async:
-            self._finalized()
+        with self._disk_full_check(step):
+            self._note_finished()
+            started = time.perf_counter()
+            self._checkpoint_bytes = sum(
+                int(getattr(x, "nbytes", None) or np.asarray(x).nbytes)
+                for x in jax.tree.leaves(state)
+            )
+            mngr.save(
+                step,
+                args=ocp.args.Composite(
+                    **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
+                ),
+                force=True,
+            )
+            self._pending = (step, started)
+            if not self._async:
+                self._finalized()
         return True
 
     def wait(self) -> None:
         """Blocks until pending saves are finalized (and logs them)."""
         if self._mngr is not None:
-            self._mngr.wait_until_finished()
+            with self._disk_full_check(self._pending[0] if self._pending else None):
+                self._mngr.wait_until_finished()
         self._note_finished()
+
+    # ------------------------------------------------------------------- a full disk
+    @contextlib.contextmanager
+    def _disk_full_check(self, step: int | None):
+        """A full file system inside the block becomes `disk_full`'s error; once that has
+        been raised, later failures of the same save are dropped (already said)."""
+        try:
+            yield
+        except Exception as e:
+            if self._failed is not None:
+                logging.info("after the full disk: %s", _first_line(e))
+                return
+            if not is_disk_full(e):
+                raise
+            raise self.disk_full(e, step) from None
+
+    def disk_full(self, error: BaseException, step: int | None = None) -> DiskFullError:
+        """The error to raise for a full file system (`error`, e.g. while saving checkpoint
+        `step`): says which path is full, how large one checkpoint is and which checkpoints
+        are intact, after removing the half-written one. Later save failures are dropped."""
+        _quiet_orbax_teardown()
+        removed = self._remove_partial() if self.primary else []
+        failed = [int(n.split(".", 1)[0]) for n in removed if n.split(".", 1)[0].isdigit()]
+        if failed:  # the save that failed (an asynchronous one fails at the next call)
+            step = failed[-1]
+        try:
+            intact = sorted(s for s in self._manager().all_steps() if s != step)
+        except Exception:  # noqa: BLE001 - the listing is best effort here
+            intact = []
+        self._pending = None
+        logging.info("the full disk as reported: %s", _first_line(error, 1000))
+        free = free_bytes(self.root)
+        where = (
+            f"{self.checkpoints} while saving checkpoint {step}" if step is not None else self.root
+        )
+        size = _megabytes(self._checkpoint_bytes) if self._checkpoint_bytes else "unknown"
+        text = (
+            f"no space left on the file system of {where}: one checkpoint is about {size}, "
+            f"{_megabytes(free) if free is not None else 'an unknown amount'} free; intact "
+            f"checkpoints: {intact or 'none'} in {self.checkpoints}"
+        )
+        if removed:
+            text += f"; removed the half-written {', '.join(removed)}"
+        room = (self._keep or 1) + 1
+        then = f"rerun to resume from step {intact[-1]}" if intact else "rerun (it starts over)"
+        text += (
+            f"; free some space or use a --workdir with room for {room} checkpoints, then {then}"
+        )
+        self._failed = DiskFullError(text)
+        return self._failed
+
+    def _remove_partial(self) -> list[str]:
+        """Removes the unfinished (temporary) checkpoint directories; returns their names."""
+        removed = []
+        try:
+            names = listdir(self.checkpoints)
+        except Exception:  # noqa: BLE001
+            return removed
+        for name in sorted(names, key=lambda n: (len(n), n)):
+            if _TMP_MARK in name:
+                try:
+                    remove_tree(join(self.checkpoints, name))
+                    removed.append(name)
+                except Exception as e:  # noqa: BLE001 - say it, keep the first error
+                    logging.warning("could not remove %s: %s", name, _first_line(e))
+        return removed
 
     # ------------------------------------------------------------------- JSON files
     def write_config(self, resolved: dict, step: int) -> None:
@@ -888,20 +1051,21 @@ class Writer:
 
     # ------------------------------------------------------------------- closing
     def close(self) -> None:
-        """Waits for pending saves, then releases Orbax, the SIGTERM handler and the lock."""
+        """Waits for pending saves, then releases Orbax, the signal handlers and the lock."""
         try:
             if self._mngr is not None:
-                self._mngr.wait_until_finished()
-                self._note_finished()
-                self._mngr.close()
+                with self._disk_full_check(self._pending[0] if self._pending else None):
+                    self._mngr.wait_until_finished()
+                    self._note_finished()
+                    self._mngr.close()
                 self._mngr = None
         finally:
-            if self._prev_handler is not None:
+            for signum, handler in self._prev_handlers.items():
                 try:
-                    signal.signal(signal.SIGTERM, self._prev_handler)
+                    signal.signal(signum, handler)
                 except ValueError:
                     pass
-                self._prev_handler = None
+            self._prev_handlers = {}
             if self.primary:
                 self._lock.release()
                 self._remove_if_unused()

@@ -151,8 +151,8 @@ def test_bad_pretrained_paths_and_models_are_clear_errors(tmp_path):
 def test_workdir_of_another_run_is_refused(tmp_path):
     workdir = str(tmp_path / "run")
     linear_probe.train_and_evaluate(small(total_steps=1, eval_batch_size=600), workdir)
-    with pytest.raises(ValueError, match="another run.*num_classes: checkpoint 10 vs config 7"):
-        linear_probe.train_and_evaluate(small(total_steps=2, num_classes=7), workdir)
+    with pytest.raises(ValueError, match="another run.*num_classes: checkpoint 10 vs config 12"):
+        linear_probe.train_and_evaluate(small(total_steps=2, num_classes=12), workdir)
 
 
 def test_main_reports_a_bad_pretrained_path(tmp_path):

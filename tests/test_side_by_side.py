@@ -27,16 +27,26 @@ def sbs():
 
 def test_tiny_run_prints_both_sides_and_passes_parity(sbs, tmp_path, capsys):
     out_json = tmp_path / "sbs.json"
-    args = ["--models=mae_vit_test", "--batch=4", "--dtype=float32", "--steps=2", "--warmup=1"]
+    args = ["--models=mae_vit_test", "--batch=mae_vit_test=4,default=2", "--dtype=float32",
+            "--steps=2", "--warmup=1", "--variants=attention_impl=xla;scan_layers=true",
+            f"--profile_dir={tmp_path / 'prof'}", "--profile_steps=1"]  # fmt: skip
     assert sbs.main([*args, "--peak_tflops=0.5", f"--json={out_json}"]) == 0
     text = capsys.readouterr().out
     assert "masks identical: PASS" in text
+    # Both variants of our step timed and profiled; the faster one is the one compared.
+    assert "ours [attention_impl=xla]:" in text and "ours [scan_layers=True]:" in text
+    assert text.count("top ") >= 2, text
     for label in ("images/s", "step time median (ms)", "model TFLOP/s", "MFU",
                   "first step, compile (s)", "peak memory (GiB)", "ratio ours/PyTorch",
                   "load average", "transformers"):  # fmt: skip
         assert label in text, (label, text)
     r = json.loads(out_json.read_text())["results"][0]
-    assert r["model"] == "mae_vit_test" and r["parity"]["passed"]
+    assert r["model"] == "mae_vit_test" and r["parity"]["passed"] and r["batch"] == 4
+    tried = r["ours_variants"]
+    assert [v["variant"] for v in tried] == [{"attention_impl": "xla"}, {"scan_layers": True}]
+    assert [v["scan_layers"] for v in tried] == [False, True]
+    assert r["ours"] == max(tried, key=lambda v: v["images_per_sec"])
+    assert all(v["top_ops"] and os.path.exists(v["profile_trace"]) for v in tried)
     assert r["parity"]["relative_diff"] <= r["parity"]["tolerance"]
     ours, theirs = r["ours"], r["pytorch"]
     for side in (ours, theirs):
@@ -72,9 +82,35 @@ def test_parity_failure_exits_1_before_timing(sbs, capsys, monkeypatch):
         (["--dtype=float16"], "--dtype 'float16' is not one of"),
         (["--steps=0"], "--steps must be >= 1"),
         (["--parity_tol=0"], "--parity_tol must be positive"),
+        (["--variants=heads=3"], "'heads' is not a model key"),
+        (["--variants=attention_impl"], "'attention_impl' is not KEY=VALUE"),
+        (["--batch=vit_base=0"], "--batch must be positive"),
     ],
 )
 def test_bad_arguments_are_named(sbs, argv, match, capsys):
     with pytest.raises(SystemExit) as e:
         sbs.main(argv)
     assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_top_ops_sums_the_device_kernels_of_a_trace(tmp_path):
+    """`profiler.top_ops` reads a perfetto trace: the device processes' events summed by name,
+    largest first; the host's events are left out when a device process exists."""
+    import gzip
+
+    from mae_jax import profiler
+
+    def x(pid, name, dur):
+        return {"ph": "X", "pid": pid, "tid": 1, "ts": 0, "dur": dur, "name": name}
+
+    meta = [{"ph": "M", "pid": p, "name": "process_name", "args": {"name": n}}
+            for p, n in ((1, "/host:CPU"), (2, "/device:GPU:0"))]  # fmt: skip
+    events = meta + [x(1, "PjitFunction(train)", 9000), x(2, "gemm", 300), x(2, "sdpa", 500),
+                     x(2, "gemm", 400), x(2, "fusion", 100)]  # fmt: skip
+    path = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    where, rows = profiler.top_ops(str(path), n=2)
+    assert where == ["/device:GPU:0"]
+    assert [(r["name"], r["count"]) for r in rows] == [("gemm", 2), ("sdpa", 1)]
+    assert rows[0]["total_ms"] == pytest.approx(0.7) and rows[0]["share"] == pytest.approx(7 / 13)

@@ -199,11 +199,7 @@ def build_model(converted: Converted, name_or_config: Any, *, seed: int = 0) -> 
     """Our model holding `converted`'s weights (parts it lacks: initialized from `seed`)."""
     config = resolve(name_or_config)
     model = create(config, seed=seed)
-    state = nnx.state(model, nnx.Param)
-    pure = nnx.to_pure_dict(state)
-    mapping.assign(pure, layout.like(converted.params, pure))  # stacked when the model scans
-    nnx.replace_by_pure_dict(state, pure)
-    nnx.update(model, state)
+    mapping.set_weights(model, converted.params)
     for name, table in converted.pos_tables.items():
         var = getattr(model, name)
         var.set_value(jnp.asarray(table, dtype=var.get_value().dtype))

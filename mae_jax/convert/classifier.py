@@ -208,14 +208,17 @@ def read_classifier(state_dict_or_path: Any, name_or_config: Any) -> ConvertedCl
 def build_classifier(converted: ConvertedClassifier, name_or_config: Any) -> ViTClassifier:
     """Our classifier holding `converted`'s weights, statistics and position table."""
     config = resolve(name_or_config)
-    model = from_head(config, converted.head)
-    state = nnx.state(model, _STATE)
-    pure = nnx.to_pure_dict(state)
-    mapping.assign(pure, layout.like(converted.tree, pure))  # stacked when the model scans
-    nnx.replace_by_pure_dict(state, pure)
-    nnx.update(model, state)
-    var = model.pos_embed
-    var.set_value(jnp.asarray(converted.pos_embed, dtype=var.get_value().dtype))
+    return set_classifier(from_head(config, converted.head), converted.tree, converted.pos_embed)
+
+
+def set_classifier(model: ViTClassifier, tree: Mapping, pos_embed=None) -> ViTClassifier:
+    """`model` holding a classifier tree (Params and BatchNorm statistics, either block layout)
+    and, when given, a position table `[1, 1+L, D]` (resized to `model`'s grid); in place."""
+    mapping.set_weights(model, tree, _STATE)
+    if pos_embed is not None:
+        var = model.pos_embed
+        table = posembed.resize_pos_embed(np.asarray(pos_embed, np.float32), model.config.grid_size)
+        var.set_value(jnp.asarray(table, dtype=var.get_value().dtype))
     return model
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from mae_jax import ops
+from mae_jax.models import layout
 from mae_jax.models.config import MAEConfig
 
 FORMATS = ("official", "timm", "hf")
@@ -205,6 +206,17 @@ def assign(target: dict, source: Mapping, path: tuple = ()) -> None:
                 f"does not fit {tuple(old.shape)}"
             )
         target[key] = jnp.asarray(value, dtype=old.dtype)
+
+
+def set_weights(model, tree: Mapping, what=nnx.Param) -> None:
+    """Write `tree` (nested dict of arrays, blocks per block or stacked) into `model`'s
+    variables selected by the filter `what`, in place (see `assign`); variables the tree lacks
+    keep their values."""
+    state = nnx.state(model, what)
+    pure = nnx.to_pure_dict(state)
+    assign(pure, layout.like(tree, pure))  # stacked when the model scans
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
 
 
 # ----------------------------------------------------------------------------- ours -> torch

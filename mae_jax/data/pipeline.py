@@ -10,9 +10,9 @@ Public API:
       one pass, yields {'image', 'label', 'mask' bool [B/P]} (resize + center crop);
       the last batch is padded, `mask` marks real examples.
   dataset_info(cfg) -> DatasetInfo(num_train_examples, num_eval_examples, num_classes)
-  describe_source(cfg) -> str: the training split in words, as errors name it
+  describe_source(cfg, split=None) -> str: a split (default: train) in words, as errors name it
   InputError (a ValueError): the data cannot be read (see below).
-  Interrupted: `should_stop()` returned True while waiting for data.
+  Interrupted: `should_stop()` returned True (waiting for data, or before an eval batch).
 
 Stream model. Each process p of P reads its own shard of n examples (disjoint
 shards covering the split). Its stream is epoch 0, epoch 1, ... back to back,
@@ -37,7 +37,8 @@ first few batches, then summarized every `_LOG_SKIPS_EVERY` such batches. More
 than `cfg.max_consecutive_bad` unreadable examples in a row (across batches)
 raise `InputError`: the data set is broken, not merely dirty. While batches
 are being dropped the iterator calls `should_stop()` (if given) between them
-and raises `Interrupted` when it returns True (e.g. after a SIGTERM).
+and raises `Interrupted` when it returns True (e.g. after a SIGTERM); a one-pass
+(eval) iterator calls it before every batch, so a long pass stops within a batch.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ CLOSE_WAIT_S = 2.0
 
 
 class Interrupted(Exception):
-    """`should_stop()` returned True while the iterator was waiting for data."""
+    """`should_stop()` returned True while waiting for data, or before a batch of a one-pass
+    iterator (a stop was asked for, e.g. by a SIGTERM)."""
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -148,11 +150,11 @@ def dataset_info(cfg) -> DatasetInfo:
     return make_source(cfg).info(str(cfg.train_split), str(cfg.eval_split))
 
 
-def describe_source(cfg) -> str:
-    """The configured training split in words, as errors name it (e.g. "split 'train' of
-    image folder '/data/train'")."""
+def describe_source(cfg, split: str | None = None) -> str:
+    """A split (default: the training split) in words, as errors name it (e.g. "split
+    'train' of image folder '/data/train'")."""
     cfg = _resolve(cfg)
-    return make_source(cfg).describe(str(cfg.train_split))
+    return make_source(cfg).describe(str(cfg.train_split if split is None else split))
 
 
 def _process_layout(global_batch_size: int, process_index, process_count):
@@ -294,8 +296,9 @@ class DataIterator:
 
     More than `max_consecutive_bad` unreadable examples in a row raise
     `InputError` naming `source` (a description of the data). Between dropped
-    batches (no readable example) `should_stop()` is called, if given; True
-    raises `Interrupted`.
+    batches (no readable example), and before every batch of a one-pass iterator
+    (`total_batches` set), `should_stop()` is called, if given; True raises
+    `Interrupted`.
     """
 
     GUARDED_WINDOW = 64
@@ -379,6 +382,10 @@ class DataIterator:
 
     def __next__(self) -> dict[str, np.ndarray]:
         while True:
+            if self._total is not None and self._should_stop is not None and self._should_stop():
+                raise Interrupted(
+                    f"{self._name}: stopped at batch {self.position} of {self._total}"
+                )
             batch = self._next_raw()
             ok = batch.pop("ok")
             if ok.all():  # the common case: nothing else to do
@@ -626,13 +633,16 @@ def create_eval_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     split: str | None = None,
+    *,
+    should_stop: Callable[[], bool] | None = None,
 ) -> DataIterator:
     """One pass over `split` (default cfg.eval_split), fixed order.
 
     Yields {'image': float32 [B/P, S, S, 3], 'label': int32 [B/P],
     'mask': bool [B/P]}: shorter side resized to int(S / cfg.eval_crop_fraction)
     (bicubic), center crop S. Every process yields the same number of batches
-    (`len(it)`); padding and unreadable images have mask False.
+    (`len(it)`); padding and unreadable images have mask False. `should_stop()`
+    is polled before every batch; True raises `Interrupted`.
     """
     tf = tf_module()
     cfg = _resolve(cfg)
@@ -713,4 +723,5 @@ def create_eval_iterator(
         name="eval",
         max_consecutive_bad=cfg.max_consecutive_bad,
         source=source.describe(split),
+        should_stop=should_stop,
     )

@@ -30,7 +30,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mae_jax import sharding as shd
 from mae_jax import train
 from mae_jax.data import pipeline
 from mae_jax.evaluate import knn
@@ -105,40 +104,51 @@ def feature_step(state: dict, batch: dict, *, graphdef, rest, global_pool: bool)
     return {"features": features, "label": batch["label"], "mask": batch["mask"]}
 
 
-def collect(fns, state: dict, data_config, split: str, limit: int, batch_size: int, mesh):
+def collect(
+    fns, state: dict, data_config, split: str, limit: int, batch_size: int, mesh, should_stop=None
+):
     """`(features [N, D] float32, labels [N] int32)` of the first `limit` examples of `split`
-    (see the module docstring), the same on every process (all must call this together)."""
-    p, pc = jax.process_index(), jax.process_count()
-    data = pipeline.create_eval_iterator(data_config, global_batch_size=batch_size, split=split)
-    local = batch_size // pc
-    num_batches = min(len(data), math.ceil(math.ceil(limit / pc) / local))
-    features, labels = [], []
+    (see the module docstring), the same on every process (all must call this together).
+    `should_stop()` is polled before every batch; True raises `pipeline.Interrupted`."""
+    from mae_jax import features as feats  # noqa: PLC0415 - the shared extraction loop
+
+    data = pipeline.create_eval_iterator(
+        data_config, global_batch_size=batch_size, split=split, should_stop=should_stop
+    )
+    batches = ({k: b[k] for k in ("image", "label", "mask")} for b in data)
     try:
-        for i in range(num_batches):
-            batch = next(data)
-            index = i * local + np.arange(local)
-            keep = np.asarray(batch["mask"], bool) & (index * pc + p < limit)
-            host = {"image": batch["image"], "label": batch["label"], "mask": keep}
-            out = shd.process_local(fns.evaluate(state, shd.global_batch(host, mesh)))
-            mask = np.asarray(out["mask"], bool)
-            features.append(np.asarray(out["features"], np.float32)[mask])
-            labels.append(np.asarray(out["label"], np.int32)[mask])
+        out = feats.extract(fns.evaluate, state, batches, mesh, limit=limit)
     finally:
         data.close()
-    if not features or not sum(len(f) for f in features):
+    if not out or not len(out["features"]):
         raise ValueError(f"kNN monitor: no readable example in the first {limit} of {split!r}")
-    return np.concatenate(features), np.concatenate(labels)
+    return np.asarray(out["features"], np.float32), np.asarray(out["label"], np.int32)
 
 
-def evaluate(fns, state: dict, data_config, s: Settings, mesh) -> dict:
+def evaluate(fns, state: dict, data_config, s: Settings, mesh, should_stop=None) -> dict:
     """`{'knn_top1': percent, 'knn_seconds': wall time}` of the state's encoder, plus the
-    bank and query counts (`num_bank`, `num_queries`, real examples only)."""
+    bank and query counts (`num_bank`, `num_queries`, real examples only). `should_stop()` is
+    polled before every batch of both passes; True raises `pipeline.Interrupted`."""
     t0 = time.perf_counter()
     bank, bank_labels = collect(
-        fns, state, data_config, data_config.train_split, s.bank_size, s.batch_size, mesh
+        fns,
+        state,
+        data_config,
+        data_config.train_split,
+        s.bank_size,
+        s.batch_size,
+        mesh,
+        should_stop,
     )
     queries, query_labels = collect(
-        fns, state, data_config, data_config.eval_split, s.num_queries, s.batch_size, mesh
+        fns,
+        state,
+        data_config,
+        data_config.eval_split,
+        s.num_queries,
+        s.batch_size,
+        mesh,
+        should_stop,
     )
     acc = knn.knn_accuracy(
         bank,

@@ -32,9 +32,14 @@ def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
 
 def label_rank(scores: jax.Array, labels: jax.Array) -> jax.Array:
     """Rank of the true class, `[N]` int32: how many classes score strictly higher than it
-    (0 = top-1 correct). `scores [N, C]`, `labels [N]` int."""
-    true = jnp.take_along_axis(scores, labels[:, None].astype(jnp.int32), axis=1)
-    return jnp.sum(scores > true, axis=1).astype(jnp.int32)
+    (0 = top-1 correct). `scores [N, C]`, `labels [N]` int; a label outside `[0, C)` has
+    the largest int32 rank (never a hit, whatever k)."""
+    num_classes = scores.shape[1]
+    labels = labels.astype(jnp.int32)
+    valid = (labels >= 0) & (labels < num_classes)
+    true = jnp.take_along_axis(scores, jnp.clip(labels, 0, num_classes - 1)[:, None], axis=1)
+    rank = jnp.sum(scores > true, axis=1).astype(jnp.int32)
+    return jnp.where(valid, rank, jnp.iinfo(jnp.int32).max)
 
 
 def topk_correct(
@@ -45,7 +50,7 @@ def topk_correct(
     `scores [N, C]` (logits or probabilities); `labels [N]` int or `[N, C]` soft (argmax);
     `mask [N]` (optional, 1 = count, 0 = padding). A sample is top-k correct when fewer than k
     classes score strictly higher than its label (ties count in its favour). k >= C is always
-    correct.
+    correct for a label in `[0, C)`; one outside is never correct.
     """
     ks = _check_ks(ks)
     if scores.ndim != 2:

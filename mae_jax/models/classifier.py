@@ -174,11 +174,12 @@ class ViTClassifier(Encoder):
             return self.fc_norm(pooled.astype(x.dtype)).astype(jnp.float32)
         return self.norm(x[:, 0]).astype(jnp.float32)  # LayerNorm is per token
 
-    def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         """Normalized images `[N, H, W, C]` -> logits `[N, num_classes]` float32.
 
-        `train` turns on drop path (drawn from the `dropout` stream) and, for linear probing,
-        BatchNorm with batch statistics (and running-statistics updates).
+        `train` (default False: inference) turns on drop path (drawn from the `dropout` stream)
+        and, for linear probing, BatchNorm with batch statistics (and running-statistics
+        updates).
         """
         feats = self.features(images, train=train)
         if self.linear_probe:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 from flax import nnx
@@ -209,13 +210,31 @@ def build_eval(model_fn: Callable[[], ViTClassifier], mesh, *, rules=shd.DEFAULT
     )
 
 
-def evaluate(fns: ts.StepFns, state: dict, data_config, batch_size: int, mesh) -> dict:
+def evaluate(
+    fns: ts.StepFns,
+    state: dict,
+    data_config,
+    batch_size: int,
+    mesh,
+    num_classes: int | None = None,
+    should_stop=None,
+) -> dict:
     """Top-1 / top-5 accuracy (percent) and mean cross-entropy over one pass of the eval split
-    (every process reads its own shard; padding is masked out)."""
-    data = pipeline.create_eval_iterator(data_config, global_batch_size=batch_size)
+    (every process reads its own shard; padding is masked out) of a `num_classes` model; a
+    label outside its classes is an error (`check_labels`; None: not checked, such a label is
+    never a hit). `should_stop()` is polled before every batch; True raises
+    `pipeline.Interrupted`."""
+    data = pipeline.create_eval_iterator(
+        data_config, global_batch_size=batch_size, should_stop=should_stop
+    )
+    info = pipeline.dataset_info(data_config)
+    where = pipeline.describe_source(data_config, data_config.eval_split)
     totals: dict[str, float] = {}
     try:
         for batch in data:
+            if num_classes is not None:
+                labels = np.asarray(batch["label"])[np.asarray(batch["mask"], bool)]
+                check_labels(labels, num_classes, info.num_classes if info else None, where)
             arrays = {k: shd.global_batch(batch[k], mesh) for k in ("image", "label", "mask")}
             sums = jax.device_get(fns.evaluate(state, arrays))
             for k, v in sums.items():
@@ -231,6 +250,37 @@ def evaluate(fns: ts.StepFns, state: dict, data_config, batch_size: int, mesh) -
         "loss": totals["loss"] / n,
         "num_examples": int(n),
     }
+
+
+def check_labels(labels, num_classes: int, data_classes: int | None, where: str) -> None:
+    """Refuse class ids outside `[0, num_classes)` (the model's classes) among `labels` (ints,
+    any shape) read from `where`; `data_classes`: what the data set says it has (None: unknown).
+    A cheap host check of every batch (an out-of-range id would read as a zero target in the
+    loss and as a hit in top-k)."""
+    labels = np.asarray(labels)
+    if not labels.size:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low >= 0 and high < num_classes:
+        return
+    has = f"{data_classes} classes" if data_classes else "an unknown number of classes"
+    raise ValueError(
+        f"{where} holds class id {high if high >= num_classes else low}, outside [0, "
+        f"{num_classes}) of the model's {num_classes} classes (the data set says it has "
+        f"{has}); set config.num_classes to the data set's class count"
+    )
+
+
+def check_num_classes(num_classes: int, info, where: str) -> None:
+    """Refuse a model with fewer classes than the data set `info` (`pipeline.dataset_info`)
+    has: its labels would fall outside the model's classes. Checked when a run starts."""
+    data_classes = info.num_classes if info is not None else None
+    if data_classes and num_classes < data_classes:
+        raise ValueError(
+            f"{where} has {num_classes} classes, fewer than the {data_classes} of the data set "
+            f"(labels 0..{data_classes - 1}); set config.num_classes={data_classes} (or leave "
+            f"it unset to take the data set's)"
+        )
 
 
 # ----------------------------------------------------------------------------- pretrained
@@ -309,6 +359,7 @@ def plan(
                 "the data set does not say how many classes it has: set config.num_classes"
             )
     num_classes = train.positive_int("num_classes", num_classes)
+    check_num_classes(num_classes, info, f"config.num_classes={num_classes}")
     if config.eval_every_steps < 0:
         raise ValueError(f"config.eval_every_steps must be >= 0, got {config.eval_every_steps}")
     layers = {}
@@ -415,8 +466,8 @@ def classification_task(
         "schedule": p.run.schedule,
     }
 
-    def run_eval(state, step):
-        r = evaluate(fns, state, config.data, p.eval_batch_size, mesh)
+    def run_eval(state, step, should_stop=None):
+        r = evaluate(fns, state, config.data, p.eval_batch_size, mesh, p.num_classes, should_stop)
         logging.info(
             "%s: step %d: eval top-1 %.2f%%, top-5 %.2f%% on %d examples",
             name,
@@ -427,10 +478,16 @@ def classification_task(
         )
         return r
 
-    def periodic(writer, state, batch, step):
+    info = pipeline.dataset_info(config.data)
+    train_split = pipeline.describe_source(config.data)
+
+    def check_batch(batch):
+        check_labels(batch["label"], p.num_classes, info.num_classes if info else None, train_split)
+
+    def periodic(writer, state, batch, step, should_stop):
         every = config.eval_every_steps
         if every and step % every == 0 and step < p.run.total_steps:
-            r = run_eval(state, step)
+            r = run_eval(state, step, should_stop)
             return {"eval_top1": r["top1"], "eval_top5": r["top5"], "eval_loss": r["loss"]}
         return None
 
@@ -470,4 +527,5 @@ def classification_task(
         milestone_every=p.run.milestone_every,
         periodic=periodic,
         final=final,
+        check_batch=check_batch,
     )

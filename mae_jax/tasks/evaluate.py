@@ -130,6 +130,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train.check_batches(mesh, {"config.eval_batch_size": batch})
     compile_cache.enable(config.get("compilation_cache", compile_cache.AUTO), jax.process_count())
     weights = read_weights(config)
+    cs.check_num_classes(
+        weights.head.num_classes,
+        pipeline.dataset_info(config.data),
+        f"the classifier {weights.source}",
+    )
 
     def model_fn():
         model = from_head(weights.config, weights.head)
@@ -140,7 +145,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     fns = cs.build_eval(model_fn, mesh, rules=shd.rules(config.get("sharding_rules")))
     state = load_state(fns, weights)
-    r = cs.evaluate(fns, state, config.data, batch, mesh)
+    r = cs.evaluate(fns, state, config.data, batch, mesh, weights.head.num_classes)
     results = {
         **r,
         "task": TASK,

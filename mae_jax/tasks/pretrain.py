@@ -259,17 +259,17 @@ def task(config, mesh, resume: train.Resume = None, where: str = "") -> train.Ta
             state = init_from.load(state, fns.state_shardings, source, keys, p.model)
         return state
 
-    def run_knn(state, step):
-        result = knn_monitor.evaluate(fns, state, config.data, p.knn, mesh)
+    def run_knn(state, step, should_stop=None):
+        result = knn_monitor.evaluate(fns, state, config.data, p.knn, mesh, should_stop)
         return knn_monitor.log(result, p.knn, step)
 
-    def periodic(writer, state, batch, step):
+    def periodic(writer, state, batch, step, should_stop):
         every = config.reconstruction_every_steps
-        if every and step % every == 0:
+        if every and step % every == 0 and not should_stop():
             _log_reconstruction(writer, fns, state, batch, p.model, step)
         every = p.knn.every_steps
         if every and step % every == 0 and step < p.run.total_steps:
-            return run_knn(state, step)
+            return run_knn(state, step, should_stop)
         return None
 
     def final(writer, state, step):
