@@ -78,6 +78,21 @@ def call(
     return execute(what)
 
 
+def reporting(run: Callable[[Any], Any]) -> Callable[[Any], int]:
+    """`run(options)` as a command's `execute`: 0, or 1 with one line `error: ...` on stderr
+    for a ValueError or OSError (a bad input file, a missing checkpoint)."""
+
+    def execute(options: Any) -> int:
+        try:
+            run(options)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
+
+    return execute
+
+
 def run_command(
     interpret: Callable[[flags.FlagValues, list[str]], Any],
     execute: Callable[[Any], int],

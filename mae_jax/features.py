@@ -330,20 +330,11 @@ def run(args) -> str:
     return args.output
 
 
-def _run_reporting(args) -> int:
-    try:
-        run(args)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def main(argv: Sequence[str]) -> int:
     """`python -m mae_jax.features ARGV...` in this process; the exit status (0, 1 or 2)."""
-    return cli.call(PROG, define_flags, options, _run_reporting, argv)
+    return cli.call(PROG, define_flags, options, cli.reporting(run), argv)
 
 
 if __name__ == "__main__":
     define_flags(flags.FLAGS)
-    cli.run_command(options, _run_reporting)
+    cli.run_command(options, cli.reporting(run))

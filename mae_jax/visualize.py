@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import types
 import warnings
 from collections.abc import Sequence
@@ -311,21 +310,12 @@ def run(args) -> str:
     return args.output
 
 
-def _run_reporting(args) -> int:
-    try:
-        run(args)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def main(argv: Sequence[str]) -> int:
     """`python -m mae_jax.visualize ARGV...` in this process: `main(["--output", ...])`.
     Returns the exit status: 0, 1 (failed) or 2 (bad command line, one line `error: ...`)."""
-    return cli.call(PROG, define_flags, options, _run_reporting, argv)
+    return cli.call(PROG, define_flags, options, cli.reporting(run), argv)
 
 
 if __name__ == "__main__":
     define_flags(flags.FLAGS)
-    cli.run_command(options, _run_reporting)
+    cli.run_command(options, cli.reporting(run))
