@@ -61,6 +61,19 @@ def info_log():
     yield from _absl_messages(logging.INFO)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_programs():
+    """After each test file: drop JAX's in-memory compiled programs and traces, so the session's
+    memory does not grow file after file (a later file needing one loads it from the cache)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """The workdir of one finished `config_files.tiny_pretrain()` run, trained once per session:
