@@ -22,3 +22,18 @@ def override(config, **dotted):
             target = target[part]
         target[parts[-1]] = value
     return config
+
+
+def tiny_pretrain(**dotted):
+    """The smoke pretraining on the 2-block test model: batch 16, 6 steps without warm-up, a
+    metrics line every 2 steps, checkpoints at 3 and 6, no reconstruction images; `dotted`
+    overrides as in `override`."""
+    c = load_config()
+    c.model.name = "mae_vit_test"
+    c.batch_size = 16
+    c.total_steps = 6
+    c.warmup_steps = 0
+    c.log_every_steps = 2
+    c.checkpoint_every_steps = 3
+    c.reconstruction_every_steps = 0
+    return override(c, **dotted)

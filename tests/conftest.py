@@ -1,5 +1,6 @@
 """Test setup: force the CPU with 8 simulated devices before JAX starts; keep the XLA
-compilation cache of this session in a temporary directory (never the user's home)."""
+compilation cache of this session in a temporary directory (never the user's home), used by
+this process and every process it starts. Tiers and budgets: tests/README.md."""
 
 import atexit
 import os
@@ -15,6 +16,12 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # Read by mae_jax.compile_cache (config.compilation_cache='auto'); subprocesses inherit it.
 os.environ["MAE_JAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="mae_jax_test_xla_cache_")
 atexit.register(shutil.rmtree, os.environ["MAE_JAX_COMPILATION_CACHE"], ignore_errors=True)
+
+from mae_jax import compile_cache  # noqa: E402
+
+# On for this process too, not only for the training runs that enable it: a program that many
+# tests compile (the tiny model's step, its forward) is compiled once and loaded after that.
+compile_cache.enable(compile_cache.AUTO)
 
 
 import logging  # noqa: E402
@@ -52,3 +59,35 @@ def warnings_log():
 def info_log():
     """The absl INFO (and higher) messages logged during the test."""
     yield from _absl_messages(logging.INFO)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_programs():
+    """After each test file: drop JAX's in-memory compiled programs and traces, so the session's
+    memory does not grow file after file (a later file needing one loads it from the cache)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The workdir of one finished `config_files.tiny_pretrain()` run, trained once per session:
+    read it, never write to it (copy it with `copy_tiny_run`)."""
+    from config_files import tiny_pretrain
+
+    from mae_jax.tasks import pretrain
+
+    workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
+    pretrain.train_and_evaluate(tiny_pretrain(), workdir)
+    return workdir
+
+
+@pytest.fixture
+def copy_tiny_run(tiny_run, tmp_path):
+    """A copy of `tiny_run` in this test's tmp_path, to resume, extend or damage."""
+    return shutil.copytree(tiny_run, str(tmp_path / "run"), symlinks=True)

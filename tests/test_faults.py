@@ -353,7 +353,7 @@ def test_a_second_sigterm_during_the_save_leaves_a_usable_workdir(tmp_path, spaw
 def test_export_in_a_loop_while_the_trainer_saves_every_step(tmp_path, spawn, env):
     torch = pytest.importorskip("torch")
     wd = tmp_path / "wd"
-    total = 60
+    total = 30  # saves for about as long as three exports take (the first starts at once)
     trainer = spawn.train(
         "train", wd, total_steps=total, checkpoint_every_steps=1, keep_checkpoints=2
     )

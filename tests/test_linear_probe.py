@@ -179,8 +179,13 @@ def test_main_reports_a_bad_pretrained_path(tmp_path):
 
 @pytest.mark.slow
 def test_pretrained_encoder_beats_its_random_initialization(tmp_path):
-    """configs/smoke.py pretraining (150 steps), then configs/linprobe_smoke.py on the pretrained
-    encoder and on the same encoder at its initialization (the pretraining's step-0 weights)."""
+    """configs/smoke.py pretraining (150 steps), then a short probe of the pretrained encoder
+    and of the same encoder at its initialization (the pretraining's step-0 weights).
+
+    The probe is configs/linprobe_smoke.py with AdamW (lr 0.01, no weight decay) for 4 epochs
+    instead of LARS for 20: LARS steps are relative to each weight's norm and need the 20 to
+    converge (after 2 or 5 LARS epochs the random encoder still scored higher), AdamW separates
+    the two in a fifth of the steps."""
 
     pre_config = load_config("configs/smoke.py")
     pre_config.reconstruction_every_steps = 0
@@ -194,6 +199,8 @@ def test_pretrained_encoder_beats_its_random_initialization(tmp_path):
     for name, source in (("pretrained", pre), ("random", init)):
         config = load_config("configs/linprobe_smoke.py")
         config.init_from.path = source
+        config.optim.name, config.optim.lr, config.optim.weight_decay = "adamw", 0.01, 0.0
+        config.epochs, config.warmup_epochs = 4, 2
         workdir = str(tmp_path / f"probe_{name}")
         linear_probe.train_and_evaluate(config, workdir)
         accuracy[name] = wdir.read_results(workdir)["top1"]
@@ -201,5 +208,6 @@ def test_pretrained_encoder_beats_its_random_initialization(tmp_path):
         f"linear probe top-1: pretrained {accuracy['pretrained']:.2f}%, "
         f"random init {accuracy['random']:.2f}%"
     )
-    # measured: pretrained 73-75%, random 67-68% (a margin of 6.3-7.2 points over 3 seeds)
+    # measured: pretrained 73.8% vs random 68.5% (seed 0), 73.8% vs 62.3% (seed 1); 3 epochs
+    # of seed 1: 70.7% vs 61.7%. The 20-epoch LARS recipe: 73-75% vs 67-68% over 3 seeds.
     assert accuracy["pretrained"] >= accuracy["random"] + 3.0, accuracy

@@ -1,6 +1,7 @@
 """The NNX MAE model: presets, parameter counts, forward semantics, gradients, bad input."""
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -144,7 +145,7 @@ def test_gradients_reach_every_param_and_no_pos_embed():
     def loss_fn(p):
         return nnx.merge(graphdef, p, rest)(images, noise=noise).loss
 
-    grads = jax.grad(loss_fn)(params)
+    grads = jax.jit(jax.grad(loss_fn))(params)
     flat = nnx.to_flat_state(grads)
     assert len(flat) == len(nnx.to_flat_state(params))
     for path, g in flat:
@@ -165,12 +166,18 @@ def _loss_and_grads(model, images, noise):
     return f(params)
 
 
+@functools.cache
+def _remat_inputs_and_reference():
+    """The inputs, and the loss and gradients of the plain model (computed once per session)."""
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    noise = jax.random.uniform(jax.random.key(1), (2, 16))
+    return images, noise, _loss_and_grads(models.create("mae_vit_test", seed=0), images, noise)
+
+
 @pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("remat", ["none", "full", "dots_no_batch", "dots"])
 def test_remat_policies_and_scanned_layers_give_same_loss_and_grads(scan, remat):
-    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-    noise = jax.random.uniform(jax.random.key(1), (2, 16))
-    base = _loss_and_grads(models.create("mae_vit_test", seed=0), images, noise)
+    images, noise, base = _remat_inputs_and_reference()
     m = models.create("mae_vit_test", seed=0, remat=remat, scan_layers=scan)
     loss, grads = _loss_and_grads(m, images, noise)
     np.testing.assert_allclose(loss, base[0], rtol=1e-6)
@@ -244,8 +251,8 @@ def test_padded_attention_equals_unpadded_forward_and_gradients(tokens):
         assert out.shape == shape
         return jnp.sum(out * cot)
 
-    want = jax.value_and_grad(plain, argnums=(0, 1, 2))(q, k, v)
-    got = jax.value_and_grad(padded, argnums=(0, 1, 2))(q, k, v)
+    want = jax.jit(jax.value_and_grad(plain, argnums=(0, 1, 2)))(q, k, v)
+    got = jax.jit(jax.value_and_grad(padded, argnums=(0, 1, 2)))(q, k, v)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     for a, b in zip(got[1], want[1]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -259,24 +266,30 @@ def test_automatic_attention_is_xla_off_gpu():
     )
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(OFFICIAL_TRAINABLE))
 def test_paper_presets_forward_under_jit_in_bf16(name):
-    m = models.create(name, dtype="bfloat16", norm_pix_loss=True)
-    assert m.blocks[0].attn.qkv.kernel.get_value().dtype == jnp.float32  # fp32 storage
-    graphdef, state = nnx.split(m)
-
-    @jax.jit
-    def forward(state, images, noise):
-        out = nnx.merge(graphdef, state)(images, noise=noise)
-        return out.loss, out.pred
-
-    size = m.config.img_size
+    """At full depth abstractly (dtypes and shapes; the real ViT-H takes 2.6 GB of parameters
+    alone), then for real with each preset's widths, heads, patch and image size on 2 encoder
+    blocks and 1 decoder block: finite bf16 compute, fp32 storage and outputs."""
+    full = nnx.eval_shape(lambda: models.create(name, dtype="bfloat16", norm_pix_loss=True))
+    m = models.create(name, dtype="bfloat16", norm_pix_loss=True, depth=2, decoder_depth=1)
+    cfg = m.config
+    size, n = cfg.img_size, cfg.num_patches
     images = jax.random.normal(jax.random.key(0), (1, size, size, 3))
-    noise = jax.random.uniform(jax.random.key(1), (1, m.config.num_patches))
-    loss, pred = forward(state, images, noise)
+    noise = jax.random.uniform(jax.random.key(1), (1, n))
+    for model in (full, m):
+        assert model.blocks[0].attn.qkv.kernel.get_value().dtype == jnp.float32  # fp32 storage
+        graphdef, state = nnx.split(model)
+
+        def forward(state, images, noise, graphdef=graphdef):
+            out = nnx.merge(graphdef, state)(images, noise=noise)
+            return out.loss, out.pred
+
+        run = jax.eval_shape if model is full else lambda f, *a: jax.jit(f)(*a)
+        loss, pred = run(forward, state, images, noise)
+        assert loss.shape == () and pred.dtype == jnp.float32
+        assert pred.shape == (1, n, cfg.patch_dim)
     assert np.isfinite(float(loss)) and 0.1 < float(loss) < 10
-    assert pred.dtype == jnp.float32 and pred.shape == (1, m.config.num_patches, m.config.patch_dim)
 
 
 @pytest.mark.parametrize(

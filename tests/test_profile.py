@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from config_files import ROOT
-from test_train import small
+from config_files import tiny_pretrain as small
 
 from mae_jax import profiler
 from mae_jax.tasks import pretrain

@@ -10,24 +10,13 @@ import time
 import jax
 import numpy as np
 import pytest
-from config_files import ROOT, load_config, override
+from config_files import ROOT, load_config
+from config_files import tiny_pretrain as small
 from flax import nnx
 
 from mae_jax import models, optim, train
 from mae_jax import sharding as shd
 from mae_jax.tasks import pretrain
-
-
-def small(**kw):
-    c = load_config()
-    c.model.name = "mae_vit_test"
-    c.batch_size = 16
-    c.total_steps = 6
-    c.warmup_steps = 0  # as the tests were written: no warm-up in 6 steps
-    c.log_every_steps = 2
-    c.checkpoint_every_steps = 3
-    c.reconstruction_every_steps = 0
-    return override(c, **kw)
 
 
 def _optim_config(batch=16):
@@ -108,9 +97,8 @@ def _metrics(workdir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def test_training_loop_writes_metrics_config_and_checkpoints(tmp_path):
-    workdir = str(tmp_path / "run")
-    pretrain.train_and_evaluate(small(), workdir)
+def test_training_loop_writes_metrics_config_and_checkpoints(copy_tiny_run):
+    workdir = copy_tiny_run  # small() trained
     rows = _metrics(workdir)
     assert [r["step"] for r in rows] == [1, 2, 4, 6]
     for r in rows:
@@ -147,10 +135,9 @@ def test_extending_a_run_continues_its_learning_rate(tmp_path):
     assert history[0]["replaced_at_step"] == 4 and history[0]["config"]["total_steps"] == 4
 
 
-def test_resuming_with_another_param_dtype_warns_naming_both(tmp_path, warnings_log):
-    workdir = str(tmp_path / "run")
-    pretrain.train_and_evaluate(small(total_steps=3), workdir)
-    pretrain.train_and_evaluate(small(**{"model.param_dtype": "bfloat16"}), workdir)
+def test_resuming_with_another_param_dtype_warns_naming_both(copy_tiny_run, warnings_log):
+    config = small(total_steps=7, **{"model.param_dtype": "bfloat16"})
+    pretrain.train_and_evaluate(config, copy_tiny_run)
     assert any("param_dtype float32" in m and "bfloat16" in m for m in warnings_log)
 
 
@@ -265,11 +252,10 @@ def test_pretraining_starts_from_imported_weights_and_readers_of_a_real_run(tmp_
     assert step == 2 and model.config.name == "mae_vit_test"
 
 
-def test_resume_continues_like_an_uninterrupted_run(tmp_path):
+def test_resume_continues_like_an_uninterrupted_run(copy_tiny_run):
     import shutil
 
-    workdir = str(tmp_path / "run")
-    pretrain.train_and_evaluate(small(), workdir)
+    workdir = copy_tiny_run  # small() trained
     expected = {r["step"]: r["loss"] for r in _metrics(workdir)}
     # as if the run had died after its step-3 checkpoint: drop the later checkpoint
     shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
@@ -281,15 +267,14 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_resumes_and_is_read_across_block_layouts(tmp_path):
+def test_a_run_resumes_and_is_read_across_block_layouts(copy_tiny_run):
     # A per-block checkpoint resumes into a scanned model (stacked blocks) and the stacked
     # checkpoints it writes are read back per block by the readers (export, init_from).
     import shutil
 
     from mae_jax import init_from
 
-    workdir = str(tmp_path / "run")
-    pretrain.train_and_evaluate(small(), workdir)
+    workdir = copy_tiny_run  # small() trained
     expected = {r["step"]: r["loss"] for r in _metrics(workdir)}
     shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
     pretrain.train_and_evaluate(small(**{"model.scan_layers": True}), workdir)
@@ -324,22 +309,23 @@ def test_unknown_top_level_key_is_rejected(tmp_path):
         pretrain.train_and_evaluate(c, str(tmp_path / "bad"))
 
 
-def test_workdir_with_another_model_is_refused(tmp_path):
-    workdir = str(tmp_path / "run")
-    pretrain.train_and_evaluate(small(total_steps=3), workdir)
+def test_workdir_with_another_model_is_refused(tiny_run):
+    before = sorted(os.listdir(tiny_run))
     with pytest.raises(ValueError, match="holds another model"):
-        pretrain.train_and_evaluate(small(**{"model.name": "mae_vit_tiny_patch4_32"}), workdir)
+        # 7 steps: an extension (a finished run asked for its own length only says so)
+        config = small(total_steps=7, **{"model.name": "mae_vit_tiny_patch4_32"})
+        pretrain.train_and_evaluate(config, tiny_run)
+    assert sorted(os.listdir(tiny_run)) == before
 
 
-def test_nonfinite_loss_stops_with_step_and_last_checkpoint(tmp_path):
-    workdir = str(tmp_path / "run")
-    pretrain.train_and_evaluate(small(total_steps=3), workdir)  # checkpoint at 3
+def test_nonfinite_loss_stops_with_step_and_last_checkpoint(copy_tiny_run):
+    workdir = copy_tiny_run  # small() trained: checkpoints 3 and 6
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
     with pytest.raises(
-        train.TrainingError, match=r"non-finite loss at step 5; .*last good checkpoint is step 3"
+        train.TrainingError, match=r"non-finite loss at step 8; .*last good checkpoint is step 6"
     ):
-        # the rerun continues the finished schedule at its floor, min_lr: make that huge
-        pretrain.train_and_evaluate(small(**{"optim.min_lr": 1e30}), workdir)
+        # the extension continues the finished schedule at its floor, min_lr: make that huge
+        pretrain.train_and_evaluate(small(total_steps=9, **{"optim.min_lr": 1e30}), workdir)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
@@ -352,9 +338,9 @@ def _main_cmd(workdir, *extra):
         f"--workdir={workdir}",
         "--config.model.name=mae_vit_test",
         "--config.batch_size=16",
-        "--config.total_steps=40",
+        "--config.total_steps=16",
         "--config.log_every_steps=1",
-        "--config.checkpoint_every_steps=5",
+        "--config.checkpoint_every_steps=3",
         "--config.reconstruction_every_steps=0",
         *extra,
     ]
@@ -374,7 +360,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
     expected = {r["step"]: r["loss"] for r in _metrics(ref)}
     work = str(tmp_path / "killed")
     rng = np.random.default_rng(0)
-    for attempt in range(2):  # kill twice at random moments after training has started
+    for attempt in range(2):  # kill twice at random moments after a checkpoint
         proc = subprocess.Popen(
             _main_cmd(work),
             env=_env(),
@@ -385,10 +371,10 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
         deadline = time.time() + 120
         while time.time() < deadline:
             path = os.path.join(work, "metrics.jsonl")
-            if os.path.exists(path) and len(open(path).readlines()) >= 8 + 10 * attempt:
+            if os.path.exists(path) and len(open(path).readlines()) >= 4 + 5 * attempt:
                 break
             time.sleep(0.2)
-        time.sleep(float(rng.uniform(0, 1.0)))
+        time.sleep(float(rng.uniform(0, 0.5)))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     subprocess.run(_main_cmd(work), check=True, env=_env(), cwd=ROOT, capture_output=True)
