@@ -18,6 +18,7 @@ from absl import logging as absl_logging
 from ml_collections import config_dict
 
 from mae_jax import config_file
+from mae_jax.data import lazy_tf
 
 USAGE_ERROR = 2  # exit status of a bad command line
 
@@ -318,6 +319,7 @@ def import_tensorflow_quietly() -> None:
     """
     if "tensorflow" in sys.modules:
         return
+    lazy_tf.set_environment()
     min_level = _cpp_min_log_level()
     if min_level <= 0:
         try:

@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 
 from mae_jax import workdir as wd
+from mae_jax.data import lazy_tf
 
 JSONL_NAME = "metrics.jsonl"
 
@@ -195,7 +196,7 @@ class MetricsWriter:
 
     def _open_tensorboard(self):
         try:
-            import tensorflow as tf  # pylint: disable=g-import-not-at-top
+            tf = lazy_tf.tf_module()
         except Exception as e:  # pylint: disable=broad-except
             logging.warning(
                 "TensorBoard disabled (cannot import tensorflow: %s); writing %s only.",

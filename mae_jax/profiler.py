@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 
 from mae_jax import workdir as wdir
+from mae_jax.data import lazy_tf
 
 
 def window(value) -> tuple[int, int] | None:
@@ -112,7 +113,7 @@ class Profiler:
 
 def _copy_tree(src: str, dst: str) -> None:
     """Copies the local directory `src` into `dst` (local or a URI)."""
-    import tensorflow as tf  # noqa: PLC0415 - URIs need TensorFlow's file systems
+    tf = lazy_tf.tf_module()  # URIs need TensorFlow's file systems
 
     for folder, _, files in os.walk(src):
         rel = os.path.relpath(folder, src)

@@ -49,6 +49,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from mae_jax.data import lazy_tf
+
 CHECKPOINTS = "checkpoints"
 DAMAGED = "damaged_checkpoints"
 CONFIG = "config.json"
@@ -117,9 +119,7 @@ def join(root, *parts: str) -> str:
 
 
 def _gfile():
-    import tensorflow as tf  # noqa: PLC0415 - only URIs need TensorFlow's file systems
-
-    return tf.io.gfile
+    return lazy_tf.tf_module().io.gfile  # only URIs need TensorFlow's file systems
 
 
 def exists(path) -> bool:

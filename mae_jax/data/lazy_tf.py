@@ -8,11 +8,22 @@ every GPU from TensorFlow so it never grabs accelerator memory next to JAX.
 from __future__ import annotations
 
 import functools
+import os
+
+
+def set_environment() -> None:
+    """Environment for TensorFlow, set before it is imported: its oneDNN kernels off (unless the
+    user set `TF_ENABLE_ONEDNN_OPTS`). Our input pipeline gains nothing from them, TensorFlow
+    says they may round differently from its default kernels, and on some CPUs they log
+    "oneDNN supports DT_UINT8 only on platforms with AVX-512" at ERROR level during training
+    (seen on a CPU with AVX-512) before falling back to those default kernels anyway."""
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 @functools.cache
 def tf_module():
     """Returns the `tensorflow` module, CPU-only."""
+    set_environment()
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
     try:

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import math
 
+from mae_jax.data import lazy_tf
+
 OP_NAMES = (
     "AutoContrast",
     "Equalize",
@@ -57,9 +59,7 @@ INTERPOLATIONS = ("bicubic", "bilinear")
 
 
 def _tf():
-    import tensorflow as tf
-
-    return tf
+    return lazy_tf.tf_module()
 
 
 def _check_uint8_image(image):

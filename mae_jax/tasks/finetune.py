@@ -21,7 +21,7 @@ import ml_collections
 from flax import nnx
 
 from mae_jax import flops, train
-from mae_jax.data import augment
+from mae_jax.data import augment, lazy_tf
 from mae_jax.data.mixup import mixup_cutmix, smooth_one_hot
 from mae_jax.models.classifier import FINETUNE_HEAD_STD, Head, ViTClassifier
 from mae_jax.tasks import classify as cs
@@ -105,8 +105,7 @@ def make_augment_fn(rand_augment: str | None, reprob: float):
     from mae_jax.data import randaugment
 
     def augment_fn(image, seed):
-        import tensorflow as tf
-
+        tf = lazy_tf.tf_module()
         s_ra, s_erase = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
         if ra is not None:
             pixels = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
