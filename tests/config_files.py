@@ -37,3 +37,22 @@ def tiny_pretrain(**dotted):
     c.checkpoint_every_steps = 3
     c.reconstruction_every_steps = 0
     return override(c, **dotted)
+
+
+def main_command(workdir, *overrides):
+    """`python -u -m mae_jax.main` on configs/smoke.py with the 2-block test model at batch 16
+    and no reconstruction images, plus `overrides` (`--config.KEY=VALUE`, later ones win)."""
+    import sys
+
+    return [
+        sys.executable,
+        "-u",
+        "-m",
+        "mae_jax.main",
+        f"--config={ROOT}/configs/smoke.py",
+        f"--workdir={workdir}",
+        "--config.model.name=mae_vit_test",
+        "--config.batch_size=16",
+        "--config.reconstruction_every_steps=0",
+        *overrides,
+    ]

@@ -4,13 +4,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
-from config_files import ROOT, load_config
+from config_files import ROOT, load_config, main_command
 from config_files import tiny_pretrain as small
 from flax import nnx
 
@@ -330,20 +329,8 @@ def test_nonfinite_loss_stops_with_step_and_last_checkpoint(copy_tiny_run):
 
 
 def _main_cmd(workdir, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "mae_jax.main",
-        f"--config={ROOT}/configs/smoke.py",
-        f"--workdir={workdir}",
-        "--config.model.name=mae_vit_test",
-        "--config.batch_size=16",
-        "--config.total_steps=16",
-        "--config.log_every_steps=1",
-        "--config.checkpoint_every_steps=3",
-        "--config.reconstruction_every_steps=0",
-        *extra,
-    ]
+    steps = ("--config.total_steps=16", "--config.log_every_steps=1")
+    return main_command(workdir, *steps, "--config.checkpoint_every_steps=3", *extra)
 
 
 def _env():

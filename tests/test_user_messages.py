@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from config_files import ROOT, load_config, override
+from config_files import ROOT, main_command, tiny_pretrain
 from flax import nnx
 
 from mae_jax import models
@@ -23,15 +23,7 @@ from mae_jax.tasks import pretrain
 
 
 def small(**kw):
-    c = load_config()
-    c.model.name = "mae_vit_test"
-    c.batch_size = 16
-    c.total_steps = 2
-    c.warmup_steps = 0
-    c.log_every_steps = 1
-    c.checkpoint_every_steps = 2
-    c.reconstruction_every_steps = 0
-    return override(c, **kw)
+    return tiny_pretrain(total_steps=2, log_every_steps=1, checkpoint_every_steps=2, **kw)
 
 
 def _weights(path, name, **meta):
@@ -106,20 +98,10 @@ def test_pretraining_takes_the_encoder_of_a_global_pool_finetuned_pth(tmp_path):
 
 # ------------------------------------------------------------------ item 8: exit delays
 def _main_cmd(workdir, *extra):
-    return [
-        sys.executable,
-        "-u",
-        "-m",
-        "mae_jax.main",
-        f"--config={ROOT}/configs/smoke.py",
-        f"--workdir={workdir}",
-        "--config.model.name=mae_vit_test",
-        "--config.batch_size=16",
-        "--config.total_steps=4",
-        "--config.reconstruction_every_steps=0",
-        "--config.compilation_cache=none",  # the step compiles in full, as on a first run
-        *extra,
-    ]
+    # compilation_cache=none: the step compiles in full, as on a first run
+    return main_command(
+        workdir, "--config.total_steps=4", "--config.compilation_cache=none", *extra
+    )
 
 
 def _env():
