@@ -3,8 +3,11 @@
 #   bash benchmarks/h200.sh OUT_DIR MODELS BATCHES [extra side_by_side.py arguments]
 # e.g. bash benchmarks/h200.sh out vit_base,vit_large vit_base=256,vit_large=256 \
 #          --variants 'attention_impl=cudnn;attention_impl=xla' --profile_dir out/prof
-# The machine has jax/torch/transformers but not ml_collections (nor TensorFlow, which the
-# benchmark never imports): wheels in .whl/ (flax 0.12.8, ml_collections 1.1.0) go to /tmp/site.
+# The machine has jax 0.11.2, flax 0.12.10, torch and transformers but not ml_collections (nor
+# TensorFlow, which the benchmark never imports). Bring its wheel (and no flax: 0.12.8 does not
+# import under jax 0.11.2), ignored by git, into /tmp/site there:
+#   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: \
+#       --python-version 3.12 --implementation cp -d .whl ml-collections==1.1.0
 set -uo pipefail
 out=$1 models=$2 batches=$3
 shift 3
