@@ -422,8 +422,6 @@ def compare(name: str, args, device, variants: list[dict]) -> dict:
     if not done:
         raise RuntimeError(f"{preset}: every variant of our step failed: {tried}")
     ours = max(done, key=lambda r: r["images_per_sec"])
-    del prepared
-    gc.collect()
     compile_ = args.compile if args.compile is not None else tdev.type == "cuda"
     theirs = run_torch(
         model,
