@@ -17,7 +17,7 @@ Features `[N, D]` float32: an MAE's encoder on all patches, the cls token after 
 tokens (`--pool mean`); a classifier's own pooled feature (what its head reads: `fc_norm` of the
 patch mean, or the normed cls token), so `--pool` must be its pooling. The forward is one jitted
 program over all devices, the batch sharded on the `data` axis, as the kNN monitor's
-(`extract`, shared with it); every process reads its own rows.
+(`sharding.collect`, shared with it); every process reads its own rows.
 
 The `.npz` holds `features [N, D]`, `names [N]` (paths relative to the directory, or as the glob
 matched; `split[index]` with `--config`), `labels [N]` (with `--config`), `skipped` (files that
@@ -34,7 +34,7 @@ import re
 import sys
 import time
 import types
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -84,47 +84,6 @@ def program(model, mesh, pool: str):
     return jax.jit(run, out_shardings=shd.replicated(mesh)), state
 
 
-def extract(
-    run: Callable,
-    state,
-    batches: Iterable[dict],
-    mesh,
-    *,
-    limit: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> dict[str, np.ndarray]:
-    """Run the sharded feature program `run(state, global batch)` over host-local batches
-    `{'image', 'mask', ...}` (this process's rows: its j-th row is example `j * P + p` of P
-    processes) and gather the outputs of the real examples (`mask`, and index < `limit`) on
-    every process, in batch order: `{'features' [N, D], ..., 'index' [N]}` (all must call this
-    together; the batches stop being read past `limit`). `progress(examples kept, batches
-    done)` after each batch."""
-    p, pc = jax.process_index(), jax.process_count()
-    parts: dict[str, list] = {}
-    done = 0
-    for i, batch in enumerate(batches):
-        local = len(batch["mask"])
-        index = (i * local + np.arange(local)) * pc + p
-        keep = np.asarray(batch["mask"], bool) & (index < (limit if limit is not None else np.inf))
-        host = {**batch, "mask": keep}
-        out = shd.process_local(run(state, shd.global_batch(host, mesh)))
-        rows = np.asarray(out.pop("mask"), bool)
-        # the global batch is the processes' rows, process after process
-        out["index"] = (
-            (i * local + np.arange(local))[None, :] * pc + np.arange(pc)[:, None]
-        ).ravel()
-        for key, value in out.items():
-            parts.setdefault(key, []).append(np.asarray(value)[rows])
-        done += int(rows.sum())
-        if progress is not None:
-            progress(done, i + 1)
-        if limit is not None and (i + 1) * local * pc >= limit:
-            break  # every later example is past the limit
-    if not parts:
-        return {}
-    return {key: np.concatenate(values) for key, values in parts.items()}
-
-
 # ----------------------------------------------------------------------------- images
 def list_images(patterns: Sequence[str]) -> tuple[list[str], list[str]]:
     """`(paths, names)` of the image files under directories (recursively, sorted; names
@@ -157,7 +116,7 @@ def list_images(patterns: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def image_batches(paths: Sequence[str], img_size: int, global_batch: int, skipped: list):
     """Host-local batches `{'image' float32 [B/P, S, S, 3], 'mask' [B/P]}` of `paths` (this
-    process's rows, see `extract`), eval-cropped; unreadable files are masked out, warned about
+    process's rows, see `sharding.collect`), eval-cropped; unreadable files are masked out, warned about
     and appended to `skipped`."""
     from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
 
@@ -246,7 +205,9 @@ def compute(args) -> dict[str, np.ndarray]:
         data = pipeline.create_eval_iterator(data_config, global_batch_size=batch, split=split)
         total = min(x for x in (args.limit, size, len(data) * batch) if x is not None)
         try:
-            out = extract(run, state, data, mesh, limit=args.limit, progress=Progress(total, batch))
+            out = shd.collect(
+                run, state, data, mesh, limit=args.limit, progress=Progress(total, batch)
+            )
         finally:
             data.close()
         out["names"] = np.array([f"{split}[{i}]" for i in out["index"]])
@@ -254,7 +215,7 @@ def compute(args) -> dict[str, np.ndarray]:
     else:
         paths, names = list_images(args.images)
         batches = image_batches(paths, loaded.model.config.img_size, batch, skipped)
-        out = extract(run, state, batches, mesh, progress=Progress(len(paths), batch))
+        out = shd.collect(run, state, batches, mesh, progress=Progress(len(paths), batch))
         out["names"] = np.array(names)[out["index"]] if out else np.array([], str)
     out.pop("index", None)
     if "features" not in out or not len(out["features"]):

@@ -10,7 +10,7 @@ not divide stays replicated along it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -154,3 +154,44 @@ def process_local(tree: Any) -> Any:
         return multihost_utils.process_allgather(x, tiled=True)
 
     return jax.tree.map(one, tree)
+
+
+def collect(
+    run: Callable,
+    state,
+    batches: Iterable[dict],
+    mesh,
+    *,
+    limit: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Run the sharded feature program `run(state, global batch)` over host-local batches
+    `{'image', 'mask', ...}` (this process's rows: its j-th row is example `j * P + p` of P
+    processes) and gather the outputs of the real examples (`mask`, and index < `limit`) on
+    every process, in batch order: `{'features' [N, D], ..., 'index' [N]}` (all must call this
+    together; the batches stop being read past `limit`). `progress(examples kept, batches
+    done)` after each batch."""
+    p, pc = jax.process_index(), jax.process_count()
+    parts: dict[str, list] = {}
+    done = 0
+    for i, batch in enumerate(batches):
+        local = len(batch["mask"])
+        index = (i * local + np.arange(local)) * pc + p
+        keep = np.asarray(batch["mask"], bool) & (index < (limit if limit is not None else np.inf))
+        host = {**batch, "mask": keep}
+        out = process_local(run(state, global_batch(host, mesh)))
+        rows = np.asarray(out.pop("mask"), bool)
+        # the global batch is the processes' rows, process after process
+        out["index"] = (
+            (i * local + np.arange(local))[None, :] * pc + np.arange(pc)[:, None]
+        ).ravel()
+        for key, value in out.items():
+            parts.setdefault(key, []).append(np.asarray(value)[rows])
+        done += int(rows.sum())
+        if progress is not None:
+            progress(done, i + 1)
+        if limit is not None and (i + 1) * local * pc >= limit:
+            break  # every later example is past the limit
+    if not parts:
+        return {}
+    return {key: np.concatenate(values) for key, values in parts.items()}

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mae_jax import sharding as shd
 from mae_jax import train
 from mae_jax.data import pipeline
 from mae_jax.evaluate import knn
@@ -110,14 +111,12 @@ def collect(
     """`(features [N, D] float32, labels [N] int32)` of the first `limit` examples of `split`
     (see the module docstring), the same on every process (all must call this together).
     `should_stop()` is polled before every batch; True raises `pipeline.Interrupted`."""
-    from mae_jax import features as feats  # noqa: PLC0415 - the shared extraction loop
-
     data = pipeline.create_eval_iterator(
         data_config, global_batch_size=batch_size, split=split, should_stop=should_stop
     )
     batches = ({k: b[k] for k in ("image", "label", "mask")} for b in data)
     try:
-        out = feats.extract(fns.evaluate, state, batches, mesh, limit=limit)
+        out = shd.collect(fns.evaluate, state, batches, mesh, limit=limit)
     finally:
         data.close()
     if not out or not len(out["features"]):
