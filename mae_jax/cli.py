@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from absl import flags
+from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_dict
 
@@ -101,7 +101,6 @@ def run_command(
     """`python -m ...`: the same command through `app.run` on the global flags (defined by the
     caller's main module, so that `--help` lists them); a bad command line is refused (exit 2)
     before anything runs."""
-    from absl import app  # noqa: PLC0415
 
     def parser(argv: list[str]) -> list[str]:
         args = flags.FLAGS(argv)

@@ -22,6 +22,7 @@ import os
 
 import jax
 from absl import logging
+from jax.experimental.compilation_cache import compilation_cache as cc
 
 from mae_jax import workdir as wdir
 
@@ -115,8 +116,6 @@ def enable(value: str | None = AUTO, process_count: int = 1) -> str | None:
 def _apply(path: str | None) -> None:
     if _applied[0] == path:
         return
-    from jax.experimental.compilation_cache import compilation_cache as cc  # noqa: PLC0415
-
     jax.config.update("jax_enable_compilation_cache", path is not None)
     jax.config.update("jax_compilation_cache_dir", path)
     if path is not None and not wdir.is_remote(path):

@@ -35,15 +35,21 @@ import sys
 import time
 import types
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
 from absl import flags
 from flax import nnx
 
-from mae_jax import cli
+from mae_jax import cli, loader
 from mae_jax import sharding as shd
 from mae_jax.cli import CommandLineError
+from mae_jax.data import augment, pipeline
+from mae_jax.data.lazy_tf import tf_module
+from mae_jax.data.sources import IMAGE_EXTENSIONS
+from mae_jax.evaluate import knn
+from mae_jax.models.classifier import ViTClassifier
 
 POOLS = ("cls", "mean")
 PROG = "python -m mae_jax.features"
@@ -53,9 +59,6 @@ PROG = "python -m mae_jax.features"
 def pooled(model, images, pool: str):
     """`[N, D]` float32 features of normalized images `[N, H, W, C]` (see the module
     docstring): an MAE's cls token or patch mean, a classifier's own pooled feature."""
-    from mae_jax.evaluate import knn  # noqa: PLC0415
-    from mae_jax.models.classifier import ViTClassifier  # noqa: PLC0415
-
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     if isinstance(model, ViTClassifier):
@@ -89,8 +92,6 @@ def list_images(patterns: Sequence[str]) -> tuple[list[str], list[str]]:
     """`(paths, names)` of the image files under directories (recursively, sorted; names
     relative to the directory) or matched by globs (sorted; names as matched), in argument
     order. ValueError when a pattern finds nothing."""
-    from mae_jax.data.sources import IMAGE_EXTENSIONS  # noqa: PLC0415
-
     paths, names = [], []
     for pattern in patterns:
         if os.path.isdir(pattern):
@@ -118,11 +119,6 @@ def image_batches(paths: Sequence[str], img_size: int, global_batch: int, skippe
     """Host-local batches `{'image' float32 [B/P, S, S, 3], 'mask' [B/P]}` of `paths` (this
     process's rows, see `sharding.collect`), eval-cropped; unreadable files are masked out, warned about
     and appended to `skipped`."""
-    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
-
-    from mae_jax.data import augment  # noqa: PLC0415
-    from mae_jax.data.lazy_tf import tf_module  # noqa: PLC0415
-
     tf = tf_module()
     p, pc = jax.process_index(), jax.process_count()
     local = global_batch // pc
@@ -176,8 +172,6 @@ class Progress:
 # ----------------------------------------------------------------------------- command
 def compute(args) -> dict[str, np.ndarray]:
     """The `.npz` contents for the options `args` (see `define_flags`)."""
-    from mae_jax import loader  # noqa: PLC0415
-
     loaded = loader.load(args.checkpoint, step=args.step, model=args.model, attention_impl="xla")
     pool = args.pool or ("mean" if loaded.head is not None and loaded.head.global_pool else "cls")
     mesh = shd.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
@@ -191,8 +185,6 @@ def compute(args) -> dict[str, np.ndarray]:
     print(f"loaded {loaded.describe()}", file=sys.stderr, flush=True)
     skipped: list[str] = []
     if args.config is not None:
-        from mae_jax.data import pipeline  # noqa: PLC0415
-
         data_config = cli.load_config(args.config).data
         split = args.split or data_config.eval_split
         if int(data_config.image_size) != loaded.model.config.img_size:

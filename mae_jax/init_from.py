@@ -23,9 +23,10 @@ from absl import logging
 from flax import nnx
 from ml_collections import config_dict
 
-from mae_jax import models
+from mae_jax import convert, models
 from mae_jax import workdir as wdir
-from mae_jax.models.classifier import ENCODER_KEYS, LINEAR_PROBE_TRAINABLE, Head, from_head
+from mae_jax.convert import files, mapping
+from mae_jax.models.classifier import ENCODER_KEYS
 
 PARTS = ("all", "encoder")
 # The architecture fields that fix the encoder's parameter shapes, and the whole MAE's (the
@@ -102,7 +103,7 @@ def locate(init_from, key: str = "config.init_from") -> Source | None:
             f"{sorted(meta)}); is it an mae-jax checkpoint?"
         )
     model = models.resolve(meta["model"])
-    classifier, lacks = is_classifier(meta), ()
+    classifier, lacks = wdir.is_classifier(meta), ()
     if classifier and _pooled(meta, reader, path, chosen):
         lacks = ("norm",)  # global pooling normalizes with fc_norm instead
     return Source(reader.directory, "workdir", step, model, parts, classifier, lacks)
@@ -111,7 +112,7 @@ def locate(init_from, key: str = "config.init_from") -> Source | None:
 def _pooled(meta: dict, reader: wdir.Reader, path: str, step: int) -> bool:
     """Whether a classifier checkpoint pools globally (False when its meta does not say)."""
     try:
-        return _head(meta, reader, wdir.normalize(path), step).global_pool
+        return wdir.read_head(meta, reader, wdir.normalize(path), step).global_pool
     except ValueError:
         return False
 
@@ -198,9 +199,6 @@ def load(state: dict, shardings: dict, source: Source, keys: tuple[str, ...], mc
 
 
 def _from_pytorch(source: Source, target: dict, mcfg) -> dict:
-    from mae_jax import convert  # noqa: PLC0415 - torch-side code only when asked for
-    from mae_jax.convert import files, mapping  # noqa: PLC0415
-
     loaded = files.load_input(source.path)
     sd = loaded.state_dict
     head = mapping.classifier_head(sd)
@@ -224,137 +222,10 @@ def _from_pytorch(source: Source, target: dict, mcfg) -> dict:
         loaded = dataclasses.replace(loaded, state_dict=sd)
     converted = convert.read_pytorch(loaded, mcfg, strict=False)
     params = models.layout.like(converted.params, target)  # stacked blocks if the model scans
-    out = {}
-    for top, tree in target.items():
+    for top in target:
         if top not in params:
             raise ValueError(
                 f"{source.path} ({mapping.describe(sd, converted.format)}) has no {top!r} "
                 "parameters; take its encoder with config.init_from.parts=encoder"
             )
-
-        def put(leaf, value):
-            value = np.asarray(value, leaf.dtype)
-            if value.shape != leaf.shape:
-                raise ValueError(f"{source.path}: shape {value.shape} does not fit {leaf.shape}")
-            return jax.make_array_from_callback(value.shape, leaf.sharding, lambda i: value[i])
-
-        out[top] = jax.tree.map(put, tree, params[top])
-    return out
-
-
-def checkpoint_meta(reader: wdir.Reader, step: int | None, what: str) -> tuple[int, dict]:
-    """`(step, meta)` of checkpoint `step` (default: the newest with a readable meta), whose
-    meta must say which model it holds (`what`: the kind of checkpoint, for the message)."""
-    if step is None:
-        found = reader.latest_meta()
-        if found is None:
-            raise wdir.WorkdirError(f"there is no finalized checkpoint in {reader.directory}")
-    elif step in reader.steps():
-        found = (step, reader.meta(step))
-    else:
-        raise wdir.WorkdirError(
-            f"there is no checkpoint {step} in {reader.directory}; available: {reader.steps()}"
-        )
-    if "model" not in found[1]:
-        raise wdir.WorkdirError(
-            f"checkpoint {found[0]} in {reader.directory} says nothing of its model (meta keys "
-            f"{sorted(found[1])}); is it an mae-jax {what} checkpoint?"
-        )
-    return found
-
-
-def _same_model(reader: wdir.Reader, step: int, meta: dict):
-    def check(other: dict, s: int):
-        if other.get("model") != meta["model"]:
-            raise wdir.WorkdirError(
-                f"checkpoint {s} in {reader.directory} holds another model than checkpoint {step}"
-            )
-
-    return check
-
-
-def read_mae(path, step: int | None = None, **overrides):
-    """`(step, config, params)` of an MAE workdir's checkpoint `step` (default: the newest
-    intact one), read-only (safe while that run trains): the model config from its meta
-    (`overrides` replace fields, e.g. `img_size`) and only its `params`, as numpy arrays."""
-    from mae_jax.convert.mapping import abstract_params  # noqa: PLC0415
-
-    reader = wdir.Reader(path)
-    found = checkpoint_meta(reader, step, "pretraining")
-    config = models.resolve(found[1]["model"], **overrides)
-    check = _same_model(reader, *found)
-    restored = reader.restore_params(abstract_params(config), step=step, check_meta=check)
-    return restored.step, config, restored.state
-
-
-@dataclasses.dataclass(frozen=True)
-class Classifier:
-    """A classifier checkpoint read to the host (`read_classifier`)."""
-
-    step: int
-    config: models.MAEConfig
-    head: Head
-    tree: dict  # Params and BatchNorm statistics, numpy, the checkpoint's block layout
-    pos_embed: np.ndarray | None  # [1, 1+L, D] when the checkpoint holds its own (imported)
-    meta: dict
-
-
-def is_classifier(meta: dict) -> bool:
-    """Whether a checkpoint meta is a classifier's (fine-tuning, linear probing, or imported)."""
-    return "num_classes" in meta
-
-
-def _head(meta: dict, reader: wdir.Reader, root: str, step: int) -> Head:
-    """The head of a classifier checkpoint; workdirs written before the meta held
-    `global_pool` take it from the run's `config.json`."""
-    where = f"checkpoint {step} in {reader.directory}"
-    if "global_pool" not in meta:
-        config_file = wdir.join(root, wdir.CONFIG)
-        if wdir.exists(config_file):
-            meta = {**meta, "global_pool": wdir.read_json(config_file).get("global_pool")}
-    return Head.from_meta(meta, where)
-
-
-def read_classifier(path, step: int | None = None) -> Classifier:
-    """A classifier workdir's checkpoint `step` (default: the newest intact one), read-only:
-    its model config and head from the meta, and its Params and BatchNorm statistics (the
-    training layout's 'params', 'frozen' and 'batch_stats' entries merged), as numpy arrays."""
-    from mae_jax.convert.classifier import merge_trees  # noqa: PLC0415
-
-    reader = wdir.Reader(path)
-    found, meta = checkpoint_meta(reader, step, "fine-tuning or linear-probing")
-    if not is_classifier(meta):
-        raise wdir.WorkdirError(
-            f"checkpoint {found} in {reader.directory} is not a classifier's (its meta has no "
-            f"num_classes): expected a fine-tuning or linear-probing workdir"
-        )
-    config = models.resolve(meta["model"])
-    head = _head(meta, reader, wdir.normalize(path), found)
-    model = nnx.eval_shape(lambda: from_head(config, head))
-    # The entries as the writer split them: a linear-probing run trains the head only.
-    trained = head.linear_probe and meta.get("kind") != "weights"
-    split = nnx.split(
-        model, LINEAR_PROBE_TRAINABLE if trained else nnx.Param, nnx.Param, nnx.BatchStat, ...
-    )[1:4]
-    target = {
-        name: nnx.to_pure_dict(part)
-        for name, part in zip(("params", "frozen", "batch_stats"), split)
-        if jax.tree.leaves(part)
-    }
-    if meta.get("pos_embed") == "learned":
-        table = model.pos_embed.get_value()
-        target["pos_embed"] = jax.ShapeDtypeStruct(table.shape, table.dtype)
-    restored = reader.restore(
-        target, step=step, partial=True, check_meta=_same_model(reader, found, meta)
-    )
-    parts = restored.state
-    tree = merge_trees(*(parts[k] for k in ("params", "frozen", "batch_stats") if k in parts))
-    pos = parts.get("pos_embed")
-    return Classifier(
-        restored.step,
-        config,
-        head,
-        jax.tree.map(np.asarray, tree),
-        None if pos is None else np.asarray(pos),
-        restored.meta,
-    )
+    return wdir.place(params, target)  # straight into the target's shardings

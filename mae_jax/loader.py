@@ -29,8 +29,10 @@ import os
 
 import ml_collections
 
-from mae_jax import init_from, models
+from mae_jax import convert, init_from, models
 from mae_jax import workdir as wdir
+from mae_jax.convert import classifier as cc
+from mae_jax.convert import files, mapping
 from mae_jax.models.classifier import Head, ViTClassifier, from_head
 
 KINDS = ("mae", "classifier")
@@ -82,27 +84,20 @@ def load(path, *, step: int | None = None, model: str | None = None, **overrides
             f"model={model!r} does not match {source.describe()}, which holds "
             f"{source.model.name!r}; leave model unset for a workdir"
         )
-    from mae_jax.convert import classifier as cc  # noqa: PLC0415 - numpy and jax only
-    from mae_jax.convert import mapping
-
-    _, meta = init_from.checkpoint_meta(wdir.Reader(source.path), step, "mae-jax")
+    _, meta = wdir.checkpoint_meta(wdir.Reader(source.path), step, "mae-jax")
     task = meta.get("task") or meta.get("kind") or "pretrain"
-    if init_from.is_classifier(meta):
-        found = init_from.read_classifier(source.path, step)
+    if wdir.is_classifier(meta):
+        found = wdir.read_classifier(source.path, step)
         config = models.resolve(found.config, **overrides)
         net = cc.set_classifier(from_head(config, found.head), found.tree, found.pos_embed)
         return Loaded(net, "classifier", task, config.name, found.head, found.step, source.path)
-    found_step, config, params = init_from.read_mae(source.path, step, **overrides)
+    found_step, config, params = wdir.read_mae(source.path, step, **overrides)
     net = models.create(config)
     mapping.set_weights(net, params)
     return Loaded(net, "mae", task, config.name, None, found_step, source.path)
 
 
 def _from_file(path: str, config: models.MAEConfig) -> Loaded:
-    from mae_jax import convert  # noqa: PLC0415 - torch-side code only for files
-    from mae_jax.convert import classifier as cc
-    from mae_jax.convert import files, mapping
-
     loaded = files.load_input(path)
     if mapping.classifier_head(loaded.state_dict) is not None:
         converted = cc.read_classifier(loaded, config)

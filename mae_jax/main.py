@@ -18,10 +18,11 @@ import importlib
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
-from mae_jax import cli
+from mae_jax import cli, models, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
@@ -54,8 +55,6 @@ def _on_tpu_pod() -> bool:
 
 
 def init_distributed() -> None:
-    import jax
-
     explicit = _COORDINATOR.value is not None
     mode = _DISTRIBUTED.value
     if mode == "off" or (mode == "auto" and not explicit and not _on_tpu_pod()):
@@ -87,8 +86,6 @@ parse_flags = cli.config_flags_parser()
 def check_model(config) -> None:
     """Refuse an invalid `config.model` (ValueError) before anything is written to the workdir.
     A model without a name (its architecture comes from a checkpoint) is left to the task."""
-    from mae_jax import models
-
     block = config.get("model")
     if not isinstance(block, config_dict.ConfigDict) or not block.get("name"):
         return
@@ -105,8 +102,6 @@ def main(argv):
     cli.quiet_library_logs()
     cli.import_tensorflow_quietly()  # the input pipeline and TensorBoard import it later
     init_distributed()
-    from mae_jax import train
-
     config = _CONFIG.value
     task = config.get("task", "pretrain")
     if task not in TASKS:
@@ -124,8 +119,6 @@ def main(argv):
 
 def interrupted(error: KeyboardInterrupt) -> int:
     """Says how a Ctrl-C ended the process and returns its exit status (130, as a shell's)."""
-    from mae_jax import train
-
     if isinstance(error, train.Stopped):  # the last completed step was saved and announced
         print(error, flush=True)
     else:

@@ -46,9 +46,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
+import jax
 import ml_collections
+import numpy as np
+from jax.sharding import AbstractMesh
 
-from mae_jax import cli
+from mae_jax import aot, benchmark, cli
+from mae_jax import sharding as shd
+from mae_jax import workdir as wdir
+from mae_jax.data import pipeline, throughput
+from mae_jax.tasks import pretrain
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 CHECKS = ("plan", "data", "model", "compile", "memory", "launch")  # in the order they run
@@ -202,8 +209,6 @@ class Preflight:
     """The checks of one config on one topology; `run()` returns the exit status."""
 
     def __init__(self, config: ml_collections.ConfigDict, opts: Options, out: TextIO | None = None):
-        from mae_jax import aot
-
         self.config, self.opts, self.out = config, opts, out or sys.stdout
         self.topo = aot.parse_topology(opts.topology, opts.hbm_gib)
         # Before JAX starts: the CPU stand-in needs one host device per target device.
@@ -225,12 +230,6 @@ class Preflight:
 
     # ------------------------------------------------------------------ checks
     def check_plan(self) -> str:
-        from jax.sharding import AbstractMesh
-
-        from mae_jax import sharding as shd
-        from mae_jax.data import pipeline
-        from mae_jax.tasks import pretrain
-
         c = self.config
         if c.get("task", "pretrain") != "pretrain":
             raise CheckFailed(
@@ -291,10 +290,6 @@ class Preflight:
         )
 
     def check_data(self) -> str:
-        import numpy as np
-
-        from mae_jax.data import pipeline, throughput
-
         c, o, say = self.config, self.opts, self.checks.say
         try:
             info = self.info or pipeline.dataset_info(c.data)
@@ -348,13 +343,6 @@ class Preflight:
         return summary
 
     def check_model(self) -> str:
-        import jax
-        import numpy as np
-
-        from mae_jax import benchmark
-        from mae_jax import workdir as wdir
-        from mae_jax.tasks import pretrain
-
         c, o, say = self.config, self.opts, self.checks.say
         tiny = ml_collections.ConfigDict(c.to_dict())
         accum = c.grad_accum_steps
@@ -432,10 +420,6 @@ class Preflight:
         )
 
     def check_compile(self) -> str:
-        import jax
-
-        from mae_jax import aot
-
         o = self.opts
         if self.backend != self.topo.platform:
             self.checks.say(
@@ -595,8 +579,6 @@ def _define_flags(fv, argv: list[str]):
 def options(fv, argv: Sequence[str]) -> Options:
     """The checked options of parsed flags `fv`; `argv`: the command line (for the overrides the
     launcher is given). `CommandLineError` for a bad value."""
-    from mae_jax import aot
-
     try:
         aot.parse_topology(fv.topology, fv.hbm_gib)
     except ValueError as e:

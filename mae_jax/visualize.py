@@ -32,7 +32,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from mae_jax import cli, models, ops
+from mae_jax import cli, loader, models, ops
 from mae_jax.cli import CommandLineError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -223,8 +223,6 @@ def restore_mae(workdir, step: int | None = None, **overrides):
     `overrides` replace config fields (e.g. `img_size=448`: the position embeddings are fixed
     sin-cos, so any multiple of the patch size works). Returns `(model, step)`.
     """
-    from mae_jax import loader
-
     loaded = loader.load(workdir, step=step, **overrides)
     if loaded.kind != "mae":
         raise ValueError(f"{loaded.describe()}: a classifier has no decoder to reconstruct with")

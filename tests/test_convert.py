@@ -560,7 +560,7 @@ def test_cli_import_export_round_trip_through_checkpoints(workdir, tmp_path, cap
     meta = reader.meta(0)
     assert meta["kind"] == "weights" and meta["source"] == hf_dir
     assert meta["model"] == dataclasses.asdict(late.config)
-    params = cli.restore_params(new, 0)[2]
+    params = wdir.read_mae(new, 0)[2]
     fa, fb = flat(params), flat(params_of(late))
     assert fa.keys() == fb.keys()
     for k in fa:

@@ -337,7 +337,7 @@ def test_cli_official_pth_round_trip(tmp_path, capsys):
         if key != "name":
             args += ["--set", f"{key}={value}"]
     assert cli.main(args) == 0
-    restored = flat(cli.restore_params(new, 0)[2])
+    restored = flat(wdir.read_mae(new, 0)[2])
     want = flat(params_of(model))
     assert restored.keys() == want.keys()
     for k in want:

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from config_files import load_config, override
 
-from mae_jax import init_from
 from mae_jax import sharding as shd
 from mae_jax import workdir as wdir
 from mae_jax.optim import path_names
@@ -119,7 +118,7 @@ def test_evaluate_the_official_pth_and_its_import(run_dir, tmp_path, capsys):
     args = ["import", "--input", pth, "--model", "mae_vit_test", "--workdir", imported]
     assert cli.main(args) == 0
     assert "configs/evaluate.py" in capsys.readouterr().out
-    a, b = init_from.read_classifier(root), init_from.read_classifier(imported)
+    a, b = wdir.read_classifier(root), wdir.read_classifier(imported)
     assert a.head == b.head and b.pos_embed is None  # sin-cos: not stored
     fa = jax.tree_util.tree_flatten_with_path(a.tree)[0]
     fb = {path_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(b.tree)[0]}
@@ -169,8 +168,8 @@ def test_workdirs_older_than_the_head_meta_take_the_pooling_from_config_json(tmp
         writer.save(5, {"params": params}, meta)
         writer.wait()
     with pytest.raises(ValueError, match="says nothing of the classifier's global_pool"):
-        init_from.read_classifier(root)
+        wdir.read_classifier(root)
     wdir.write_json(os.path.join(root, wdir.CONFIG), {"task": "finetune", "global_pool": False})
-    found = init_from.read_classifier(root)
+    found = wdir.read_classifier(root)
     assert found.step == 5 and not found.head.global_pool and not found.head.linear_probe
     np.testing.assert_array_equal(found.tree["head"]["kernel"], params["head"]["kernel"])

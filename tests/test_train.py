@@ -271,7 +271,7 @@ def test_a_run_resumes_and_is_read_across_block_layouts(copy_tiny_run):
     # checkpoints it writes are read back per block by the readers (export, init_from).
     import shutil
 
-    from mae_jax import init_from
+    from mae_jax import workdir as wdir
 
     workdir = copy_tiny_run  # small() trained
     expected = {r["step"]: r["loss"] for r in _metrics(workdir)}
@@ -280,7 +280,7 @@ def test_a_run_resumes_and_is_read_across_block_layouts(copy_tiny_run):
     got = {r["step"]: r["loss"] for r in _metrics(workdir)}
     for step in (4, 6):
         assert got[step] == pytest.approx(expected[step], rel=1e-4), step
-    step, _, params = init_from.read_mae(workdir)
+    step, _, params = wdir.read_mae(workdir)
     assert step == 6 and sorted(params["blocks"]) == [0, 1]  # read per block
     assert params["blocks"][1]["attn"]["qkv"]["kernel"].shape == (32, 96)
 

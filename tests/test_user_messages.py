@@ -155,11 +155,10 @@ def test_closing_the_input_pipeline_does_not_wait_for_its_threads():
 
 # ------------------------------------------------------------------ item 8: noise
 def test_reading_an_intact_checkpoint_logs_no_missing_metadata_warning(tmp_path, caplog):
-    from mae_jax import init_from
 
     source = _weights(str(tmp_path / "weights"), "mae_vit_test")
     with caplog.at_level(logging.INFO):
-        step, config, _ = init_from.read_mae(source)
+        step, config, _ = wdir.read_mae(source)
     assert step == 0 and config.name == "mae_vit_test"
     noise = [r.getMessage() for r in caplog.records if "does not exist" in r.getMessage()]
     assert not noise, noise

@@ -215,7 +215,7 @@ def test_run_files_go_through_the_path_layer_on_a_non_local_file_system():
     assert wdir.read_json(wdir.join(root, wdir.CONFIG)) == {"a": 2}
     history = wdir.read_json(wdir.join(root, wdir.CONFIG_HISTORY))
     assert history[0]["replaced_at_step"] == 7 and history[0]["config"] == {"a": 1}
-    w.write_results({"top1": 12.5})
+    assert wdir.write_results(root, {"top1": 12.5}) == wdir.join(root, wdir.RESULTS)
     assert wdir.read_results(root) == {"top1": 12.5}
     assert not os.path.exists("ram:")  # nothing went to a local folder named after the URI
 

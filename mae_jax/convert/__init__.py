@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mae_jax import ops
 from mae_jax.convert import files, mapping, posembed
 from mae_jax.convert.classifier import (
     classifier_from_pytorch,
@@ -41,7 +42,7 @@ from mae_jax.convert.classifier import (
 )
 from mae_jax.convert.files import check_hf_config, hf_config, load_state_dict, save
 from mae_jax.convert.mapping import FORMATS, detect_format, pytorch_shapes
-from mae_jax.convert.posembed import interpolate_pos_embed, resize_pos_embed
+from mae_jax.convert.posembed import interpolate_pos_embed, resize_pos_embed, target_grid
 from mae_jax.models import MAE, create, layout, resolve
 from mae_jax.models.config import MAEConfig
 
@@ -68,23 +69,6 @@ __all__ = [
 ]
 
 
-def target_grid(config: MAEConfig, img_size: int | None) -> int:
-    """Patch grid side for `img_size` (default: the config's image size)."""
-    if img_size is None:
-        return config.grid_size
-    if (
-        not isinstance(img_size, int)
-        or isinstance(img_size, bool)
-        or img_size <= 0
-        or img_size % config.patch_size
-    ):
-        raise ValueError(
-            f"img_size must be a positive multiple of the patch size {config.patch_size}, "
-            f"got {img_size!r}"
-        )
-    return img_size // config.patch_size
-
-
 # ----------------------------------------------------------------------------- export
 def params_to_pytorch(
     params: Mapping,
@@ -108,8 +92,6 @@ def params_to_pytorch(
         (decoder_pos_embed, config.decoder_embed_dim),
     ):
         if table is None:
-            from mae_jax import ops  # pylint: disable=import-outside-toplevel
-
             tables.append(ops.sincos_2d(dim, grid)[None])
         else:
             tables.append(resize_pos_embed(np.asarray(table, np.float32), grid))

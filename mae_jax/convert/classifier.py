@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mae_jax import ops
 from mae_jax.convert import files, mapping, posembed
 from mae_jax.models import layout, resolve
 from mae_jax.models.classifier import BN_EPS, Head, ViTClassifier, from_head
@@ -60,20 +61,6 @@ _TIMM_NAMES = {
 def classifier_tree(model: ViTClassifier) -> dict:
     """`model`'s Params and BatchNorm statistics as one pure dict of numpy arrays."""
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, _STATE)))
-
-
-def merge_trees(*trees: Mapping) -> dict:
-    """Nested dicts merged key by key (e.g. a checkpoint's 'params', 'frozen', 'batch_stats')."""
-    out: dict = {}
-    for tree in trees:
-        for key, value in tree.items():
-            if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-                out[key] = merge_trees(out[key], value)
-            elif isinstance(value, Mapping):
-                out[key] = merge_trees(value)
-            else:
-                out[key] = value
-    return out
 
 
 def fold_batchnorm(tree: Mapping, eps: float = BN_EPS) -> dict:
@@ -107,17 +94,13 @@ def tree_to_pytorch(
     `{torch name: numpy array}` in `fmt` (float32; a linear probe's official
     `head.0.num_batches_tracked` int64). `pos_embed` `[1, 1+L, D]` (default: the fixed sin-cos
     table) is resized to `img_size`'s grid when given."""
-    from mae_jax.convert import target_grid  # pylint: disable=import-outside-toplevel
-
     mapping.check_format(fmt)
     config = resolve(config)
     tree = layout.convert(tree, stacked=False)
     if head.linear_probe and fmt != "official":
         tree, head = fold_batchnorm(tree), dataclasses.replace(head, linear_probe=False)
-    grid = target_grid(config, img_size)
+    grid = posembed.target_grid(config, img_size)
     if pos_embed is None:
-        from mae_jax import ops  # pylint: disable=import-outside-toplevel
-
         table = ops.sincos_2d(config.embed_dim, grid)[None]
     else:
         table = posembed.resize_pos_embed(np.asarray(pos_embed, np.float32), grid)

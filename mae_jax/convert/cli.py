@@ -27,11 +27,17 @@ import types
 import warnings
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 from absl import flags
+from flax import nnx
 
-from mae_jax import cli
+from mae_jax import cli, convert
+from mae_jax import workdir as wdir
 from mae_jax.cli import CommandLineError
+from mae_jax.convert import classifier as cc
+from mae_jax.convert import files, mapping
+from mae_jax.models import resolve
 
 OUTPUT_HINT = {
     "official": "a .pth file",
@@ -44,29 +50,13 @@ class CliError(Exception):
     """A user-facing error: printed without a traceback, exit status 1."""
 
 
-def restore_params(workdir: str, step: int | None):
-    """`(step, config, params)` of a workdir's checkpoint, read-only (`init_from.read_mae`)."""
-    from mae_jax import init_from  # noqa: PLC0415
-
-    try:
-        return init_from.read_mae(workdir, step)
-    except ValueError as e:
-        raise CliError(str(e)) from None
-
-
 def read_checkpoint(workdir: str, step: int | None):
-    """A workdir's checkpoint, read-only: an `init_from.Classifier` for a classifier's,
-    else `(step, config, params)` of an MAE's."""
-    from mae_jax import init_from  # noqa: PLC0415
-    from mae_jax import workdir as wdir  # noqa: PLC0415
-
-    try:
-        _, meta = init_from.checkpoint_meta(wdir.Reader(workdir), step, "mae-jax")
-        if init_from.is_classifier(meta):
-            return init_from.read_classifier(workdir, step)
-        return init_from.read_mae(workdir, step)
-    except ValueError as e:
-        raise CliError(str(e)) from None
+    """A workdir's checkpoint, read-only: a `workdir.Classifier` for a classifier's, else
+    `(step, config, params)` of an MAE's."""
+    _, meta = wdir.checkpoint_meta(wdir.Reader(workdir), step, "mae-jax")
+    if wdir.is_classifier(meta):
+        return wdir.read_classifier(workdir, step)
+    return wdir.read_mae(workdir, step)
 
 
 def _count(sd) -> tuple[int, int]:
@@ -75,9 +65,6 @@ def _count(sd) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- export
 def run_export(args) -> None:
-    from mae_jax import convert  # pylint: disable=import-outside-toplevel
-    from mae_jax.convert import classifier as cc  # pylint: disable=import-outside-toplevel
-
     fmt = args.format
     out = os.path.abspath(os.path.expanduser(args.output))
     if (
@@ -155,8 +142,6 @@ def _parse_overrides(items) -> dict:
 
 def _write_weights(workdir: str, state: dict, config, source: str, fmt: str, **extra) -> str:
     """`state` (numpy) as a weights workdir with the meta every import writes; its root."""
-    from mae_jax import workdir as wdir  # pylint: disable=import-outside-toplevel
-
     meta = {
         "model": dataclasses.asdict(config),
         "kind": "weights",
@@ -164,29 +149,16 @@ def _write_weights(workdir: str, state: dict, config, source: str, fmt: str, **e
         "source": source,
         "source_format": fmt,
     }
-    try:
-        return wdir.write_weights(workdir, state, meta)
-    except wdir.WorkdirError as e:
-        raise CliError(str(e)) from None
+    return wdir.write_weights(workdir, state, meta)
 
 
 def run_import(args) -> None:
-    import jax  # pylint: disable=import-outside-toplevel
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-
-    from mae_jax import convert  # pylint: disable=import-outside-toplevel
-    from mae_jax import workdir as wdir  # pylint: disable=import-outside-toplevel
-    from mae_jax.convert import files, mapping  # pylint: disable=import-outside-toplevel
-    from mae_jax.models import resolve  # pylint: disable=import-outside-toplevel
-
     config = resolve(args.model, **_parse_overrides(args.set))
     src = os.path.abspath(os.path.expanduser(args.input))
     if not os.path.exists(src):
         raise CliError(f"--input {src} does not exist")
-    try:  # refuse a used workdir before the (slow) conversion; write_weights checks again
-        wdir.check_new_weights_dir(args.workdir)
-    except wdir.WorkdirError as e:
-        raise CliError(str(e)) from None
+    # Refuse a used workdir before the (slow) conversion; write_weights checks again.
+    wdir.check_new_weights_dir(args.workdir)
     loaded = files.load_input(src)
     if not args.ignore_unexpected and mapping.classifier_head(loaded.state_dict) is not None:
         return import_classifier(loaded, config, args.workdir)
@@ -209,11 +181,6 @@ def run_import(args) -> None:
 
 def import_classifier(loaded, config, workdir: str) -> None:
     """A classifier file -> a classifier weights workdir (see the module docstring)."""
-    import jax  # pylint: disable=import-outside-toplevel
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-
-    from mae_jax.convert import classifier as cc  # pylint: disable=import-outside-toplevel
-
     converted = cc.read_classifier(loaded, config)
     model = cc.build_classifier(converted, config)
     state = {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))}

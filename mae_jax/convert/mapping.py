@@ -27,7 +27,8 @@ import numpy as np
 from flax import nnx
 
 from mae_jax import ops
-from mae_jax.models import layout
+from mae_jax.models import abstract_params, layout
+from mae_jax.models.classifier import Head, from_head
 from mae_jax.models.config import MAEConfig
 
 FORMATS = ("official", "timm", "hf")
@@ -289,30 +290,8 @@ def params_to_pytorch(
 
 
 @functools.lru_cache(maxsize=16)
-def _abstract_params(config: MAEConfig) -> dict:
-    from mae_jax.models import MAE  # pylint: disable=import-outside-toplevel
-
-    # Blocks of one stack all have the same shapes: trace a one-block model (tracing the
-    # construction of a 32-block model takes seconds) and repeat its block.
-    small = dataclasses.replace(config, depth=1, decoder_depth=1, scan_layers=False)
-    model = nnx.eval_shape(lambda: MAE(small, rngs=nnx.Rngs(0)))
-    tree = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    tree["blocks"] = {i: tree["blocks"][0] for i in range(config.depth)}
-    tree["decoder_blocks"] = {i: tree["decoder_blocks"][0] for i in range(config.decoder_depth)}
-    return tree
-
-
-def abstract_params(config: MAEConfig) -> dict:
-    """Our params tree of `config` with `jax.ShapeDtypeStruct` leaves (nothing allocated)."""
-    tree = _abstract_params(config)
-    return jax.tree.map(lambda x: x, tree)  # a fresh copy of the cached containers
-
-
-@functools.lru_cache(maxsize=16)
 def _abstract_classifier(config: MAEConfig, head) -> dict:
-    from mae_jax.models.classifier import from_head  # pylint: disable=import-outside-toplevel
-
-    small = dataclasses.replace(config, depth=1, scan_layers=False)  # as `_abstract_params`
+    small = dataclasses.replace(config, depth=1, scan_layers=False)  # as `models.abstract_params`
     model = nnx.eval_shape(lambda: from_head(small, head))
     tree = nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
     tree["blocks"] = {i: tree["blocks"][0] for i in range(config.depth)}
@@ -462,8 +441,6 @@ def classifier_head(sd: Mapping[str, Any]):
     classifier head (an MAE or a bare encoder). Official / timm names: `head.weight`
     (fine-tuned) or `head.1.weight` (linear probe), `fc_norm.*` for global pooling; Hugging Face
     (`normalize_hf_names` applied): `classifier.weight`, always the cls token."""
-    from mae_jax.models.classifier import Head  # pylint: disable=import-outside-toplevel
-
     for key, probe in (
         ("head.weight", False),
         ("head.1.weight", True),

@@ -104,3 +104,20 @@ def resize_pos_embed(table: np.ndarray, new_grid: int) -> np.ndarray:
     if is_sincos(table):
         return ops.sincos_2d(table.shape[-1], new_grid)[None]
     return interpolate_pos_embed(table, new_grid)
+
+
+def target_grid(config, img_size: int | None) -> int:
+    """Patch grid side for `img_size` (default: the config's image size)."""
+    if img_size is None:
+        return config.grid_size
+    if (
+        not isinstance(img_size, int)
+        or isinstance(img_size, bool)
+        or img_size <= 0
+        or img_size % config.patch_size
+    ):
+        raise ValueError(
+            f"img_size must be a positive multiple of the patch size {config.patch_size}, "
+            f"got {img_size!r}"
+        )
+    return img_size // config.patch_size

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
+import jax
 from flax import nnx
 
 from mae_jax.models import layout
@@ -23,6 +26,7 @@ __all__ = [
     "MAEConfig",
     "MAEOutput",
     "PRESETS",
+    "abstract_params",
     "config_block",
     "create",
     "dtype_name",
@@ -42,3 +46,21 @@ def create(name_or_config: Any, *, seed: int = 0, **overrides) -> MAE:
     """
     config = resolve(name_or_config, **overrides)
     return MAE(config, rngs=nnx.Rngs(seed))
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_params(config: MAEConfig) -> dict:
+    # Blocks of one stack all have the same shapes: trace a one-block model (tracing the
+    # construction of a 32-block model takes seconds) and repeat its block.
+    small = dataclasses.replace(config, depth=1, decoder_depth=1, scan_layers=False)
+    model = nnx.eval_shape(lambda: MAE(small, rngs=nnx.Rngs(0)))
+    tree = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tree["blocks"] = {i: tree["blocks"][0] for i in range(config.depth)}
+    tree["decoder_blocks"] = {i: tree["decoder_blocks"][0] for i in range(config.decoder_depth)}
+    return tree
+
+
+def abstract_params(config: MAEConfig) -> dict:
+    """Our params tree of `config` with `jax.ShapeDtypeStruct` leaves (nothing allocated)."""
+    tree = _abstract_params(config)
+    return jax.tree.map(lambda x: x, tree)  # a fresh copy of the cached containers

@@ -227,3 +227,17 @@ def create_classifier(
         head_init_std=head_init_std,
         rngs=nnx.Rngs(params=seed, dropout=seed + 1),
     )
+
+
+def merge_trees(*trees: Mapping) -> dict:
+    """Nested dicts merged key by key (e.g. a checkpoint's 'params', 'frozen', 'batch_stats')."""
+    out: dict = {}
+    for tree in trees:
+        for key, value in tree.items():
+            if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+                out[key] = merge_trees(out[key], value)
+            elif isinstance(value, Mapping):
+                out[key] = merge_trees(value)
+            else:
+                out[key] = value
+    return out

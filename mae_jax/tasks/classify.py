@@ -502,7 +502,7 @@ def classification_task(
                 "num_classes": p.num_classes,
                 "init_from": meta["init_from"],
             }
-            wdir.write_json(wdir.join(wdir.normalize(workdir), wdir.RESULTS), out)
+            wdir.write_results(workdir, out)
         return {"eval_top1": r["top1"], "eval_top5": r["top5"], "eval_loss": r["loss"]}
 
     return train.Task(

@@ -33,6 +33,7 @@ from ml_collections import config_dict
 from mae_jax import compile_cache, init_from, metrics, models, train
 from mae_jax import sharding as shd
 from mae_jax import workdir as wdir
+from mae_jax.convert import classifier as cc
 from mae_jax.data import pipeline
 from mae_jax.models import layout
 from mae_jax.models.classifier import Head, from_head
@@ -79,7 +80,7 @@ def read_weights(config) -> Weights:
             f"classifier file (official fine-tuned .pth, timm .safetensors, HF directory)"
         )
     if source.kind == "workdir":
-        found = init_from.read_classifier(source.path, source.step)
+        found = wdir.read_classifier(source.path, source.step)
         mcfg = cs.resolve_model(config, source)
         return Weights(mcfg, found.head, found.tree, found.pos_embed, found.step, source.describe())
     if not config.model.get("name"):
@@ -87,8 +88,6 @@ def read_weights(config) -> Weights:
             f"{KEY}.path={source.path!r} is a PyTorch file, which does not say its "
             f"architecture: set config.model.name (e.g. mae_vit_base_patch16)"
         )
-    from mae_jax.convert import classifier as cc  # noqa: PLC0415 - torch-side code
-
     mcfg = cs.resolve_model(config, None)
     converted = cc.read_classifier(source.path, mcfg)
     table = None if converted.sincos else converted.pos_embed
@@ -167,8 +166,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     "eval_examples": r["num_examples"],
                 },
             )
-        path = wdir.join(root, wdir.RESULTS)
-        wdir.write_json(path, results)
+        path = wdir.write_results(root, results)
         print(
             f"evaluate {weights.source} ({weights.config.name}, {weights.head.num_classes} "
             f"classes): top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%, loss {r['loss']:.4f} "

@@ -21,7 +21,7 @@ import ml_collections
 from flax import nnx
 
 from mae_jax import flops, train
-from mae_jax.data import augment, lazy_tf
+from mae_jax.data import augment, lazy_tf, randaugment
 from mae_jax.data.mixup import mixup_cutmix, smooth_one_hot
 from mae_jax.models.classifier import FINETUNE_HEAD_STD, Head, ViTClassifier
 from mae_jax.tasks import classify as cs
@@ -102,7 +102,6 @@ def make_augment_fn(rand_augment: str | None, reprob: float):
         raise ValueError(f"reprob must be a probability in [0, 1], got {reprob!r}")
     if ra is None and reprob == 0:
         return None
-    from mae_jax.data import randaugment
 
     def augment_fn(image, seed):
         tf = lazy_tf.tf_module()

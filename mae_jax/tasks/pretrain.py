@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_dict
 
-from mae_jax import flops, init_from, models, optim, train
+from mae_jax import flops, init_from, models, optim, train, visualize
 from mae_jax import sharding as shd
 from mae_jax import train_step as ts
 from mae_jax.data import pipeline
@@ -310,10 +310,6 @@ def _log_reconstruction(writer, fns, state, batch, mcfg, step):
     process 0 then runs the model, on its own devices, and writes the grid."""
     params, rest = shd.process_local(state["params"]), shd.process_local(fns.rest)
     if jax.process_index() != 0:
-        return
-    try:
-        from mae_jax import visualize
-    except ImportError:  # pragma: no cover - visualize is part of the package
         return
     model = nnx.merge(fns.graphdef, params, rest)
     images = jnp.asarray(batch["image"][:4])

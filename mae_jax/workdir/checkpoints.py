@@ -1,26 +1,5 @@
-"""The workdir of a run: its layout, its lock, its checkpoints and every file in it.
-
-This is the only module that opens Orbax and the only one that knows where a run's files go.
-Paths are local paths or URIs (`gs://bucket/run`, and any other scheme TensorFlow's
-`tf.io.gfile` knows, such as `ram://` in tests); every file goes through the same small path
-layer below, so a `gs://` workdir holds all of a run, not only its checkpoints.
-
-Layout of WORKDIR:
-  checkpoints/<step>/state       Orbax pytree of arrays: params, opt_state, step, ...
-  checkpoints/<step>/meta        JSON: model config, task, data position, schedule, ...
-  config.json                    the resolved config of the newest start (the numbers used)
-  config_history.json            earlier resolved configs, when a rerun changed them
-  metrics.jsonl, events.*        metrics (`mae_jax.metrics`)
-  eval_results.json              final evaluation of a classification run
-  lock                           the writer's lock: host, pid, start time
-  damaged_checkpoints/<step>     checkpoints a writer found unreadable, moved aside (never deleted)
-
-Writers (`Writer`, one per run) hold the lock; a second writer is refused with a sentence naming
-the holder, and a lock left by a killed process is taken over. Readers (`Reader`) never create,
-clean, rename or delete anything, and see only finalized checkpoints, so they can read a run in
-progress. Restoring skips a newest checkpoint that cannot be read, says so, and uses the next.
-A full file system while saving is one `DiskFullError` sentence (the full path, the size of one
-checkpoint, the intact checkpoints) once the half-written checkpoint is removed.
+"""Orbax checkpoints of a workdir: `Writer` (the one writer: lock, saves, the run's JSON files,
+preemption notices) and `Reader` (read-only: the newest intact checkpoint).
 
 Multi-process (Orbax's contract): every process calls `Writer.save`, `restore`, `wait`, `close`
 at the same points with the same arguments; process 0 alone takes the lock and writes the JSON
@@ -31,14 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import errno
 import json
 import logging as std_logging
 import os
-import shutil
 import signal
-import socket
 import sys
 import threading
 import time
@@ -47,16 +23,39 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
 
-from mae_jax.data import lazy_tf
+from mae_jax.models import layout
+from mae_jax.optim import path_names
+from mae_jax.workdir.lock import Lock, now
+from mae_jax.workdir.paths import (
+    CHECKPOINTS,
+    CONFIG,
+    CONFIG_HISTORY,
+    DAMAGED,
+    LOCK,
+    WorkdirError,
+    check_writable_dir,
+    exists,
+    first_line,
+    free_bytes,
+    is_remote,
+    isdir,
+    join,
+    listdir,
+    makedirs,
+    normalize,
+    read_json,
+    remove,
+    remove_tree,
+    rename,
+    write_json,
+    write_text,
+)
 
-CHECKPOINTS = "checkpoints"
-DAMAGED = "damaged_checkpoints"
-CONFIG = "config.json"
-CONFIG_HISTORY = "config_history.json"
-RESULTS = "eval_results.json"
-LOCK = "lock"
 _STATE = "state"
 _META = "meta"
 _META_FILE = "metadata"  # the file Orbax's JsonSave writes inside `meta/`
@@ -65,10 +64,6 @@ _TMP_MARK = ".orbax-checkpoint-tmp"  # in the name of a checkpoint Orbax is stil
 
 # The signals that ask a run to save its last completed step and stop (`Writer`).
 _STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
-
-
-class WorkdirError(ValueError):
-    """A workdir that cannot be used as asked; the message is one sentence for the user."""
 
 
 class DiskFullError(WorkdirError):
@@ -95,301 +90,8 @@ def _megabytes(num_bytes: float) -> str:
     return f"{num_bytes / 1e6:.1f} MB"
 
 
-# ----------------------------------------------------------------------------- path layer
-def is_remote(path) -> bool:
-    """True for URIs (`gs://...`, `ram://...`), False for local paths."""
-    return "://" in os.fspath(path)
-
-
-def normalize(path) -> str:
-    """Local paths made absolute (`~` expanded); URIs kept, without a trailing slash."""
-    text = os.fspath(path)
-    if not text:
-        raise WorkdirError("the workdir path is empty; pass --workdir=DIR")
-    if is_remote(text):
-        return text.rstrip("/")
-    return os.path.abspath(os.path.expanduser(text))
-
-
-def join(root, *parts: str) -> str:
-    root = os.fspath(root)
-    if is_remote(root):
-        return "/".join([root.rstrip("/"), *parts])
-    return os.path.join(root, *parts)
-
-
-def _gfile():
-    return lazy_tf.tf_module().io.gfile  # only URIs need TensorFlow's file systems
-
-
-def exists(path) -> bool:
-    return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
-
-
-def isdir(path) -> bool:
-    return _gfile().isdir(path) if is_remote(path) else os.path.isdir(path)
-
-
-def makedirs(path) -> None:
-    if is_remote(path):
-        _gfile().makedirs(path)
-    else:
-        os.makedirs(path, exist_ok=True)
-
-
-def listdir(path) -> list[str]:
-    if is_remote(path):
-        return [name.rstrip("/") for name in _gfile().listdir(path)]
-    return os.listdir(path)
-
-
-def read_text(path) -> str:
-    if is_remote(path):
-        with _gfile().GFile(path, "r") as f:
-            return f.read()
-    with open(path, encoding="utf-8") as f:
-        return f.read()
-
-
-def write_text(path, text: str) -> None:
-    """Writes `text` to `path` atomically (temporary file, then rename)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    if is_remote(path):
-        with _gfile().GFile(tmp, "w") as f:
-            f.write(text)
-        _gfile().rename(tmp, path, overwrite=True)
-        return
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def append_text(path, text: str) -> None:
-    """Appends `text` (object stores cannot append: the file is rewritten there)."""
-    if is_remote(path):
-        old = read_text(path) if exists(path) else ""
-        write_text(path, old + text)
-        return
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-
-
-def remove(path) -> None:
-    if is_remote(path):
-        _gfile().remove(path)
-    else:
-        os.remove(path)
-
-
-def remove_tree(path) -> None:
-    if is_remote(path):
-        _gfile().rmtree(path)
-    else:
-        shutil.rmtree(path)
-
-
-def free_bytes(path) -> int | None:
-    """Free space of the local file system holding `path`; None for URIs."""
-    return None if is_remote(path) else shutil.disk_usage(path).free
-
-
-def rename(src, dst) -> None:
-    if is_remote(src):
-        _gfile().rename(src, dst, overwrite=False)
-    else:
-        os.rename(src, dst)
-
-
-def read_json(path) -> Any:
-    return json.loads(read_text(path))
-
-
-def _finite(value):
-    """`value` with non-finite floats (NaN, inf) as None: JSON has no such numbers."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
-
-
-def write_json(path, value) -> None:
-    """Writes `value` as JSON (non-finite floats as null), atomically."""
-    text = json.dumps(_finite(value), indent=2, sort_keys=True, default=str, allow_nan=False)
-    write_text(path, text + "\n")
-
-
-def _first_line(error: BaseException, limit: int = 300) -> str:
-    text = str(error).strip().splitlines()
-    line = text[0] if text else type(error).__name__
-    line = f"{type(error).__name__}: {line}"
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def check_writable_dir(root: str) -> None:
-    """Creates `root` if needed; refuses a path that is a file or cannot be written."""
-    if exists(root) and not isdir(root):
-        raise WorkdirError(f"the workdir {root} exists and is a file, not a directory")
-    try:
-        makedirs(root)
-        probe = join(root, f".write-test-{os.getpid()}")
-        write_text(probe, "")
-        remove(probe)
-    except Exception as e:  # noqa: BLE001 - OSError, or tf.errors from gfile on URIs
-        raise WorkdirError(f"cannot write to the workdir {root} ({_first_line(e)})") from None
-
-
-# ----------------------------------------------------------------------------- the lock
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _describe(holder: dict) -> str:
-    return (
-        f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, "
-        f"started {holder.get('started', '?')}"
-    )
-
-
-class Lock:
-    """The writer's exclusive lock on a workdir (file `lock`, holding host, pid, start time).
-
-    Local file systems: an `flock` on the file, which the kernel drops when the holder dies, so
-    a lock left by a killed process is taken over at once. Object stores (`gs://`): a lease the
-    holder renews every `heartbeat_s`; a lease older than `stale_s`, or one held by a dead
-    process of this host, is taken over.
-    """
-
-    def __init__(self, root: str, *, heartbeat_s: float = 60.0, stale_s: float = 600.0):
-        self.path = join(root, LOCK)
-        self._root = root
-        self._heartbeat_s = heartbeat_s
-        self._stale_s = stale_s
-        self._fd: int | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": _now()}
-
-    def _refuse(self, holder: dict):
-        raise WorkdirError(
-            f"the workdir {self._root} is in use by another run ({_describe(holder)}); stop "
-            f"that run first or choose another --workdir"
-        )
-
-    def acquire(self) -> Lock:
-        if is_remote(self.path):
-            self._acquire_lease()
-        else:
-            self._acquire_flock()
-        return self
-
-    def _acquire_flock(self):
-        import fcntl  # noqa: PLC0415 - POSIX only
-
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
-            except ValueError:
-                holder = {}
-            os.close(fd)
-            self._refuse(holder)
-        old = os.pread(fd, 4096, 0)
-        if old.strip():
-            try:
-                left = json.loads(old)
-            except ValueError:
-                left = {}
-            logging.warning(
-                "taking over the lock of %s left by a run that is no longer running (%s)",
-                self._root,
-                _describe(left),
-            )
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(self.holder).encode(), 0)
-        os.fsync(fd)
-        self._fd = fd
-
-    def _lease_alive(self, holder: dict) -> bool:
-        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-            return _pid_alive(holder["pid"])
-        return time.time() - float(holder.get("heartbeat", 0)) < self._stale_s
-
-    def _acquire_lease(self):
-        if exists(self.path):
-            try:
-                holder = read_json(self.path)
-            except ValueError:
-                holder = {}
-            if holder and self._lease_alive(holder):
-                self._refuse(holder)
-            if holder:
-                logging.warning(
-                    "taking over the lock of %s left by a run that is no longer running (%s)",
-                    self._root,
-                    _describe(holder),
-                )
-        self._write_lease()
-        time.sleep(0.05)  # a racing writer's lease would land in between: re-read
-        holder = read_json(self.path)
-        if (holder.get("started"), holder.get("pid")) != (
-            self.holder["started"],
-            self.holder["pid"],
-        ):
-            self._refuse(holder)
-        self._thread = threading.Thread(target=self._renew, name="workdir-lock", daemon=True)
-        self._thread.start()
-
-    def _write_lease(self):
-        write_json(self.path, {**self.holder, "heartbeat": time.time()})
-
-    def _renew(self):
-        while not self._stop.wait(self._heartbeat_s):
-            try:
-                self._write_lease()
-            except Exception as e:  # noqa: BLE001 - a failed renewal must not kill training
-                logging.warning("could not renew the workdir lock %s: %s", self.path, e)
-
-    def release(self) -> None:
-        if self._fd is not None:
-            import fcntl  # noqa: PLC0415
-
-            os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._thread = None
-            try:
-                if read_json(self.path).get("pid") == self.holder["pid"]:
-                    remove(self.path)
-            except Exception as e:  # noqa: BLE001
-                logging.warning("could not remove the workdir lock %s: %s", self.path, e)
-
-
 # ----------------------------------------------------------------------------- state layout
 def _is_var(x) -> bool:
-    from flax import nnx  # noqa: PLC0415
-
     return isinstance(x, nnx.Variable)
 
 
@@ -401,8 +103,6 @@ def _strip(tree):
 def to_checkpoint(state: dict) -> dict:
     """Train state -> the on-disk layout: `params` a pure nested dict (as the converter and the
     evaluation tools read it), every other entry with its Variables stripped."""
-    from flax import nnx  # noqa: PLC0415
-
     out = {k: _strip(v) for k, v in state.items() if k != "params"}
     out["params"] = nnx.to_pure_dict(state["params"])
     return out
@@ -410,22 +110,17 @@ def to_checkpoint(state: dict) -> dict:
 
 def abstract_checkpoint(abstract_state: dict, shardings: dict) -> dict:
     """The on-disk layout of `abstract_state` as ShapeDtypeStructs carrying `shardings`."""
-    from flax import nnx  # noqa: PLC0415
-
-    both = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        _strip(abstract_state),
-        _strip(shardings),
+    return to_checkpoint(
+        jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            _strip(abstract_state),
+            _strip(shardings),
+        )
     )
-    out = {k: v for k, v in both.items() if k != "params"}
-    out["params"] = nnx.to_pure_dict(both["params"])
-    return out
 
 
 def from_checkpoint(restored: dict, abstract_state: dict) -> dict:
     """The on-disk layout -> a train state shaped like `abstract_state` (Variables rewrapped)."""
-    from flax import nnx  # noqa: PLC0415
-
     params = jax.tree.map(lambda x: x, abstract_state["params"])
     nnx.replace_by_pure_dict(params, restored["params"])
 
@@ -455,8 +150,6 @@ def _agree(ok: bool) -> bool:
     """True only when `ok` holds on every process (a collective when there are several)."""
     if jax.process_count() == 1:
         return ok
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
     flags = multihost_utils.process_allgather(np.asarray(int(ok), np.int32))
     return bool(np.min(flags))
 
@@ -517,8 +210,6 @@ class _DiskFullTracebacks(std_logging.Filter):
 
 
 def _restore_args(leaf):
-    import orbax.checkpoint as ocp  # noqa: PLC0415
-
     if getattr(leaf, "sharding", None) is not None:
         return ocp.ArrayRestoreArgs(
             sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype
@@ -529,8 +220,6 @@ def _restore_args(leaf):
 def place(values, target):
     """Nested dicts/lists of numpy arrays -> `target`'s structure, leaf by key path; leaves
     whose target has a sharding become `jax.Array`s with it."""
-    from mae_jax.optim import path_names  # noqa: PLC0415
-
     by_path = {path_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(values)[0]}
     flat, treedef = jax.tree_util.tree_flatten_with_path(target)
     leaves = []
@@ -570,8 +259,6 @@ class Reader:
 
     def steps(self) -> list[int]:
         """Sorted steps of the finalized checkpoints (in-flight and partial saves excluded)."""
-        import orbax.checkpoint as ocp  # noqa: PLC0415
-
         if not isdir(self.directory):
             return []
         out = []
@@ -592,7 +279,7 @@ class Reader:
             meta = read_json(path)
         except Exception as e:  # noqa: BLE001
             raise WorkdirError(
-                f"checkpoint {step} in {self.directory} has no readable meta ({_first_line(e)})"
+                f"checkpoint {step} in {self.directory} has no readable meta ({first_line(e)})"
             ) from None
         if not isinstance(meta, dict):
             raise WorkdirError(f"checkpoint {step} in {self.directory}: meta is not a dict")
@@ -608,10 +295,6 @@ class Reader:
         return None
 
     def _read_state(self, step: int, target, partial: bool):
-        import orbax.checkpoint as ocp  # noqa: PLC0415
-
-        from mae_jax.models import layout  # noqa: PLC0415
-
         path = join(self.directory, str(step), _STATE)
         std_logging.getLogger("absl").addFilter(_NO_ITEM_METADATA_WARNING)  # once: one instance
         with ocp.PyTreeCheckpointer() as reader:
@@ -700,7 +383,7 @@ class Reader:
                 try:
                     state = self._read_state(s, target, partial)
                 except Exception as e:  # noqa: BLE001 - any unreadable file is damage
-                    reason = _first_line(e)
+                    reason = first_line(e)
             if not _agree(reason is None):
                 reason = reason or "another process could not read it"
                 if step is None and s not in self.steps():
@@ -864,8 +547,6 @@ class Writer:
         """True once a preemption notice arrived. With several processes it is JAX's sync point:
         True on the same `step` on every process, so call it at every step on every process."""
         if not self._sync_preempted and jax.distributed.is_initialized():
-            from jax.experimental import multihost_utils  # noqa: PLC0415
-
             try:
                 self._sync_preempted = bool(multihost_utils.reached_preemption_sync_point(step))
             except RuntimeError:  # the preemption service is off
@@ -875,8 +556,6 @@ class Writer:
     # ------------------------------------------------------------------- saving
     def _manager(self):
         if self._mngr is None:
-            import orbax.checkpoint as ocp  # noqa: PLC0415
-
             policies = []
             if self._keep is not None:
                 policies.append(ocp.checkpoint_managers.LatestN(n=self._keep))
@@ -923,8 +602,6 @@ class Writer:
     def save(self, step: int, state: Any, meta: dict) -> bool:
         """Starts saving `state` (the on-disk layout) and `meta` (JSON) as checkpoint `step`;
         False when that step is already saved. `wait()` for it to be finalized."""
-        import orbax.checkpoint as ocp  # noqa: PLC0415
-
         try:
             json.dumps(meta, allow_nan=False)
         except (TypeError, ValueError) as e:
@@ -967,7 +644,7 @@ class Writer:
             yield
         except Exception as e:
             if self._failed is not None:
-                logging.info("after the full disk: %s", _first_line(e))
+                logging.info("after the full disk: %s", first_line(e))
                 return
             if not is_disk_full(e):
                 raise
@@ -987,7 +664,7 @@ class Writer:
         except Exception:  # noqa: BLE001 - the listing is best effort here
             intact = []
         self._pending = None
-        logging.info("the full disk as reported: %s", _first_line(error, 1000))
+        logging.info("the full disk as reported: %s", first_line(error, 1000))
         free = free_bytes(self.root)
         where = (
             f"{self.checkpoints} while saving checkpoint {step}" if step is not None else self.root
@@ -1021,7 +698,7 @@ class Writer:
                     remove_tree(join(self.checkpoints, name))
                     removed.append(name)
                 except Exception as e:  # noqa: BLE001 - say it, keep the first error
-                    logging.warning("could not remove %s: %s", name, _first_line(e))
+                    logging.warning("could not remove %s: %s", name, first_line(e))
         return removed
 
     # ------------------------------------------------------------------- JSON files
@@ -1039,15 +716,9 @@ class Writer:
             if old is not None and old != json.loads(json.dumps(resolved, default=str)):
                 hist_path = join(self.root, CONFIG_HISTORY)
                 history = read_json(hist_path) if exists(hist_path) else []
-                history.append({"replaced_at_step": step, "replaced_on": _now(), "config": old})
+                history.append({"replaced_at_step": step, "replaced_on": now(), "config": old})
                 write_json(hist_path, history)
         write_json(path, resolved)
-
-    def write_results(self, results: dict) -> str:
-        path = join(self.root, RESULTS)
-        if self.primary:
-            write_json(path, results)
-        return path
 
     # ------------------------------------------------------------------- closing
     def close(self) -> None:
@@ -1082,7 +753,7 @@ class Writer:
             if LOCK in names:
                 remove(join(self.root, LOCK))
             if is_remote(self.root):
-                _gfile().rmtree(self.checkpoints)
+                remove_tree(self.checkpoints)
             else:
                 os.rmdir(self.checkpoints)
                 if self._created:
@@ -1095,33 +766,3 @@ class Writer:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def check_new_weights_dir(root) -> None:
-    """Refuses a workdir that already holds checkpoints (read-only check)."""
-    root = normalize(root)
-    if exists(root) and not isdir(root):
-        raise WorkdirError(f"the workdir {root} exists and is a file, not a directory")
-    steps = Reader(root).steps() if exists(root) else []
-    if steps:
-        raise WorkdirError(
-            f"{root} already holds checkpoints (steps {steps}); import into a new --workdir"
-        )
-
-
-def write_weights(root, state: dict, meta: dict) -> str:
-    """A weights workdir (what `convert import` writes): `state` and `meta` as checkpoint 0 of
-    a new workdir, finalized before returning. A workdir with checkpoints is refused."""
-    with Writer(root, keep=None, async_save=False, handle_sigterm=False) as writer:
-        check_new_weights_dir(writer.root)
-        writer.save(0, state, meta)
-        writer.wait()
-        return writer.root
-
-
-def read_results(path) -> dict:
-    """The final evaluation a classification run wrote (`eval_results.json`)."""
-    file = join(normalize(path), RESULTS)
-    if not exists(file):
-        raise WorkdirError(f"{file} does not exist: the run has not finished")
-    return read_json(file)
