@@ -322,7 +322,7 @@ def import_tensorflow_quietly() -> None:
     min_level = _cpp_min_log_level()
     if min_level <= 0:
         try:
-            import tensorflow  # noqa: F401, PLC0415
+            import tensorflow  # noqa: F401 - optional and heavy: only commands that need it
         except ImportError:
             pass
         return
@@ -332,7 +332,7 @@ def import_tensorflow_quietly() -> None:
     os.dup2(caught.fileno(), 2)
     loaded = False
     try:
-        import tensorflow  # noqa: F401, PLC0415
+        import tensorflow  # noqa: F401 - optional and heavy: only commands that need it
 
         loaded = True
     except ImportError:
