@@ -7,11 +7,10 @@ Paths are local paths or URIs (`gs://bucket/run`, and any other scheme TensorFlo
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from typing import Any
-
-import numpy as np
 
 from mae_jax.data import lazy_tf
 
@@ -145,7 +144,7 @@ def _finite(value):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
-    if isinstance(value, float) and not np.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
 
