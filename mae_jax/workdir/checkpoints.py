@@ -298,6 +298,14 @@ class Reader:
         path = join(self.directory, str(step), _STATE)
         std_logging.getLogger("absl").addFilter(_NO_ITEM_METADATA_WARNING)  # once: one instance
         with ocp.PyTreeCheckpointer() as reader:
+
+            def read(item):
+                args = jax.tree.map(_restore_args, item)
+                return reader.restore(
+                    path,
+                    args=ocp.args.PyTreeRestore(item, restore_args=args, partial_restore=partial),
+                )
+
             try:  # the tree as written (its metadata file is redundant otherwise)
                 stored = reader.metadata(path).item_metadata.tree
             except Exception:  # noqa: BLE001 - lost metadata: restore by the target alone
@@ -306,14 +314,7 @@ class Reader:
                 stored = {k: stored[k] for k in target if k in stored}
             want, have = layout.layout_of(target), layout.layout_of(stored)
             if want is None or have is None or want == have:
-                return reader.restore(
-                    path,
-                    args=ocp.args.PyTreeRestore(
-                        item=target,
-                        restore_args=jax.tree.map(_restore_args, target),
-                        partial_restore=partial,
-                    ),
-                )
+                return read(target)
             # Written with the blocks in the other layout (`scan_layers` changed since): read
             # it as written, on the host, then convert and place into the target's shardings.
             logging.info(
@@ -322,16 +323,8 @@ class Reader:
                 "stacked" if have else "per block",
                 "stacked" if want else "per block",
             )
-            as_written = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored
-            )
-            raw = reader.restore(
-                path,
-                args=ocp.args.PyTreeRestore(
-                    item=as_written,
-                    restore_args=jax.tree.map(_restore_args, as_written),
-                    partial_restore=partial,
-                ),
+            raw = read(
+                jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored)
             )
         return place(layout.convert(raw, want), target)
 
