@@ -190,6 +190,7 @@ def build(
         eval_fn=eval_step,
         eval_keys=("image", "label", "mask"),
         rules=rules,
+        means=(*ts.MEAN_METRICS, "train_top1"),
     )
 
 
@@ -250,6 +251,11 @@ def evaluate(
         "loss": totals["loss"] / n,
         "num_examples": int(n),
     }
+
+
+def _logged(r: dict) -> dict:
+    """The scalars of an `evaluate` result a run logs."""
+    return {"eval_top1": r["top1"], "eval_top5": r["top5"], "eval_loss": r["loss"]}
 
 
 def check_labels(labels, num_classes: int, data_classes: int | None, where: str) -> None:
@@ -485,13 +491,9 @@ def classification_task(
         check_labels(batch["label"], p.num_classes, info.num_classes if info else None, train_split)
 
     def periodic(writer, state, batch, step, should_stop):
-        every = config.eval_every_steps
-        if every and step % every == 0 and step < p.run.total_steps:
-            r = run_eval(state, step, should_stop)
-            return {"eval_top1": r["top1"], "eval_top5": r["top5"], "eval_loss": r["loss"]}
-        return None
+        return _logged(run_eval(state, step, should_stop))
 
-    def final(writer, state, step):
+    def final(writer, state, batch, step):
         r = run_eval(state, step)
         if jax.process_index() == 0:
             out = {
@@ -503,7 +505,7 @@ def classification_task(
                 "init_from": meta["init_from"],
             }
             wdir.write_json(wdir.join(wdir.normalize(workdir), wdir.RESULTS), out)
-        return {"eval_top1": r["top1"], "eval_top5": r["top5"], "eval_loss": r["loss"]}
+        return _logged(r)
 
     return train.Task(
         name=name,
@@ -525,7 +527,7 @@ def classification_task(
         device_keys=("image", "label"),
         flops_per_image=flops_per_image,
         milestone_every=p.run.milestone_every,
-        periodic=periodic,
+        periodic=((config.eval_every_steps, periodic),),
         final=final,
         check_batch=check_batch,
     )
