@@ -47,11 +47,11 @@ class Task:
     from `config.init_from`). `meta()` is stored with every checkpoint; `check_meta(meta, step)`
     refuses a checkpoint of another model. `resolved` is the config with the numbers the run
     uses (written to `config.json`). `periodic`: `(every, fn)` pairs, `fn(writer, state,
-    host_batch, step, should_stop)` runs after every `every`-th step but the last (0: never),
+    host_batch, step, should_stop)` runs after every `every`-th step and the last (0: never),
     may log extras and return scalars; long work in it (evaluation passes) polls `should_stop()`
     between batches and raises `pipeline.Interrupted` when it is True (the loop then saves the
-    step and stops). `final(writer, state, host_batch, step)` runs once at the last step, to its
-    end. `check_batch(host_batch)` (optional) refuses a batch before its step (e.g. bad labels).
+    step and stops); at the last step it runs to its end. `check_batch(host_batch)` (optional)
+    refuses a batch before its step (e.g. bad labels).
     """
 
     name: str
@@ -67,7 +67,6 @@ class Task:
     flops_per_image: float | None = None
     milestone_every: int = 0
     periodic: tuple[tuple[int, Callable[[Any, dict, dict, int, Callable], dict | None]], ...] = ()
-    final: Callable[[Any, dict, dict, int], dict | None] | None = None
     check_batch: Callable[[dict], None] | None = None  # host batch, before its step
 
 
@@ -376,19 +375,18 @@ class Decision:
 def decide(done: int, c: Cadence, preempted: bool, waiting: bool = False) -> Decision:
     """What to do when `done` steps are complete. The first and the last step and every
     `log_every`-th are logged; every `checkpoint_every`-th and `milestone_every`-th and the
-    last are saved; periodic work runs at multiples of its period before the last step, which
-    runs `final` instead. A preemption saves the step and stops; `waiting`: the notice came
-    while waiting for the next batch (nothing new ran: save `done` and stop)."""
+    last are saved; periodic work runs at multiples of its period and at the last step. A
+    preemption saves the step and stops; `waiting`: the notice came while waiting for the next
+    batch (nothing new ran: save `done` and stop)."""
     if waiting:
         return Decision(save=True, stop=True)
     final = done == c.total_steps
-    due = tuple(work for every, work in c.periodic if every and done % every == 0)
+    due = tuple(work for every, work in c.periodic if every and (final or done % every == 0))
+    saves = (c.checkpoint_every, c.milestone_every)
     return Decision(
         log=done % c.log_every == 0 or done == 1 or final,
-        save=preempted
-        or final
-        or any(e and done % e == 0 for e in (c.checkpoint_every, c.milestone_every)),
-        periodic=() if final else due,
+        save=preempted or final or any(e and done % e == 0 for e in saves),
+        periodic=due,
         final=final,
         stop=preempted,
     )
@@ -404,20 +402,19 @@ def _train(
     startup: compile_cache.CompileEvents,
 ) -> dict:
     # ---- start-up: init or restore, writers, data
-    fns = task.fns
-    restored = None
+    fns, restored = task.fns, None
     if resumable:
         target = wdir.abstract_checkpoint(fns.abstract_state, fns.state_shardings)
         restored = wd.restore(target, check_meta=task.check_meta)
     if restored is None:
-        state, data_position = task.init(), 0
+        state, position = task.init(), 0
         logging.info(
             "%s: initialized (%s trainable parameters)", task.name, f"{_count(state['params']):,}"
         )
     else:
         state = wdir.from_checkpoint(restored.state, fns.abstract_state)
-        data_position = int(restored.meta.get("data_position", restored.step))
-        logging.info("resumed from step %d (data position %d)", restored.step, data_position)
+        position = int(restored.meta.get("data_position", restored.step))
+        logging.info("resumed from step %d (data position %d)", restored.step, position)
     start = int(jax.device_get(state["step"]))
     wd.write_config(task.resolved, start)
     primary = jax.process_index() == 0
@@ -430,23 +427,16 @@ def _train(
     def should_stop() -> bool:
         return wd.preemption_requested
 
-    data = task.make_data(data_position, should_stop=should_stop)
+    data = task.make_data(position, should_stop=should_stop)
     key = jax.random.key(config.seed)
     peak = config.get("peak_tflops") or flops.peak_tflops()
-    cadence = Cadence(
-        task.total_steps,
-        config.checkpoint_every_steps,
-        config.log_every_steps,
-        task.milestone_every,
-        task.periodic,
-    )
-    last: dict = {}
-    t_last, step_last = time.perf_counter(), start
+    every = (config.checkpoint_every_steps, config.log_every_steps, task.milestone_every)
+    cadence = Cadence(task.total_steps, *every, task.periodic)
     logging.info(
         "%s: steps %d..%d on mesh %s", task.name, start, task.total_steps, dict(mesh.shape)
     )
     trace = profiler.Profiler(profile, wd.root, start, task.total_steps)
-    d = Decision()
+    last, d, t_last, step_last = {}, Decision(), time.perf_counter(), start
     try:
         if wd.preemption_requested:  # no step ran: exit now rather than after compiling
             print(
@@ -483,16 +473,15 @@ def _train(
                         )
                     done = step + 1
                     d = decide(done, cadence, wd.preempted(done))
-                if (d.log or d.save) and (bad := int(jax.device_get(state["nonfinite_step"]))) >= 0:
+                bad = int(jax.device_get(state["nonfinite_step"])) if d.log or d.save else -1
+                if bad >= 0:
                     wd.wait()
-                    saved = [
-                        f"the last good checkpoint is step {s} in {wd.checkpoints}"
-                        for s in wd.steps()
-                    ]
-                    where = (saved or ["no checkpoint was saved yet"])[-1]
+                    where = "no checkpoint was saved yet"
+                    if saved := wd.steps():
+                        where = f"the last good checkpoint is step {saved[-1]} in {wd.checkpoints}"
                     raise TrainingError(f"non-finite loss at step {bad}; stopping ({where})")
                 values = {}
-                if d.log:  # the step's own lr and norms, the window's mean loss and gradient norm
+                if d.log:  # the step's lr and norms; loss, grad_norm: means over the window
                     state, means = fns.read_window(state)
                     values = {**{k: float(v) for k, v in jax.device_get(m).items()}, **means}
                     now = time.perf_counter()
@@ -504,20 +493,27 @@ def _train(
                         values["tflops_per_device"] = tflops
                         if peak:
                             values["mfu"] = tflops / peak
+                stop = None if d.final else should_stop  # the last step's work runs to its end
                 try:
                     for work in d.periodic:
-                        values.update(work(writer, state, batch, done, should_stop) or {})
+                        values.update(work(writer, state, batch, done, stop) or {})
                 except pipeline.Interrupted as e:  # saved and stopped at the next step
                     logging.warning("step %d: periodic work interrupted (%s)", done, e)
-                if d.final and task.final is not None:
-                    values.update(task.final(writer, state, batch, done) or {})
                 if values:
                     writer.write_scalars(done, values)
                     last = {"step": done, **values}
-                if d.save:
-                    _save(wd, task, config, data, state, done)
-                if d.stop:
-                    _stop(wd, done)
+                if d.save:  # (unless that step is saved)
+                    meta = {**task.meta(), "data_position": data.position, "seed": config.seed}
+                    meta.update(step=done, skipped_images=data.skipped)
+                    with jax.profiler.TraceAnnotation("checkpoint_save"):
+                        wd.save(done, wdir.to_checkpoint(state), meta)
+                if d.stop:  # the one preemption path (SIGTERM, Ctrl-C, a pod's sync point)
+                    wd.wait()
+                    if done in wd.steps():
+                        msg = f"preemption notice: saved step {done} in {wd.checkpoints}; exiting"
+                        print(msg, flush=True)
+                    else:
+                        logging.error("preemption notice: could not save step %d; exiting", done)
                     break
             trace.after(step, state)
     finally:
@@ -534,29 +530,6 @@ def _train(
             flush=True,
         )
     return last
-
-
-def _save(wd: wdir.Writer, task: Task, config, data, state: dict, step: int) -> None:
-    """Starts saving `state` as checkpoint `step` (unless that step is saved)."""
-    meta = {
-        **task.meta(),
-        "data_position": data.position,
-        "seed": config.seed,
-        "step": step,
-        "skipped_images": data.skipped,
-    }
-    with jax.profiler.TraceAnnotation("checkpoint_save"):
-        wd.save(step, wdir.to_checkpoint(state), meta)
-
-
-def _stop(wd: wdir.Writer, step: int) -> None:
-    """The one preemption path (SIGTERM, Ctrl-C, a pod's sync point), once `step` is saved:
-    wait until it is finalized, say so."""
-    wd.wait()
-    if step in wd.steps():
-        print(f"preemption notice: saved step {step} in {wd.checkpoints}; exiting", flush=True)
-    else:
-        logging.error("preemption notice: could not save step %d; exiting", step)
 
 
 def _count(params) -> int:

@@ -7,9 +7,8 @@ check go through `build`; nothing else calls `jax.jit` on a train step. `StepFns
 The train state is a dict: the model's split parts (`params`, the trainable `nnx.Param`s, plus
 task-specific entries such as `frozen` or `batch_stats`), `opt_state`, `step` (int32, updates
 done), `nonfinite_step` (int32; the first step whose loss was not finite, -1 if none) and
-`window` (`{'sum': {name: float32}, 'count': int32}`: the mean-type metrics summed over the
-steps since the loop last logged, `StepFns.read_window`; checkpointed, so a resumed run logs
-the same means as an uninterrupted one). The
+`window` (`{'sum': {name: float32}, 'count': int32}`: metrics summed since the loop last logged,
+`StepFns.read_window`; checkpointed: a resumed run logs the means an uninterrupted one does). The
 model's graph and its remaining variables (`rest`: fixed position tables, RNG streams) are kept
 apart and passed to every call. Every entry is sharded by its variables' `logical_axes`
 (`mae_jax.sharding.state_shardings`); batches are sharded over the batch axes.
@@ -18,6 +17,7 @@ apart and passed to every call. Every entry is sharded by its variables' `logica
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,18 +44,14 @@ def split_params(model) -> tuple[Any, dict, Any]:
     return graphdef, {"params": params}, rest
 
 
-# The metrics a step returns that are logged as their mean over the logging window (the others,
-# `lr` and `param_norm`, as of the logged step).
-MEAN_METRICS = ("loss", "grad_norm")
+MEAN_METRICS = ("loss", "grad_norm")  # logged as window means; lr, param_norm: of the step
 
 
 def init_state(parts: dict, tx: optax.GradientTransformation | None, means=MEAN_METRICS) -> dict:
     """The train state of the model `parts` (no `opt_state` and `window` without an optimizer
     `tx`); the window sums the metrics named in `means`."""
-    opt = {}
-    if tx is not None:
-        window = {"sum": {k: jnp.zeros((), jnp.float32) for k in means}, "count": jnp.int32(0)}
-        opt = {"opt_state": tx.init(parts["params"]), "window": window}
+    window = {"sum": {k: jnp.zeros((), jnp.float32) for k in means}, "count": jnp.int32(0)}
+    opt = {} if tx is None else {"opt_state": tx.init(parts["params"]), "window": window}
     return {
         **parts,
         **opt,
@@ -98,10 +94,11 @@ class StepFns:
     """The jitted programs of one model / optimizer / mesh, and what they run on.
 
     `jit_step(state, batch, key, rest) -> (state, metrics)`: the train step (`jax.jit` object;
-    state donated; None in an evaluation-only build); the metrics are the step's own, their
-    mean-type ones also added to the state's `window`. `jit_init() -> state`: a fresh state. `jit_eval(state, batch, rest) -> sums`
-    when the task evaluates. `batch` is a dict of global arrays with `batch_keys`. `rest` is
-    built on first use, so lowering for compile-only devices never executes anything.
+    state donated; None in an evaluation-only build); the metrics are the step's own, the
+    `means` also added to the state's `window`. `jit_init() -> state`: a fresh state.
+    `jit_eval(state, batch, rest) -> sums` when the task evaluates. `batch` is a dict of global
+    arrays with `batch_keys`. `rest` is built on first use, so lowering for compile-only devices
+    never executes anything.
     """
 
     jit_step: Any
@@ -181,7 +178,8 @@ def build(
         raise ValueError("train_step.build needs a step_fn, an eval_fn or both")
     abstract_model = nnx.eval_shape(model_fn)
     graphdef, abstract_parts, abstract_rest = split(abstract_model)
-    abstract_state = jax.eval_shape(lambda p: init_state(p, tx, means), abstract_parts)
+    init = functools.partial(init_state, tx=tx, means=means)
+    abstract_state = jax.eval_shape(init, abstract_parts)
     state_sh = shd.state_shardings(abstract_state, mesh, rules)
     rest_sh = shd.state_shardings(abstract_rest, mesh, rules)
     rep = shd.replicated(mesh)
@@ -213,9 +211,7 @@ def build(
         jit_eval=jit_eval,
         # The non-trainable variables are deterministic tables: built once, on first use.
         jit_rest=jax.jit(lambda: split(model_fn())[2], out_shardings=rest_sh),
-        jit_init=jax.jit(
-            lambda: init_state(split(model_fn())[1], tx, means), out_shardings=state_sh
-        ),
+        jit_init=jax.jit(lambda: init(split(model_fn())[1]), out_shardings=state_sh),
         graphdef=graphdef,
         abstract_state=abstract_state,
         state_shardings=state_sh,

@@ -372,7 +372,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
 
 
-# ------------------------------------------------------------------------------ the loop's decisions
+# ------------------------------------------------------------------------------ the loop
 _C = train.Cadence(
     total_steps=100,
     checkpoint_every=20,
@@ -394,11 +394,11 @@ _D = train.Decision
         (25, False, False, _D(periodic=("knn",))),  # periodic work, off when its period is 0
         (40, False, False, _D(log=True, save=True, periodic=("pictures",))),
         (50, False, False, _D(log=True, periodic=("knn",))),
-        # the last step: logged, saved, `final` instead of its periodic work
-        (100, False, False, _D(log=True, save=True, final=True)),
+        # the last step: logged, saved, and every periodic work that is on
+        (100, False, False, _D(log=True, save=True, periodic=("knn", "pictures"), final=True)),
         (7, True, False, _D(save=True, stop=True)),  # a preemption between save steps
         (20, True, False, _D(log=True, save=True, stop=True)),  # ... and at a save step
-        (100, True, False, _D(log=True, save=True, final=True, stop=True)),
+        (100, True, False, _D(True, True, ("knn", "pictures"), final=True, stop=True)),
         # a notice while waiting for the next batch: save the last completed step, stop
         (7, True, True, _D(save=True, stop=True)),
         (0, True, True, _D(save=True, stop=True)),

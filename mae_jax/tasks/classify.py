@@ -253,11 +253,6 @@ def evaluate(
     }
 
 
-def _logged(r: dict) -> dict:
-    """The scalars of an `evaluate` result a run logs."""
-    return {"eval_top1": r["top1"], "eval_top5": r["top5"], "eval_loss": r["loss"]}
-
-
 def check_labels(labels, num_classes: int, data_classes: int | None, where: str) -> None:
     """Refuse class ids outside `[0, num_classes)` (the model's classes) among `labels` (ints,
     any shape) read from `where`; `data_classes`: what the data set says it has (None: unknown).
@@ -472,7 +467,9 @@ def classification_task(
         "schedule": p.run.schedule,
     }
 
-    def run_eval(state, step, should_stop=None):
+    def run_eval(writer, state, batch, step, should_stop):
+        """The evaluation every `config.eval_every_steps` and at the end (then also written to
+        `eval_results.json`)."""
         r = evaluate(fns, state, config.data, p.eval_batch_size, mesh, p.num_classes, should_stop)
         logging.info(
             "%s: step %d: eval top-1 %.2f%%, top-5 %.2f%% on %d examples",
@@ -482,20 +479,7 @@ def classification_task(
             r["top5"],
             r["num_examples"],
         )
-        return r
-
-    info = pipeline.dataset_info(config.data)
-    train_split = pipeline.describe_source(config.data)
-
-    def check_batch(batch):
-        check_labels(batch["label"], p.num_classes, info.num_classes if info else None, train_split)
-
-    def periodic(writer, state, batch, step, should_stop):
-        return _logged(run_eval(state, step, should_stop))
-
-    def final(writer, state, batch, step):
-        r = run_eval(state, step)
-        if jax.process_index() == 0:
+        if step == p.run.total_steps and jax.process_index() == 0:
             out = {
                 **r,
                 "step": step,
@@ -505,7 +489,13 @@ def classification_task(
                 "init_from": meta["init_from"],
             }
             wdir.write_json(wdir.join(wdir.normalize(workdir), wdir.RESULTS), out)
-        return _logged(r)
+        return {"eval_top1": r["top1"], "eval_top5": r["top5"], "eval_loss": r["loss"]}
+
+    info = pipeline.dataset_info(config.data)
+    train_split = pipeline.describe_source(config.data)
+
+    def check_batch(batch):
+        check_labels(batch["label"], p.num_classes, info.num_classes if info else None, train_split)
 
     return train.Task(
         name=name,
@@ -527,7 +517,6 @@ def classification_task(
         device_keys=("image", "label"),
         flops_per_image=flops_per_image,
         milestone_every=p.run.milestone_every,
-        periodic=((config.eval_every_steps, periodic),),
-        final=final,
+        periodic=((config.eval_every_steps or p.run.total_steps, run_eval),),  # 0: at the end
         check_batch=check_batch,
     )

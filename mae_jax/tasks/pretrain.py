@@ -259,18 +259,13 @@ def task(config, mesh, resume: train.Resume = None, where: str = "") -> train.Ta
             state = init_from.load(state, fns.state_shardings, source, keys, p.model)
         return state
 
-    def knn(writer, state, batch, step, should_stop=None):
+    def knn(writer, state, batch, step, should_stop):
         result = knn_monitor.evaluate(fns, state, config.data, p.knn, mesh, should_stop)
         return knn_monitor.log(result, p.knn, step)
 
-    def reconstruct(writer, state, batch, step, should_stop=lambda: False):
-        if not should_stop():
+    def reconstruct(writer, state, batch, step, should_stop):
+        if not (should_stop and should_stop()):
             _log_reconstruction(writer, fns, state, batch, p.model, step)
-
-    def final(writer, state, batch, step):
-        if config.reconstruction_every_steps:
-            reconstruct(writer, state, batch, step)
-        return knn(writer, state, batch, step) if p.knn.every_steps else None
 
     return train.Task(
         name=f"pretrain {p.model.name}",
@@ -291,7 +286,6 @@ def task(config, mesh, resume: train.Resume = None, where: str = "") -> train.Ta
         flops_per_image=flops.mae_train_flops_per_image(p.model),
         milestone_every=p.run.milestone_every,
         periodic=((config.reconstruction_every_steps, reconstruct), (p.knn.every_steps, knn)),
-        final=final,
     )
 
 
