@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -41,38 +40,25 @@ def format_eta(seconds) -> str:
         return "?"
     if seconds < 0:
         raise ValueError(f"seconds must be >= 0, got {seconds}")
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    m, s = divmod(s, 60)
-    if m < 60:
-        return f"{m}m{s:02d}s"
+    m, s = divmod(int(round(seconds)), 60)
     h, m = divmod(m, 60)
-    if h < 24:
-        return f"{h}h{m:02d}m"
     d, h = divmod(h, 24)
-    return f"{d}d{h:02d}h"
+    if d:
+        return f"{d}d{h:02d}h"
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 def _to_number(name: str, value) -> int | float:
-    """Python int/float from a Python, numpy or jax scalar (or size-1 array)."""
-    if isinstance(value, bool):
-        raise ValueError(f"metric {name!r} must be a number, got bool {value!r}")
-    if isinstance(value, int):
+    """Python int/float from a Python, numpy or jax real scalar (or size-1 array)."""
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, numbers.Real):
-        return float(value)
     try:
         arr = np.asarray(value)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception:  # noqa: BLE001 - e.g. a ragged list: refused below
+        arr = np.asarray(None)
+    if isinstance(value, bool) or arr.size != 1 or arr.dtype.kind not in "iuf":
         raise ValueError(
-            f"metric {name!r} must be a scalar number, got {type(value).__name__}"
-        ) from e
-    if arr.size != 1 or not (
-        np.issubdtype(arr.dtype, np.number) and not np.issubdtype(arr.dtype, np.complexfloating)
-    ):
-        raise ValueError(
-            f"metric {name!r} must be a real scalar, got dtype {arr.dtype} shape {arr.shape}"
+            f"metric {name!r} must be a real scalar, got {type(value).__name__} {value!r:.60}"
         )
     return float(arr.reshape(()))
 

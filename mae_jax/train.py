@@ -46,11 +46,12 @@ class Task:
     at least `params`, `step` and `nonfinite_step`. `init()` builds the starting state (fresh, or
     from `config.init_from`). `meta()` is stored with every checkpoint; `check_meta(meta, step)`
     refuses a checkpoint of another model. `resolved` is the config with the numbers the run
-    uses (written to `config.json`). `periodic(writer, state, host_batch, step, should_stop)`
+    uses (written to `config.json`). `periodic`: `(every, fn)` pairs, `fn(writer, state,
+    host_batch, step, should_stop)` runs after every `every`-th step and the last (0: never),
     may log extras and return scalars; long work in it (evaluation passes) polls `should_stop()`
     between batches and raises `pipeline.Interrupted` when it is True (the loop then saves the
-    step and stops). `final(writer, state, step)` runs once at the last step, to its end.
-    `check_batch(host_batch)` (optional) refuses a batch before its step (e.g. bad labels).
+    step and stops); at the last step it runs to its end. `check_batch(host_batch)` (optional)
+    refuses a batch before its step (e.g. bad labels).
     """
 
     name: str
@@ -65,8 +66,7 @@ class Task:
     device_keys: tuple[str, ...] = ("image",)
     flops_per_image: float | None = None
     milestone_every: int = 0
-    periodic: Callable[[Any, dict, dict, int, Callable[[], bool]], dict | None] | None = None
-    final: Callable[[Any, dict, int], dict | None] | None = None
+    periodic: tuple[tuple[int, Callable[[Any, dict, dict, int, Callable], dict | None]], ...] = ()
     check_batch: Callable[[dict], None] | None = None  # host batch, before its step
 
 
@@ -350,6 +350,48 @@ def _latest(root: str) -> Resume:
     return latest
 
 
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """When a run logs, saves and does its periodic work, in steps (0: never)."""
+
+    total_steps: int
+    checkpoint_every: int
+    log_every: int
+    milestone_every: int = 0
+    periodic: tuple = ()  # `Task.periodic`: (every, work) pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What the loop does once a step is complete."""
+
+    log: bool = False
+    save: bool = False
+    periodic: tuple = ()  # the `Task.periodic` work due
+    final: bool = False
+    stop: bool = False
+
+
+def decide(done: int, c: Cadence, preempted: bool, waiting: bool = False) -> Decision:
+    """What to do when `done` steps are complete. The first and the last step and every
+    `log_every`-th are logged; every `checkpoint_every`-th and `milestone_every`-th and the
+    last are saved; periodic work runs at multiples of its period and at the last step. A
+    preemption saves the step and stops; `waiting`: the notice came while waiting for the next
+    batch (nothing new ran: save `done` and stop)."""
+    if waiting:
+        return Decision(save=True, stop=True)
+    final = done == c.total_steps
+    due = tuple(work for every, work in c.periodic if every and (final or done % every == 0))
+    saves = (c.checkpoint_every, c.milestone_every)
+    return Decision(
+        log=done % c.log_every == 0 or done == 1 or final,
+        save=preempted or final or any(e and done % e == 0 for e in saves),
+        periodic=due,
+        final=final,
+        stop=preempted,
+    )
+
+
 def _train(
     config,
     wd: wdir.Writer,
@@ -359,24 +401,22 @@ def _train(
     profile: tuple[int, int] | None,
     startup: compile_cache.CompileEvents,
 ) -> dict:
-    fns = task.fns
-    restored = None
+    # ---- start-up: init or restore, writers, data
+    fns, restored = task.fns, None
     if resumable:
         target = wdir.abstract_checkpoint(fns.abstract_state, fns.state_shardings)
         restored = wd.restore(target, check_meta=task.check_meta)
     if restored is None:
-        state = task.init()
-        data_position = 0
+        state, position = task.init(), 0
         logging.info(
             "%s: initialized (%s trainable parameters)", task.name, f"{_count(state['params']):,}"
         )
     else:
         state = wdir.from_checkpoint(restored.state, fns.abstract_state)
-        data_position = int(restored.meta.get("data_position", restored.step))
-        logging.info("resumed from step %d (data position %d)", restored.step, data_position)
+        position = int(restored.meta.get("data_position", restored.step))
+        logging.info("resumed from step %d (data position %d)", restored.step, position)
     start = int(jax.device_get(state["step"]))
     wd.write_config(task.resolved, start)
-
     primary = jax.process_index() == 0
     if primary:  # drop lines of steps after the checkpoint, before appending
         metrics.truncate_after(wd.root, start)
@@ -387,137 +427,102 @@ def _train(
     def should_stop() -> bool:
         return wd.preemption_requested
 
-    data = task.make_data(data_position, should_stop=should_stop)
+    data = task.make_data(position, should_stop=should_stop)
     key = jax.random.key(config.seed)
     peak = config.get("peak_tflops") or flops.peak_tflops()
-    last_saved = None if restored is None else restored.step
-    last: dict = {}
-    t_last, step_last = time.perf_counter(), start
+    every = (config.checkpoint_every_steps, config.log_every_steps, task.milestone_every)
+    cadence = Cadence(task.total_steps, *every, task.periodic)
     logging.info(
         "%s: steps %d..%d on mesh %s", task.name, start, task.total_steps, dict(mesh.shape)
     )
-
-    def save(step):
-        with jax.profiler.TraceAnnotation("checkpoint_save"):
-            return _save(step)
-
-    def _save(step):
-        meta = {
-            **task.meta(),
-            "data_position": data.position,
-            "seed": config.seed,
-            "step": step,
-            "skipped_images": data.skipped,
-        }
-        return wd.save(step, wdir.to_checkpoint(state), meta)
-
-    def stop(step):
-        """The one preemption path (SIGTERM, Ctrl-C, a pod's sync point): save the last
-        completed step unless it is saved, wait until it is finalized, say so."""
-        nonlocal last_saved
-        if last_saved != step:
-            save(step)
-            last_saved = step
-        wd.wait()
-        if step in wd.steps():
-            print(f"preemption notice: saved step {step} in {wd.checkpoints}; exiting", flush=True)
-        else:
-            logging.error("preemption notice: could not save step %d; exiting", step)
-
     trace = profiler.Profiler(profile, wd.root, start, task.total_steps)
-    interrupted = False
-    state_out: Any = state
+    last, d, t_last, step_last = {}, Decision(), time.perf_counter(), start
     try:
+        if wd.preemption_requested:  # no step ran: exit now rather than after compiling
+            print(
+                f"preemption notice during start-up: exiting before step {start + 1}; the "
+                f"next run starts from {f'step {start}' if start else 'the beginning'}",
+                flush=True,
+            )
+            return last
+        # ---- the steps: get batch -> step -> decide -> act
         for step in range(start, task.total_steps):
-            if step == start and wd.preemption_requested:
-                # A notice during start-up: no step ran, so there is nothing new to save; exit
-                # now rather than after compiling the step (minutes for a large model).
-                interrupted = True
-                print(
-                    f"preemption notice during start-up: exiting before step {step + 1}; the "
-                    f"next run starts from {f'step {start}' if start else 'the beginning'}",
-                    flush=True,
-                )
-                break
             trace.before(step)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 try:
+                    if wd.preemption_requested:  # a notice during the last step's work
+                        raise pipeline.Interrupted("stop requested")
                     with jax.profiler.TraceAnnotation("data"):
                         batch = next(data)
                         if task.check_batch is not None:
                             task.check_batch(batch)
                         arrays = {k: shd.global_batch(batch[k], mesh) for k in task.device_keys}
                 except pipeline.Interrupted:
-                    interrupted = True
-                    stop(step)
-                    break
-                state, m = fns.step(state, arrays, key)
-                state_out = (state, m)
-                if step == start:
-                    startup.stop()
-                    took = startup.summary()
-                    logging.info(
-                        "%s: start-up compilation: %s (tracing %.2f s, lowering %.2f s)",
-                        task.name,
-                        compile_cache.describe(took),
-                        took["trace_s"],
-                        took["lower_s"],
-                    )
-                done = step + 1
-                preempted = wd.preempted(done)
-                wants_save = (
-                    done % config.checkpoint_every_steps == 0
-                    or done == task.total_steps
-                    or (task.milestone_every and done % task.milestone_every == 0)
-                    or preempted
-                )
-                is_log = done % config.log_every_steps == 0 or done == task.total_steps or done == 1
-                if is_log or wants_save:
-                    bad = int(jax.device_get(state["nonfinite_step"]))
-                    if bad >= 0:
-                        where = (
-                            f"the last good checkpoint is step {last_saved} in {wd.checkpoints}"
-                            if last_saved is not None
-                            else "no checkpoint was saved yet"
+                    done, d = step, decide(step, cadence, True, waiting=True)
+                else:
+                    state, m = fns.step(state, arrays, key)
+                    if step == start:
+                        startup.stop()
+                        took = startup.summary()
+                        logging.info(
+                            "%s: start-up compilation: %s (tracing %.2f s, lowering %.2f s)",
+                            task.name,
+                            compile_cache.describe(took),
+                            took["trace_s"],
+                            took["lower_s"],
                         )
-                        raise TrainingError(f"non-finite loss at step {bad}; stopping ({where})")
+                    done = step + 1
+                    d = decide(done, cadence, wd.preempted(done))
+                bad = int(jax.device_get(state["nonfinite_step"])) if d.log or d.save else -1
+                if bad >= 0:
+                    wd.wait()
+                    where = "no checkpoint was saved yet"
+                    if saved := wd.steps():
+                        where = f"the last good checkpoint is step {saved[-1]} in {wd.checkpoints}"
+                    raise TrainingError(f"non-finite loss at step {bad}; stopping ({where})")
                 values = {}
-                if is_log:
-                    values = {k: float(v) for k, v in jax.device_get(m).items()}
+                if d.log:  # the step's lr and norms; loss, grad_norm: means over the window
+                    state, means = fns.read_window(state)
+                    values = {**{k: float(v) for k, v in jax.device_get(m).items()}, **means}
                     now = time.perf_counter()
                     ips = (done - step_last) * task.batch_size / max(now - t_last, 1e-9)
                     t_last, step_last = now, done
                     values.update(images_per_sec=ips, skipped_images=data.skipped)
                     if task.flops_per_image:
-                        values["tflops_per_device"] = (
-                            ips * task.flops_per_image / 1e12 / jax.device_count()
-                        )
+                        tflops = ips * task.flops_per_image / 1e12 / jax.device_count()
+                        values["tflops_per_device"] = tflops
                         if peak:
-                            values["mfu"] = values["tflops_per_device"] / peak
-                if task.periodic is not None:
-                    try:
-                        values.update(task.periodic(writer, state, batch, done, should_stop) or {})
-                    except pipeline.Interrupted as e:  # saved and stopped below
-                        logging.warning("step %d: periodic work interrupted (%s)", done, e)
-                if task.final is not None and done == task.total_steps:
-                    values.update(task.final(writer, state, done) or {})
+                            values["mfu"] = tflops / peak
+                stop = None if d.final else should_stop  # the last step's work runs to its end
+                try:
+                    for work in d.periodic:
+                        values.update(work(writer, state, batch, done, stop) or {})
+                except pipeline.Interrupted as e:  # saved and stopped at the next step
+                    logging.warning("step %d: periodic work interrupted (%s)", done, e)
                 if values:
                     writer.write_scalars(done, values)
                     last = {"step": done, **values}
-                if wants_save and save(done):
-                    last_saved = done
-                if preempted or wd.preemption_requested:
-                    interrupted = True
-                    stop(done)
+                if d.save:  # (unless that step is saved)
+                    meta = {**task.meta(), "data_position": data.position, "seed": config.seed}
+                    meta.update(step=done, skipped_images=data.skipped)
+                    with jax.profiler.TraceAnnotation("checkpoint_save"):
+                        wd.save(done, wdir.to_checkpoint(state), meta)
+                if d.stop:  # the one preemption path (SIGTERM, Ctrl-C, a pod's sync point)
+                    wd.wait()
+                    if done in wd.steps():
+                        msg = f"preemption notice: saved step {done} in {wd.checkpoints}; exiting"
+                        print(msg, flush=True)
+                    else:
+                        logging.error("preemption notice: could not save step %d; exiting", done)
                     break
-            trace.after(step, state_out)
+            trace.after(step, state)
     finally:
-        trace.stop(state_out)  # a run that ends or fails inside the window
+        trace.stop(state)  # a run that ends or fails inside the window
         wd.wait()
         writer.close()
         if hasattr(data, "close"):
             data.close()
-    if not interrupted and primary:
+    if not d.stop and primary:
         print(
             f"{task.name}: done at step {task.total_steps}. checkpoints: {wd.checkpoints}; "
             f"metrics: {wdir.join(wd.root, metrics.JSONL_NAME)}; TensorBoard: tensorboard "

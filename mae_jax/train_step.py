@@ -6,7 +6,9 @@ check go through `build`; nothing else calls `jax.jit` on a train step. `StepFns
 
 The train state is a dict: the model's split parts (`params`, the trainable `nnx.Param`s, plus
 task-specific entries such as `frozen` or `batch_stats`), `opt_state`, `step` (int32, updates
-done) and `nonfinite_step` (int32; the first step whose loss was not finite, -1 if none). The
+done), `nonfinite_step` (int32; the first step whose loss was not finite, -1 if none) and
+`window` (`{'sum': {name: float32}, 'count': int32}`: metrics summed since the loop last logged,
+`StepFns.read_window`; checkpointed: a resumed run logs the means an uninterrupted one does). The
 model's graph and its remaining variables (`rest`: fixed position tables, RNG streams) are kept
 apart and passed to every call. Every entry is sharded by its variables' `logical_axes`
 (`mae_jax.sharding.state_shardings`); batches are sharded over the batch axes.
@@ -15,11 +17,13 @@ apart and passed to every call. Every entry is sharded by its variables' `logica
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -40,9 +44,14 @@ def split_params(model) -> tuple[Any, dict, Any]:
     return graphdef, {"params": params}, rest
 
 
-def init_state(parts: dict, tx: optax.GradientTransformation | None) -> dict:
-    """The train state of the model `parts` (no `opt_state` without an optimizer `tx`)."""
-    opt = {} if tx is None else {"opt_state": tx.init(parts["params"])}
+MEAN_METRICS = ("loss", "grad_norm")  # logged as window means; lr, param_norm: of the step
+
+
+def init_state(parts: dict, tx: optax.GradientTransformation | None, means=MEAN_METRICS) -> dict:
+    """The train state of the model `parts` (no `opt_state` and `window` without an optimizer
+    `tx`); the window sums the metrics named in `means`."""
+    window = {"sum": {k: jnp.zeros((), jnp.float32) for k in means}, "count": jnp.int32(0)}
+    opt = {} if tx is None else {"opt_state": tx.init(parts["params"]), "window": window}
     return {
         **parts,
         **opt,
@@ -85,9 +94,11 @@ class StepFns:
     """The jitted programs of one model / optimizer / mesh, and what they run on.
 
     `jit_step(state, batch, key, rest) -> (state, metrics)`: the train step (`jax.jit` object;
-    state donated; None in an evaluation-only build). `jit_init() -> state`: a fresh state. `jit_eval(state, batch, rest) -> sums`
-    when the task evaluates. `batch` is a dict of global arrays with `batch_keys`. `rest` is
-    built on first use, so lowering for compile-only devices never executes anything.
+    state donated; None in an evaluation-only build); the metrics are the step's own, the
+    `means` also added to the state's `window`. `jit_init() -> state`: a fresh state.
+    `jit_eval(state, batch, rest) -> sums` when the task evaluates. `batch` is a dict of global
+    arrays with `batch_keys`. `rest` is built on first use, so lowering for compile-only devices
+    never executes anything.
     """
 
     jit_step: Any
@@ -117,6 +128,13 @@ class StepFns:
 
     def evaluate(self, state: dict, batch: dict) -> dict:
         return self.jit_eval(state, batch, self.rest)
+
+    def read_window(self, state: dict) -> tuple[dict, dict]:
+        """`(state with an empty window, {name: mean over the window's steps})` (a host read)."""
+        window = jax.device_get(state["window"])
+        means = {k: float(v) / max(int(window["count"]), 1) for k, v in window["sum"].items()}
+        empty = jax.device_put(jax.tree.map(np.zeros_like, window), self.state_shardings["window"])
+        return {**state, "window": empty}, means
 
     def abstract_args(self, batch_shapes: dict[str, tuple[tuple[int, ...], Any]]) -> tuple:
         """`jit_step`'s arguments as ShapeDtypeStructs with their shardings, for `.lower()`:
@@ -150,22 +168,28 @@ def build(
     eval_fn: EvalFn | None = None,
     eval_keys: Sequence[str] = (),
     rules=shd.DEFAULT_RULES,
+    means: Sequence[str] = MEAN_METRICS,
 ) -> StepFns:
     """Abstract state, shardings and the jitted init / train (/ eval) programs of `model_fn`'s
     model under `tx` on `mesh`. Nothing is executed or compiled here. An evaluation-only build
-    (`step_fn` and `tx` None, `eval_fn` given) has no train step and no optimizer state."""
+    (`step_fn` and `tx` None, `eval_fn` given) has no train step and no optimizer state.
+    `means`: the metrics of `step_fn` logged as window means."""
     if step_fn is None and eval_fn is None:
         raise ValueError("train_step.build needs a step_fn, an eval_fn or both")
     abstract_model = nnx.eval_shape(model_fn)
     graphdef, abstract_parts, abstract_rest = split(abstract_model)
-    abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract_parts)
+    init = functools.partial(init_state, tx=tx, means=means)
+    abstract_state = jax.eval_shape(init, abstract_parts)
     state_sh = shd.state_shardings(abstract_state, mesh, rules)
     rest_sh = shd.state_shardings(abstract_rest, mesh, rules)
     rep = shd.replicated(mesh)
     batch_sh = {k: shd.batch_sharding(mesh) for k in (*batch_keys, *eval_keys)}
 
     def train(state, batch, key, rest):
-        return step_fn(state, batch, key, graphdef=graphdef, rest=rest)
+        state, metrics = step_fn(state, batch, key, graphdef=graphdef, rest=rest)
+        w = state["window"]
+        total = {k: v + metrics[k].astype(jnp.float32) for k, v in w["sum"].items()}
+        return {**state, "window": {"sum": total, "count": w["count"] + 1}}, metrics
 
     jit_step = None
     if step_fn is not None:
@@ -187,7 +211,7 @@ def build(
         jit_eval=jit_eval,
         # The non-trainable variables are deterministic tables: built once, on first use.
         jit_rest=jax.jit(lambda: split(model_fn())[2], out_shardings=rest_sh),
-        jit_init=jax.jit(lambda: init_state(split(model_fn())[1], tx), out_shardings=state_sh),
+        jit_init=jax.jit(lambda: init(split(model_fn())[1]), out_shardings=state_sh),
         graphdef=graphdef,
         abstract_state=abstract_state,
         state_shardings=state_sh,

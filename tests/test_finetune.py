@@ -59,7 +59,7 @@ def test_finetune_step_on_a_2x4_mesh_reaches_every_parameter_and_matches_data_pa
     mesh = shd.make_mesh(config.mesh)
     task = finetune.finetune_task(config, mesh, str(tmp_path / "run"))
     state = task.init()
-    assert set(state) == {"params", "opt_state", "step", "nonfinite_step"}
+    assert set(state) == {"params", "opt_state", "step", "nonfinite_step", "window"}
     params0 = _flat(state["params"])
     # the encoder is the checkpoint's; global pooling: a new fc_norm, the MAE's norm unused
     assert {k.split("/")[0] for k in params0} == {

@@ -15,6 +15,7 @@ from flax import nnx
 
 from mae_jax import models, optim, train
 from mae_jax import sharding as shd
+from mae_jax.data import pipeline
 from mae_jax.tasks import pretrain
 
 
@@ -369,3 +370,106 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
     assert sorted(got) == sorted(expected)
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+# ------------------------------------------------------------------------------ the loop
+_C = train.Cadence(
+    total_steps=100,
+    checkpoint_every=20,
+    log_every=10,
+    milestone_every=30,
+    periodic=((25, "knn"), (0, "off"), (40, "pictures")),
+)
+_D = train.Decision
+
+
+@pytest.mark.parametrize(
+    "done,preempted,waiting,expected",
+    [
+        (1, False, False, _D(log=True)),  # the first step is logged
+        (7, False, False, _D()),
+        (10, False, False, _D(log=True)),
+        (20, False, False, _D(log=True, save=True)),  # a periodic save
+        (30, False, False, _D(log=True, save=True)),  # a milestone
+        (25, False, False, _D(periodic=("knn",))),  # periodic work, off when its period is 0
+        (40, False, False, _D(log=True, save=True, periodic=("pictures",))),
+        (50, False, False, _D(log=True, periodic=("knn",))),
+        # the last step: logged, saved, and every periodic work that is on
+        (100, False, False, _D(log=True, save=True, periodic=("knn", "pictures"), final=True)),
+        (7, True, False, _D(save=True, stop=True)),  # a preemption between save steps
+        (20, True, False, _D(log=True, save=True, stop=True)),  # ... and at a save step
+        (100, True, False, _D(True, True, ("knn", "pictures"), final=True, stop=True)),
+        # a notice while waiting for the next batch: save the last completed step, stop
+        (7, True, True, _D(save=True, stop=True)),
+        (0, True, True, _D(save=True, stop=True)),
+    ],
+)
+def test_decide(done, preempted, waiting, expected):
+    assert train.decide(done, _C, preempted, waiting) == expected
+
+
+def test_the_last_step_is_logged_when_the_period_does_not_divide_it():
+    c = train.Cadence(total_steps=99, checkpoint_every=1000, log_every=50)
+    assert [d for d in range(1, 100) if train.decide(d, c, False).log] == [1, 50, 99]
+    assert [d for d in range(1, 100) if train.decide(d, c, False).save] == [99]
+
+
+def test_logged_loss_is_the_mean_of_the_window(tiny_run, tmp_path):
+    per_step = str(tmp_path / "every")
+    pretrain.train_and_evaluate(small(log_every_steps=1), per_step)
+    one = {r["step"]: r for r in _metrics(per_step)}
+    assert sorted(one) == [1, 2, 3, 4, 5, 6] and len({one[s]["loss"] for s in one}) == 6
+
+    def check(rows, windows):
+        assert sorted(rows) == sorted(windows)
+        for step, window in windows.items():
+            for k in ("loss", "grad_norm"):
+                mean = np.mean([one[s][k] for s in window])
+                assert rows[step][k] == pytest.approx(mean, rel=1e-5), (step, k)
+            for k in ("lr", "param_norm"):  # as of the logged step
+                assert rows[step][k] == pytest.approx(one[step][k], rel=1e-6), (step, k)
+
+    # log_every 2 (tiny_run): windows {1}, {2}, {3, 4}, {5, 6}
+    check({r["step"]: r for r in _metrics(tiny_run)}, {1: [1], 2: [2], 4: [3, 4], 6: [5, 6]})
+    # log_every 5: {1}, {2..5} (across the step-3 checkpoint), {6}
+    five = str(tmp_path / "five")
+    pretrain.train_and_evaluate(small(log_every_steps=5), five)
+    check({r["step"]: r for r in _metrics(five)}, {1: [1], 5: [2, 3, 4, 5], 6: [6]})
+
+
+class _NoticeWhileWaiting:
+    """The pretraining iterator, with a SIGTERM arriving while the batch after `after` batches
+    is awaited (the real iterator then raises `Interrupted`)."""
+
+    def __init__(self, inner, after):
+        self.inner, self.left = inner, after
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __next__(self):
+        if self.left == 0:
+            signal.raise_signal(signal.SIGTERM)
+            raise pipeline.Interrupted("stopped while waiting for data")
+        self.left -= 1
+        return next(self.inner)
+
+
+def test_a_notice_while_waiting_for_data_saves_the_last_step_and_resumes_exactly(
+    tiny_run, tmp_path, monkeypatch, capsys
+):
+    real = pipeline.create_pretrain_iterator
+    monkeypatch.setattr(
+        pipeline, "create_pretrain_iterator", lambda *a, **k: _NoticeWhileWaiting(real(*a, **k), 5)
+    )
+    workdir = str(tmp_path / "run")
+    pretrain.train_and_evaluate(small(), workdir)  # checkpoints at 3 and 6; stops after 5
+    assert f"preemption notice: saved step 5 in {workdir}/checkpoints" in capsys.readouterr().out
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "5"]
+    assert [r["step"] for r in _metrics(workdir)] == [1, 2, 4]
+    monkeypatch.setattr(pipeline, "create_pretrain_iterator", real)
+    pretrain.train_and_evaluate(small(), workdir)  # step 6's window {5, 6} spans the stop
+    expected = {r["step"]: r["loss"] for r in _metrics(tiny_run)}
+    got = {r["step"]: r["loss"] for r in _metrics(workdir)}
+    assert sorted(got) == [1, 2, 4, 6]
+    assert got == pytest.approx(expected, rel=1e-6)

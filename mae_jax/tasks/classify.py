@@ -190,6 +190,7 @@ def build(
         eval_fn=eval_step,
         eval_keys=("image", "label", "mask"),
         rules=rules,
+        means=(*ts.MEAN_METRICS, "train_top1"),
     )
 
 
@@ -466,7 +467,9 @@ def classification_task(
         "schedule": p.run.schedule,
     }
 
-    def run_eval(state, step, should_stop=None):
+    def run_eval(writer, state, batch, step, should_stop):
+        """The evaluation every `config.eval_every_steps` and at the end (then also written to
+        `eval_results.json`)."""
         r = evaluate(fns, state, config.data, p.eval_batch_size, mesh, p.num_classes, should_stop)
         logging.info(
             "%s: step %d: eval top-1 %.2f%%, top-5 %.2f%% on %d examples",
@@ -476,24 +479,7 @@ def classification_task(
             r["top5"],
             r["num_examples"],
         )
-        return r
-
-    info = pipeline.dataset_info(config.data)
-    train_split = pipeline.describe_source(config.data)
-
-    def check_batch(batch):
-        check_labels(batch["label"], p.num_classes, info.num_classes if info else None, train_split)
-
-    def periodic(writer, state, batch, step, should_stop):
-        every = config.eval_every_steps
-        if every and step % every == 0 and step < p.run.total_steps:
-            r = run_eval(state, step, should_stop)
-            return {"eval_top1": r["top1"], "eval_top5": r["top5"], "eval_loss": r["loss"]}
-        return None
-
-    def final(writer, state, step):
-        r = run_eval(state, step)
-        if jax.process_index() == 0:
+        if step == p.run.total_steps and jax.process_index() == 0:
             out = {
                 **r,
                 "step": step,
@@ -504,6 +490,12 @@ def classification_task(
             }
             wdir.write_results(workdir, out)
         return {"eval_top1": r["top1"], "eval_top5": r["top5"], "eval_loss": r["loss"]}
+
+    info = pipeline.dataset_info(config.data)
+    train_split = pipeline.describe_source(config.data)
+
+    def check_batch(batch):
+        check_labels(batch["label"], p.num_classes, info.num_classes if info else None, train_split)
 
     return train.Task(
         name=name,
@@ -525,7 +517,6 @@ def classification_task(
         device_keys=("image", "label"),
         flops_per_image=flops_per_image,
         milestone_every=p.run.milestone_every,
-        periodic=periodic,
-        final=final,
+        periodic=((config.eval_every_steps or p.run.total_steps, run_eval),),  # 0: at the end
         check_batch=check_batch,
     )

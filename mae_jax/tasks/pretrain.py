@@ -31,7 +31,7 @@ def defaults() -> ml_collections.ConfigDict:
     c = train.common_defaults()
     c.task = "pretrain"
     c.grad_accum_steps = 1
-    c.reconstruction_every_steps = 0  # TensorBoard reconstruction grid every N steps (0: off)
+    c.reconstruction_every_steps = 0  # TensorBoard pictures every N steps and at the end (0: off)
     # kNN monitor (mae_jax.evaluate.knn_monitor): top-1 every N steps and at the end (0: off)
     c.knn_every_steps = 0
     c.knn_bank_size = 10_000  # labelled bank: the first N examples of data.train_split
@@ -259,21 +259,13 @@ def task(config, mesh, resume: train.Resume = None, where: str = "") -> train.Ta
             state = init_from.load(state, fns.state_shardings, source, keys, p.model)
         return state
 
-    def run_knn(state, step, should_stop=None):
+    def knn(writer, state, batch, step, should_stop):
         result = knn_monitor.evaluate(fns, state, config.data, p.knn, mesh, should_stop)
         return knn_monitor.log(result, p.knn, step)
 
-    def periodic(writer, state, batch, step, should_stop):
-        every = config.reconstruction_every_steps
-        if every and step % every == 0 and not should_stop():
+    def reconstruct(writer, state, batch, step, should_stop):
+        if not (should_stop and should_stop()):
             _log_reconstruction(writer, fns, state, batch, p.model, step)
-        every = p.knn.every_steps
-        if every and step % every == 0 and step < p.run.total_steps:
-            return run_knn(state, step, should_stop)
-        return None
-
-    def final(writer, state, step):
-        return run_knn(state, step) if p.knn.every_steps else None
 
     return train.Task(
         name=f"pretrain {p.model.name}",
@@ -293,8 +285,7 @@ def task(config, mesh, resume: train.Resume = None, where: str = "") -> train.Ta
         resolved=train.resolved_config(config, p.run.total_steps, p.run.optim),
         flops_per_image=flops.mae_train_flops_per_image(p.model),
         milestone_every=p.run.milestone_every,
-        periodic=periodic,
-        final=final,
+        periodic=((config.reconstruction_every_steps, reconstruct), (p.knn.every_steps, knn)),
     )
 
 
