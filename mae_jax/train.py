@@ -413,6 +413,7 @@ def _train(
         )
     else:
         state = wdir.from_checkpoint(restored.state, fns.abstract_state)
+        state = fns.set_window(state, restored.meta.get("window"))  # older checkpoints: none
         position = int(restored.meta.get("data_position", restored.step))
         logging.info("resumed from step %d (data position %d)", restored.step, position)
     start = int(jax.device_get(state["step"]))
@@ -504,7 +505,9 @@ def _train(
                     last = {"step": done, **values}
                 if d.save:  # (unless that step is saved)
                     meta = {**task.meta(), "data_position": data.position, "seed": config.seed}
-                    meta.update(step=done, skipped_images=data.skipped)
+                    meta.update(
+                        step=done, skipped_images=data.skipped, window=fns.window_json(state)
+                    )
                     with jax.profiler.TraceAnnotation("checkpoint_save"):
                         wd.save(done, wdir.to_checkpoint(state), meta)
                 if d.stop:  # the one preemption path (SIGTERM, Ctrl-C, a pod's sync point)

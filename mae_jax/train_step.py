@@ -8,7 +8,8 @@ The train state is a dict: the model's split parts (`params`, the trainable `nnx
 task-specific entries such as `frozen` or `batch_stats`), `opt_state`, `step` (int32, updates
 done), `nonfinite_step` (int32; the first step whose loss was not finite, -1 if none) and
 `window` (`{'sum': {name: float32}, 'count': int32}`: metrics summed since the loop last logged,
-`StepFns.read_window`; checkpointed: a resumed run logs the means an uninterrupted one does). The
+`StepFns.read_window`; saved in the checkpoint's meta: a resumed run logs the means an
+uninterrupted one does). The
 model's graph and its remaining variables (`rest`: fixed position tables, RNG streams) are kept
 apart and passed to every call. Every entry is sharded by its variables' `logical_axes`
 (`mae_jax.sharding.state_shardings`); batches are sharded over the batch axes.
@@ -131,10 +132,20 @@ class StepFns:
 
     def read_window(self, state: dict) -> tuple[dict, dict]:
         """`(state with an empty window, {name: mean over the window's steps})` (a host read)."""
-        window = jax.device_get(state["window"])
-        means = {k: float(v) / max(int(window["count"]), 1) for k, v in window["sum"].items()}
-        empty = jax.device_put(jax.tree.map(np.zeros_like, window), self.state_shardings["window"])
-        return {**state, "window": empty}, means
+        window = self.window_json(state)
+        means = {k: v / max(window["count"], 1) for k, v in window["sum"].items()}
+        return self.set_window(state, None), means
+
+    def window_json(self, state: dict) -> dict:
+        """The state's window as JSON numbers (exact: float32 sums as Python floats)."""
+        return jax.tree.map(lambda x: x.item(), jax.device_get(state["window"]))
+
+    def set_window(self, state: dict, window: dict | None) -> dict:
+        """`state` with the window `window` (`window_json`'s form; None: empty)."""
+        abstract = self.abstract_state["window"]
+        values = jax.tree.map(lambda a: 0, abstract) if window is None else window
+        host = jax.tree.map(lambda a, v: np.asarray(v, a.dtype), abstract, values)
+        return {**state, "window": jax.device_put(host, self.state_shardings["window"])}
 
     def abstract_args(self, batch_shapes: dict[str, tuple[tuple[int, ...], Any]]) -> tuple:
         """`jit_step`'s arguments as ShapeDtypeStructs with their shardings, for `.lower()`:

@@ -1,7 +1,9 @@
 """Pretraining: sharded step equivalence, gradient accumulation, the loop, resume, bad configs."""
 
+import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -9,7 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from config_files import ROOT, load_config, main_command
+from config_files import ROOT, load_config, main_command, xla_flags
 from config_files import tiny_pretrain as small
 from flax import nnx
 
@@ -28,6 +30,7 @@ def _optim_config(batch=16):
     return oc
 
 
+@functools.cache  # the (2, 4, 1) run serves both tests below
 def _run_steps(mesh_shape, accum=1, steps=1, batch=16):
     mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, mesh_shape)))
     fns = pretrain.build_step(
@@ -59,8 +62,8 @@ def test_one_step_is_the_same_on_every_mesh():
 
 
 def test_gradient_accumulation_equals_full_batch():
-    full_loss, full_params, _ = _run_steps((2, 4, 1), accum=1, steps=2, batch=32)
-    acc_loss, acc_params, _ = _run_steps((2, 4, 1), accum=4, steps=2, batch=32)
+    full_loss, full_params, _ = _run_steps((2, 4, 1), steps=2)
+    acc_loss, acc_params, _ = _run_steps((2, 4, 1), accum=2, steps=2)  # 2 x 8 images
     np.testing.assert_allclose(acc_loss, full_loss, rtol=1e-5)
     for k in full_params:
         np.testing.assert_allclose(acc_params[k], full_params[k], rtol=1e-4, atol=1e-5, err_msg=k)
@@ -253,8 +256,6 @@ def test_pretraining_starts_from_imported_weights_and_readers_of_a_real_run(tmp_
 
 
 def test_resume_continues_like_an_uninterrupted_run(copy_tiny_run):
-    import shutil
-
     workdir = copy_tiny_run  # small() trained
     expected = {r["step"]: r["loss"] for r in _metrics(workdir)}
     # as if the run had died after its step-3 checkpoint: drop the later checkpoint
@@ -264,6 +265,21 @@ def test_resume_continues_like_an_uninterrupted_run(copy_tiny_run):
     assert sorted(got) == [1, 2, 4, 6]  # metrics after the checkpoint were replaced, not doubled
     for step in (4, 6):
         assert got[step] == pytest.approx(expected[step], rel=1e-6), step
+
+
+def test_a_checkpoint_without_a_metrics_window_resumes(copy_tiny_run):
+    """Checkpoints written before the logged metrics became window means have no `window` in
+    their meta: they resume, the first window starting at the checkpoint."""
+    workdir = copy_tiny_run
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
+    path = os.path.join(workdir, "checkpoints", "3", "meta", "metadata")
+    with open(path) as f:
+        meta = json.load(f)
+    del meta["window"]
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    pretrain.train_and_evaluate(small(), workdir)
+    assert [r["step"] for r in _metrics(workdir)] == [1, 2, 4, 6]
 
 
 @pytest.mark.slow
@@ -336,7 +352,7 @@ def _main_cmd(workdir, *extra):
 
 def _env():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = xla_flags(8)
     env["JAX_PLATFORMS"] = "cpu"
     return env
 

@@ -102,8 +102,10 @@ def _strip(tree):
 
 def to_checkpoint(state: dict) -> dict:
     """Train state -> the on-disk layout: `params` a pure nested dict (as the converter and the
-    evaluation tools read it), every other entry with its Variables stripped."""
-    out = {k: _strip(v) for k, v in state.items() if k != "params"}
+    evaluation tools read it), every other entry with its Variables stripped, but `window` (the
+    metrics since the last log line: JSON in the meta, `train_step.StepFns.window_json`, so that
+    checkpoints written before it existed still restore)."""
+    out = {k: _strip(v) for k, v in state.items() if k not in ("params", "window")}
     out["params"] = nnx.to_pure_dict(state["params"])
     return out
 
@@ -120,17 +122,21 @@ def abstract_checkpoint(abstract_state: dict, shardings: dict) -> dict:
 
 
 def from_checkpoint(restored: dict, abstract_state: dict) -> dict:
-    """The on-disk layout -> a train state shaped like `abstract_state` (Variables rewrapped)."""
-    params = jax.tree.map(lambda x: x, abstract_state["params"])
-    nnx.replace_by_pure_dict(params, restored["params"])
+    """The on-disk layout -> a train state shaped like `abstract_state` (Variables rewrapped),
+    without `window` (`train_step.StepFns.set_window`)."""
 
     def rewrap(template, values):
         return jax.tree.map(
             lambda v, x: v.replace(x) if _is_var(v) else x, template, values, is_leaf=_is_var
         )
 
-    out = {k: rewrap(abstract_state[k], restored[k]) for k in abstract_state if k != "params"}
-    out["params"] = params
+    out = {
+        k: rewrap(v, restored[k])
+        for k, v in abstract_state.items()
+        if k in restored.keys() - {"params"}
+    }
+    out["params"] = jax.tree.map(lambda x: x, abstract_state["params"])
+    nnx.replace_by_pure_dict(out["params"], restored["params"])
     return out
 
 
