@@ -180,11 +180,12 @@ def run(
     ours' CPU time is the whole process's over all its chunks, its wall time
     includes the catching up (polled every 0.2 s, so slightly pessimistic).
     """
+    from mae_jax import schema
     from mae_jax.data import pipeline, throughput
 
     if rounds < 1 or num_batches < rounds:
         raise ValueError(f"need 1 <= --rounds ({rounds}) <= --num-batches ({num_batches})")
-    cfg = pipeline.default_data_config()
+    cfg = schema.defaults(schema.DATA)
     cfg.source = "folder"
     cfg.path = folder
     cfg.image_size = image_size

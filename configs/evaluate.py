@@ -13,7 +13,7 @@ Writes DIR/eval_results.json and a line of DIR/metrics.jsonl, and prints top-1 /
 Expected for the official fine-tuned ViT-B/16 on ImageNet-1K: top-1 83.6%.
 """
 
-from mae_jax.tasks import evaluate
+from mae_jax import schema
 
 VARIANTS = ("imagenet", "smoke")
 
@@ -21,7 +21,7 @@ VARIANTS = ("imagenet", "smoke")
 def get_config(variant: str = "imagenet"):
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {list(VARIANTS)}")
-    c = evaluate.defaults()  # every key
+    c = schema.defaults("evaluate")  # every key
     c.data.source = "tfds"
     c.data.name = "imagenet2012"
     c.data.image_size = 224

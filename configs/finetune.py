@@ -15,8 +15,7 @@ Expected: top-1 83.6% (ViT-B), 85.9% (ViT-L), 86.9% (ViT-H at 224 px) in DIR/eva
 Smoke: see configs/finetune_smoke.py.
 """
 
-from mae_jax import models
-from mae_jax.tasks import finetune
+from mae_jax import models, schema
 
 # model, base lr, layer-wise lr decay, drop path rate, epochs, remat policy
 VARIANTS = {
@@ -31,7 +30,7 @@ def get_config(variant: str = "vit_base"):
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
     name, base_lr, layer_decay, drop_path, epochs, remat = VARIANTS[variant]
-    c = finetune.defaults()  # every key, neutral values
+    c = schema.defaults("finetune")  # every key, neutral values
     # remat: every token reaches the encoder in fine-tuning, so L/H recompute activations
     c.model = models.config_block(
         name,

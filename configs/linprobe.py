@@ -16,8 +16,7 @@ Expected: top-1 68.0% (ViT-B), 75.8% (ViT-L), 76.6% (ViT-H) in DIR/eval_results.
 Smoke: see configs/linprobe_smoke.py.
 """
 
-from mae_jax import models
-from mae_jax.tasks import linear_probe
+from mae_jax import models, schema
 
 VARIANTS = {
     "vit_base": "mae_vit_base_patch16",
@@ -30,7 +29,7 @@ VARIANTS = {
 def get_config(variant: str = "vit_base"):
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
-    c = linear_probe.defaults()  # every key, neutral values
+    c = schema.defaults("linear_probe")  # every key, neutral values
     c.model = models.config_block(
         VARIANTS[variant],
         dtype="bfloat16",

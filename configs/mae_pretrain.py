@@ -15,8 +15,7 @@ Expected (the paper, after fine-tuning / linear probing): ViT-B 83.6% / 68.0%, V
 75.8%, ViT-H 86.9% / 76.6% top-1. Smoke: see configs/smoke.py.
 """
 
-from mae_jax import models
-from mae_jax.tasks import pretrain
+from mae_jax import models, schema
 
 # What differs between the variants (everything else is the common recipe below).
 VARIANTS = {
@@ -31,7 +30,7 @@ def get_config(variant: str = "vit_base"):
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
     v = VARIANTS[variant]
-    c = pretrain.defaults()  # every key, neutral values
+    c = schema.defaults("pretrain")  # every key, neutral values
     c.model = models.config_block(
         v["model"],
         norm_pix_loss=True,
@@ -75,8 +74,8 @@ def get_config(variant: str = "vit_base"):
         c.data.name = ""
         c.data.image_size = 32
         c.batch_size = 64
-        c.total_steps = 150
-        c.warmup_steps = 8
+        c.total_steps, c.epochs = 150, None  # in steps (a period is given one way)
+        c.warmup_steps, c.warmup_epochs = 8, None
         c.optim.lr = 1e-3  # absolute peak lr (the paper's scaling gives 3.75e-5 at batch 64)
         c.checkpoint_every_steps = 50
         c.keep_every_epochs = 0

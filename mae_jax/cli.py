@@ -17,7 +17,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_dict
 
-from mae_jax import config_file
+from mae_jax import config_file, schema
 from mae_jax.data import lazy_tf
 
 USAGE_ERROR = 2  # exit status of a bad command line
@@ -156,6 +156,9 @@ def _field_type(config: config_dict.ConfigDict, key: str) -> type | None:
                 f"unknown config key {key!r}: {where} is {holder!r}, not a group of keys"
             )
         if part not in holder:
+            refused = schema.refusal(".".join(parts[: depth + 1]))
+            if refused:
+                raise CommandLineError(refused)
             known = sorted(holder.keys())
             close = difflib.get_close_matches(part, known, n=1)
             prefix = "".join(p + "." for p in parts[:depth])

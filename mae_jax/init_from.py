@@ -17,31 +17,20 @@ import dataclasses
 import os
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
-from ml_collections import config_dict
 
 from mae_jax import convert, models
 from mae_jax import workdir as wdir
 from mae_jax.convert import files, mapping
 from mae_jax.models.classifier import ENCODER_KEYS
 
-PARTS = ("all", "encoder")
 # The architecture fields that fix the encoder's parameter shapes, and the whole MAE's (the
 # image size is not one: the position tables are fixed sin-cos, not parameters).
 ENCODER_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
 MAE_FIELDS = ENCODER_FIELDS + ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
 _TORCH_FILES = (".pth", ".pt", ".bin", ".safetensors")
-
-
-def default_config(parts: str = "all") -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.path = ""
-    c.step = config_dict.placeholder(int)
-    c.parts = parts
-    return c
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +56,7 @@ def locate(init_from, key: str = "config.init_from") -> Source | None:
         if init_from is not None and init_from.get("step") is not None:
             raise ValueError(f"{key}.step is set but {key}.path is empty")
         return None
-    parts = init_from.get("parts") or "all"
-    if parts not in PARTS:
-        raise ValueError(f"{key}.parts={parts!r} is not one of {PARTS}")
+    parts = init_from.get("parts") or "all"  # checked by `schema.check`
     path = os.fspath(init_from.path)
     step = init_from.get("step")
     local = not wdir.is_remote(path)

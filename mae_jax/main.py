@@ -20,9 +20,9 @@ import sys
 
 import jax
 from absl import app, flags, logging
-from ml_collections import config_dict, config_flags
+from ml_collections import config_flags
 
-from mae_jax import cli, models, train
+from mae_jax import cli, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
@@ -83,18 +83,6 @@ def init_distributed() -> None:
 parse_flags = cli.config_flags_parser()
 
 
-def check_model(config) -> None:
-    """Refuse an invalid `config.model` (ValueError) before anything is written to the workdir.
-    A model without a name (its architecture comes from a checkpoint) is left to the task."""
-    block = config.get("model")
-    if not isinstance(block, config_dict.ConfigDict) or not block.get("name"):
-        return
-    try:
-        models.resolve(block)
-    except ValueError as e:
-        raise ValueError(f"config.model: {e}") from None
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -109,7 +97,6 @@ def main(argv):
     module, function = TASKS[task].split(":")
     entry = getattr(importlib.import_module(module), function)
     try:
-        check_model(config)
         entry(config, _WORKDIR.value)
     except (ValueError, train.TrainingError) as e:
         logging.error("%s", e)

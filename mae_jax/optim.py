@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from ml_collections import config_dict
+
+from mae_jax import schema
 
 PyTree = Any
 
@@ -281,7 +282,6 @@ def add_masked_decayed_weights(
     weight_decay: float, exclude: Sequence[str] = ()
 ) -> optax.GradientTransformation:
     """update + weight_decay * param, only where `weight_decay_mask(params, exclude)` is True."""
-    _check_number("weight_decay", weight_decay)
     exclude = _as_names("exclude", exclude)
     wd = float(weight_decay)
 
@@ -331,8 +331,6 @@ def scale_by_lars(
     """The LARS rescaling of util/lars.py, before momentum. For ndim > 1 params only:
     g <- g + wd * p; g <- g * (trust * |p| / |g|) (ratio 1 when |p| or |g| is 0).
     ndim <= 1 params pass through unchanged. Stacked blocks: per block (norms per layer)."""
-    _check_number("weight_decay", weight_decay)
-    _check_number("trust_coefficient", trust_coefficient)
     wd, trust = float(weight_decay), float(trust_coefficient)
 
     def init_fn(params):
@@ -371,7 +369,6 @@ def lars(
     ndim > 1: g <- g + wd*p; g <- g * trust*|p|/|g| (1 if a norm is 0); mu <- momentum*mu + g;
     p <- p - lr*mu. ndim <= 1: mu <- momentum*mu + g; p <- p - lr*mu.
     """
-    _check_number("momentum", momentum)
     return optax.chain(
         scale_by_lars(weight_decay, trust_coefficient),
         optax.trace(decay=float(momentum), nesterov=False),
@@ -382,77 +379,21 @@ def lars(
 # ----------------------------------------------------------------------------- config
 
 
-OPTIMIZERS = ("adamw", "lars", "sgd")
-
-
-def default_optim_config() -> ml_collections.ConfigDict:
-    """The paper's pretraining recipe: AdamW (0.9, 0.95), wd 0.05, base lr 1.5e-4 * batch/256,
-    batch 4096, warmup then cosine to 0. Step counts are those of 800 ImageNet epochs at batch 4096
-    (312 steps/epoch, 40 warmup epochs); a training config sets them from its own epochs."""
-    c = ml_collections.ConfigDict()
-    c.name = "adamw"
-    c.base_lr = 1.5e-4
-    c.lr = config_dict.placeholder(float)  # absolute lr; overrides base_lr * batch / 256
-    c.batch_size = 4096  # global batch, for the lr scaling rule
-    c.warmup_steps = 40 * 312
-    c.total_steps = 800 * 312
-    # (from_step, previous_total) pairs of a run extended while it ran (`extended_schedule`):
-    # set by the training plan from the run's checkpoints, not by hand.
-    c.extensions = config_dict.placeholder(tuple)
-    c.min_lr = 0.0
-    c.b1 = 0.9
-    c.b2 = 0.95
-    c.eps = 1e-8
-    c.weight_decay = 0.05
-    c.momentum = 0.9  # lars / sgd
-    c.trust_coefficient = 0.001  # lars
-    c.grad_clip_norm = config_dict.placeholder(float)  # None or 0: off
-    c.layer_decay = config_dict.placeholder(float)  # None: off; else needs num_layers
-    c.num_layers = config_dict.placeholder(int)  # encoder depth, for layer_decay
-    c.no_decay_names = ()  # extra names without weight decay, e.g. ('cls_token', 'pos_embed')
-    return c
-
-
-_KNOWN_KEYS = frozenset(default_optim_config().keys())
-
-
-def _get(cfg, key):
-    return cfg[key] if key in cfg else default_optim_config()[key]
-
-
-def _check_keys(cfg):
-    unknown = sorted(set(cfg.keys()) - _KNOWN_KEYS)
-    if unknown:
-        raise ValueError(
-            f"unknown optimizer config keys {unknown}; known keys: {sorted(_KNOWN_KEYS)}"
-        )
-
-
-def peak_learning_rate(optim_config: ml_collections.ConfigDict) -> float:
+def peak_learning_rate(optim_config, batch_size: int | None = None) -> float:
     """`lr` when set, else `base_lr * batch_size / 256`."""
-    _check_keys(optim_config)
-    lr = _get(optim_config, "lr")
-    if lr is not None:
-        _check_number("lr", lr)
-        return float(lr)
-    return scaled_lr(_get(optim_config, "base_lr"), _get(optim_config, "batch_size"))
-
-
-def learning_rate_fn(optim_config: ml_collections.ConfigDict) -> optax.Schedule:
-    """The schedule `create_optimizer` uses: step -> lr (float32), for logging."""
-    return extended_schedule(
-        peak_learning_rate(optim_config),
-        _get(optim_config, "total_steps"),
-        _get(optim_config, "warmup_steps"),
-        _get(optim_config, "min_lr"),
-        _get(optim_config, "extensions") or (),
-    )
+    if optim_config.get("lr") is not None:
+        return float(optim_config.lr)
+    return scaled_lr(optim_config.base_lr, batch_size)
 
 
 def create_optimizer(
-    optim_config: ml_collections.ConfigDict, params: PyTree | None = None
+    optim_config: ml_collections.ConfigDict,
+    learning_rate: float | optax.Schedule,
+    params: PyTree | None = None,
 ) -> optax.GradientTransformation:
-    """Builds the optimizer from a config like `default_optim_config()`.
+    """Builds the optimizer of `optim_config` (keys of `schema.OPTIM`, checked against it;
+    missing ones take their defaults) at `learning_rate` (a float or a schedule, e.g. the
+    run's `train.Plan.lr_fn`).
 
     Chain: [global-norm clip] -> direction (adam | lars rescale + momentum | wd + momentum)
     -> [layer-wise lr scale, applied to the whole update incl. decay] -> -lr(step).
@@ -461,54 +402,36 @@ def create_optimizer(
     sgd: PyTorch SGD (g + wd*p, masked like adamw, then momentum).
     `params` (optional) is checked against the config (e.g. block indices vs num_layers).
     """
-    _check_keys(optim_config)
-
-    def g(k):
-        return _get(optim_config, k)
-
-    name = g("name")
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer name {name!r}; expected one of {OPTIMIZERS}")
-    schedule = learning_rate_fn(optim_config)
-    for k in ("weight_decay", "eps", "momentum"):
-        _check_number(k, g(k))
-    for k in ("b1", "b2"):
-        _check_number(k, g(k))
-        if g(k) >= 1:
-            raise ValueError(f"{k} must be in [0, 1), got {g(k)!r}")
-    no_decay = _as_names("no_decay_names", g("no_decay_names"))
-    clip = g("grad_clip_norm")
-    if clip is not None:
-        _check_number("grad_clip_norm", clip)
-    layer_decay = g("layer_decay")
-    num_layers = g("num_layers")
+    schema.check(optim_config, schema.OPTIM, "optim")
+    c = schema.defaults(schema.OPTIM)
+    c.update(dict(optim_config.items()))
+    name, clip, layer_decay, num_layers = c.name, c.grad_clip_norm, c.layer_decay, c.num_layers
+    no_decay = tuple(c.no_decay_names)
     if layer_decay is not None:
-        _check_decay(layer_decay)
         if num_layers is None:
             raise ValueError(
                 f"layer_decay={layer_decay} needs num_layers (the encoder depth), got None"
             )
-        _check_num_layers(num_layers)
         if params is not None:
             layer_ids(params, num_layers)  # raises on block indices >= num_layers
 
     parts = []
     if clip:
         parts.append(optax.clip_by_global_norm(float(clip)))
-    wd = float(g("weight_decay"))
+    wd = float(c.weight_decay)
     if name == "adamw":
         parts += [
-            optax.scale_by_adam(b1=float(g("b1")), b2=float(g("b2")), eps=float(g("eps"))),
+            optax.scale_by_adam(b1=float(c.b1), b2=float(c.b2), eps=float(c.eps)),
             add_masked_decayed_weights(wd, no_decay),
         ]
     elif name == "lars":
         parts += [
-            scale_by_lars(wd, float(g("trust_coefficient"))),
-            optax.trace(decay=float(g("momentum"))),
+            scale_by_lars(wd, float(c.trust_coefficient)),
+            optax.trace(decay=float(c.momentum)),
         ]
     else:  # sgd
-        parts += [add_masked_decayed_weights(wd, no_decay), optax.trace(decay=float(g("momentum")))]
+        parts += [add_masked_decayed_weights(wd, no_decay), optax.trace(decay=float(c.momentum))]
     if layer_decay is not None:
         parts.append(scale_by_layer_decay(num_layers, float(layer_decay)))
-    parts.append(optax.scale_by_learning_rate(schedule))
+    parts.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*parts)

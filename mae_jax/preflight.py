@@ -281,7 +281,7 @@ class Preflight:
         )
         say(f"mesh: {dict(zip(shd.MESH_AXES, shape))} on {self.topo.num_devices} devices")
         say(
-            f"checkpoints: every {c.checkpoint_every_steps} steps, keep {c.keep_checkpoints}"
+            f"checkpoints: every {p.run.periods['checkpoint_every_steps']} steps, keep {c.keep_checkpoints}"
             + (f", milestones every {p.run.milestone_every} steps" if p.run.milestone_every else "")
         )
         return (
@@ -348,8 +348,8 @@ class Preflight:
         accum = c.grad_accum_steps
         tiny.batch_size = accum * max(1, math.ceil(o.tiny_batch / accum))
         tiny.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
-        tiny.total_steps = self.plan.run.total_steps
-        tiny.warmup_steps = self.plan.run.warmup_steps
+        tiny.total_steps, tiny.warmup_steps = self.plan.run.total_steps, self.plan.run.warmup_steps
+        tiny.epochs = tiny.warmup_epochs = None  # the plan's, in steps
         cpu = jax.devices("cpu")[:1]
         t0 = time.perf_counter()
         pr = benchmark.prepare(tiny, tiny.total_steps, devices=cpu)

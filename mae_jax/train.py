@@ -8,7 +8,6 @@ step, and the data position; the masking noise is a function of `(seed, step)`).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import signal
 import time
@@ -18,10 +17,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
-from ml_collections import config_dict
 
-from mae_jax import compile_cache, flops, init_from, metrics, models, optim, profiler
+from mae_jax import compile_cache, flops, metrics, optim, profiler, schema
 from mae_jax import sharding as shd
 from mae_jax import train_step as ts
 from mae_jax import workdir as wdir
@@ -75,34 +74,6 @@ Resume = tuple[int, dict] | None
 
 
 # ------------------------------------------------------------------------------ config and plan
-def common_defaults() -> ml_collections.ConfigDict:
-    """The keys every task's config has, with neutral values; each task adds its own
-    (`tasks.*.defaults()`), and the recipes in `configs/` set the values. The accepted keys of
-    a config are the keys of its task's defaults: one source."""
-    c = ml_collections.ConfigDict()
-    c.task = ""
-    c.seed = 0
-    c.model = models.config_block("")  # preset name + any MAEConfig field (None: the preset's)
-    c.data = pipeline.default_data_config()
-    c.init_from = init_from.default_config()
-    c.batch_size = config_dict.placeholder(int)  # global
-    c.epochs = config_dict.placeholder(float)
-    c.warmup_epochs = 0.0
-    c.total_steps = config_dict.placeholder(int)  # None: epochs x steps per epoch
-    c.warmup_steps = config_dict.placeholder(int)  # None: warmup_epochs x steps per epoch
-    c.optim = optim.default_optim_config()
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.sharding_rules = config_dict.placeholder(tuple)  # None: sharding.DEFAULT_RULES
-    c.checkpoint_every_steps = 1000
-    c.keep_checkpoints = 3
-    c.keep_every_epochs = 0.0  # milestones kept for good (0: none)
-    c.log_every_steps = 50
-    c.peak_tflops = config_dict.placeholder(float)  # None: known per device (mae_jax.flops)
-    c.compilation_cache = compile_cache.AUTO  # dir or gs:// URI; 'none' or '': off
-    c.profile_steps = config_dict.placeholder(tuple)  # (start_step, num_steps); None: off
-    return c
-
-
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """The resolved numbers of a run (every task)."""
@@ -110,84 +81,47 @@ class Plan:
     total_steps: int
     warmup_steps: int
     steps_per_epoch: int | None
-    optim: ml_collections.ConfigDict  # with batch_size, steps, warm-up and the peak lr set
+    optim: ml_collections.ConfigDict  # the optimizer keys, num_layers filled, lr: the peak
+    lr_fn: optax.Schedule  # step -> lr: the optimizer's and the logged one, built once here
     schedule: dict  # what checkpoints record (`resolve_schedule`)
-    milestone_every: int
+    periods: dict  # every period of the task in steps, by its `<name>_steps` key (0: off)
 
-
-def check_keys(config, defaults: ml_collections.ConfigDict) -> None:
-    """Refuse top-level keys the task does not know, with a 'did you mean' hint."""
-    unknown = sorted(set(config.keys()) - set(defaults.keys()))
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], list(defaults.keys()), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"unknown config key(s) {unknown} for task {config.get('task')!r}{hint} "
-            f"(known keys: {sorted(defaults.keys())})"
-        )
-
-
-def positive_int(name: str, value, low: int = 1) -> int:
-    """`value` as an int if it is an integer >= `low` (1: positive), else a ValueError naming
-    `config.{name}`."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        what = "a positive integer" if low > 0 else f"an integer >= {low}"
-        raise ValueError(f"config.{name} must be {what}, got {value!r}")
-    return int(value)
+    @property
+    def milestone_every(self) -> int:
+        return self.periods["keep_every_steps"]
 
 
 def plan(
     config,
-    defaults: ml_collections.ConfigDict,
     num_train_examples: int | None,
     resume: Resume = None,
     where: str = "",
     optim_overrides: dict | None = None,
 ) -> Plan:
-    """Validate the common keys of `config` and resolve its steps, warm-up, optimizer and
-    milestones (nothing is compiled). Steps: `total_steps`, else `epochs` x steps per epoch;
-    warm-up: `warmup_steps`, else `warmup_epochs` x steps per epoch. A resumed run continues
-    its recorded schedule (`resolve_schedule`)."""
-    check_keys(config, defaults)
-    batch = positive_int("batch_size", config.batch_size)
+    """Validate `config` against its task's schema (`schema.check`: the one place) and resolve
+    its periods in steps (`schema.steps`), its optimizer and its learning-rate schedule (nothing
+    is compiled). A resumed run continues its recorded schedule (`resolve_schedule`)."""
+    schema.check(config, config.get("task"))
+    batch = config.batch_size
     steps_per_epoch = max(1, num_train_examples // batch) if num_train_examples else None
-    if config.total_steps is not None:
-        total = positive_int("total_steps", config.total_steps)
-    else:
-        if steps_per_epoch is None:
-            raise ValueError("the data set size is unknown: set config.total_steps")
-        if not config.epochs or config.epochs <= 0:
-            raise ValueError(f"config.epochs must be positive, got {config.epochs!r}")
-        total = max(1, int(config.epochs * steps_per_epoch))
-    if config.get("warmup_steps") is not None:
-        warmup = int(config.warmup_steps)
-        if warmup < 0:
-            raise ValueError(f"config.warmup_steps must be >= 0, got {warmup}")
-    else:
-        if not config.warmup_epochs:
-            warmup = 0
-        elif config.warmup_epochs < 0:
-            raise ValueError(f"config.warmup_epochs must be >= 0, got {config.warmup_epochs!r}")
-        elif steps_per_epoch is None:
-            raise ValueError(
-                "the data set size is unknown, so config.warmup_epochs cannot be converted: "
-                "set config.warmup_steps"
-            )
-        else:
-            warmup = int(round(config.warmup_epochs * steps_per_epoch))
-    min_lr = float(config.optim.get("min_lr") or 0.0)
-    schedule = resolve_schedule(total, min(warmup, total), resume, where, min_lr)
-    oc = ml_collections.ConfigDict(config.optim.to_dict())
-    oc.update(optim_overrides or {})
-    oc = apply_schedule(oc, batch, schedule)
-    return Plan(
-        total,
-        oc.warmup_steps,
-        steps_per_epoch,
-        oc,
-        schedule,
-        milestone_steps(config, steps_per_epoch),
+    periods = {
+        p.steps_key: schema.steps(config, p, steps_per_epoch) or 0
+        for p in schema.PERIODS
+        if p.steps_key in config
+    }
+    if not periods["total_steps"]:
+        raise ValueError("the run's length is not set: set config.total_steps or config.epochs")
+    total = periods["total_steps"]
+    oc = ml_collections.ConfigDict({**config.optim.to_dict(), **(optim_overrides or {})})
+    schedule = resolve_schedule(
+        total, min(periods["warmup_steps"], total), resume, where, oc.min_lr
     )
+    periods["warmup_steps"] = min(schedule["warmup_steps"], total)
+    oc.lr = optim.peak_learning_rate(oc, batch)
+    lr_fn = optim.extended_schedule(
+        oc.lr, total, periods["warmup_steps"], oc.min_lr, schedule["extensions"]
+    )
+    return Plan(total, periods["warmup_steps"], steps_per_epoch, oc, lr_fn, schedule, periods)
 
 
 def check_batches(mesh, batches: dict[str, int]) -> None:
@@ -235,7 +169,7 @@ def resolve_schedule(
                 "final learning rate, config.optim.min_lr=%g (a finished cosine does not "
                 "restart); to train them on a new schedule, start a new run from its weights "
                 "instead: python -m mae_jax.main --config=<the same config> --workdir=<a new "
-                "dir> --config.init_from.path=%s --config.total_steps=%d",
+                "dir> --config.init_from.path=%s --config.total_steps=%d --config.epochs=0",
                 where,
                 step,
                 total - step,
@@ -255,36 +189,14 @@ def resolve_schedule(
     return schedule
 
 
-def apply_schedule(optim_config, batch_size: int, schedule: dict) -> ml_collections.ConfigDict:
-    """The resolved optimizer config: batch size, steps, warm-up and extensions set; the
-    absolute peak learning rate written out as `lr`."""
-    oc = ml_collections.ConfigDict(optim_config.to_dict())
-    oc.batch_size = batch_size
-    oc.total_steps = schedule["total_steps"]
-    oc.warmup_steps = min(schedule["warmup_steps"], schedule["total_steps"])
-    oc.extensions = tuple(tuple(e) for e in schedule["extensions"]) or None
-    optim.learning_rate_fn(oc)  # validates the optimizer config
-    oc.lr = optim.peak_learning_rate(oc)
-    return oc
-
-
-def milestone_steps(config, steps_per_epoch: int | None) -> int:
-    """`config.keep_every_epochs` in steps (0: no milestones)."""
-    every = config.get("keep_every_epochs") or 0
-    if every < 0:
-        raise ValueError(f"config.keep_every_epochs must be >= 0, got {every!r}")
-    if not every:
-        return 0
-    if steps_per_epoch is None:
-        raise ValueError("config.keep_every_epochs needs the data set size: set it to 0")
-    return max(1, int(round(every * steps_per_epoch)))
-
-
-def resolved_config(config, total_steps: int, oc) -> dict:
-    """`config` as a dict with the numbers the run uses (steps, warm-up, batch, peak lr)."""
+def resolved_config(config, p: Plan) -> dict:
+    """`config` as a dict with the numbers the run uses: every period in steps (its epochs key
+    None) and the optimizer with its peak lr."""
     out = json.loads(config.to_json_best_effort())
-    out["total_steps"] = total_steps
-    out["optim"] = json.loads(oc.to_json_best_effort())
+    for period in schema.PERIODS:
+        if period.steps_key in out:
+            out[period.steps_key], out[period.epochs_key] = p.periods[period.steps_key], None
+    out["optim"] = json.loads(p.optim.to_json_best_effort())
     return out
 
 
@@ -372,6 +284,10 @@ class Decision:
     stop: bool = False
 
 
+def _due(step: int, every: int) -> bool:
+    return bool(every) and step % every == 0
+
+
 def decide(done: int, c: Cadence, preempted: bool, waiting: bool = False) -> Decision:
     """What to do when `done` steps are complete. The first and the last step and every
     `log_every`-th are logged; every `checkpoint_every`-th and `milestone_every`-th and the
@@ -381,11 +297,11 @@ def decide(done: int, c: Cadence, preempted: bool, waiting: bool = False) -> Dec
     if waiting:
         return Decision(save=True, stop=True)
     final = done == c.total_steps
-    due = tuple(work for every, work in c.periodic if every and (final or done % every == 0))
+    due = tuple(work for every, work in c.periodic if every and (final or _due(done, every)))
     saves = (c.checkpoint_every, c.milestone_every)
     return Decision(
-        log=done % c.log_every == 0 or done == 1 or final,
-        save=preempted or final or any(e and done % e == 0 for e in saves),
+        log=_due(done, c.log_every) or done == 1 or final,
+        save=preempted or final or any(_due(done, e) for e in saves),
         periodic=due,
         final=final,
         stop=preempted,
@@ -431,8 +347,8 @@ def _train(
     data = task.make_data(position, should_stop=should_stop)
     key = jax.random.key(config.seed)
     peak = config.get("peak_tflops") or flops.peak_tflops()
-    every = (config.checkpoint_every_steps, config.log_every_steps, task.milestone_every)
-    cadence = Cadence(task.total_steps, *every, task.periodic)
+    every = (task.resolved["checkpoint_every_steps"], task.resolved["log_every_steps"])
+    cadence = Cadence(task.total_steps, *every, task.milestone_every, task.periodic)
     logging.info(
         "%s: steps %d..%d on mesh %s", task.name, start, task.total_steps, dict(mesh.shape)
     )

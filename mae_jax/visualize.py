@@ -102,8 +102,7 @@ def reconstruct(
         if key is None:
             raise ValueError("reconstruct needs key= or noise= to draw the mask")
         noise = jax.random.uniform(key, (n, c.num_patches), dtype=jnp.float32)
-    ratio = float(c.mask_ratio if mask_ratio is None else mask_ratio)
-    ops.check_mask_ratio(ratio)
+    ratio = c.mask_ratio if mask_ratio is None else mask_ratio  # checked by random_masking
     graphdef, state = nnx.split(model)
     pred, mask = _forward(graphdef, state, images, jnp.asarray(noise, jnp.float32), ratio)
     target = ops.patchify(images, c.patch_size)

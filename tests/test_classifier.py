@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from mae_jax import init_from, models, ops, optim
+from mae_jax import init_from, models, ops, optim, schema
 from mae_jax import workdir as wdir
 from mae_jax.models.classifier import ENCODER_KEYS, ViTClassifier, create_classifier
 from mae_jax.models.encoder import drop_path_rates
@@ -133,8 +133,8 @@ def test_init_from_loads_the_encoder_like_the_tasks(tmp_path):
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(mae, nnx.Param)))
     meta = {"model": dataclasses.asdict(mae.config), "kind": "weights", "source": "test"}
     wdir.write_weights(str(tmp_path / "pre"), {"params": params}, meta)
-    cfg = init_from.default_config("encoder")
-    cfg.path = str(tmp_path / "pre")
+    cfg = schema.defaults(schema.INIT_FROM)
+    cfg.path, cfg.parts = str(tmp_path / "pre"), "encoder"
     source = init_from.locate(cfg)
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
@@ -219,11 +219,11 @@ def test_layerwise_lr_decay_scales_per_depth():
             assert name.startswith(("fc_norm", "head")) and s == pytest.approx(1.0), name
 
     # through the optimizer: equal gradients give updates scaled per depth
-    cfg = optim.default_optim_config()
-    cfg.name, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.total_steps = "sgd", 1.0, 0.0, 0, 10
+    cfg = schema.defaults(schema.OPTIM)
+    cfg.name, cfg.weight_decay = "sgd", 0.0
     cfg.momentum, cfg.layer_decay, cfg.num_layers = 0.0, decay, depth
     params = nnx.state(clf, nnx.Param)
-    tx = optim.create_optimizer(cfg, params)
+    tx = optim.create_optimizer(cfg, 1.0, params)
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
     up = {
         ".".join(optim.path_names(p)): float(np.asarray(u).ravel()[0])

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mae_jax import compile_cache, train
+from mae_jax import compile_cache, schema
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +56,7 @@ def test_explicit_values():
 
 
 def test_the_default_config_has_the_key_on():
-    assert train.common_defaults().compilation_cache == "auto"
+    assert schema.defaults("pretrain").compilation_cache == "auto"
 
 
 def test_a_second_compilation_loads_from_the_cache(tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mae_jax import schema
 from mae_jax.data import embedded, pipeline
 
 
@@ -87,7 +88,7 @@ def test_classes_are_learnable_from_simple_colour_statistics():
 
 @pytest.mark.parametrize("size", [32, 48])
 def test_default_config_pipeline_at_requested_size(size):
-    cfg = pipeline.default_data_config()
+    cfg = schema.defaults(schema.DATA)
     assert cfg.source == "embedded"
     cfg.image_size = size
     cfg.embedded_train_per_class = 20

@@ -29,8 +29,7 @@ def small(task):
     c.batch_size = 16
     c.eval_batch_size = 80
     c.data.embedded_eval_per_class = 10  # 100 eval examples: a short eval loop
-    c.total_steps = 4
-    c.warmup_steps = 0
+    c.total_steps, c.warmup_steps, c.epochs, c.warmup_epochs = 4, 0, None, None
     if task == "linear_probe":
         c.global_pool = False
     return c

@@ -12,7 +12,7 @@ import pytest
 from config_files import load_config, override
 from flax import nnx
 
-from mae_jax import models
+from mae_jax import models, schema
 from mae_jax import sharding as shd
 from mae_jax import workdir as wdir
 from mae_jax.data import pipeline
@@ -27,8 +27,7 @@ def small(**kw):
     c.model.name = "mae_vit_test"
     c.batch_size = 16
     c.eval_batch_size = 200
-    c.total_steps = 4
-    c.warmup_steps = 0
+    c.total_steps, c.warmup_steps, c.epochs, c.warmup_epochs = 4, 0, None, None
     c.log_every_steps = 2
     c.checkpoint_every_steps = 2
     return override(c, **kw)
@@ -117,12 +116,12 @@ def test_finetune_step_on_a_2x4_mesh_reaches_every_parameter_and_matches_data_pa
 def test_plan_takes_the_recipe_numbers(tmp_path):
     c = load_config("configs/finetune_vit_large.py")
     c.data.source, c.data.name, c.data.image_size = "embedded", None, 224
-    p = cs.plan(c, finetune.defaults())
+    p = cs.plan(c)
     assert p.model.depth == 24 and p.run.optim.num_layers == 24
     assert p.run.optim.layer_decay == 0.75 and p.run.optim.base_lr == 1e-3
     assert p.run.steps_per_epoch == 2400 // 1024 and p.run.total_steps == 50 * 2
     assert c.drop_path_rate == 0.2 and c.optim.no_decay_names == ("pos_embed", "cls_token")
-    with pytest.raises(ValueError, match="config.mixup must be an alpha"):
+    with pytest.raises(ValueError, match="config.mixup must be a number >= 0, got -1.0"):
         finetune.finetune_task(small(mixup=-1.0), shd.make_mesh(small().mesh), str(tmp_path))
     with pytest.raises(ValueError, match="config.task must be 'finetune'"):
         finetune.finetune_task(
@@ -148,13 +147,13 @@ def test_rand_augment_spec():
     ]:
         with pytest.raises(ValueError, match=match):
             finetune.parse_rand_augment(bad)
-    with pytest.raises(ValueError, match="reprob"):
-        finetune.make_augment_fn("", 1.5)
+    with pytest.raises(ValueError, match=r"config.reprob must be a number in \[0, 1\], got 1.5"):
+        schema.check(small(reprob=1.5), "finetune")
     assert finetune.make_augment_fn("", 0.0) is None
 
 
 def test_input_pipeline_augment_hook():
-    cfg = pipeline.default_data_config()
+    cfg = schema.defaults(schema.DATA)
     cfg.source, cfg.name, cfg.image_size = "embedded", None, 32
 
     def batches(augment_fn, start=0, n=2):

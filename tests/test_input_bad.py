@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mae_jax import schema
 from mae_jax.data import pipeline
 
 CLASSES = ("cats", "dogs", "fish")
@@ -51,7 +52,7 @@ def mostly_bad(tmp_path_factory):
 
 
 def _cfg(path, **kw):
-    cfg = pipeline.default_data_config()
+    cfg = schema.defaults(schema.DATA)
     cfg.update(source="folder", path=path, image_size=16, with_keys=True)
     cfg.update(kw)
     return cfg
@@ -127,4 +128,4 @@ def test_bad_max_consecutive_bad_is_refused(all_bad, value):
     if value is None or isinstance(value, int):  # assignable to the default config
         with pytest.raises(ValueError, match=pattern):
             _iterator("train", _cfg(all_bad, max_consecutive_bad=value))
-    assert pipeline.default_data_config().max_consecutive_bad == 1000
+    assert schema.defaults(schema.DATA).max_consecutive_bad == 1000

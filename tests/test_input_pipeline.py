@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mae_jax import schema
 from mae_jax.data import augment, pipeline
 from mae_jax.data import sources as data_sources
 from mae_jax.data.lazy_tf import tf_module, tfds_module
@@ -64,7 +65,7 @@ def corrupt_folder(tmp_path_factory, folder):
 
 
 def _cfg(folder_path, **kw):
-    cfg = pipeline.default_data_config()
+    cfg = schema.defaults(schema.DATA)
     cfg.source = "folder"
     cfg.path = folder_path
     cfg.image_size = 32
@@ -390,7 +391,7 @@ def test_missing_folder_and_bad_arguments(tmp_path, folder):
         pipeline.create_eval_iterator(_cfg(folder), 4, process_index=0, process_count=1)
     with pytest.raises(ValueError, match="multiple of process_count"):
         pipeline.create_pretrain_iterator(_cfg(folder), 5, process_index=0, process_count=2)
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match="config.data.source must be one of .* got 'hdf5'"):
         _pretrain(_cfg(folder, source="hdf5"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no class subdirectories"):
@@ -398,7 +399,7 @@ def test_missing_folder_and_bad_arguments(tmp_path, folder):
 
 
 def test_missing_tfds_dataset_and_dir(tmp_path):
-    cfg = pipeline.default_data_config()
+    cfg = schema.defaults(schema.DATA)
     cfg.source = "tfds"
     cfg.name = "no_such_dataset_xyz"
     with pytest.raises(ValueError, match="no_such_dataset_xyz"):
@@ -417,7 +418,7 @@ def test_missing_tfds_dataset_and_dir(tmp_path):
 
 def test_tfds_mock_data_pretrain_resume_and_eval():
     tfds = tfds_module()
-    cfg = pipeline.default_data_config()
+    cfg = schema.defaults(schema.DATA)
     cfg.update(source="tfds", name="imagenette", image_size=32, with_keys=True, shuffle_buffer=16)
     with tfds.testing.mock_data(num_examples=12):
         info = pipeline.dataset_info(cfg)
@@ -467,7 +468,7 @@ def _prepared_tfds_dataset(data_dir):
 
 
 def test_tfds_prepared_dataset_processes_disjoint_and_resume(tmp_path):
-    cfg = pipeline.default_data_config()
+    cfg = schema.defaults(schema.DATA)
     cfg.update(
         source="tfds",
         data_dir=str(tmp_path),

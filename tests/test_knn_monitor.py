@@ -107,7 +107,10 @@ def test_a_run_logs_knn_top1_equal_to_knn_accuracy_on_the_same_features(tmp_path
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        ({"knn_every_steps": -1}, r"config.knn_every_steps must be an integer >= 0, got -1"),
+        (
+            {"knn_every_steps": -1},
+            r"config.knn_every_steps must be an integer >= 0 or None, got -1",
+        ),
         ({"knn_bank_size": 0}, r"config.knn_bank_size must be a positive integer, got 0"),
         ({"knn_num_queries": -3}, r"config.knn_num_queries must be a positive integer, got -3"),
         ({"knn_k": 0}, r"config.knn_k must be a positive integer, got 0"),

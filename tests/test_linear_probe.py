@@ -27,8 +27,7 @@ def small(**kw):
     c.model.name = "mae_vit_test"
     c.batch_size = 16
     c.eval_batch_size = 200
-    c.total_steps = 6
-    c.warmup_steps = 1
+    c.total_steps, c.warmup_steps, c.epochs, c.warmup_epochs = 6, 1, None, None
     c.log_every_steps = 2
     c.checkpoint_every_steps = 3
     return override(c, **kw)
@@ -123,30 +122,27 @@ def test_probe_run_evaluates_writes_results_and_resumes_like_an_uninterrupted_ru
 def test_bad_pretrained_paths_and_models_are_clear_errors(tmp_path):
     missing = str(tmp_path / "nope")
     with pytest.raises(ValueError, match="config.init_from.path: .*nope does not exist"):
-        cs.plan(small(**{"init_from.path": missing}), linear_probe.defaults())
+        cs.plan(small(**{"init_from.path": missing}))
     assert not os.path.exists(missing)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="holds no finalized checkpoint"):
-        cs.plan(small(**{"init_from.path": str(empty)}), linear_probe.defaults())
+        cs.plan(small(**{"init_from.path": str(empty)}))
     pre = str(tmp_path / "pre")
     write_params_checkpoint(pre, models.create("mae_vit_test"))
     with pytest.raises(ValueError, match="init_from.step=7 .*available: \\[0\\]"):
-        cs.plan(small(**{"init_from.path": pre, "init_from.step": 7}), linear_probe.defaults())
+        cs.plan(small(**{"init_from.path": pre, "init_from.step": 7}))
     with pytest.raises(ValueError, match="another encoder.*embed_dim: checkpoint 32 vs config 128"):
-        cs.plan(
-            small(**{"init_from.path": pre}, **{"model.name": "mae_vit_tiny_patch4_32"}),
-            linear_probe.defaults(),
-        )
+        cs.plan(small(**{"init_from.path": pre}, **{"model.name": "mae_vit_tiny_patch4_32"}))
     # an empty model name takes the architecture from the checkpoint
-    p = cs.plan(small(**{"init_from.path": pre}, **{"model.name": ""}), linear_probe.defaults())
+    p = cs.plan(small(**{"init_from.path": pre}, **{"model.name": ""}))
     assert p.model.embed_dim == 32 and p.model.depth == 2 and p.num_classes == 10
     with pytest.raises(ValueError, match="unknown config key.*mixup"):
         c = small()
         c.mixup = 0.8
-        cs.plan(c, linear_probe.defaults())
+        cs.plan(c)
     with pytest.raises(ValueError, match="img_size 32 != config.data.image_size 64"):
-        cs.plan(small(**{"data.image_size": 64}), linear_probe.defaults())
+        cs.plan(small(**{"data.image_size": 64}))
 
 
 def test_workdir_of_another_run_is_refused(tmp_path):

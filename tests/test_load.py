@@ -57,6 +57,8 @@ def runs(tmp_path_factory):
             eval_batch_size=80,
             total_steps=4,
             warmup_steps=0,
+            epochs=None,
+            warmup_epochs=None,
         )
         if task == "linear_probe":
             c.global_pool = False  # the paper's probe: cls token, exportable to Hugging Face

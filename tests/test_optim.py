@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mae_jax import optim
+from mae_jax import optim, schema
 
 
 def official_lr(t, lr, total, warmup, min_lr=0.0):
@@ -304,21 +304,18 @@ def test_lars_zero_gradient_and_zero_param_is_noop():
 
 
 def test_create_optimizer_lars_with_schedule():
-    cfg = optim.default_optim_config()
+    cfg = schema.defaults(schema.OPTIM)
     cfg.update(
         name="lars",
         base_lr=0.1,
-        batch_size=512,
-        warmup_steps=2,
-        total_steps=10,
         weight_decay=0.0,
         momentum=0.9,
     )
     params = {"w": jnp.ones((2, 3)), "b": jnp.ones((3,))}
     grads_seq = [{"w": jnp.full((2, 3), 0.5), "b": jnp.full((3,), 0.5)}] * 3
-    tx = optim.create_optimizer(cfg, params)
+    sched = optim.warmup_cosine_schedule(optim.peak_learning_rate(cfg, 512), 10, 2)
+    tx = optim.create_optimizer(cfg, sched, params)
     state, p = tx.init(params), params
-    sched = optim.learning_rate_fn(cfg)
     pr = {k: np.asarray(v, np.float64) for k, v in params.items()}
     mu = {k: np.zeros_like(v) for k, v in pr.items()}
     for t, grads in enumerate(grads_seq):
@@ -365,12 +362,9 @@ def test_adamw_matches_reference(layer_decay):
         jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
         for _ in range(3)
     ]
-    cfg = optim.default_optim_config()
+    cfg = schema.defaults(schema.OPTIM)
     cfg.update(
         base_lr=5e-2,
-        batch_size=512,
-        warmup_steps=2,
-        total_steps=6,
         min_lr=1e-3,
         b1=0.9,
         b2=0.999,
@@ -379,7 +373,8 @@ def test_adamw_matches_reference(layer_decay):
         layer_decay=layer_decay,
         num_layers=depth,
     )
-    tx = optim.create_optimizer(cfg, params)
+    sched = optim.warmup_cosine_schedule(optim.peak_learning_rate(cfg, 512), 6, 2, 1e-3)
+    tx = optim.create_optimizer(cfg, sched, params)
     state, p = tx.init(params), params
     step = jax.jit(tx.update)
 
@@ -428,11 +423,9 @@ def test_adamw_on_nnx_state_jit_and_sharded():
     model = _TinyVit(2, 8, nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
     grads = jax.tree.map(lambda x: jnp.full_like(x, 0.1), params)
-    cfg = optim.default_optim_config()
-    cfg.update(
-        lr=1e-2, warmup_steps=0, total_steps=10, layer_decay=0.5, num_layers=2, grad_clip_norm=1.0
-    )
-    tx = optim.create_optimizer(cfg, params)
+    cfg = schema.defaults(schema.OPTIM)
+    cfg.update(lr=1e-2, layer_decay=0.5, num_layers=2, grad_clip_norm=1.0)
+    tx = optim.create_optimizer(cfg, optim.warmup_cosine_schedule(1e-2, 10, 0), params)
     state = tx.init(params)
     upd, _ = jax.jit(tx.update)(grads, state, params)
     new = optax.apply_updates(params, upd)
@@ -464,19 +457,16 @@ def test_adamw_on_nnx_state_jit_and_sharded():
 
 
 def test_grad_clipping_clips():
-    cfg = optim.default_optim_config()
+    cfg = schema.defaults(schema.OPTIM)
     cfg.update(
         name="sgd",
-        lr=0.5,
-        warmup_steps=0,
-        total_steps=10,
         momentum=0.0,
         weight_decay=0.0,
         grad_clip_norm=1.0,
     )
     params = {"w": jnp.zeros((2, 2)), "b": jnp.zeros((2,))}
     big = {"w": jnp.full((2, 2), 3.0), "b": jnp.full((2,), 4.0)}  # global norm sqrt(36+32)
-    tx = optim.create_optimizer(cfg, params)
+    tx = optim.create_optimizer(cfg, 0.5, params)
     upd, _ = tx.update(big, tx.init(params), params)
     norm = math.sqrt(4 * 9 + 2 * 16)
     np.testing.assert_allclose(upd["w"], -0.5 * 3.0 / norm, rtol=1e-6)
@@ -486,44 +476,36 @@ def test_grad_clipping_clips():
     upd, _ = tx.update(small, tx.init(params), params)
     np.testing.assert_allclose(upd["w"], -0.05, rtol=1e-6)
     cfg.grad_clip_norm = None  # off
-    tx = optim.create_optimizer(cfg, params)
+    tx = optim.create_optimizer(cfg, 0.5, params)
     upd, _ = tx.update(big, tx.init(params), params)
     np.testing.assert_allclose(upd["w"], -1.5, rtol=1e-6)
 
 
 def test_sgd_weight_decay_respects_mask():
-    cfg = optim.default_optim_config()
+    cfg = schema.defaults(schema.OPTIM)
     cfg.update(
         name="sgd",
-        lr=1.0,
-        warmup_steps=0,
-        total_steps=10,
         momentum=0.0,
         weight_decay=0.1,
         no_decay_names=("cls_token",),
     )
     params = {"w": jnp.ones((2, 2)), "b": jnp.ones((2,)), "cls_token": jnp.ones((1, 1, 2))}
     zeros = jax.tree.map(jnp.zeros_like, params)
-    tx = optim.create_optimizer(cfg, params)
+    tx = optim.create_optimizer(cfg, 1.0, params)
     upd, _ = tx.update(zeros, tx.init(params), params)
     np.testing.assert_allclose(upd["w"], -0.1)
     np.testing.assert_allclose(upd["b"], 0.0)
     np.testing.assert_allclose(upd["cls_token"], 0.0)
 
 
-def test_learning_rate_fn_scaling_and_absolute():
-    cfg = optim.default_optim_config()
+def test_peak_learning_rate_scaling_and_absolute():
+    cfg = schema.defaults(schema.OPTIM)
     assert cfg.name == "adamw" and cfg.base_lr == 1.5e-4 and (cfg.b1, cfg.b2) == (0.9, 0.95)
     assert cfg.weight_decay == 0.05 and cfg.eps == 1e-8 and cfg.min_lr == 0.0
     assert cfg.grad_clip_norm is None and cfg.lr is None and cfg.layer_decay is None
-    sched = optim.learning_rate_fn(cfg)
-    peak = 1.5e-4 * 4096 / 256
-    np.testing.assert_allclose(float(sched(cfg.warmup_steps)), peak, rtol=1e-6)
-    np.testing.assert_allclose(float(sched(cfg.warmup_steps // 2)), peak / 2, rtol=1e-6)
+    assert optim.peak_learning_rate(cfg, 4096) == pytest.approx(1.5e-4 * 4096 / 256)
     cfg.lr = 3e-3
-    np.testing.assert_allclose(
-        float(optim.learning_rate_fn(cfg)(cfg.warmup_steps)), 3e-3, rtol=1e-6
-    )
+    assert optim.peak_learning_rate(cfg, 4096) == 3e-3
 
 
 # ----------------------------------------------------------------------------- bad configs
@@ -535,30 +517,30 @@ def test_learning_rate_fn_scaling_and_absolute():
         ({"name": "adam_typo"}, "adam_typo"),
         ({"lr": -0.1}, "-0.1"),
         ({"base_lr": -1e-3}, "-0.001"),
-        ({"warmup_steps": 20, "total_steps": 10}, "warmup_steps=20"),
         ({"b2": 1.0}, "b2"),
         ({"layer_decay": 0.75}, "num_layers"),
         ({"layer_decay": 0.0, "num_layers": 2}, "layer_decay"),
         ({"grad_clip_norm": -1.0}, "grad_clip_norm"),
-        ({"batch_size": 0}, "global_batch_size"),
+        ({"batch_size": 512}, "optim.batch_size is set by the run's plan.*config.batch_size"),
+        ({"total_steps": 10}, "optim.total_steps is set by the run's plan"),
     ],
 )
 def test_bad_config_raises(override, bad):
-    cfg = optim.default_optim_config()
-    cfg.update(override)
+    cfg = schema.defaults(schema.OPTIM)
+    cfg.unlock().update(override)
     with pytest.raises(ValueError, match=bad):
-        optim.create_optimizer(cfg, vit_tree(depth=2))
+        optim.create_optimizer(cfg, 1e-3, vit_tree(depth=2))
 
 
 def test_unknown_config_key_and_depth_mismatch():
-    cfg = optim.default_optim_config()
+    cfg = schema.defaults(schema.OPTIM)
     cfg.weight_decy = 0.1
     with pytest.raises(ValueError, match="weight_decy"):
-        optim.create_optimizer(cfg)
-    cfg = optim.default_optim_config()
+        optim.create_optimizer(cfg, 1e-3)
+    cfg = schema.defaults(schema.OPTIM)
     cfg.update(layer_decay=0.75, num_layers=2)
     with pytest.raises(ValueError, match="blocks.2.* in block 2"):
-        optim.create_optimizer(cfg, vit_tree(depth=4))
+        optim.create_optimizer(cfg, 1e-3, vit_tree(depth=4))
 
 
 @pytest.mark.parametrize("name", ["adamw", "lars", "sgd"])
@@ -572,13 +554,12 @@ def test_stacked_blocks_get_the_per_block_rules(name):
     stacked = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     per_block = layout.convert(stacked, stacked=False)
     grads = jax.tree.map(lambda x: jnp.full_like(x, 0.01) + 0.1 * x, stacked)
-    cfg = optim.default_optim_config()
+    cfg = schema.defaults(schema.OPTIM)
     cfg.name, cfg.lr, cfg.weight_decay = name, 1e-2, 0.05
     cfg.layer_decay, cfg.num_layers = 0.75, model.config.depth
-    cfg.total_steps, cfg.warmup_steps = 10, 0
     results = []
     for params, g in ((stacked, grads), (per_block, layout.convert(grads, stacked=False))):
-        tx = optim.create_optimizer(cfg, params)
+        tx = optim.create_optimizer(cfg, optim.warmup_cosine_schedule(1e-2, 10, 0), params)
         updates, _ = tx.update(g, tx.init(params), params)
         results.append(updates)
     got = layout.convert(results[0], stacked=False)

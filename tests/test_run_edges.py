@@ -33,12 +33,12 @@ from test_faults import (  # noqa: F401 - env and spawn are fixtures
     spawn,
 )
 
-from mae_jax import train
+from mae_jax import schema, train
 from mae_jax import workdir as wdir
 from mae_jax.data import pipeline
 from mae_jax.evaluate import metrics
 from mae_jax.tasks import classify as cs
-from mae_jax.tasks import evaluate, finetune, pretrain
+from mae_jax.tasks import evaluate, finetune
 
 _TMP_MARK = "orbax-checkpoint-tmp"
 
@@ -59,16 +59,15 @@ def _finetune_config(num_classes=None):
     c.batch_size = 16
     c.eval_batch_size = 80
     c.data.embedded_eval_per_class = 10  # 100 eval examples
-    c.total_steps = 4
-    c.warmup_steps = 0
+    c.total_steps, c.warmup_steps, c.epochs, c.warmup_epochs = 4, 0, None, None
     c.num_classes = num_classes
     return c
 
 
 def test_fewer_classes_than_the_data_set_is_refused_when_the_run_starts():
     with pytest.raises(ValueError, match=r"config.num_classes=7 has 7 classes, fewer than the 10"):
-        cs.plan(_finetune_config(7), finetune.defaults())
-    assert cs.plan(_finetune_config(12), finetune.defaults()).num_classes == 12  # more is fine
+        cs.plan(_finetune_config(7))
+    assert cs.plan(_finetune_config(12)).num_classes == 12  # more is fine
 
 
 def test_check_labels_names_both_class_counts():
@@ -132,14 +131,14 @@ def test_extending_a_finished_run_says_it_runs_at_min_lr_and_how_to_start_anew(w
     c.total_steps = 150
     c.optim.min_lr = 1e-6
     done = {"schedule": {"total_steps": 100, "warmup_steps": 10, "extensions": []}}
-    train.plan(c, pretrain.defaults(), 2400, (100, done), "/runs/a")
+    train.plan(c, 2400, (100, done), "/runs/a")
     said = [m for m in warnings_log if "finished its schedule" in m]
     assert len(said) == 1, warnings_log
     assert "50 added steps run at its final learning rate, config.optim.min_lr=1e-06" in said[0]
     assert "--config.init_from.path=/runs/a --config.total_steps=50" in said[0]
     # midway, the cosine stretches: no such warning
     midway = {"schedule": {"total_steps": 200, "warmup_steps": 10, "extensions": []}}
-    train.plan(c, pretrain.defaults(), 2400, (100, midway), "/runs/a")
+    train.plan(c, 2400, (100, midway), "/runs/a")
     assert len([m for m in warnings_log if "finished its schedule" in m]) == 1
 
 
@@ -243,7 +242,7 @@ def test_training_onto_a_full_disk_says_so_and_keeps_the_intact_checkpoints(tmp_
 
 # ------------------------------------------------------------------------------ 5. long work
 def test_the_eval_iterator_polls_should_stop_before_every_batch():
-    cfg = pipeline.default_data_config()
+    cfg = schema.defaults(schema.DATA)
     cfg.image_size = 32
     cfg.embedded_eval_per_class = 10
     calls = []

@@ -15,26 +15,28 @@ from config_files import ROOT, load_config, main_command, xla_flags
 from config_files import tiny_pretrain as small
 from flax import nnx
 
-from mae_jax import models, optim, train
+from mae_jax import models, optim, schema, train
 from mae_jax import sharding as shd
 from mae_jax.data import pipeline
 from mae_jax.tasks import pretrain
 
 
-def _optim_config(batch=16):
+def _optim_config():
     # SGD keeps the update proportional to the gradient. (Adam would turn float noise of the
     # exactly-zero gradients, e.g. of the key biases, into +-lr updates on any mesh change.)
-    oc = optim.default_optim_config()
+    oc = schema.defaults(schema.OPTIM)
     oc.name, oc.weight_decay = "sgd", 0.05
-    oc.batch_size, oc.warmup_steps, oc.total_steps, oc.lr = batch, 1, 10, 0.5
     return oc
+
+
+LR = optim.warmup_cosine_schedule(0.5, 10, 1)
 
 
 @functools.cache  # the (2, 4, 1) run serves both tests below
 def _run_steps(mesh_shape, accum=1, steps=1, batch=16):
     mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, mesh_shape)))
     fns = pretrain.build_step(
-        lambda: models.create("mae_vit_test", seed=0), _optim_config(batch), mesh, accum_steps=accum
+        lambda: models.create("mae_vit_test", seed=0), _optim_config(), LR, mesh, accum_steps=accum
     )
     state = fns.init()
     images = np.asarray(jax.random.normal(jax.random.key(0), (batch, 32, 32, 3)))
@@ -71,7 +73,7 @@ def test_gradient_accumulation_equals_full_batch():
 
 def test_params_and_optimizer_state_are_fsdp_sharded():
     mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
-    fns = pretrain.build_step(lambda: models.create("mae_vit_test"), _optim_config(), mesh)
+    fns = pretrain.build_step(lambda: models.create("mae_vit_test"), _optim_config(), LR, mesh)
     state = fns.init()
     kernel = state["params"]["blocks"][0]["mlp"]["fc1"]["kernel"].get_value()
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
@@ -84,7 +86,7 @@ def test_params_and_optimizer_state_are_fsdp_sharded():
 def test_stacked_blocks_are_fsdp_sharded_with_a_replicated_layers_axis():
     mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     fns = pretrain.build_step(
-        lambda: models.create("mae_vit_test", scan_layers=True), _optim_config(), mesh
+        lambda: models.create("mae_vit_test", scan_layers=True), _optim_config(), LR, mesh
     )
     state = fns.init()
     kernel = state["params"]["blocks"]["mlp"]["fc1"]["kernel"].get_value()
@@ -112,8 +114,9 @@ def test_training_loop_writes_metrics_config_and_checkpoints(copy_tiny_run):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
     # config.json holds the numbers the run used, not the recipe's defaults
-    assert saved["total_steps"] == 6 and saved["optim"]["total_steps"] == 6
-    assert saved["optim"]["batch_size"] == 16 and saved["optim"]["lr"] == pytest.approx(1e-3)
+    assert saved["total_steps"] == 6 and saved["epochs"] is None and saved["warmup_steps"] == 0
+    assert saved["batch_size"] == 16 and saved["optim"]["lr"] == pytest.approx(1e-3)
+    assert saved["checkpoint_every_steps"] == 3 and saved["keep_every_steps"] == 0
     # rerunning the finished run says so and writes nothing at all
     before = {f: os.path.getmtime(os.path.join(workdir, f)) for f in os.listdir(workdir)}
     assert pretrain.train_and_evaluate(small(), workdir) == {"step": 6, "complete": True}
@@ -132,8 +135,9 @@ def test_extending_a_run_continues_its_learning_rate(tmp_path):
     # steps 1..4 followed the 4-step schedule down to min_lr; 5..8 stay there, no new warm-up
     assert lrs[4] > 1e-4
     assert lrs[6] == pytest.approx(1e-4, rel=1e-5) and lrs[8] == pytest.approx(1e-4, rel=1e-5)
-    saved = json.load(open(os.path.join(workdir, "config.json")))
-    assert saved["optim"]["extensions"] == [[4, 4]]
+    from mae_jax import workdir as wdir
+
+    assert wdir.Reader(workdir).latest_meta()[1]["schedule"]["extensions"] == [[4, 4]]
     history = json.load(open(os.path.join(workdir, "config_history.json")))
     assert history[0]["replaced_at_step"] == 4 and history[0]["config"]["total_steps"] == 4
 
@@ -221,7 +225,7 @@ def test_paper_config_plans_from_epochs():
     assert r.total_steps == 800 * 37 and r.warmup_steps == 40 * 37
     assert r.milestone_every == 100 * 37
     assert r.optim.lr == pytest.approx(1.5e-4 * 64 / 256)
-    assert float(optim.learning_rate_fn(r.optim)(40 * 37)) == pytest.approx(r.optim.lr)
+    assert float(r.lr_fn(40 * 37)) == pytest.approx(r.optim.lr)
 
 
 def test_pretraining_starts_from_imported_weights_and_readers_of_a_real_run(tmp_path):
@@ -309,7 +313,8 @@ def test_a_run_resumes_and_is_read_across_block_layouts(copy_tiny_run):
         ({"mesh.data": 16}, "needs 16 devices but 8 are available"),
         ({"grad_accum_steps": 3}, "grad_accum_steps=3"),
         ({"model.name": "mae_vit_gigantic"}, "unknown model preset"),
-        ({"optim.name": "adam_w"}, "unknown optimizer name"),
+        ({"optim.name": "adam_w"}, r"config.optim.name must be one of \('adamw', 'lars'"),
+        ({"checkpoint_every_epochs": 2.0}, "config.checkpoint_every_steps=3 and config.checkp"),
     ],
 )
 def test_bad_configs_fail_before_compiling(tmp_path, overrides, match):

@@ -1,7 +1,7 @@
 """Input pipeline: deterministic, resumable, per-process tf.data iterators.
 
 Public API:
-  default_data_config()                     -> ml_collections.ConfigDict
+  cfg: a data config, `mae_jax.schema.defaults(schema.DATA)` or any part of it (the rest: defaults)
   create_pretrain_iterator(cfg, global_batch_size, seed, start_step, ...)
       yields {'image': float32 [B/P, S, S, 3]}           (RandomResizedCrop + flip)
   create_train_iterator(...)   yields {'image', 'label' int32 [B/P]}  (labelled;
@@ -52,6 +52,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from mae_jax import schema
 from mae_jax.data import augment
 from mae_jax.data.lazy_tf import graph_fn, tf_module
 from mae_jax.data.sources import DatasetInfo, Shard, make_source
@@ -79,67 +80,14 @@ class Interrupted(Exception):
     iterator (a stop was asked for, e.g. by a SIGTERM)."""
 
 
-def default_data_config() -> ml_collections.ConfigDict:
-    """Data config; the defaults give the offline embedded set at 224 px."""
-    cfg = ml_collections.ConfigDict()
-    cfg.source = "embedded"  # 'embedded' | 'tfds' | 'folder'
-    cfg.name = ""  # TFDS name, e.g. 'imagenet2012' (source='tfds')
-    cfg.data_dir = ""  # TFDS data_dir, local or gs:// ('' -> TFDS default)
-    cfg.path = ""  # folder root: path/class_x/img.jpg or path/<split>/...
-    cfg.train_split = "train"
-    cfg.eval_split = "validation"
-    cfg.image_key = "image"  # TFDS feature names
-    cfg.label_key = "label"
-    cfg.image_size = 224
-    cfg.crop_min_scale = 0.2  # pretraining RandomResizedCrop scale (min, 1)
-    cfg.train_crop_min_scale = 0.08  # labelled train iterator (torchvision default)
-    cfg.crop_ratio = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio range
-    cfg.flip = True
-    cfg.antialias = True  # PIL-like antialiased bicubic when downscaling
-    # libjpeg IDCT: 'INTEGER_ACCURATE' (PIL/torchvision's, bit-identical) | 'INTEGER_FAST'
-    cfg.jpeg_dct_method = "INTEGER_ACCURATE"
-    # Decode JPEG crops >= 2x/4x/8x image_size at 1/2, 1/4, 1/8 scale (train iterators).
-    cfg.jpeg_reduced_scale = True
-    cfg.eval_crop_fraction = 0.875  # eval: resize shorter side to size / this
-    cfg.shuffle_buffer = 10_000  # TFDS only; other sources shuffle fully
-    cfg.num_parallel_calls = -1  # images decoded in parallel (-1: autotune)
-    cfg.threads = 0  # private tf.data threadpool size (0: shared pool)
-    cfg.prefetch = 2  # batches prefetched (-1: autotune)
-    cfg.cache = False  # hold the encoded shard in memory (small sets)
-    cfg.with_keys = False  # add 'key' int64 [B/P]: each example's stable id
-    cfg.folder_eval_fraction = 0.0  # flat folders: hold out this fraction as eval
-    cfg.embedded_resolution = 0  # stored crop side (0: from image_size)
-    cfg.embedded_train_per_class = 240
-    cfg.embedded_eval_per_class = 60
-    cfg.max_consecutive_bad = 1000  # more unreadable examples in a row -> InputError
-    return cfg
-
-
-def _check_max_bad(value) -> int:
-    """`max_consecutive_bad` as a positive int, or a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(
-            f"data config max_consecutive_bad must be a positive int (the number of "
-            f"unreadable examples in a row that stops the run), got {value!r}"
-        )
-    return int(value)
-
-
-def _check_bool(key: str, value) -> bool:
-    """`value` if it is a bool (numpy bools too), else a ValueError naming the data config key."""
-    if not isinstance(value, bool | np.bool_):
-        raise ValueError(f"data config {key} must be True or False, got {value!r}")
-    return bool(value)
-
-
 def _resolve(cfg) -> ml_collections.ConfigDict:
-    """`cfg` laid over the defaults, so partial configs work; unknown keys warn."""
-    full = default_data_config()
+    """`cfg` checked (`schema.DATA`) and laid over the defaults, so partial configs work;
+    unknown keys warn."""
+    full = schema.defaults(schema.DATA)
     unknown = sorted(set(cfg.keys()) - set(full.keys()))
     if unknown:
         logging.warning("data config keys not used by the input pipeline: %s", unknown)
-    if "max_consecutive_bad" in cfg:
-        _check_max_bad(cfg["max_consecutive_bad"])  # before update: its TypeError is vaguer
+    schema.check(cfg, schema.DATA, "config.data", unknown=False)
     full.update(cfg)
     return full
 
@@ -244,8 +192,7 @@ def _train_process_fn(
     scale = (float(min_scale), 1.0)
     flip, antialias = bool(cfg.flip), bool(cfg.antialias)
     augment.check_crop_params(scale, ratio)
-    dct_method = augment.check_dct_method(cfg.jpeg_dct_method)
-    reduced_scale = _check_bool("jpeg_reduced_scale", cfg.jpeg_reduced_scale)
+    dct_method, reduced_scale = cfg.jpeg_dct_method, bool(cfg.jpeg_reduced_scale)
 
     def process(data, elem):
         base = tf.stack([tf.constant(seed, tf.int64), elem["epoch"]])
@@ -327,7 +274,7 @@ class DataIterator:
         self._always_guarded = always_guarded
         self._fast_failures = 0
         self._name = name
-        self._max_bad = _check_max_bad(max_consecutive_bad)
+        self._max_bad = int(max_consecutive_bad)
         self._source = source
         self._should_stop = should_stop
         self.consecutive_bad = 0
@@ -658,7 +605,7 @@ def create_eval_iterator(
     sizes = source.shard_sizes(split, pc)
     num_batches = max(math.ceil(max(sizes) / b), 1)
     size, frac, antialias = int(cfg.image_size), float(cfg.eval_crop_fraction), bool(cfg.antialias)
-    dct_method = augment.check_dct_method(cfg.jpeg_dct_method)
+    dct_method = cfg.jpeg_dct_method
     options = _options(cfg)
 
     def process(data, elem):

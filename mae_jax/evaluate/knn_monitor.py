@@ -23,7 +23,6 @@ tokens instead (`evaluate.knn.encoder_features`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 
 import jax
@@ -31,7 +30,6 @@ import numpy as np
 from flax import nnx
 
 from mae_jax import sharding as shd
-from mae_jax import train
 from mae_jax.data import pipeline
 from mae_jax.evaluate import knn
 
@@ -50,29 +48,12 @@ class Settings:
     num_classes: int | None
 
 
-def settings(config, info, default_batch_size: int) -> Settings:
-    """Validate the `knn_*` keys of a pretraining `config` (also when the monitor is off) and
-    resolve them against the data set `info` (`pipeline.dataset_info`; None: unknown sizes).
-    `knn_batch_size=None` takes `default_batch_size` (the train micro-batch)."""
-    every = train.positive_int("knn_every_steps", config.get("knn_every_steps"), 0)
-    bank = train.positive_int("knn_bank_size", config.get("knn_bank_size"))
-    queries = train.positive_int("knn_num_queries", config.get("knn_num_queries"))
-    k = train.positive_int("knn_k", config.get("knn_k"))
-    temperature = config.get("knn_temperature")
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not math.isfinite(temperature)
-        or temperature <= 0
-    ):
-        raise ValueError(f"config.knn_temperature must be a number > 0, got {temperature!r}")
-    if config.get("knn_batch_size") is None:
-        batch = default_batch_size
-    else:
-        batch = train.positive_int("knn_batch_size", config.get("knn_batch_size"))
-    pool = config.get("knn_global_pool")
-    if not isinstance(pool, bool):
-        raise ValueError(f"config.knn_global_pool must be True or False, got {pool!r}")
+def settings(config, info, default_batch_size: int, every: int) -> Settings:
+    """The `knn_*` keys of a pretraining `config` (checked by `schema.check`), its period
+    `every` in steps (0: off), resolved against the data set `info` (`pipeline.dataset_info`;
+    None: unknown sizes). `knn_batch_size=None` takes `default_batch_size` (the micro-batch)."""
+    bank, queries, k = config.knn_bank_size, config.knn_num_queries, config.knn_k
+    batch = config.knn_batch_size or default_batch_size
     num_classes = None
     if info is not None:
         bank = min(bank, info.num_train_examples)
@@ -94,7 +75,8 @@ def settings(config, info, default_batch_size: int) -> Settings:
             f"config.knn_k={k} is larger than the bank ({bank} examples: config.knn_bank_size="
             f"{config.knn_bank_size}, capped at the train split's size); lower config.knn_k"
         )
-    return Settings(every, bank, queries, k, float(temperature), batch, pool, num_classes)
+    temperature, pool = float(config.knn_temperature), bool(config.knn_global_pool)
+    return Settings(every, bank, queries, k, temperature, batch, pool, num_classes)
 
 
 def feature_step(state: dict, batch: dict, *, graphdef, rest, global_pool: bool) -> dict:

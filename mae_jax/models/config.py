@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
+from mae_jax import ops
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 REMAT_NAMES = ("none", "full", "dots_no_batch", "dots")  # `vit.REMAT_POLICIES`
@@ -119,14 +121,11 @@ class MAEConfig:
                 raise ValueError(
                     f"{what} {dim} must be a multiple of 4 for 2-D sin-cos position embeddings"
                 )
-        for field in ("mlp_ratio", "mask_ratio"):
-            value = getattr(self, field)
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ValueError(f"{field} must be a number, got {value!r}")
+        if not isinstance(self.mlp_ratio, (int, float)) or isinstance(self.mlp_ratio, bool):
+            raise ValueError(f"mlp_ratio must be a number, got {self.mlp_ratio!r}")
         if not (self.mlp_ratio > 0 and int(self.embed_dim * self.mlp_ratio) > 0):
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio!r}")
-        if not 0.0 <= float(self.mask_ratio) < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio!r}")
+        ops.check_mask_ratio(self.mask_ratio)
         for field in ("norm_pix_loss", "scan_layers"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"{field} must be True or False, got {getattr(self, field)!r}")

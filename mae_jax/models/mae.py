@@ -100,8 +100,7 @@ class MAE(Encoder):
         else from `rngs` (its `masking` stream, or `default`), else from the model's own stream.
         """
         c = self.config
-        ratio = c.mask_ratio if mask_ratio is None else mask_ratio
-        ops.check_mask_ratio(ratio)
+        ratio = c.mask_ratio if mask_ratio is None else mask_ratio  # checked by random_masking
         self.check_images(images)
         n = images.shape[0]
         target = ops.patchify(images, c.patch_size)

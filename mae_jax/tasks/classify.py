@@ -25,14 +25,12 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
 from flax import nnx
-from ml_collections import config_dict
 
-from mae_jax import init_from, models, optim, train
+from mae_jax import init_from, models, optim, schema, train
 from mae_jax import sharding as shd
 from mae_jax import train_step as ts
 from mae_jax import workdir as wdir
@@ -43,17 +41,6 @@ from mae_jax.models.classifier import ENCODER_KEYS, Head, ViTClassifier
 
 # prepare(key, images [B,H,W,C], labels [B] int) -> (images [B,H,W,C], targets [B,C] float32)
 Prepare = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
-
-
-def defaults() -> ml_collections.ConfigDict:
-    """The keys linear probing and fine-tuning share (neutral values; each task adds its own)."""
-    c = train.common_defaults()
-    c.init_from.parts = "encoder"
-    c.num_classes = config_dict.placeholder(int)  # None: from the data set
-    c.global_pool = False  # True: mean of the patch tokens + fc_norm; False: the cls token
-    c.eval_batch_size = config_dict.placeholder(int)  # None: batch_size
-    c.eval_every_steps = 0  # 0: evaluate only at the end
-    return c
 
 
 # Encoder fields that fix the parameter shapes: a pretrained checkpoint must agree on them.
@@ -165,6 +152,7 @@ def build(
     model_fn: Callable[[], ViTClassifier],
     trainable: nnx.filterlib.Filter,
     optim_config,
+    lr_fn,
     mesh,
     *,
     prepare: Prepare,
@@ -172,8 +160,9 @@ def build(
     rules=shd.DEFAULT_RULES,
 ) -> ts.StepFns:
     """`train_step.build` for a classifier: train step on `{'image', 'label'}`, eval step on
-    `{'image', 'label', 'mask'}`; only the `trainable` parameters are optimized."""
-    tx = optim.create_optimizer(optim_config)
+    `{'image', 'label', 'mask'}`; only the `trainable` parameters are optimized, at the
+    learning rate `lr_fn` (a schedule: `train.Plan.lr_fn`, also logged)."""
+    tx = optim.create_optimizer(optim_config, lr_fn)
     return ts.build(
         model_fn,
         tx,
@@ -181,7 +170,7 @@ def build(
         step_fn=functools.partial(
             train_step,
             tx=tx,
-            lr_fn=optim.learning_rate_fn(optim_config),
+            lr_fn=lr_fn,
             prepare=prepare,
             drop_path=drop_path,
         ),
@@ -340,15 +329,10 @@ def resolve_model(config, source: init_from.Source | None) -> models.MAEConfig:
     return mcfg
 
 
-def plan(
-    config,
-    defaults: ml_collections.ConfigDict,
-    resume: train.Resume = None,
-    where: str = "",
-) -> Plan:
-    """Validate `config` against its task's `defaults` and resolve the model, classes, steps
+def plan(config, resume: train.Resume = None, where: str = "") -> Plan:
+    """Validate `config` (`schema.check` of its task) and resolve the model, classes, steps
     and optimizer (reads the `config.init_from` checkpoint's meta, no arrays; nothing compiled)."""
-    train.check_keys(config, defaults)
+    schema.check(config, config.get("task"))
     source = init_from.locate(config.get("init_from"))
     mcfg = resolve_model(config, source)
     info = pipeline.dataset_info(config.data)
@@ -359,25 +343,13 @@ def plan(
             raise ValueError(
                 "the data set does not say how many classes it has: set config.num_classes"
             )
-    num_classes = train.positive_int("num_classes", num_classes)
     check_num_classes(num_classes, info, f"config.num_classes={num_classes}")
-    if config.eval_every_steps < 0:
-        raise ValueError(f"config.eval_every_steps must be >= 0, got {config.eval_every_steps}")
     layers = {}
     if config.optim.get("layer_decay") is not None and config.optim.get("num_layers") is None:
         layers = {"num_layers": mcfg.depth}
-    run_plan = train.plan(
-        config,
-        defaults,
-        info.num_train_examples if info else None,
-        resume,
-        where,
-        optim_overrides=layers,
-    )
-    eval_batch = train.positive_int(
-        "eval_batch_size", config.get("eval_batch_size") or config.batch_size
-    )
-    return Plan(mcfg, num_classes, eval_batch, source, run_plan)
+    n = info.num_train_examples if info else None
+    run_plan = train.plan(config, n, resume, where, optim_overrides=layers)
+    return Plan(mcfg, num_classes, config.eval_batch_size or config.batch_size, source, run_plan)
 
 
 def check_mesh(config, p: Plan, mesh) -> None:
@@ -441,6 +413,7 @@ def classification_task(
         model_fn,
         trainable,
         p.run.optim,
+        p.run.lr_fn,
         mesh,
         prepare=prepare,
         drop_path=drop_path,
@@ -513,10 +486,10 @@ def classification_task(
         ),
         meta=lambda: meta,
         check_meta=lambda m, step: check_workdir(m, meta, workdir, step),
-        resolved=train.resolved_config(config, p.run.total_steps, p.run.optim),
+        resolved=train.resolved_config(config, p.run),
         device_keys=("image", "label"),
         flops_per_image=flops_per_image,
         milestone_every=p.run.milestone_every,
-        periodic=((config.eval_every_steps or p.run.total_steps, run_eval),),  # 0: at the end
+        periodic=((p.run.periods["eval_every_steps"] or p.run.total_steps, run_eval),),  # 0: end
         check_batch=check_batch,
     )

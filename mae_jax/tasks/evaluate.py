@@ -28,9 +28,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from ml_collections import config_dict
 
-from mae_jax import compile_cache, init_from, metrics, models, train
+from mae_jax import compile_cache, init_from, metrics, models, schema, train
 from mae_jax import sharding as shd
 from mae_jax import workdir as wdir
 from mae_jax.convert import classifier as cc
@@ -41,20 +40,6 @@ from mae_jax.tasks import classify as cs
 
 TASK = "evaluate"
 KEY = "config.checkpoint"
-
-
-def defaults() -> ml_collections.ConfigDict:
-    """Every key an evaluation config has (recipes: configs/evaluate.py)."""
-    c = ml_collections.ConfigDict()
-    c.task = TASK
-    c.checkpoint = ml_collections.ConfigDict({"path": "", "step": config_dict.placeholder(int)})
-    c.model = models.config_block("")  # '' name: the workdir's model; a file needs a preset
-    c.data = pipeline.default_data_config()
-    c.eval_batch_size = 256  # global
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.sharding_rules = config_dict.placeholder(tuple)  # None: sharding.DEFAULT_RULES
-    c.compilation_cache = compile_cache.AUTO
-    return c
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,10 +106,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     (see the module docstring) and return them."""
     if config.get("task") != TASK:
         raise ValueError(f"config.task must be {TASK!r} for evaluation, got {config.get('task')!r}")
-    train.check_keys(config, defaults())
+    schema.check(config, TASK)
     root = wdir.normalize(workdir)
     check_workdir(root)
-    batch = train.positive_int("eval_batch_size", config.eval_batch_size)
+    batch = config.eval_batch_size
     mesh = shd.make_mesh(config.mesh)
     train.check_batches(mesh, {"config.eval_batch_size": batch})
     compile_cache.enable(config.get("compilation_cache", compile_cache.AUTO), jax.process_count())

@@ -26,13 +26,6 @@ TASK = "linear_probe"
 TRAINABLE = LINEAR_PROBE_TRAINABLE  # the head's Linear (`head.1`)
 
 
-def defaults() -> ml_collections.ConfigDict:
-    """Every key a linear-probing config has (neutral values; recipes: configs/linprobe.py)."""
-    c = cs.defaults()
-    c.task = TASK
-    return c
-
-
 def prepare(key, images, labels, *, num_classes: int):
     """Plain one-hot targets (cross-entropy), no mixing."""
     del key
@@ -60,7 +53,7 @@ def linear_probe_task(config, mesh, workdir: str, resume: train.Resume = None) -
         raise ValueError(
             f"config.task must be {TASK!r} for linear probing, got {config.get('task')!r}"
         )
-    p = cs.plan(config, defaults(), resume, workdir)
+    p = cs.plan(config, resume, workdir)
     if p.run.optim.get("layer_decay") is not None:
         raise ValueError(
             "config.optim.layer_decay does not apply to linear probing (only the "

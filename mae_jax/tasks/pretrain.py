@@ -17,30 +17,12 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from ml_collections import config_dict
 
-from mae_jax import flops, init_from, models, optim, train, visualize
+from mae_jax import flops, init_from, models, optim, schema, train, visualize
 from mae_jax import sharding as shd
 from mae_jax import train_step as ts
 from mae_jax.data import pipeline
 from mae_jax.evaluate import knn_monitor
-
-
-def defaults() -> ml_collections.ConfigDict:
-    """Every key a pretraining config has (neutral values; the recipe is configs/mae_pretrain.py)."""
-    c = train.common_defaults()
-    c.task = "pretrain"
-    c.grad_accum_steps = 1
-    c.reconstruction_every_steps = 0  # TensorBoard pictures every N steps and at the end (0: off)
-    # kNN monitor (mae_jax.evaluate.knn_monitor): top-1 every N steps and at the end (0: off)
-    c.knn_every_steps = 0
-    c.knn_bank_size = 10_000  # labelled bank: the first N examples of data.train_split
-    c.knn_num_queries = 10_000  # queries: the first N examples of data.eval_split
-    c.knn_k = 20  # neighbours (DINO's 20)
-    c.knn_temperature = 0.07  # votes weighted exp(cosine / T) (DINO's 0.07)
-    c.knn_batch_size = config_dict.placeholder(int)  # None: batch_size / grad_accum_steps
-    c.knn_global_pool = False  # False: the cls token; True: the mean of the patch tokens
-    return c
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +39,10 @@ def plan_without_data(config, total_steps: int) -> Plan:
     compile): epoch-based counts cannot be resolved, so `total_steps` (unless the config sets
     it), no warm-up (unless set in steps) and no milestones stand in for them."""
     c = ml_collections.ConfigDict(config.to_dict())
-    if c.total_steps is None:
-        c.total_steps = total_steps
-    if c.warmup_steps is None:
-        c.warmup_steps = 0
-    c.keep_every_epochs = 0.0
+    c.total_steps = c.total_steps or total_steps
+    for p in schema.PERIODS:  # periods in epochs: off
+        if p.epochs_key in c:
+            c[p.epochs_key] = None
     return plan(c, None)
 
 
@@ -76,19 +57,15 @@ def plan(
     compiled). `resume`: the workdir's newest checkpoint `(step, meta)`, whose schedule a rerun
     continues. `info`: `pipeline.dataset_info(config.data)` (caps the kNN bank and queries at
     the splits' sizes), None when no data set is read."""
-    run_plan = train.plan(config, defaults(), num_train_examples, resume, where)
+    run_plan = train.plan(config, num_train_examples, resume, where)
     accum = config.grad_accum_steps
-    if (
-        isinstance(accum, bool)
-        or not isinstance(accum, int)
-        or accum <= 0
-        or (config.batch_size % accum)
-    ):
+    if config.batch_size % accum:
         raise ValueError(
-            f"config.grad_accum_steps={accum!r} must be a positive integer dividing "
-            f"config.batch_size={config.batch_size}"
+            f"config.grad_accum_steps={accum!r} does not divide config.batch_size="
+            f"{config.batch_size}"
         )
-    knn = knn_monitor.settings(config, info, config.batch_size // accum)
+    every = run_plan.periods["knn_every_steps"]
+    knn = knn_monitor.settings(config, info, config.batch_size // accum, every)
     return Plan(models.resolve(config.model), run_plan, knn)
 
 
@@ -194,6 +171,7 @@ def step_fns(config, p: Plan, mesh) -> ts.StepFns:
     return build_step(
         lambda: models.create(p.model, seed=config.seed),
         p.run.optim,
+        p.run.lr_fn,
         mesh,
         accum_steps=config.grad_accum_steps,
         rules=shd.rules(config.get("sharding_rules")),
@@ -204,17 +182,17 @@ def step_fns(config, p: Plan, mesh) -> ts.StepFns:
 def build_step(
     model_fn,
     optim_config,
+    lr_fn,
     mesh,
     *,
     accum_steps: int = 1,
     rules=shd.DEFAULT_RULES,
     global_pool: bool = False,
 ):
-    """`train_step.build` for the MAE of `model_fn` under the optimizer of `optim_config`; the
-    eval program is the kNN monitor's feature forward (`knn_monitor.feature_step`, features
+    """`train_step.build` for the MAE of `model_fn` under the optimizer of `optim_config` at the
+    learning rate `lr_fn` (a schedule: `train.Plan.lr_fn`, also logged); the eval program is the kNN monitor's feature forward (`knn_monitor.feature_step`, features
     pooled as `global_pool` says) on `{'image', 'label', 'mask'}`."""
-    tx = optim.create_optimizer(optim_config)
-    lr_fn = optim.learning_rate_fn(optim_config)
+    tx = optim.create_optimizer(optim_config, lr_fn)
     num_patches = nnx.eval_shape(model_fn).config.num_patches
     return ts.build(
         model_fn,
@@ -282,10 +260,13 @@ def task(config, mesh, resume: train.Resume = None, where: str = "") -> train.Ta
         ),
         meta=lambda: checkpoint_meta(p),
         check_meta=lambda meta, step: check_workdir_model(meta, p.model, where, step),
-        resolved=train.resolved_config(config, p.run.total_steps, p.run.optim),
+        resolved=train.resolved_config(config, p.run),
         flops_per_image=flops.mae_train_flops_per_image(p.model),
         milestone_every=p.run.milestone_every,
-        periodic=((config.reconstruction_every_steps, reconstruct), (p.knn.every_steps, knn)),
+        periodic=(
+            (p.run.periods["reconstruction_every_steps"], reconstruct),
+            (p.knn.every_steps, knn),
+        ),
     )
 
 
