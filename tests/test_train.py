@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from config_files import ROOT, load_config, main_command, xla_flags
+from config_files import ROOT, load_config, main_command
 from config_files import tiny_pretrain as small
 from flax import nnx
 
@@ -357,7 +357,7 @@ def _main_cmd(workdir, *extra):
 
 def _env():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = xla_flags(8)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     env["JAX_PLATFORMS"] = "cpu"
     return env
 
