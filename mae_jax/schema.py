@@ -20,6 +20,9 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
+from mae_jax import models
+from mae_jax.models import config as mc
+
 # A key is `(default, spec, meaning)`. spec: a tuple of choices, or `[?]KIND[BOUNDS]` with KIND
 # one of int, num, bool, str, seq; BOUNDS `>=x`, `>x` or an interval such as `[0,1)`; `?`: None
 # is accepted too (its meaning is in the key's).
@@ -113,8 +116,6 @@ def steps(config, p: Period, steps_per_epoch: int | None) -> int | None:
 
 # ------------------------------------------------------------------------------ blocks
 def _model() -> dict:
-    from mae_jax.models import config as mc  # noqa: PLC0415 - jax, for the field types
-
     kinds = {int: "?int", float: "?num", bool: "?bool", str: "?str"}
     return {
         "name": ("", "str", "preset (models.PRESETS); '': the checkpoint's"),
@@ -335,8 +336,6 @@ def check(config, tab: dict | str, prefix: str = "config", *, unknown: bool = Tr
 
 
 def _resolve_model(block, where: str) -> None:
-    from mae_jax import models  # noqa: PLC0415 - jax
-
     try:
         models.resolve(block)
     except ValueError as e:
