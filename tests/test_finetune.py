@@ -51,6 +51,7 @@ def _flat(tree):
     }
 
 
+@pytest.mark.slow  # two meshes compiled: ~40 s
 def test_finetune_step_on_a_2x4_mesh_reaches_every_parameter_and_matches_data_parallel(tmp_path):
     pre = str(tmp_path / "pre")
     saved = _flat(write_params_checkpoint(pre, models.create("mae_vit_test", seed=5)))

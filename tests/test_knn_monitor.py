@@ -49,6 +49,7 @@ def _first(config, split, limit):
     return np.concatenate(images)[:limit], np.concatenate(labels)[:limit]
 
 
+@pytest.mark.slow  # a real run with two kNN passes
 def test_a_run_logs_knn_top1_equal_to_knn_accuracy_on_the_same_features(tmp_path, capsys):
     config = small()
     workdir = str(tmp_path / "run")

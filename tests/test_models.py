@@ -266,7 +266,13 @@ def test_automatic_attention_is_xla_off_gpu():
     )
 
 
-@pytest.mark.parametrize("name", sorted(OFFICIAL_TRAINABLE))
+@pytest.mark.parametrize(  # ViT-L and ViT-H compile ~20 s each: in the slow tier
+    "name",
+    [
+        n if "base" in n else pytest.param(n, marks=pytest.mark.slow)
+        for n in sorted(OFFICIAL_TRAINABLE)
+    ],
+)
 def test_paper_presets_forward_under_jit_in_bf16(name):
     """At full depth abstractly (dtypes and shapes; the real ViT-H takes 2.6 GB of parameters
     alone), then for real with each preset's widths, heads, patch and image size on 2 encoder

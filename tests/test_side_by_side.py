@@ -25,6 +25,7 @@ def sbs():
     return load_script()
 
 
+@pytest.mark.slow  # the whole benchmark, PyTorch side included
 def test_tiny_run_prints_both_sides_and_passes_parity(sbs, tmp_path, capsys):
     out_json = tmp_path / "sbs.json"
     args = ["--models=mae_vit_test", "--batch=mae_vit_test=4,default=2", "--dtype=float32",

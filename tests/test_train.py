@@ -51,6 +51,7 @@ def _run_steps(mesh_shape, accum=1, steps=1, batch=16):
     return losses, params, float(m["grad_norm"])
 
 
+@pytest.mark.slow  # three meshes compiled
 def test_one_step_is_the_same_on_every_mesh():
     ref_loss, ref_params, ref_gn = _run_steps((8, 1, 1), steps=2)
     for shape in [(2, 4, 1), (2, 2, 2)]:
@@ -63,6 +64,7 @@ def test_one_step_is_the_same_on_every_mesh():
             )
 
 
+@pytest.mark.slow  # two meshes compiled (one shared)
 def test_gradient_accumulation_equals_full_batch():
     full_loss, full_params, _ = _run_steps((2, 4, 1), steps=2)
     acc_loss, acc_params, _ = _run_steps((2, 4, 1), accum=2, steps=2)  # 2 x 8 images
@@ -127,6 +129,7 @@ def test_training_loop_writes_metrics_config_and_checkpoints(copy_tiny_run):
     assert {f: os.path.getmtime(os.path.join(workdir, f)) for f in os.listdir(workdir)} == before
 
 
+@pytest.mark.slow  # three real runs
 def test_extending_a_run_continues_its_learning_rate(tmp_path):
     workdir = str(tmp_path / "run")
     pretrain.train_and_evaluate(small(total_steps=4, **{"optim.min_lr": 1e-4}), workdir)
