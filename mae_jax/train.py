@@ -240,6 +240,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[...
 def _complete(task: Task, latest: Resume, root: str) -> bool:
     if latest is None or latest[0] != task.total_steps:
         return False
+    task.check_meta(latest[1], latest[0])  # another model is refused, finished or not
     print(
         f"{task.name}: the run in {root} is already complete ({latest[0]} of "
         f"{task.total_steps} steps); nothing to do",
