@@ -7,9 +7,11 @@ Expected: the loss (norm_pix_loss) falls from about 2 at step 1 to about 0.5; me
 /tmp/mae_smoke/metrics.jsonl, checkpoints in /tmp/mae_smoke/checkpoints.
 
 Measured (the one place for this run's numbers: the README and docs are checked against it by
-tests/test_readme_numbers.py): 2.0 min for the whole command (118 s), loss 2.1229 at step 1 and
-0.4745 at step 150, on 1 CPU device (the default without XLA_FLAGS) of a 2-core machine shared
-with other jobs (load average 0.2 at the start, 5.3 at the end), 2026-12-04.
+tests/test_readme_numbers.py): 2.0 min for the whole command (118 s), on 1 CPU device (the
+default without XLA_FLAGS) of a 2-core machine shared with other jobs (load average 0.2 at the
+start, 5.3 at the end), 2026-12-04. The logged loss (the mean over the steps since the last
+line): 2.1229 at step 1, 0.4999 at step 150 (steps 141-150; the single step 150 was 0.4745), from a
+fresh clone and venv, 2026-12-04.
 
 The recipe: configs/mae_pretrain.py, variant `smoke` (the same as
 `--config=configs/mae_pretrain.py:smoke`).
