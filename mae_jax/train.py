@@ -64,7 +64,6 @@ class Task:
     resolved: dict
     device_keys: tuple[str, ...] = ("image",)
     flops_per_image: float | None = None
-    milestone_every: int = 0
     periodic: tuple[tuple[int, Callable[[Any, dict, dict, int, Callable], dict | None]], ...] = ()
     check_batch: Callable[[dict], None] | None = None  # host batch, before its step
 
@@ -78,17 +77,15 @@ Resume = tuple[int, dict] | None
 class Plan:
     """The resolved numbers of a run (every task)."""
 
-    total_steps: int
-    warmup_steps: int
     steps_per_epoch: int | None
     optim: ml_collections.ConfigDict  # the optimizer keys, num_layers filled, lr: the peak
     lr_fn: optax.Schedule  # step -> lr: the optimizer's and the logged one, built once here
     schedule: dict  # what checkpoints record (`resolve_schedule`)
     periods: dict  # every period of the task in steps, by its `<name>_steps` key (0: off)
 
-    @property
-    def milestone_every(self) -> int:
-        return self.periods["keep_every_steps"]
+    total_steps = property(lambda self: self.periods["total_steps"])
+    warmup_steps = property(lambda self: self.periods["warmup_steps"])
+    milestone_every = property(lambda self: self.periods["keep_every_steps"])
 
 
 def plan(
@@ -121,7 +118,7 @@ def plan(
     lr_fn = optim.extended_schedule(
         oc.lr, total, periods["warmup_steps"], oc.min_lr, schedule["extensions"]
     )
-    return Plan(total, periods["warmup_steps"], steps_per_epoch, oc, lr_fn, schedule, periods)
+    return Plan(steps_per_epoch, oc, lr_fn, schedule, periods)
 
 
 def check_batches(mesh, batches: dict[str, int]) -> None:
@@ -224,7 +221,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[...
             latest, task = again, make_task(mesh, again)
             if _complete(task, latest, root):
                 return {"step": latest[0], "complete": True}
-        wd.keep_every = task.milestone_every
+        wd.keep_every = task.resolved["keep_every_steps"]
         try:
             with compile_cache.CompileEvents() as startup:
                 last = _train(config, wd, task, mesh, latest is not None, profile, startup)
@@ -348,8 +345,9 @@ def _train(
     data = task.make_data(position, should_stop=should_stop)
     key = jax.random.key(config.seed)
     peak = config.get("peak_tflops") or flops.peak_tflops()
-    every = (task.resolved["checkpoint_every_steps"], task.resolved["log_every_steps"])
-    cadence = Cadence(task.total_steps, *every, task.milestone_every, task.periodic)
+    r = task.resolved  # every period in steps
+    every = (r["checkpoint_every_steps"], r["log_every_steps"], r["keep_every_steps"])
+    cadence = Cadence(task.total_steps, *every, task.periodic)
     logging.info(
         "%s: steps %d..%d on mesh %s", task.name, start, task.total_steps, dict(mesh.shape)
     )

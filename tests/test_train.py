@@ -129,6 +129,12 @@ def test_training_loop_writes_metrics_config_and_checkpoints(copy_tiny_run):
     assert {f: os.path.getmtime(os.path.join(workdir, f)) for f in os.listdir(workdir)} == before
 
 
+def test_milestones_are_kept_beside_the_newest_checkpoints(tmp_path):
+    workdir = str(tmp_path / "run")
+    pretrain.train_and_evaluate(small(keep_every_steps=2, keep_checkpoints=1), workdir)
+    assert sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints"))) == [2, 4, 6]
+
+
 @pytest.mark.slow  # three real runs
 def test_extending_a_run_continues_its_learning_rate(tmp_path):
     workdir = str(tmp_path / "run")

@@ -489,7 +489,6 @@ def classification_task(
         resolved=train.resolved_config(config, p.run),
         device_keys=("image", "label"),
         flops_per_image=flops_per_image,
-        milestone_every=p.run.milestone_every,
         periodic=((p.run.periods["eval_every_steps"] or p.run.total_steps, run_eval),),  # 0: end
         check_batch=check_batch,
     )

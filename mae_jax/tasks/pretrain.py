@@ -262,7 +262,6 @@ def task(config, mesh, resume: train.Resume = None, where: str = "") -> train.Ta
         check_meta=lambda meta, step: check_workdir_model(meta, p.model, where, step),
         resolved=train.resolved_config(config, p.run),
         flops_per_image=flops.mae_train_flops_per_image(p.model),
-        milestone_every=p.run.milestone_every,
         periodic=(
             (p.run.periods["reconstruction_every_steps"], reconstruct),
             (p.knn.every_steps, knn),
