@@ -1,8 +1,15 @@
-"""Loading `configs/*.py` files in tests (as `--config=` does)."""
+"""Loading `configs/*.py` files in tests (as `--config=` does), the tiny pretraining and its
+command, and weights workdirs written from a model."""
 
+import dataclasses
 import os
 
+import jax
+import numpy as np
+from flax import nnx
+
 from mae_jax import config_file
+from mae_jax import workdir as wdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,3 +63,11 @@ def main_command(workdir, *overrides):
         "--config.reconstruction_every_steps=0",
         *overrides,
     ]
+
+
+def write_params_checkpoint(workdir, model):
+    """A weights workdir holding `model`'s parameters, as `mae_jax.convert import` writes it."""
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    meta = {"model": dataclasses.asdict(model.config), "kind": "weights", "source": "test"}
+    wdir.write_weights(workdir, {"params": params}, meta)
+    return params

@@ -2,14 +2,13 @@
 weights are taken over, the input pipeline's augmentation hook, the RandAugment spec, a short
 run with evaluation."""
 
-import dataclasses
 import json
 import os
 
 import jax
 import numpy as np
 import pytest
-from config_files import load_config, override
+from config_files import load_config, override, write_params_checkpoint
 from flax import nnx
 
 from mae_jax import models, schema
@@ -31,14 +30,6 @@ def small(**kw):
     c.log_every_steps = 2
     c.checkpoint_every_steps = 2
     return override(c, **kw)
-
-
-def write_params_checkpoint(workdir, model):
-    """A weights workdir holding `model`'s parameters, as `mae_jax.convert import` writes it."""
-    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    meta = {"model": dataclasses.asdict(model.config), "kind": "weights", "source": "test"}
-    wdir.write_weights(workdir, {"params": params}, meta)
-    return params
 
 
 def _flat(tree):

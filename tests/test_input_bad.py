@@ -3,11 +3,14 @@
 import logging
 import os
 import re
+import signal
+import subprocess
 import time
 
 import ml_collections
 import numpy as np
 import pytest
+from config_files import ROOT, main_command
 from PIL import Image
 
 from mae_jax import schema
@@ -129,3 +132,55 @@ def test_bad_max_consecutive_bad_is_refused(all_bad, value):
         with pytest.raises(ValueError, match=pattern):
             _iterator("train", _cfg(all_bad, max_consecutive_bad=value))
     assert schema.defaults(schema.DATA).max_consecutive_bad == 1000
+
+
+def _bad_input_cmd(workdir, *extra):
+    return main_command(workdir, "--config.total_steps=16", *extra)
+
+
+def _garbage_folder(root):
+    for c in ("a", "b"):
+        os.makedirs(os.path.join(root, c))
+        for i in range(8):
+            with open(os.path.join(root, c, f"{i}.jpg"), "wb") as f:
+                f.write(b"not an image" * (i + 1))
+    return root
+
+
+@pytest.mark.slow
+def test_input_that_is_all_bad_stops_with_a_sentence_and_honours_sigterm(tmp_path):
+    folder = _garbage_folder(str(tmp_path / "garbage"))
+    data = ["--config.data.source=folder", f"--config.data.path={folder}"]
+    t0 = time.monotonic()
+    out = subprocess.run(
+        _bad_input_cmd(str(tmp_path / "a"), *data, "--config.data.max_consecutive_bad=20"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 1, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and folder in errors[0] and "max_consecutive_bad" in errors[0]
+    assert "Traceback" not in out.stderr and time.monotonic() - t0 < 300
+    # waiting for data that never comes: a SIGTERM is honoured
+    workdir = str(tmp_path / "b")
+    proc = subprocess.Popen(
+        _bad_input_cmd(workdir, *data, "--config.data.max_consecutive_bad=1000000000"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "skipped" in line:  # the iterator is dropping batches
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, "".join(lines)[-2000:] + rest[-2000:]
+    assert "preemption notice: saved step 0" in rest

@@ -2,7 +2,7 @@
 Ctrl-C, a full disk and a stop notice during long periodic work (the kNN monitor).
 
 The process tests spawn `python -m mae_jax.main --config=configs/smoke.py` with the helpers of
-`test_faults` (same environment, compilation cache and logs in the test's tmp_path). The
+`tests/procs.py` (same environment, compilation cache and logs in the test's tmp_path). The
 disk-full tests mount a small tmpfs (root only; skipped where mounting is not permitted).
 """
 
@@ -20,17 +20,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from config_files import load_config
-from test_faults import (  # noqa: F401 - env and spawn are fixtures
-    _NOTICE,
+from procs import (
     EXIT_TIMEOUT,
+    NOTICE,
     RUN_TIMEOUT,
     START_TIMEOUT,
-    _checkpoint_names,
-    _error_lines,
-    _finalized,
-    _metric_steps,
-    env,
-    spawn,
+    checkpoint_names,
+    error_lines,
+    finalized,
+    metric_steps,
 )
 
 from mae_jax import schema, train
@@ -39,8 +37,6 @@ from mae_jax.data import pipeline
 from mae_jax.evaluate import metrics
 from mae_jax.tasks import classify as cs
 from mae_jax.tasks import evaluate, finetune
-
-_TMP_MARK = "orbax-checkpoint-tmp"
 
 
 # ------------------------------------------------------------------------------ 1. labels
@@ -169,19 +165,19 @@ def test_ctrl_c_saves_the_last_step_like_a_preemption_notice(tmp_path, spawn, ti
     err = trainer.stderr
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, trainer.tail()
     assert "Ctrl-C (SIGINT) received: saving the last completed step" in err, trainer.tail()
-    notices = _NOTICE.findall(trainer.stdout)
+    notices = NOTICE.findall(trainer.stdout)
     if times == 1 or rc == 130:
         assert rc == 130, trainer.tail()  # a shell's status for Ctrl-C, after the save
         assert len(notices) == 1, trainer.tail()
         saved = int(notices[0][0])
         assert saved >= seen, trainer.tail()
-        assert _checkpoint_names(wd) == [str(saved)], trainer.tail()
-        assert _metric_steps(wd) == list(range(1, saved + 1)), trainer.tail()
+        assert checkpoint_names(wd) == [str(saved)], trainer.tail()
+        assert metric_steps(wd) == list(range(1, saved + 1)), trainer.tail()
         assert "stopped by Ctrl-C; rerun the same command to resume" in trainer.stdout
     else:  # the second Ctrl-C ended it during the save: at most that checkpoint, finalized
         assert rc == -signal.SIGINT, trainer.tail()
         assert "second Ctrl-C (SIGINT): exiting now" in err, trainer.tail()
-        assert len(_finalized(wd)) <= 1, trainer.tail()
+        assert len(finalized(wd)) <= 1, trainer.tail()
 
 
 # ------------------------------------------------------------------------------ 4. disk full
@@ -216,7 +212,7 @@ def test_a_full_disk_is_one_error_and_leaves_no_partial_checkpoint(tmp_path):
         assert f"no space left on the file system of {disk / 'wd' / 'checkpoints'}" in text
         assert "while saving checkpoint 1: one checkpoint is about 4.0 MB" in text
         assert "intact checkpoints: none" in text and "removed the half-written 1." in text
-        assert _checkpoint_names(disk / "wd") == []
+        assert checkpoint_names(disk / "wd") == []
 
 
 @pytest.mark.slow
@@ -228,10 +224,10 @@ def test_training_onto_a_full_disk_says_so_and_keeps_the_intact_checkpoints(tmp_
         err = trainer.stderr
         assert trainer.popen.returncode == 1, trainer.tail()
         assert "Traceback" not in err, trainer.tail()
-        errors = _error_lines(err)
+        errors = error_lines(err)
         assert len(errors) == 1, trainer.tail()
-        kept = _finalized(wd)
-        assert kept and _checkpoint_names(wd) == [str(s) for s in kept], trainer.tail()
+        kept = finalized(wd)
+        assert kept and checkpoint_names(wd) == [str(s) for s in kept], trainer.tail()
         assert errors[0].startswith(
             f"error: no space left on the file system of {wd / 'checkpoints'} while saving "
             f"checkpoint {kept[-1] + 1}: one checkpoint is about 1"
@@ -281,7 +277,7 @@ def test_sigterm_during_the_knn_pass_stops_it_within_seconds(tmp_path, spawn):  
     time.sleep(1.0)  # inside the pass
     sent = time.monotonic()
     trainer.signal(signal.SIGTERM)
-    while not _NOTICE.search(trainer.stdout):
+    while not NOTICE.search(trainer.stdout):
         assert trainer.running and time.monotonic() - sent < RUN_TIMEOUT, trainer.tail()
         time.sleep(0.05)
     took = time.monotonic() - sent
@@ -290,6 +286,6 @@ def test_sigterm_during_the_knn_pass_stops_it_within_seconds(tmp_path, spawn):  
     assert rc == 0, trainer.tail()
     assert "kNN monitor at step 2" not in trainer.stdout, trainer.tail()  # it was cut short
     assert "step 2: periodic work interrupted (eval: stopped at batch" in trainer.stderr
-    assert [int(n) for n, _ in _NOTICE.findall(trainer.stdout)] == [2], trainer.tail()
-    assert _checkpoint_names(wd) == ["2"] and _metric_steps(wd) == [1, 2], trainer.tail()
+    assert [int(n) for n, _ in NOTICE.findall(trainer.stdout)] == [2], trainer.tail()
+    assert checkpoint_names(wd) == ["2"] and metric_steps(wd) == [1, 2], trainer.tail()
     assert took < 10, f"{took:.1f} s from SIGTERM to the notice" + trainer.tail()

@@ -1,0 +1,155 @@
+"""Resuming pretraining: like an uninterrupted run (in process, after a notice while waiting for
+data, after SIGKILLs of a real process), across block layouts, from checkpoints without a
+metrics window, and extending a finished run's schedule."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from config_files import ROOT, main_command
+from config_files import tiny_pretrain as small
+
+from mae_jax.data import pipeline
+from mae_jax.metrics import read_jsonl
+from mae_jax.tasks import pretrain
+
+
+@pytest.mark.slow  # three real runs
+def test_extending_a_run_continues_its_learning_rate(tmp_path):
+    workdir = str(tmp_path / "run")
+    pretrain.train_and_evaluate(small(total_steps=4, **{"optim.min_lr": 1e-4}), workdir)
+    pretrain.train_and_evaluate(small(total_steps=8, **{"optim.min_lr": 1e-4}), workdir)
+    lrs = {r["step"]: r["lr"] for r in read_jsonl(workdir)}
+    # steps 1..4 followed the 4-step schedule down to min_lr; 5..8 stay there, no new warm-up
+    assert lrs[4] > 1e-4
+    assert lrs[6] == pytest.approx(1e-4, rel=1e-5) and lrs[8] == pytest.approx(1e-4, rel=1e-5)
+    from mae_jax import workdir as wdir
+
+    assert wdir.Reader(workdir).latest_meta()[1]["schedule"]["extensions"] == [[4, 4]]
+    history = json.load(open(os.path.join(workdir, "config_history.json")))
+    assert history[0]["replaced_at_step"] == 4 and history[0]["config"]["total_steps"] == 4
+
+
+def test_resume_continues_like_an_uninterrupted_run(copy_tiny_run):
+    workdir = copy_tiny_run  # small() trained
+    expected = {r["step"]: r["loss"] for r in read_jsonl(workdir)}
+    # as if the run had died after its step-3 checkpoint: drop the later checkpoint
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
+    pretrain.train_and_evaluate(small(), workdir)
+    got = {r["step"]: r["loss"] for r in read_jsonl(workdir)}
+    assert sorted(got) == [1, 2, 4, 6]  # metrics after the checkpoint were replaced, not doubled
+    for step in (4, 6):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6), step
+
+
+def test_a_checkpoint_without_a_metrics_window_resumes(copy_tiny_run):
+    """Checkpoints written before the logged metrics became window means have no `window` in
+    their meta: they resume, the first window starting at the checkpoint."""
+    workdir = copy_tiny_run
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
+    path = os.path.join(workdir, "checkpoints", "3", "meta", "metadata")
+    with open(path) as f:
+        meta = json.load(f)
+    del meta["window"]
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    pretrain.train_and_evaluate(small(), workdir)
+    assert [r["step"] for r in read_jsonl(workdir)] == [1, 2, 4, 6]
+
+
+@pytest.mark.slow
+def test_a_run_resumes_and_is_read_across_block_layouts(copy_tiny_run):
+    # A per-block checkpoint resumes into a scanned model (stacked blocks) and the stacked
+    # checkpoints it writes are read back per block by the readers (export, init_from).
+    import shutil
+
+    from mae_jax import workdir as wdir
+
+    workdir = copy_tiny_run  # small() trained
+    expected = {r["step"]: r["loss"] for r in read_jsonl(workdir)}
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
+    pretrain.train_and_evaluate(small(**{"model.scan_layers": True}), workdir)
+    got = {r["step"]: r["loss"] for r in read_jsonl(workdir)}
+    for step in (4, 6):
+        assert got[step] == pytest.approx(expected[step], rel=1e-4), step
+    step, _, params = wdir.read_mae(workdir)
+    assert step == 6 and sorted(params["blocks"]) == [0, 1]  # read per block
+    assert params["blocks"][1]["attn"]["qkv"]["kernel"].shape == (32, 96)
+
+
+def _main_cmd(workdir, *extra):
+    steps = ("--config.total_steps=16", "--config.log_every_steps=1")
+    return main_command(workdir, *steps, "--config.checkpoint_every_steps=3", *extra)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
+    ref = str(tmp_path / "ref")
+    subprocess.run(_main_cmd(ref), check=True, cwd=ROOT, capture_output=True)
+    expected = {r["step"]: r["loss"] for r in read_jsonl(ref)}
+    work = str(tmp_path / "killed")
+    rng = np.random.default_rng(0)
+    for attempt in range(2):  # kill twice at random moments after a checkpoint
+        proc = subprocess.Popen(
+            _main_cmd(work),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            path = os.path.join(work, "metrics.jsonl")
+            if os.path.exists(path) and len(open(path).readlines()) >= 4 + 5 * attempt:
+                break
+            time.sleep(0.2)
+        time.sleep(float(rng.uniform(0, 0.5)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    subprocess.run(_main_cmd(work), check=True, cwd=ROOT, capture_output=True)
+    got = {r["step"]: r["loss"] for r in read_jsonl(work)}
+    assert sorted(got) == sorted(expected)
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+class _NoticeWhileWaiting:
+    """The pretraining iterator, with a SIGTERM arriving while the batch after `after` batches
+    is awaited (the real iterator then raises `Interrupted`)."""
+
+    def __init__(self, inner, after):
+        self.inner, self.left = inner, after
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __next__(self):
+        if self.left == 0:
+            signal.raise_signal(signal.SIGTERM)
+            raise pipeline.Interrupted("stopped while waiting for data")
+        self.left -= 1
+        return next(self.inner)
+
+
+def test_a_notice_while_waiting_for_data_saves_the_last_step_and_resumes_exactly(
+    tiny_run, tmp_path, monkeypatch, capsys
+):
+    real = pipeline.create_pretrain_iterator
+    monkeypatch.setattr(
+        pipeline, "create_pretrain_iterator", lambda *a, **k: _NoticeWhileWaiting(real(*a, **k), 5)
+    )
+    workdir = str(tmp_path / "run")
+    pretrain.train_and_evaluate(small(), workdir)  # checkpoints at 3 and 6; stops after 5
+    assert f"preemption notice: saved step 5 in {workdir}/checkpoints" in capsys.readouterr().out
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "5"]
+    assert [r["step"] for r in read_jsonl(workdir)] == [1, 2, 4]
+    monkeypatch.setattr(pipeline, "create_pretrain_iterator", real)
+    pretrain.train_and_evaluate(small(), workdir)  # step 6's window {5, 6} spans the stop
+    expected = {r["step"]: r["loss"] for r in read_jsonl(tiny_run)}
+    got = {r["step"]: r["loss"] for r in read_jsonl(workdir)}
+    assert sorted(got) == [1, 2, 4, 6]
+    assert got == pytest.approx(expected, rel=1e-6)

@@ -1,0 +1,91 @@
+"""The sharded pretraining step: the same loss and update on every mesh, gradient accumulation
+equal to the full batch, FSDP-sharded parameters and optimizer state."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from mae_jax import models, optim, schema
+from mae_jax import sharding as shd
+from mae_jax.tasks import pretrain
+
+
+def _optim_config():
+    # SGD keeps the update proportional to the gradient. (Adam would turn float noise of the
+    # exactly-zero gradients, e.g. of the key biases, into +-lr updates on any mesh change.)
+    oc = schema.defaults(schema.OPTIM)
+    oc.name, oc.weight_decay = "sgd", 0.05
+    return oc
+
+
+LR = optim.warmup_cosine_schedule(0.5, 10, 1)
+
+
+@functools.cache  # the (2, 4, 1) run serves both tests below
+def _run_steps(mesh_shape, accum=1, steps=1, batch=16):
+    mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, mesh_shape)))
+    fns = pretrain.build_step(
+        lambda: models.create("mae_vit_test", seed=0), _optim_config(), LR, mesh, accum_steps=accum
+    )
+    state = fns.init()
+    images = np.asarray(jax.random.normal(jax.random.key(0), (batch, 32, 32, 3)))
+    losses = []
+    for _ in range(steps):
+        state, m = fns.step(state, {"image": shd.global_batch(images, mesh)}, jax.random.key(1))
+        losses.append(float(m["loss"]))
+    params = {
+        "/".join(map(str, k)): np.asarray(v)
+        for k, v in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state["params"]))[0]
+    }
+    return losses, params, float(m["grad_norm"])
+
+
+@pytest.mark.slow  # three meshes compiled
+def test_one_step_is_the_same_on_every_mesh():
+    ref_loss, ref_params, ref_gn = _run_steps((8, 1, 1), steps=2)
+    for shape in [(2, 4, 1), (2, 2, 2)]:
+        loss, params, gn = _run_steps(shape, steps=2)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        np.testing.assert_allclose(gn, ref_gn, rtol=1e-4)
+        for k in ref_params:
+            np.testing.assert_allclose(
+                params[k], ref_params[k], rtol=1e-4, atol=1e-5, err_msg=f"{shape}: {k}"
+            )
+
+
+@pytest.mark.slow  # two meshes compiled (one shared)
+def test_gradient_accumulation_equals_full_batch():
+    full_loss, full_params, _ = _run_steps((2, 4, 1), steps=2)
+    acc_loss, acc_params, _ = _run_steps((2, 4, 1), accum=2, steps=2)  # 2 x 8 images
+    np.testing.assert_allclose(acc_loss, full_loss, rtol=1e-5)
+    for k in full_params:
+        np.testing.assert_allclose(acc_params[k], full_params[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_params_and_optimizer_state_are_fsdp_sharded():
+    mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    fns = pretrain.build_step(lambda: models.create("mae_vit_test"), _optim_config(), LR, mesh)
+    state = fns.init()
+    kernel = state["params"]["blocks"][0]["mlp"]["fc1"]["kernel"].get_value()
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+    mu = state["opt_state"][1].trace["blocks"][0]["mlp"]["fc1"]["kernel"].get_value()
+    assert mu.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+    assert len(kernel.addressable_shards) == 8
+    assert kernel.addressable_shards[0].data.shape == (8, 128)
+
+
+def test_stacked_blocks_are_fsdp_sharded_with_a_replicated_layers_axis():
+    mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    fns = pretrain.build_step(
+        lambda: models.create("mae_vit_test", scan_layers=True), _optim_config(), LR, mesh
+    )
+    state = fns.init()
+    kernel = state["params"]["blocks"]["mlp"]["fc1"]["kernel"].get_value()
+    assert kernel.shape == (2, 32, 128)
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    mu = state["opt_state"][1].trace["blocks"]["mlp"]["fc1"]["kernel"].get_value()
+    assert mu.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    assert kernel.addressable_shards[0].data.shape == (2, 8, 128)
