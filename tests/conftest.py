@@ -17,6 +17,10 @@ if _DEVICES not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# Read by glibc when a process starts, so by the xdist workers and every process they start:
+# fewer malloc arenas for TensorFlow's and XLA's many threads. Measured on a 6-step smoke run:
+# peak resident size 1.42 GB -> 1.08 GB, no slower.
+os.environ.setdefault("MALLOC_ARENA_MAX", "2")
 # Read by mae_jax.compile_cache (config.compilation_cache='auto'). Made by the pytest process
 # that starts the session and removed by it at exit; xdist workers and subprocesses inherit it.
 if "PYTEST_XDIST_WORKER" not in os.environ:
@@ -33,13 +37,6 @@ compile_cache.enable(compile_cache.AUTO)
 import logging  # noqa: E402
 
 import pytest  # noqa: E402
-
-
-def pytest_collection_modifyitems(items):
-    """Files with slow tests first, the rest after (each in its order): xdist hands whole files
-    to its workers in this order, so the long ones start early and short ones fill the end."""
-    slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow)  # a stable sort: files stay together
 
 
 def pytest_xdist_auto_num_workers(config):
