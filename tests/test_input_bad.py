@@ -1,4 +1,5 @@
-"""Tests of mae_jax.data.pipeline on folders of mostly or only corrupt images."""
+"""Tests of mae_jax.data.pipeline on folders of mostly or only corrupt images, and (slow) a
+training process on a folder of only corrupt images."""
 
 import logging
 import os
@@ -134,10 +135,6 @@ def test_bad_max_consecutive_bad_is_refused(all_bad, value):
     assert schema.defaults(schema.DATA).max_consecutive_bad == 1000
 
 
-def _bad_input_cmd(workdir, *extra):
-    return main_command(workdir, "--config.total_steps=16", *extra)
-
-
 def _garbage_folder(root):
     for c in ("a", "b"):
         os.makedirs(os.path.join(root, c))
@@ -153,7 +150,7 @@ def test_input_that_is_all_bad_stops_with_a_sentence_and_honours_sigterm(tmp_pat
     data = ["--config.data.source=folder", f"--config.data.path={folder}"]
     t0 = time.monotonic()
     out = subprocess.run(
-        _bad_input_cmd(str(tmp_path / "a"), *data, "--config.data.max_consecutive_bad=20"),
+        main_command(str(tmp_path / "a"), *data, "--config.data.max_consecutive_bad=20"),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -166,7 +163,7 @@ def test_input_that_is_all_bad_stops_with_a_sentence_and_honours_sigterm(tmp_pat
     # waiting for data that never comes: a SIGTERM is honoured
     workdir = str(tmp_path / "b")
     proc = subprocess.Popen(
-        _bad_input_cmd(workdir, *data, "--config.data.max_consecutive_bad=1000000000"),
+        main_command(workdir, *data, "--config.data.max_consecutive_bad=1000000000"),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -1,5 +1,5 @@
-"""Linear probing: only the head learns, the encoder comes from a checkpoint, resume, errors, and
-(slow) a short pretraining beats the random encoder under the probe."""
+"""Linear probing: only the head learns, the encoder comes from a checkpoint, resume, errors (the
+learning signal: test_learning_signal.py)."""
 
 import json
 import os

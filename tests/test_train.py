@@ -1,5 +1,5 @@
 """Pretraining: the loop (metrics, checkpoints, milestones, per-step decisions, window means), bad
-configs, non-finite losses, bad input, imported weights."""
+configs, non-finite losses, imported weights."""
 
 import json
 import os
