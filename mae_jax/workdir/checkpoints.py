@@ -555,6 +555,15 @@ class Writer:
     # ------------------------------------------------------------------- saving
     def _manager(self):
         if self._mngr is None:
+            if jax.default_backend() == "cpu":
+                # Orbax writes replicated arrays in slices, one per replica, each slice a jitted
+                # program per shape and device: on one CPU host nothing is gained, and the first
+                # save of the tiny model on 8 devices took 5.4 s instead of 0.4 s.
+                ocp.type_handlers.register_type_handler(
+                    jax.Array,
+                    ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+                    override=True,
+                )
             policies = []
             if self._keep is not None:
                 policies.append(ocp.checkpoint_managers.LatestN(n=self._keep))
