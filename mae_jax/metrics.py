@@ -27,6 +27,7 @@ from absl import logging
 
 from mae_jax import workdir as wd
 from mae_jax.data import lazy_tf
+from mae_jax.spec import require
 
 JSONL_NAME = "metrics.jsonl"
 
@@ -50,13 +51,13 @@ def format_eta(seconds) -> str:
 
 def _to_number(name: str, value) -> int | float:
     """Python int/float from a Python, numpy or jax real scalar (or size-1 array)."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if type(value) is int:
         return value
     try:
         arr = np.asarray(value)
     except Exception:  # noqa: BLE001 - e.g. a ragged list: refused below
         arr = np.asarray(None)
-    if isinstance(value, bool) or arr.size != 1 or arr.dtype.kind not in "iuf":
+    if arr.size != 1 or arr.dtype.kind not in "iuf":  # a bool's kind is 'b'
         raise ValueError(
             f"metric {name!r} must be a real scalar, got {type(value).__name__} {value!r:.60}"
         )
@@ -201,9 +202,7 @@ class MetricsWriter:
     # -------------------------------------------------------------------- scalars
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
         """Logs `scalars` (name -> Python/numpy/jax scalar) at `step` everywhere."""
-        if isinstance(step, bool) or int(step) != step or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
-        step = int(step)
+        step = int(require("step", step, "int>=0"))
         if "step" in scalars:
             raise ValueError("scalars must not contain the reserved key 'step'")
         values = {str(k): _to_number(str(k), v) for k, v in scalars.items()}

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mae_jax.spec import require
+
 
 def _check_divisible(h: int, w: int, p: int) -> None:
     if p <= 0:
@@ -78,8 +80,7 @@ def num_kept(num_patches: int, mask_ratio: float) -> int:
 
 
 def check_mask_ratio(mask_ratio: float) -> None:
-    if not isinstance(mask_ratio, (float, int)) or not 0.0 <= float(mask_ratio) < 1.0:
-        raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
+    require("mask_ratio", mask_ratio, "num[0,1)")
 
 
 def random_masking(

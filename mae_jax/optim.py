@@ -21,8 +21,6 @@ Semantics follow the official MAE release (facebookresearch/mae):
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,6 +31,7 @@ import numpy as np
 import optax
 
 from mae_jax import schema
+from mae_jax.spec import require
 
 PyTree = Any
 
@@ -78,18 +77,6 @@ def _map_with_names(fn: Callable[[tuple[str, ...], Any], Any], tree: PyTree, *re
 # ----------------------------------------------------------------------------- schedules
 
 
-def _check_number(name: str, value: Any, *, min_value: float = 0.0, allow_equal: bool = True):
-    if value is None or isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or value < min_value or (not allow_equal and value == min_value):
-        op = ">=" if allow_equal else ">"
-        raise ValueError(f"{name} must be finite and {op} {min_value}, got {value!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def warmup_cosine_schedule(
     peak_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0
 ) -> optax.Schedule:
@@ -98,12 +85,13 @@ def warmup_cosine_schedule(
     step (int scalar, traced or not) -> float32 lr; the official MAE per-iteration formula.
     Steps >= `total_steps` return `min_lr`.
     """
-    _check_number("peak_lr", peak_lr)
-    _check_number("min_lr", min_lr)
-    if not _is_int(total_steps) or total_steps <= 0:
-        raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
-    if not _is_int(warmup_steps) or warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
+    for name, value, spec in (
+        ("peak_lr", peak_lr, "num>=0"),
+        ("min_lr", min_lr, "num>=0"),
+        ("total_steps", total_steps, "int>=1"),
+        ("warmup_steps", warmup_steps, "int>=0"),
+    ):
+        require(name, value, spec)
     if warmup_steps > total_steps:
         raise ValueError(f"warmup_steps={warmup_steps} must be <= total_steps={total_steps}")
     peak, floor = float(peak_lr), float(min_lr)
@@ -164,9 +152,8 @@ def _continue_cosine(before: optax.Schedule, start: int, total: int, floor: floa
 
 def scaled_lr(base_lr: float, global_batch_size: int) -> float:
     """The linear scaling rule: `base_lr * global_batch_size / 256`."""
-    _check_number("base_lr", base_lr)
-    if not _is_int(global_batch_size) or global_batch_size <= 0:
-        raise ValueError(f"global_batch_size must be a positive int, got {global_batch_size!r}")
+    require("base_lr", base_lr, "num>=0")
+    require("global_batch_size", global_batch_size, "int>=1")
     return float(base_lr) * global_batch_size / 256.0
 
 
@@ -225,25 +212,14 @@ def _layer_id(names: tuple[str, ...], num_layers: int, leaf: Any = None) -> Any:
     return num_layers + 1
 
 
-def _check_num_layers(num_layers):
-    if not _is_int(num_layers) or num_layers < 0:
-        raise ValueError(f"num_layers must be a non-negative int, got {num_layers!r}")
-
-
 def layer_ids(params: PyTree, num_layers: int) -> PyTree:
     """Tree of int layer ids, the official MAE fine-tuning rule (util/lr_decay.py).
 
     cls_token, pos_embed, patch_embed.* -> 0; blocks.i.* -> i + 1; everything else -> num_layers+1.
     Stacked blocks (`blocks.attn...`, `[depth, ...]`) get the array `[1, ..., depth]`.
     """
-    _check_num_layers(num_layers)
+    require("num_layers", num_layers, "int>=0")
     return _map_with_names(lambda n, x: _layer_id(n, num_layers, x), params)
-
-
-def _check_decay(decay):
-    _check_number("layer_decay", decay, allow_equal=False)
-    if decay > 1:
-        raise ValueError(f"layer_decay must be in (0, 1], got {decay!r}")
 
 
 def _lr_scale(names: tuple[str, ...], leaf: Any, num_layers: int, decay: float) -> Any:
@@ -258,8 +234,8 @@ def _lr_scale(names: tuple[str, ...], leaf: Any, num_layers: int, decay: float) 
 def layerwise_lr_scales(params: PyTree, num_layers: int, decay: float) -> PyTree:
     """Tree of lr scales `decay ** (num_layers + 1 - layer_id)` (head 1.0, patch_embed least):
     floats, and `[depth, 1, ...]` arrays for stacked blocks."""
-    _check_num_layers(num_layers)
-    _check_decay(decay)
+    require("num_layers", num_layers, "int>=0")
+    require("layer_decay", decay, "num(0,1]")
     return _map_with_names(lambda n, x: _lr_scale(n, x, num_layers, decay), params)
 
 
@@ -307,8 +283,8 @@ def add_masked_decayed_weights(
 
 def scale_by_layer_decay(num_layers: int, decay: float) -> optax.GradientTransformation:
     """Multiply each update by its `layerwise_lr_scales` entry (chosen from its key path)."""
-    _check_num_layers(num_layers)
-    _check_decay(decay)
+    require("num_layers", num_layers, "int>=0")
+    require("layer_decay", decay, "num(0,1]")
 
     def init_fn(params):
         del params

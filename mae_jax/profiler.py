@@ -13,11 +13,11 @@ import shutil
 import tempfile
 
 import jax
-import numpy as np
 from absl import logging
 
 from mae_jax import workdir as wdir
 from mae_jax.data import lazy_tf
+from mae_jax.spec import ok
 
 
 def window(value) -> tuple[int, int] | None:
@@ -28,7 +28,7 @@ def window(value) -> tuple[int, int] | None:
     if (
         not isinstance(value, (tuple, list))
         or len(value) != 2
-        or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
+        or not all(ok("int", v) for v in value)
     ):
         raise ValueError(
             f"config.profile_steps must be (start_step, num_steps), two integers such as "

@@ -12,53 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-import numbers
-import re
 
 import ml_collections
-import numpy as np
 from ml_collections import config_dict
 
 from mae_jax import models
 from mae_jax.models import config as mc
+from mae_jax.spec import kind, require
 
-# A key is `(default, spec, meaning)`. spec: a tuple of choices, or `[?]KIND[BOUNDS]` with KIND
-# one of int, num, bool, str, seq; BOUNDS `>=x`, `>x` or an interval such as `[0,1)`; `?`: None
-# is accepted too (its meaning is in the key's).
-_SPEC = re.compile(
-    r"(\??)(int|num|bool|str|seq)(?:(>=?)(-?[\d.]+)|([\[(])([\d.]+),([\d.]+)([\])]))?"
-)
-_KINDS = {"int": int, "num": float, "bool": bool, "str": str, "seq": tuple}
-_WORDS = {"int": "an integer", "num": "a number", "bool": "True or False", "str": "a string"}
-
-
-def expected(spec) -> str:
-    """What a value of `spec` must be, in words ('a positive integer', 'a number in [0, 1)')."""
-    if isinstance(spec, tuple):
-        return f"one of {spec}"
-    none, kind, op, x, lo, a, b, hi = _SPEC.fullmatch(spec).groups()
-    what = _WORDS.get(kind, "a sequence")
-    if op:
-        what = "a positive integer" if (kind, op, x) == ("int", ">=", "1") else f"{what} {op} {x}"
-    elif lo:
-        what += f" in {lo}{a}, {b}{hi}"
-    return what + (" or None" if none else "")
-
-
-def _ok(spec, v) -> bool:
-    if isinstance(spec, tuple) or v is None:
-        return v in spec if isinstance(spec, tuple) else spec.startswith("?")
-    _, kind, op, x, lo, a, b, hi = _SPEC.fullmatch(spec).groups()
-    if kind not in ("int", "num"):
-        return isinstance(v, {"bool": bool | np.bool_, "str": str, "seq": tuple | list}[kind])
-    number = numbers.Integral if kind == "int" else numbers.Real
-    if isinstance(v, bool | np.bool_) or not isinstance(v, number) or not math.isfinite(v):
-        return False
-    low, closed = (x or a), op != ">" and lo != "("
-    return (low is None or v > float(low) or (closed and v == float(low))) and (
-        b is None or v < float(b) or (hi == "]" and v == float(b))
-    )
+# A key is `(default, spec, meaning)`; spec: `mae_jax.spec`.
 
 
 # ------------------------------------------------------------------------------ periods
@@ -292,8 +254,7 @@ def defaults(tab: dict | str) -> ml_collections.ConfigDict:
         if isinstance(v, dict):
             out[k] = defaults(v)
         elif v[0] is None:
-            kind = str if isinstance(v[1], tuple) else _KINDS[_SPEC.fullmatch(v[1])[2]]
-            out[k] = config_dict.placeholder(kind)
+            out[k] = config_dict.placeholder(kind(v[1]))
         else:
             out[k] = v[0]
     return ml_collections.ConfigDict(out)
@@ -331,8 +292,8 @@ def check(config, tab: dict | str, prefix: str = "config", *, unknown: bool = Tr
             check(value, spec, f"{prefix}.{k}", unknown=unknown)
             if k == "model" and value.get("name"):  # the architecture: `models.resolve` checks
                 _resolve_model(value, f"{prefix}.{k}")
-        elif not _ok(spec[1], value):
-            raise ValueError(f"{prefix}.{k} must be {expected(spec[1])}, got {value!r}")
+        else:
+            require(f"{prefix}.{k}", value, spec[1])
 
 
 def _resolve_model(block, where: str) -> None:

@@ -275,7 +275,7 @@ def test_bad_arguments():
         clf(jnp.zeros((1, 64, 64, 3)), train=False)
     with pytest.raises(ValueError, match="NHWC"):
         clf(jnp.zeros((1, 3, 32, 32)), train=False)
-    with pytest.raises(ValueError, match="train must be a bool"):
+    with pytest.raises(ValueError, match="train must be True or False"):
         clf(jnp.zeros((1, 32, 32, 3)), train=None)
 
 

@@ -398,7 +398,7 @@ def test_bad_architecture_messages_name_field_and_value():
         models.resolve("mae_vit_test", decoder_num_heads=3)
     with pytest.raises(ValueError, match="depth must be a positive integer, got 0"):
         models.resolve("mae_vit_test", depth=0)
-    with pytest.raises(ValueError, match="mlp_ratio must be positive, got 0"):
+    with pytest.raises(ValueError, match="mlp_ratio must be a number > 0, got 0"):
         models.resolve("mae_vit_test", mlp_ratio=0.0)
     with pytest.raises(ValueError, match="remat 'yes' is not one of"):
         models.resolve("mae_vit_test", remat="yes")

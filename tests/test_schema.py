@@ -13,6 +13,7 @@ import pytest
 from config_files import ROOT, load_config
 
 from mae_jax import cli, schema, train
+from mae_jax import spec as spec_
 from mae_jax.tasks import classify as cs
 from mae_jax.tasks import pretrain
 
@@ -223,7 +224,7 @@ def render() -> str:
             "|---|---|---|---|",
         ]
         for key, (default, spec, doc) in _keys(tab):
-            lines.append(f"| `{key}` | {schema.expected(spec)} | `{default!r}` | {doc} |")
+            lines.append(f"| `{key}` | {spec_.expected(spec)} | `{default!r}` | {doc} |")
     return "\n".join(lines) + "\n"
 
 
@@ -255,3 +256,24 @@ if __name__ == "__main__":
     sys.path.insert(0, ROOT)
     with open(DOC, "w", encoding="utf-8") as f:
         f.write(render())
+
+
+@pytest.mark.parametrize(
+    "value,spec,ok",
+    [
+        (3, "int>=1", True),
+        (True, "int>=1", False),  # a bool is not a number
+        (2.0, "int>=1", False),
+        (None, "?int>=1", True),
+        (1.0, "num(0,1]", True),
+        (0.0, "num(0,1]", False),
+        (float("inf"), "num>=0", False),
+        (-0.5, "num[-1,0)", True),
+        ("b", ("a", "b"), True),
+    ],
+)
+def test_one_spec_checks_values_for_the_schema_and_the_python_apis(value, spec, ok):
+    assert spec_.ok(spec, value) is ok
+    if not ok:  # the caller's error class, the name, the expected kind and the value
+        with pytest.raises(KeyError, match=f"x must be {re.escape(spec_.expected(spec))}, got"):
+            spec_.require("x", value, spec, KeyError)

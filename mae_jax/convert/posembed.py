@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from mae_jax import ops
+from mae_jax.spec import ok
 
 # Largest absolute difference for a table to count as the fixed sin-cos one (covers tables
 # that went through bfloat16/float16 storage; learned tables are far from it).
@@ -110,12 +111,7 @@ def target_grid(config, img_size: int | None) -> int:
     """Patch grid side for `img_size` (default: the config's image size)."""
     if img_size is None:
         return config.grid_size
-    if (
-        not isinstance(img_size, int)
-        or isinstance(img_size, bool)
-        or img_size <= 0
-        or img_size % config.patch_size
-    ):
+    if not ok("int>=1", img_size) or img_size % config.patch_size:
         raise ValueError(
             f"img_size must be a positive multiple of the patch size {config.patch_size}, "
             f"got {img_size!r}"

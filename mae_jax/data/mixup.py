@@ -23,6 +23,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mae_jax.spec import require
+
 
 class MixParams(NamedTuple):
     lam: jax.Array  # float32 scalar: weight of the original image/label (corrected)
@@ -30,29 +32,11 @@ class MixParams(NamedTuple):
     box: jax.Array  # int32 [4]: (y_lo, y_hi, x_lo, x_hi), half-open; empty for mixup
 
 
-def _check_prob(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
-
-
-def _check_alpha(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    return float(value)
-
-
 def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float = 0.0) -> jax.Array:
     """Integer labels `[N]` -> `[N, num_classes]` float32 with off value `s / C` and on value
     `1 - s + s / C` (timm's `one_hot` with label smoothing)."""
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if (
-        isinstance(smoothing, bool)
-        or not isinstance(smoothing, (int, float))
-        or not 0 <= smoothing < 1
-    ):
-        raise ValueError(f"label smoothing must be a number in [0, 1), got {smoothing!r}")
+    require("num_classes", num_classes, "int>=1")
+    require("label smoothing", smoothing, "num[0,1)")
     if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(
             f"labels must be integer class ids [N], got shape {labels.shape} dtype {labels.dtype}"
@@ -74,10 +58,10 @@ def sample_mix_params(
 ) -> MixParams:
     """Draw the per-batch mixing parameters (timm `Mixup._params_per_batch` +
     `cutmix_bbox_and_lam`). With probability `1 - prob` nothing is mixed (`lam = 1`)."""
-    mixup_alpha = _check_alpha("mixup_alpha", mixup_alpha)
-    cutmix_alpha = _check_alpha("cutmix_alpha", cutmix_alpha)
-    prob = _check_prob("prob", prob)
-    switch_prob = _check_prob("switch_prob", switch_prob)
+    mixup_alpha = float(require("mixup_alpha", mixup_alpha, "num>=0"))
+    cutmix_alpha = float(require("cutmix_alpha", cutmix_alpha, "num>=0"))
+    prob = float(require("prob", prob, "num[0,1]"))
+    switch_prob = float(require("switch_prob", switch_prob, "num[0,1]"))
     if mixup_alpha == 0 and cutmix_alpha == 0:
         raise ValueError("one of mixup_alpha and cutmix_alpha must be > 0")
     h, w = (int(v) for v in image_hw)

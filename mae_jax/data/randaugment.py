@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 
 from mae_jax.data import lazy_tf
+from mae_jax.spec import require
 
 OP_NAMES = (
     "AutoContrast",
@@ -400,10 +401,8 @@ def rand_augment(
     tf = _tf()
     image = _check_uint8_image(image)
     seed = _seed(seed)
-    if not isinstance(num_ops, int) or num_ops < 0:
-        raise ValueError(f"num_ops must be a non-negative integer, got {num_ops!r}")
-    if not 0 <= float(prob) <= 1:
-        raise ValueError(f"prob must be in [0, 1], got {prob!r}")
+    require("num_ops", num_ops, "int>=0")
+    require("prob", prob, "num[0,1]")
     if not 0 <= float(magnitude) <= MAX_LEVEL or float(magnitude_std) < 0:
         raise ValueError(
             f"magnitude must be in [0, 10] and magnitude_std >= 0, got "

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mae_jax.spec import require
+
 WEIGHTINGS = ("temperature", "majority")
 
 
@@ -56,11 +58,9 @@ def nearest_neighbors(
             f"queries [Q, D] and bank [M, D] must be 2-D with the same D, got {queries.shape} "
             f"and {bank.shape}"
         )
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= bank.shape[0]:
-        raise ValueError(f"k must be an integer in [1, bank size {bank.shape[0]}], got {k!r}")
-    for name, v in (("query_chunk", query_chunk), ("bank_chunk", bank_chunk)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    require("k", k, f"int[1,{bank.shape[0]}]")
+    require("query_chunk", query_chunk, "int>=1")
+    require("bank_chunk", bank_chunk, "int>=1")
     if normalize:
         queries, bank = l2_normalize(queries), l2_normalize(bank)
     m = bank.shape[0]
@@ -105,8 +105,7 @@ def vote(
     """Class scores `[Q, C]` from neighbours' similarities and labels `[Q, k]`."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    if not isinstance(temperature, (int, float)) or temperature <= 0:
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    require("temperature", temperature, "num>0")
     if weighting == "temperature":
         weights = jnp.exp(jnp.asarray(neighbor_sims, jnp.float32) / temperature)
     else:
@@ -167,8 +166,7 @@ def knn_accuracy(
         )
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    require("num_classes", num_classes, "int>=1")
     for name, lab in (("train_labels", train_labels), ("test_labels", test_labels)):
         if lab.size and (lab.min() < 0 or lab.max() >= num_classes):
             raise ValueError(

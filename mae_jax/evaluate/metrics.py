@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from mae_jax.spec import ok
+
 
 def _as_int_labels(labels: jax.Array, num_classes: int) -> jax.Array:
     if labels.ndim == 2:  # one-hot / soft targets: the largest entry is the label
@@ -25,7 +27,7 @@ def _as_int_labels(labels: jax.Array, num_classes: int) -> jax.Array:
 
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
     ks = tuple(ks)
-    if not ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ks):
+    if not ks or not all(ok("int>=1", k) for k in ks):
         raise ValueError(f"ks must be positive integers, got {ks!r}")
     return ks
 

@@ -31,6 +31,7 @@ from mae_jax.models.config import MAEConfig, resolve
 from mae_jax.models.encoder import ENCODER_KEYS as ENCODER_KEYS  # re-exported: init_from, tasks
 from mae_jax.models.encoder import Encoder
 from mae_jax.models.vit import block_list, layer_norm, normal, zeros
+from mae_jax.spec import require
 
 FINETUNE_HEAD_STD = 2e-5  # main_finetune.py: trunc_normal_(head.weight, std=2e-5)
 LINPROBE_HEAD_STD = 0.01  # main_linprobe.py: trunc_normal_(head.weight, std=0.01)
@@ -70,8 +71,7 @@ class Head:
                 f"{sorted(meta)}); is it a fine-tuning or linear-probing checkpoint?"
             )
         n = values["num_classes"]
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{where}: num_classes must be a positive integer, got {n!r}")
+        require(f"{where}: num_classes", n, "int>=1")
         return cls(n, bool(values["global_pool"]), bool(values["linear_probe"]))
 
 
@@ -104,14 +104,11 @@ class ViTClassifier(Encoder):
         rngs: nnx.Rngs,
     ):
         config.validate()
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-        if not isinstance(drop_path_rate, (int, float)) or not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be a number in [0, 1), got {drop_path_rate!r}")
+        require("num_classes", num_classes, "int>=1")
+        require("drop_path_rate", drop_path_rate, "num[0,1)")
         if head_init_std is None:
             head_init_std = LINPROBE_HEAD_STD if linear_probe else FINETUNE_HEAD_STD
-        if not isinstance(head_init_std, (int, float)) or head_init_std < 0:
-            raise ValueError(f"head_init_std must be a number >= 0, got {head_init_std!r}")
+        require("head_init_std", head_init_std, "num>=0")
         self.num_classes = num_classes
         self.global_pool = bool(global_pool)
         self.linear_probe = bool(linear_probe)
@@ -155,8 +152,7 @@ class ViTClassifier(Encoder):
 
     # ---------------------------------------------------------------------------- forward
     def _set_train(self, train: bool) -> None:
-        if not isinstance(train, bool):
-            raise ValueError(f"train must be a bool, got {train!r}")
+        require("train", train, "bool")
         for block in block_list(self.blocks):
             if block.drop_path is not None:
                 block.drop_path.deterministic = not train

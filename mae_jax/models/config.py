@@ -13,6 +13,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from mae_jax import ops
+from mae_jax.spec import require
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = (None, "xla", "cudnn")
@@ -96,14 +97,8 @@ class MAEConfig:
         return _DTYPES[self.param_dtype]
 
     def validate(self) -> MAEConfig:
-        def positive(field):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{field} must be a positive integer, got {value!r}")
-
         for field in ARCHITECTURE_FIELDS:
-            if field != "mlp_ratio":
-                positive(field)
+            require(field, getattr(self, field), "num>0" if field == "mlp_ratio" else "int>=1")
         if self.img_size % self.patch_size:
             raise ValueError(
                 f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}"
@@ -121,14 +116,11 @@ class MAEConfig:
                 raise ValueError(
                     f"{what} {dim} must be a multiple of 4 for 2-D sin-cos position embeddings"
                 )
-        if not isinstance(self.mlp_ratio, (int, float)) or isinstance(self.mlp_ratio, bool):
-            raise ValueError(f"mlp_ratio must be a number, got {self.mlp_ratio!r}")
-        if not (self.mlp_ratio > 0 and int(self.embed_dim * self.mlp_ratio) > 0):
-            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio!r}")
+        if int(self.embed_dim * self.mlp_ratio) <= 0:
+            raise ValueError(f"mlp_ratio {self.mlp_ratio!r} leaves the MLP of no width")
         ops.check_mask_ratio(self.mask_ratio)
         for field in ("norm_pix_loss", "scan_layers"):
-            if not isinstance(getattr(self, field), bool):
-                raise ValueError(f"{field} must be True or False, got {getattr(self, field)!r}")
+            require(field, getattr(self, field), "bool")
         if self.remat not in REMAT_NAMES:
             raise ValueError(
                 f"remat {self.remat!r} is not one of {REMAT_NAMES} (True/False mean full/none)"

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mae_jax.spec import require
+
 LN_EPS = 1e-6  # LayerNorm epsilon of the official release
 
 
@@ -225,8 +227,7 @@ class DropPath(nnx.Module):
     """Stochastic depth per sample (`rate` = probability of dropping the residual branch)."""
 
     def __init__(self, rate: float, *, rngs: nnx.Rngs):
-        if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
-            raise ValueError(f"drop path rate must be a number in [0, 1), got {rate!r}")
+        require("drop path rate", rate, "num[0,1)")
         self.rate = DropRate(jnp.asarray(rate, jnp.float32))
         self.deterministic = False
         self.rngs = rngs.fork()

@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 
 from mae_jax.models import layout
 from mae_jax.optim import path_names
+from mae_jax.spec import require
 from mae_jax.workdir.lock import Lock, now
 from mae_jax.workdir.paths import (
     CHECKPOINTS,
@@ -447,10 +448,8 @@ class Writer:
         async_save: bool = True,
         handle_sigterm: bool = True,
     ):
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-            raise WorkdirError(f"keep_checkpoints must be a positive integer, got {keep!r}")
-        if isinstance(keep_every, bool) or not isinstance(keep_every, int) or keep_every < 0:
-            raise WorkdirError(f"the milestone period must be an integer >= 0, got {keep_every!r}")
+        require("keep_checkpoints", keep, "?int>=1", WorkdirError)
+        require("the milestone period", keep_every, "int>=0", WorkdirError)
         self.root = normalize(root)
         self.primary = jax.process_index() == 0
         self._lock = Lock(self.root)
