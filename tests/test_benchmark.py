@@ -303,6 +303,7 @@ def test_aot_program_is_the_training_step():
     assert r["argument_bytes"] > 0 and r["temp_bytes"] > 0 and r["fits"]
 
 
+@pytest.mark.slow  # the preflight's model check or an AOT compile of a stand-in topology
 def test_aot_check_cpu_stand_in_reports_memory():
     report = aot.check(tiny_config(batch=16, data=-1, fsdp=2), "v5e-8", backend="cpu")
     assert report["compiled_for_backend"] == "cpu" and report["stand_in"]
@@ -324,6 +325,7 @@ def test_aot_check_rejects_bad_inputs():
         aot.check(tiny_config(batch=16), "v4-8", backend="gpu")
 
 
+@pytest.mark.slow  # the preflight's model check or an AOT compile of a stand-in topology
 def test_aot_per_device_batch_counts_micro_batches():
     accum = tiny_config(batch=32, data=-1, fsdp=2)
     accum.grad_accum_steps = 2

@@ -221,6 +221,7 @@ def test_config_mistake_fails_the_plan_and_skips_what_needs_it():
     assert rows["memory"] == ("SKIP", "needs compile (compile SKIP)")
 
 
+@pytest.mark.slow  # the preflight's model check or an AOT compile of a stand-in topology
 def test_non_finite_training_fails_the_model_check():
     rc, out = _in_process(
         [
@@ -236,6 +237,7 @@ def test_non_finite_training_fails_the_model_check():
     assert status == "FAIL" and "non-finite loss or gradients" in summary
 
 
+@pytest.mark.slow  # the preflight's model check or an AOT compile of a stand-in topology
 def test_checkpoint_round_trip_that_changes_a_value_fails(monkeypatch):
     """The round trip compares every restored array with what was saved."""
     import numpy as np

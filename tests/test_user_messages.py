@@ -221,6 +221,7 @@ def test_preflight_gives_no_fit_verdict_from_the_cpu_stand_in():
     assert "memory: SKIP" in out, out
 
 
+@pytest.mark.slow  # the preflight's model check or an AOT compile of a stand-in topology
 def test_preflight_model_check_without_the_data_set_size_runs_at_the_peak_lr(tmp_path):
     rc, out = _preflight(
         "--config=configs/mae_vit_base.py",
