@@ -25,7 +25,7 @@ import local_pod  # noqa: E402  pylint: disable=g-import-not-at-top
 # parameters FSDP-sharded over all 8 devices, i.e. across the 2 processes (cross-process
 # all-gathers in the step, Orbax saving shards of both processes, reconstruction grids that
 # gather the parameters), and the kNN monitor every 4 steps (each process reads its strided half
-# of the first 200 train / 100 eval examples; features are gathered to both).
+# of the first 64 train / 40 eval examples; features are gathered to both).
 SETTINGS = {
     "model.name": "mae_vit_test",
     "batch_size": 16,
@@ -36,8 +36,8 @@ SETTINGS = {
     "mesh.data": 1,
     "mesh.fsdp": 8,
     "knn_every_steps": 4,
-    "knn_bank_size": 200,
-    "knn_num_queries": 100,
+    "knn_bank_size": 64,
+    "knn_num_queries": 40,
 }
 OVERRIDES = [f"--config.{k}={v}" for k, v in SETTINGS.items()]
 RUN_TIMEOUT = 480
@@ -413,8 +413,8 @@ def test_two_processes_train_checkpoint_get_killed_resume_and_match_one_process(
     b = np.array([ref[s] for s in range(1, 9)])
     np.testing.assert_allclose(a, b, rtol=1e-5)
     assert a[-1] < a[0]  # it learns
-    # The same kNN top-1: the same 200 + 100 examples (strided shards), the same features.
+    # The same kNN top-1: the same 64 + 40 examples (strided shards), the same features.
     pod_knn, ref_knn = _losses(wd, "knn_top1"), _losses(tmp_path / "ref", "knn_top1")
     assert sorted(pod_knn) == sorted(ref_knn) == [4, 8]
     assert pod_knn == ref_knn, (pod_knn, ref_knn)
-    assert "kNN monitor at step 8: top-1" in out and "bank 200, queries 100" in out
+    assert "kNN monitor at step 8: top-1" in out and "bank 64, queries 40" in out
