@@ -18,13 +18,13 @@ import numpy as np
 _SPEC = re.compile(
     r"(\??)(int|num|bool|str|seq)(?:(>=?)(-?[\d.]+)|([\[(])(-?[\d.]+),(-?[\d.]+)([\])]))?"
 )
-KINDS = {"int": int, "num": float, "bool": bool, "str": str, "seq": tuple}
+_KINDS = {"int": int, "num": float, "bool": bool, "str": str, "seq": tuple}
 _WORDS = {"int": "an integer", "num": "a number", "bool": "True or False", "str": "a string"}
 
 
 def kind(spec) -> type:
     """The Python type of `spec`'s values (str for choices)."""
-    return str if isinstance(spec, tuple) else KINDS[_SPEC.fullmatch(spec)[2]]
+    return str if isinstance(spec, tuple) else _KINDS[_SPEC.fullmatch(spec)[2]]
 
 
 def expected(spec) -> str:

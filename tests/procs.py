@@ -192,6 +192,14 @@ class Spawner:
     def train(self, name: str, workdir, **config) -> Proc:
         return self(name, train_cmd(workdir, **config))
 
+    def until_step(self, name: str, workdir, step: int, total_steps=2000, **config):
+        """A trainer far from its end, without periodic checkpoints (a checkpoint on disk can
+        only come from a signal), once it printed step `step` or later: `(proc, step seen)`."""
+        proc = self.train(
+            name, workdir, total_steps=total_steps, checkpoint_every_steps=1000, **config
+        )
+        return proc, proc.wait_for_step(step)
+
     def run(self, name: str, workdir, timeout: float = RUN_TIMEOUT, **config) -> Proc:
         proc = self.train(name, workdir, **config)
         proc.wait(timeout)

@@ -33,8 +33,7 @@ from procs import (
 @pytest.mark.slow
 def test_a_second_sigterm_during_the_save_leaves_a_usable_workdir(tmp_path, spawn):
     wd = tmp_path / "wd"
-    trainer = spawn.train("train", wd, total_steps=400, checkpoint_every_steps=1000)
-    trainer.wait_for_step(2)
+    trainer, _ = spawn.until_step("train", wd, 2, total_steps=400)
     trainer.signal(signal.SIGTERM)
     time.sleep(0.05)
     if trainer.running:
@@ -126,8 +125,7 @@ def test_export_in_a_loop_while_the_trainer_saves_every_step(tmp_path, spawn):
 @pytest.mark.slow
 def test_a_second_trainer_on_the_same_workdir_is_refused(tmp_path, spawn):
     wd = tmp_path / "wd"
-    a = spawn.train("train_a", wd, total_steps=2000, checkpoint_every_steps=1000)
-    a.wait_for_step(1)
+    a, _ = spawn.until_step("train_a", wd, 1)
     t0 = time.monotonic()
     b = spawn.train("train_b", wd, total_steps=2000, checkpoint_every_steps=1000)
     rc_b = b.wait(REFUSE_TIMEOUT)
@@ -154,8 +152,7 @@ def test_a_second_trainer_on_the_same_workdir_is_refused(tmp_path, spawn):
 @pytest.mark.slow
 def test_the_lock_of_a_killed_trainer_is_taken_over(tmp_path, spawn):
     wd = tmp_path / "wd"
-    c = spawn.train("train_c", wd, total_steps=2000, checkpoint_every_steps=1000)
-    c.wait_for_step(1)
+    c, _ = spawn.until_step("train_c", wd, 1)
     c.signal(signal.SIGKILL)
     assert c.wait(EXIT_TIMEOUT) == -signal.SIGKILL
     held = json.loads((wd / "lock").read_text())  # left behind, naming the dead process

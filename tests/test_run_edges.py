@@ -154,8 +154,7 @@ def test_a_ctrl_c_in_the_writer_asks_to_stop_instead_of_raising(tmp_path):
 @pytest.mark.parametrize("times", [1, 2])
 def test_ctrl_c_saves_the_last_step_like_a_preemption_notice(tmp_path, spawn, times):  # noqa: F811 - the fixture
     wd = tmp_path / "wd"
-    trainer = spawn.train("train", wd, total_steps=400, checkpoint_every_steps=1000)
-    seen = trainer.wait_for_step(2)
+    trainer, seen = spawn.until_step("train", wd, 2, total_steps=400)
     trainer.signal(signal.SIGINT)
     if times == 2:
         time.sleep(0.05)
@@ -261,15 +260,10 @@ _KNN_START = re.compile(r"eval: \d+ examples on process 0/1")
 def test_sigterm_during_the_knn_pass_stops_it_within_seconds(tmp_path, spawn):  # noqa: F811 - the fixture
     wd = tmp_path / "wd"
     # a kNN pass after step 2 over the 2400 train and 600 eval examples, 16 at a time
-    trainer = spawn.train(
-        "train",
-        wd,
-        total_steps=400,
-        checkpoint_every_steps=1000,
-        knn_every_steps=2,
-        knn_batch_size=16,
+    # the line of step 2 comes after its kNN pass
+    trainer, _ = spawn.until_step(
+        "train", wd, 1, total_steps=400, knn_every_steps=2, knn_batch_size=16
     )
-    trainer.wait_for_step(1)  # the line of step 2 comes after its kNN pass
     deadline = time.monotonic() + START_TIMEOUT
     while not _KNN_START.search(trainer.stderr):
         assert trainer.running and time.monotonic() < deadline, trainer.tail()
