@@ -96,10 +96,11 @@ class StepFns:
 
     `jit_step(state, batch, key, rest) -> (state, metrics)`: the train step (`jax.jit` object;
     state donated; None in an evaluation-only build); the metrics are the step's own, the
-    `means` also added to the state's `window`. `jit_init() -> state`: a fresh state.
+    `means` also added to the state's `window`. `jit_init() -> (state, rest)`: a fresh state.
     `jit_eval(state, batch, rest) -> sums` when the task evaluates. `batch` is a dict of global
-    arrays with `batch_keys`. `rest` is built on first use, so lowering for compile-only devices
-    never executes anything.
+    arrays with `batch_keys`. `rest` comes with a fresh state (`init`) or is built on first use (a
+    restored run): lowering for compile-only devices executes nothing, and a fresh run traces
+    the model once for both.
     """
 
     jit_step: Any
@@ -122,7 +123,9 @@ class StepFns:
         return self._rest
 
     def init(self) -> dict:
-        return self.jit_init()
+        state, rest = self.jit_init()
+        self._rest = rest if self._rest is None else self._rest
+        return state
 
     def step(self, state: dict, batch: dict, key: jax.Array) -> tuple[dict, dict]:
         return self.jit_step(state, batch, key, self.rest)
@@ -202,6 +205,10 @@ def build(
         total = {k: v + metrics[k].astype(jnp.float32) for k, v in w["sum"].items()}
         return {**state, "window": {"sum": total, "count": w["count"] + 1}}, metrics
 
+    def fresh():
+        _, parts, rest = split(model_fn())
+        return init(parts), rest
+
     jit_step = None
     if step_fn is not None:
         jit_step = jax.jit(
@@ -220,9 +227,10 @@ def build(
     return StepFns(
         jit_step=jit_step,
         jit_eval=jit_eval,
-        # The non-trainable variables are deterministic tables: built once, on first use.
+        # The non-trainable variables are deterministic tables: built with a fresh state, or on
+        # first use when the state is restored.
         jit_rest=jax.jit(lambda: split(model_fn())[2], out_shardings=rest_sh),
-        jit_init=jax.jit(lambda: init(split(model_fn())[1]), out_shardings=state_sh),
+        jit_init=jax.jit(fresh, out_shardings=(state_sh, rest_sh)),
         graphdef=graphdef,
         abstract_state=abstract_state,
         state_shardings=state_sh,

@@ -27,9 +27,7 @@ LR = optim.warmup_cosine_schedule(0.5, 10, 1)
 @functools.cache  # the (2, 4, 1) run serves both tests below
 def _run_steps(mesh_shape, accum=1, steps=1, batch=16):
     mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, mesh_shape)))
-    fns = pretrain.build_step(
-        lambda: models.create("mae_vit_test", seed=0), _optim_config(), LR, mesh, accum_steps=accum
-    )
+    fns = pretrain.build_step("mae_vit_test", _optim_config(), LR, mesh, accum_steps=accum)
     state = fns.init()
     images = np.asarray(jax.random.normal(jax.random.key(0), (batch, 32, 32, 3)))
     losses = []
@@ -67,7 +65,7 @@ def test_gradient_accumulation_equals_full_batch():
 
 def test_params_and_optimizer_state_are_fsdp_sharded():
     mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
-    fns = pretrain.build_step(lambda: models.create("mae_vit_test"), _optim_config(), LR, mesh)
+    fns = pretrain.build_step("mae_vit_test", _optim_config(), LR, mesh)
     state = fns.init()
     kernel = state["params"]["blocks"][0]["mlp"]["fc1"]["kernel"].get_value()
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
@@ -80,7 +78,7 @@ def test_params_and_optimizer_state_are_fsdp_sharded():
 def test_stacked_blocks_are_fsdp_sharded_with_a_replicated_layers_axis():
     mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     fns = pretrain.build_step(
-        lambda: models.create("mae_vit_test", scan_layers=True), _optim_config(), LR, mesh
+        models.resolve("mae_vit_test", scan_layers=True), _optim_config(), LR, mesh
     )
     state = fns.init()
     kernel = state["params"]["blocks"]["mlp"]["fc1"]["kernel"].get_value()

@@ -169,10 +169,11 @@ def mae_step(
 def step_fns(config, p: Plan, mesh) -> ts.StepFns:
     """The jitted, sharded MAE train step of `config` (resolved as `p`) on `mesh`."""
     return build_step(
-        lambda: models.create(p.model, seed=config.seed),
+        p.model,
         p.run.optim,
         p.run.lr_fn,
         mesh,
+        seed=config.seed,
         accum_steps=config.grad_accum_steps,
         rules=shd.rules(config.get("sharding_rules")),
         global_pool=p.knn.global_pool,
@@ -180,29 +181,32 @@ def step_fns(config, p: Plan, mesh) -> ts.StepFns:
 
 
 def build_step(
-    model_fn,
+    model,
     optim_config,
     lr_fn,
     mesh,
     *,
+    seed: int = 0,
     accum_steps: int = 1,
     rules=shd.DEFAULT_RULES,
     global_pool: bool = False,
 ):
-    """`train_step.build` for the MAE of `model_fn` under the optimizer of `optim_config` at the
-    learning rate `lr_fn` (a schedule: `train.Plan.lr_fn`, also logged); the eval program is the kNN monitor's feature forward (`knn_monitor.feature_step`, features
-    pooled as `global_pool` says) on `{'image', 'label', 'mask'}`."""
+    """`train_step.build` for the MAE `model` (a preset name or an `MAEConfig`, initialized from
+    `seed`) under the optimizer of `optim_config` at the learning rate `lr_fn` (a schedule:
+    `train.Plan.lr_fn`, also logged); the eval program is the kNN monitor's feature forward
+    (`knn_monitor.feature_step`, features pooled as `global_pool` says) on
+    `{'image', 'label', 'mask'}`."""
+    model = models.resolve(model)
     tx = optim.create_optimizer(optim_config, lr_fn)
-    num_patches = nnx.eval_shape(model_fn).config.num_patches
     return ts.build(
-        model_fn,
+        lambda: models.create(model, seed=seed),
         tx,
         mesh,
         step_fn=functools.partial(
             mae_step,
             tx=tx,
             lr_fn=lr_fn,
-            num_patches=num_patches,
+            num_patches=model.num_patches,
             accum_steps=accum_steps,
             mesh=mesh,
         ),
