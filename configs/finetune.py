@@ -15,7 +15,7 @@ Expected: top-1 83.6% (ViT-B), 85.9% (ViT-L), 86.9% (ViT-H at 224 px) in DIR/eva
 Smoke: see configs/finetune_smoke.py.
 """
 
-from mae_jax import models, schema
+from mae_jax import schema
 
 # model, base lr, layer-wise lr decay, drop path rate, epochs, remat policy
 VARIANTS = {
@@ -32,7 +32,7 @@ def get_config(variant: str = "vit_base"):
     name, base_lr, layer_decay, drop_path, epochs, remat = VARIANTS[variant]
     c = schema.defaults("finetune")  # every key, neutral values
     # remat: every token reaches the encoder in fine-tuning, so L/H recompute activations
-    c.model = models.config_block(
+    c.model = schema.model_block(
         name,
         dtype="bfloat16",
         param_dtype="float32",

@@ -16,7 +16,7 @@ Expected: top-1 68.0% (ViT-B), 75.8% (ViT-L), 76.6% (ViT-H) in DIR/eval_results.
 Smoke: see configs/linprobe_smoke.py.
 """
 
-from mae_jax import models, schema
+from mae_jax import schema
 
 VARIANTS = {
     "vit_base": "mae_vit_base_patch16",
@@ -30,7 +30,7 @@ def get_config(variant: str = "vit_base"):
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
     c = schema.defaults("linear_probe")  # every key, neutral values
-    c.model = models.config_block(
+    c.model = schema.model_block(
         VARIANTS[variant],
         dtype="bfloat16",
         param_dtype="float32",

@@ -15,7 +15,7 @@ Expected (the paper, after fine-tuning / linear probing): ViT-B 83.6% / 68.0%, V
 75.8%, ViT-H 86.9% / 76.6% top-1. Smoke: see configs/smoke.py.
 """
 
-from mae_jax import models, schema
+from mae_jax import schema
 
 # What differs between the variants (everything else is the common recipe below).
 VARIANTS = {
@@ -31,7 +31,7 @@ def get_config(variant: str = "vit_base"):
         raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
     v = VARIANTS[variant]
     c = schema.defaults("pretrain")  # every key, neutral values
-    c.model = models.config_block(
+    c.model = schema.model_block(
         v["model"],
         norm_pix_loss=True,
         mask_ratio=0.75,

@@ -19,17 +19,13 @@ from ml_collections import config_dict
 
 from mae_jax import config_file, schema
 from mae_jax.data import lazy_tf
+from mae_jax.spec import first_line
 
 USAGE_ERROR = 2  # exit status of a bad command line
 
 
 class CommandLineError(Exception):
     """A bad command line, reported as one line `error: ...` and exit status 2."""
-
-
-def first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def parse(parser: Callable[[list[str]], list[str]], argv: Sequence[str]) -> list[str]:

@@ -12,14 +12,11 @@ import traceback
 import types
 from typing import Any
 
+from mae_jax.spec import first_line
+
 
 class ConfigFileError(ValueError):
     """A config file that cannot be used; the message is one sentence for the user."""
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def load(spec: str) -> Any:
@@ -37,7 +34,7 @@ def load(spec: str) -> Any:
             f"config file {file!r} has a syntax error at line {e.lineno}: {e.msg}"
         ) from None
     except (OSError, ValueError) as e:
-        raise ConfigFileError(f"config file {file!r} cannot be read: {_first_line(e)}") from None
+        raise ConfigFileError(f"config file {file!r} cannot be read: {first_line(e)}") from None
     module = types.ModuleType("mae_jax_config")
     module.__file__ = file
     try:
@@ -51,7 +48,7 @@ def load(spec: str) -> Any:
         lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == file]
         where = f" at line {lines[-1]}" if lines else ""
         raise ConfigFileError(
-            f"config file {file!r} failed{where}: {type(e).__name__}: {_first_line(e)}"
+            f"config file {file!r} failed{where}: {type(e).__name__}: {first_line(e)}"
         ) from None
     if config is None:
         raise ConfigFileError(f"config file {file!r}: get_config() returned None")

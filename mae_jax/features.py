@@ -50,6 +50,7 @@ from mae_jax.data.lazy_tf import tf_module
 from mae_jax.data.sources import IMAGE_EXTENSIONS
 from mae_jax.evaluate import knn
 from mae_jax.models.classifier import ViTClassifier
+from mae_jax.spec import first_line
 
 POOLS = ("cls", "mean")
 PROG = "python -m mae_jax.features"
@@ -130,7 +131,7 @@ def image_batches(paths: Sequence[str], img_size: int, global_batch: int, skippe
             data = tf.io.read_file(path)
             return np.asarray(augment.center_crop_eval(data, img_size)), True
         except (tf.errors.OpError, ValueError) as e:
-            why = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", cli.first_line(e))
+            why = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", first_line(e))
             print(f"warning: skipped {path}: {why}", file=sys.stderr, flush=True)
             skipped.append(path)
             return np.zeros((img_size, img_size, 3), np.float32), False

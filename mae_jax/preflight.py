@@ -55,6 +55,7 @@ from mae_jax import aot, benchmark, cli
 from mae_jax import sharding as shd
 from mae_jax import workdir as wdir
 from mae_jax.data import pipeline, throughput
+from mae_jax.spec import first_line
 from mae_jax.tasks import pretrain
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
@@ -106,13 +107,13 @@ class Checklist:
         try:
             status, summary = PASS, fn()
         except CheckFailed as e:
-            status, summary = FAIL, cli.first_line(e)
+            status, summary = FAIL, first_line(e)
         except Skipped as e:
-            status, summary = SKIP, cli.first_line(e)
+            status, summary = SKIP, first_line(e)
         except ValueError as e:  # a bad value: the message says which (InputError, ...)
-            status, summary = FAIL, cli.first_line(e)
+            status, summary = FAIL, first_line(e)
         except Exception as e:  # noqa: BLE001 - a failing check must not stop the others
-            status, summary = FAIL, f"{type(e).__name__}: {cli.first_line(e)}"
+            status, summary = FAIL, f"{type(e).__name__}: {first_line(e)}"
         seconds = time.perf_counter() - t0
         print(
             f"preflight {index} {name}: {status} in {seconds:.1f} s"
@@ -239,7 +240,7 @@ class Preflight:
         try:
             self.info = pipeline.dataset_info(c.data)
         except Exception as e:  # noqa: BLE001 - reported by the data check; plan without it
-            say(f"data set size unknown ({cli.first_line(e)}); the data check reports it")
+            say(f"data set size unknown ({first_line(e)}); the data check reports it")
         n = self.info.num_train_examples if self.info else None
         if n is None and c.total_steps is None:
             p = pretrain.plan_without_data(c, PLACEHOLDER_STEPS)
@@ -295,9 +296,7 @@ class Preflight:
             info = self.info or pipeline.dataset_info(c.data)
             where = pipeline.describe_source(c.data)
         except Exception as e:  # noqa: BLE001 - any reason the source cannot be opened
-            raise CheckFailed(
-                f"cannot open the {c.data.source} data: {cli.first_line(e)}"
-            ) from None
+            raise CheckFailed(f"cannot open the {c.data.source} data: {first_line(e)}") from None
         say(f"source: {where}")
         say(f"examples: {info.num_train_examples:,} train, {info.num_eval_examples or 0:,} eval")
         batch = max(1, min(o.data_batch, o.data_examples))
@@ -310,7 +309,7 @@ class Preflight:
             throughput.wait_idle()
             wall, cpu, last = throughput.time_batches(it, batches - 1)
         except pipeline.InputError as e:
-            raise CheckFailed(f"{where}: {cli.first_line(e)}") from None
+            raise CheckFailed(f"{where}: {first_line(e)}") from None
         finally:
             it.close()
         size = c.data.image_size
@@ -482,7 +481,7 @@ class Preflight:
             if rc:
                 raise CheckFailed(
                     f"launch/tpu.py {argv[0]} --dry-run: exit {rc}: "
-                    f"{cli.first_line(ValueError(err.getvalue() or out.getvalue()))}"
+                    f"{first_line(ValueError(err.getvalue() or out.getvalue()))}"
                 )
             self.checks.say(f"python launch/tpu.py {shlex.join(argv)}")
             for line in out.getvalue().splitlines():

@@ -77,6 +77,16 @@ def steps(config, p: Period, steps_per_epoch: int | None) -> int | None:
 
 
 # ------------------------------------------------------------------------------ blocks
+def model_block(name: str, **fields) -> ml_collections.ConfigDict:
+    """The `model` block of a config file: the preset `name` and the `MAEConfig` fields given
+    (checked and normalized by `models.resolve`: dtype names, remat names), the others None
+    (the preset's), every key typed so that `--config.model.FIELD=VALUE` parses."""
+    resolved = models.resolve(name, **fields)
+    block = defaults(_model())
+    block.update(name=name, **{k: getattr(resolved, k) for k in fields})
+    return block
+
+
 def _model() -> dict:
     kinds = {int: "?int", float: "?num", bool: "?bool", str: "?str"}
     return {

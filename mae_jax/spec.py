@@ -1,6 +1,7 @@
 """Value specs: what a config key or a public function's argument must be, written once as a
 short string and checked (`require`) and said in words (`expected`) from it. Used by the config
-schema (`mae_jax.schema`) and by the Python APIs that callers reach without a config.
+schema (`mae_jax.schema`) and by the Python APIs that callers reach without a config; errors are
+quoted in messages by their first line (`first_line`).
 
 A spec is a tuple of choices, or `[?]KIND[BOUNDS]`: KIND one of int, num, bool, str, seq;
 BOUNDS `>=x`, `>x` or an interval such as `[0,1)`; `?`: None is accepted too. Booleans are not
@@ -54,6 +55,12 @@ def ok(spec, v) -> bool:
     return (low is None or v > float(low) or (closed and v == float(low))) and (
         b is None or v < float(b) or (hi == "]" and v == float(b))
     )
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message (its type's name when the message is empty)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def require(name: str, value, spec, error: type[Exception] = ValueError):

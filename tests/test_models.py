@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mae_jax import models, ops
+from mae_jax import models, ops, schema
 from mae_jax.models import layout, vit
 from mae_jax.models.vit import FixedEmbedding
 
@@ -230,7 +230,7 @@ def test_scanned_layers_trace_one_block_whatever_the_depth():
 def test_remat_names_and_old_booleans():
     assert models.resolve("mae_vit_test", remat=True).remat == "full"
     assert models.resolve("mae_vit_test", remat=False).remat == "none"
-    assert models.config_block("mae_vit_test", remat=True).remat == "full"
+    assert schema.model_block("mae_vit_test", remat=True).remat == "full"
     with pytest.raises(ValueError, match=r"remat 'yes' is not one of \('none', 'full'"):
         models.resolve("mae_vit_test", remat="yes")
     with pytest.raises(ValueError, match="scan_layers must be True or False, got 1"):
@@ -355,7 +355,7 @@ def test_dtypes_accept_jax_and_numpy_dtypes(dtype, param_dtype, expected):
     json.dumps(dataclasses.asdict(m.config))
     assert m.blocks[0].attn.qkv.kernel.get_value().dtype == jnp.dtype(expected[1])
     assert models.MAEConfig(dtype=dtype).dtype == expected[0]
-    block = models.config_block("mae_vit_test", dtype=dtype, param_dtype=param_dtype)
+    block = schema.model_block("mae_vit_test", dtype=dtype, param_dtype=param_dtype)
     assert (block.dtype, block.param_dtype) == expected
     for bad in (jnp.float64, np.int32, "bf16"):
         with pytest.raises(ValueError, match="dtype .* is not one of"):
@@ -372,8 +372,8 @@ def test_resolve_ignores_none_fields():
     assert models.resolve({"name": "mae_vit_test", "depth": 3, "embed_dim": None}).depth == 3
 
 
-def test_config_block_has_every_field_typed():
-    block = models.config_block("mae_vit_test", norm_pix_loss=True, dtype=jnp.bfloat16)
+def test_model_block_has_every_field_typed():
+    block = schema.model_block("mae_vit_test", norm_pix_loss=True, dtype=jnp.bfloat16)
     assert set(block.keys()) == {f.name for f in dataclasses.fields(models.MAEConfig)}
     assert block.name == "mae_vit_test" and block.norm_pix_loss is True
     assert block.dtype == "bfloat16" and block.embed_dim is None and block.remat is None
@@ -386,9 +386,9 @@ def test_config_block_has_every_field_typed():
     with pytest.raises(TypeError):
         block.depth = "deep"
     with pytest.raises(ValueError, match="'embed_dm' \\(did you mean 'embed_dim'\\?\\)"):
-        models.config_block("mae_vit_test", embed_dm=64)
+        schema.model_block("mae_vit_test", embed_dm=64)
     with pytest.raises(ValueError, match="dtype 'bf16' is not one of"):
-        models.config_block("mae_vit_test", dtype="bf16")
+        schema.model_block("mae_vit_test", dtype="bf16")
 
 
 def test_bad_architecture_messages_name_field_and_value():

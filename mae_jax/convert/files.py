@@ -29,6 +29,7 @@ import numpy as np
 
 from mae_jax.convert import mapping
 from mae_jax.models.config import MAEConfig
+from mae_jax.spec import first_line
 
 TORCH_EXTS = (".pth", ".pt", ".bin")
 SAFETENSORS_EXT = ".safetensors"
@@ -85,10 +86,6 @@ def unwrap(obj: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 def _torch_file_problem(path: str, error: Exception) -> str:
     """Why `torch.load(path, weights_only=True)` failed with `error`, as one sentence."""
     size = os.path.getsize(path)
@@ -109,7 +106,7 @@ def _torch_file_problem(path: str, error: Exception) -> str:
         )
     if isinstance(error, pickle.UnpicklingError):  # the weights_only loader's refusal
         found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\.\s|\n|$)", str(error))
-        reason = found.group(1).strip() if found else _first_line(error)
+        reason = found.group(1).strip() if found else first_line(error)
         return (
             f"could not load {path} with torch.load(weights_only=True), which refuses files "
             f"holding arbitrary Python objects or pickle code it does not support ({reason}); "
@@ -121,7 +118,7 @@ def _torch_file_problem(path: str, error: Exception) -> str:
         return f"{path} is truncated: its data ends early, after {size:,} bytes; {_REDO}"
     return (
         f"{path} is damaged or not a PyTorch state dict ({size:,} bytes): torch.load could not "
-        f"read it ({_first_line(error)}); expected a file saved with torch.save"
+        f"read it ({first_line(error)}); expected a file saved with torch.save"
     )
 
 
@@ -174,7 +171,7 @@ def _safetensors_problem(path: str, error: Exception) -> str:
             f"{path} is truncated: it has {size:,} of the {8 + n + data:,} bytes its header "
             f"describes; {_REDO}"
         )
-    return f"{path} is damaged: safetensors could not read it ({_first_line(error)}); {_REDO}"
+    return f"{path} is damaged: safetensors could not read it ({first_line(error)}); {_REDO}"
 
 
 def load_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -372,7 +369,7 @@ def _write_error(path: str, error: Exception, disk_full: bool = False) -> ValueE
     elif isinstance(error, OSError) and error.strerror:
         reason = error.strerror[:1].lower() + error.strerror[1:]
     else:
-        reason = f"the write failed ({_first_line(error)})"
+        reason = f"the write failed ({first_line(error)})"
     return ValueError(f"cannot write {path}: {reason}")
 
 

@@ -14,7 +14,6 @@ from mae_jax.models.config import (
     ARCHITECTURE_FIELDS,
     PRESETS,
     MAEConfig,
-    config_block,
     dtype_name,
     resolve,
 )
@@ -27,7 +26,6 @@ __all__ = [
     "MAEOutput",
     "PRESETS",
     "abstract_params",
-    "config_block",
     "create",
     "dtype_name",
     "layout",

@@ -9,8 +9,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
-import ml_collections
-from ml_collections import config_dict
 
 from mae_jax import ops
 from mae_jax.spec import require
@@ -198,38 +196,10 @@ FIELD_TYPES: dict[str, type] = {
 }
 
 
-def config_block(name: str, **fields) -> ml_collections.ConfigDict:
-    """The `model` block of a training config: `name` (a preset) plus every other `MAEConfig`
-    field, typed so that `--config.model.FIELD=VALUE` parses; fields not given here are None,
-    meaning "the preset's value" (`resolve` ignores None)."""
-    unknown = sorted(set(fields) - _FIELDS)
-    if unknown:
-        hints = [
-            f"{k!r} (did you mean {m[0]!r}?)"
-            if (m := difflib.get_close_matches(k, _FIELDS, 1))
-            else repr(k)
-            for k in unknown
-        ]
-        raise ValueError(f"unknown model option(s) {', '.join(hints)}; known: {sorted(_FIELDS)}")
-    block = {"name": name}
-    for field in dataclasses.fields(MAEConfig):
-        if field.name == "name":
-            continue
-        value = fields.get(field.name)
-        if field.name == "remat" and isinstance(value, bool):
-            value = "full" if value else "none"
-        if field.name in DTYPE_FIELDS and value is not None:
-            value = dtype_name(value)
-            if value not in _DTYPES:
-                raise ValueError(f"{field.name} {value!r} is not one of {sorted(_DTYPES)}")
-        block[field.name] = config_dict.FieldReference(value, field_type=FIELD_TYPES[field.name])
-    return ml_collections.ConfigDict(block)
-
-
 def resolve(name_or_config: Any, **overrides) -> MAEConfig:
     """A validated `MAEConfig` from a preset name, an `MAEConfig`, or a mapping.
 
-    A mapping (dict or `ConfigDict`, e.g. a `config_block`) may hold `name` (a preset to start
+    A mapping (dict or `ConfigDict`, e.g. a config's `model` block) may hold `name` (a preset to start
     from) plus any field; its None-valued fields mean "the preset's value" and are ignored.
     `overrides` are applied as given (`attention_impl=None` selects the default attention).
     Dtypes may be names or JAX/NumPy dtypes (`jnp.bfloat16`); the config holds their names.
@@ -251,7 +221,13 @@ def resolve(name_or_config: Any, **overrides) -> MAEConfig:
     extra.update(overrides)
     unknown = sorted(set(extra) - _FIELDS)
     if unknown:
-        raise ValueError(f"unknown model option(s) {unknown}; known: {sorted(_FIELDS)}")
+        hints = [
+            f"{k!r} (did you mean {m[0]!r}?)"
+            if (m := difflib.get_close_matches(k, _FIELDS, 1))
+            else repr(k)
+            for k in unknown
+        ]
+        raise ValueError(f"unknown model option(s) {', '.join(hints)}; known: {sorted(_FIELDS)}")
     return dataclasses.replace(base, **extra).validate()
 
 

@@ -12,6 +12,7 @@ import os
 import shutil
 from typing import Any
 
+from mae_jax import spec
 from mae_jax.data import lazy_tf
 
 # The files of a workdir (layout: `mae_jax.workdir`).
@@ -173,9 +174,7 @@ def read_results(root) -> dict:
 
 def first_line(error: BaseException, limit: int = 300) -> str:
     """`Type: first line of the message`, at most `limit` characters."""
-    text = str(error).strip().splitlines()
-    line = text[0] if text else type(error).__name__
-    line = f"{type(error).__name__}: {line}"
+    line = f"{type(error).__name__}: {spec.first_line(error)}"
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
