@@ -24,7 +24,7 @@ def _optim_config():
 LR = optim.warmup_cosine_schedule(0.5, 10, 1)
 
 
-@functools.cache  # the (2, 4, 1) run serves both tests below
+@functools.cache  # the (2, 2, 2) run serves both tests below
 def _run_steps(mesh_shape, accum=1, steps=1, batch=16):
     mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, mesh_shape)))
     fns = pretrain.build_step("mae_vit_test", _optim_config(), LR, mesh, accum_steps=accum)
@@ -41,23 +41,23 @@ def _run_steps(mesh_shape, accum=1, steps=1, batch=16):
     return losses, params, float(m["grad_norm"])
 
 
-@pytest.mark.slow  # three meshes compiled
+@pytest.mark.slow  # two meshes compiled
 def test_one_step_is_the_same_on_every_mesh():
+    """Data parallel on 8 devices against data x FSDP x tensor on 2 x 2 x 2 (the batch split 8
+    and 4 ways, the weights 1 and 4 ways): the same losses, gradient norm and parameters. (A
+    third layout, FSDP on 4, added a compile and no other axis.)"""
     ref_loss, ref_params, ref_gn = _run_steps((8, 1, 1), steps=2)
-    for shape in [(2, 4, 1), (2, 2, 2)]:
-        loss, params, gn = _run_steps(shape, steps=2)
-        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-        np.testing.assert_allclose(gn, ref_gn, rtol=1e-4)
-        for k in ref_params:
-            np.testing.assert_allclose(
-                params[k], ref_params[k], rtol=1e-4, atol=1e-5, err_msg=f"{shape}: {k}"
-            )
+    loss, params, gn = _run_steps((2, 2, 2), steps=2)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(gn, ref_gn, rtol=1e-4)
+    for k in ref_params:
+        np.testing.assert_allclose(params[k], ref_params[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
 @pytest.mark.slow  # two meshes compiled (one shared)
 def test_gradient_accumulation_equals_full_batch():
-    full_loss, full_params, _ = _run_steps((2, 4, 1), steps=2)
-    acc_loss, acc_params, _ = _run_steps((2, 4, 1), accum=2, steps=2)  # 2 x 8 images
+    full_loss, full_params, _ = _run_steps((2, 2, 2), steps=2)
+    acc_loss, acc_params, _ = _run_steps((2, 2, 2), accum=2, steps=2)  # 2 x 8 images
     np.testing.assert_allclose(acc_loss, full_loss, rtol=1e-5)
     for k in full_params:
         np.testing.assert_allclose(acc_params[k], full_params[k], rtol=1e-4, atol=1e-5, err_msg=k)
