@@ -113,6 +113,7 @@ def test_vit_large_with_the_cpu_stand_in():
             "--backend=cpu",
             "--config.data.source=embedded",
             "--config.data.name=",
+            "--data_examples=64",  # 224-px decoding: the smoke test reads the default 256
             "--skip=model,launch",
         ]
     )
