@@ -336,6 +336,13 @@ def check(
     return report
 
 
+def enable_cache(config, backend: str) -> None:
+    """`config.compilation_cache` (`mae_jax.compile_cache`) for compiling with `backend`; off for
+    'tpu': compile-only TPU devices write cache entries but cannot load them."""
+    cache = config.get("compilation_cache", compile_cache.AUTO)
+    compile_cache.enable("none" if backend == "tpu" else cache)
+
+
 def out_of_memory_message(error: Exception, topology: str) -> str:
     """The verdict when the compiler itself gives up for lack of memory (TPU: it refuses a
     program whose temporaries exceed the HBM, before any memory analysis exists)."""
@@ -411,9 +418,7 @@ def main(argv):
     try:
         topo = parse_topology(f.topology, f.hbm_gib)
         backend = select_backend(topo, f.backend, f.libtpu_path)
-        # Compile-only TPU devices write cache entries but cannot load them: cache CPU/GPU only.
-        cache = _CONFIG.value.get("compilation_cache", compile_cache.AUTO)
-        compile_cache.enable("none" if backend == "tpu" else cache)
+        enable_cache(_CONFIG.value, backend)
         report = check(
             _CONFIG.value, f.topology, backend=backend, hbm_gib=f.hbm_gib, libtpu_path=f.libtpu_path
         )

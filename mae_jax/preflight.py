@@ -24,6 +24,9 @@ needs a failed check is skipped, saying which):
   launch   `launch/tpu.py create / install / run --dry-run` for the topology (settings from the
            launcher's environment variables, MAE_TPU_PROJECT etc.; skipped when unset).
 
+The programs compiled go to the persistent compilation cache (`config.compilation_cache`, as for
+training; not for the TPU compiler's compile-only devices), so a rerun loads them.
+
 Prints a line as each check starts and ends (with its duration), its details, then the checklist
 and a verdict: "ready" only when every check ran and passed, else the checks that failed or were
 not run (each can refuse a run: a skipped one is a question left open). `--help` lists the flags.
@@ -214,6 +217,7 @@ class Preflight:
         self.topo = aot.parse_topology(opts.topology, opts.hbm_gib)
         # Before JAX starts: the CPU stand-in needs one host device per target device.
         self.backend = aot.select_backend(self.topo, opts.backend, opts.libtpu_path)
+        aot.enable_cache(config, self.backend)  # a rerun loads the checks' programs
         self.launcher = load_launcher()
         self.hosts = self._hosts()
         self.checks = Checklist(out, total=len(CHECKS), skip=opts.skip)

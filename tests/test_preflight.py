@@ -70,14 +70,22 @@ def _in_process(args):
 
 
 @pytest.mark.slow
-def test_smoke_end_to_end_passes():
+def test_smoke_end_to_end_passes(tmp_path):
     """Every check runs for real on the smoke config: exit 0 and the checklist all PASS (memory
-    SKIP only where the TPU compiler is missing), the launch dry run's gcloud lines printed."""
+    SKIP only where the TPU compiler is missing), the launch dry run's gcloud lines printed; the
+    compiled programs go to the config's compilation cache (a rerun loads them)."""
+    cache = tmp_path / "xla"
     rc, out, err = _run(
-        ["--config=configs/smoke.py", "--topology=v4-8", "--target_images_per_sec=1000"],
+        [
+            "--config=configs/smoke.py",
+            "--topology=v4-8",
+            "--target_images_per_sec=1000",
+            f"--config.compilation_cache={cache}",
+        ],
         **LAUNCH_ENV,
     )
     assert rc == 0, out + err
+    assert len(os.listdir(cache)) >= 2, "the model and compile checks' programs are cached"
     rows = _checklist(out)
     assert list(rows) == list(preflight.CHECKS)
     for name in ("plan", "data", "model", "compile", "launch"):
