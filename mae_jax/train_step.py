@@ -123,8 +123,7 @@ class StepFns:
         return self._rest
 
     def init(self) -> dict:
-        state, rest = self.jit_init()
-        self._rest = rest if self._rest is None else self._rest
+        state, self._rest = self.jit_init()  # the same tables as `jit_rest` builds
         return state
 
     def step(self, state: dict, batch: dict, key: jax.Array) -> tuple[dict, dict]:

@@ -199,8 +199,8 @@ FIELD_TYPES: dict[str, type] = {
 def resolve(name_or_config: Any, **overrides) -> MAEConfig:
     """A validated `MAEConfig` from a preset name, an `MAEConfig`, or a mapping.
 
-    A mapping (dict or `ConfigDict`, e.g. a config's `model` block) may hold `name` (a preset to start
-    from) plus any field; its None-valued fields mean "the preset's value" and are ignored.
+    A mapping (dict or `ConfigDict`, e.g. a config's `model` block) may hold `name` (a preset to
+    start from) plus any field; its None-valued fields mean "the preset's value" and are ignored.
     `overrides` are applied as given (`attention_impl=None` selects the default attention).
     Dtypes may be names or JAX/NumPy dtypes (`jnp.bfloat16`); the config holds their names.
     """
