@@ -123,18 +123,18 @@ def _process_layout(global_batch_size: int, process_index, process_count):
 
 
 def _options(cfg):
-    tf = tf_module()
-    options = tf.data.Options()
+    options = tf_module().data.Options()
     options.deterministic = True
     options.threading.max_intra_op_parallelism = 1
-    if int(cfg.get("threads", 0)) > 0:
+    if int(cfg.threads) > 0:
         options.threading.private_threadpool_size = int(cfg.threads)
     return options
 
 
-def _parallel(cfg) -> int:
-    n = int(cfg.get("num_parallel_calls", -1))
-    return tf_module().data.AUTOTUNE if n < 0 else max(1, n)
+def _mark_valid(ds):
+    """Adds `valid` True to every element (padding, added by eval, is valid=False)."""
+    tf = tf_module()
+    return ds.map(graph_fn(lambda elem: {**elem, "valid": tf.constant(True)}))
 
 
 def _map_images(ds, shard: Shard, process: Callable, fallback: Callable, cfg, guarded: bool):
@@ -147,17 +147,14 @@ def _map_images(ds, shard: Shard, process: Callable, fallback: Callable, cfg, gu
     (about 20% slower, hence only used around failures).
     """
     tf = tf_module()
-    par = _parallel(cfg)
+    n = int(cfg.num_parallel_calls)
+    par = tf.data.AUTOTUNE if n < 0 else max(1, n)
 
     def good(elem):
-        out = process(shard.load(elem["data"]), elem)
-        out["ok"] = tf.constant(True)
-        return out
+        return {**process(shard.load(elem["data"]), elem), "ok": tf.constant(True)}
 
     def bad(elem):
-        out = fallback(elem)
-        out["ok"] = tf.constant(False)
-        return out
+        return {**fallback(elem), "ok": tf.constant(False)}
 
     if not guarded:
         return ds.map(graph_fn(good), num_parallel_calls=par, deterministic=True)
@@ -177,52 +174,50 @@ def _map_images(ds, shard: Shard, process: Callable, fallback: Callable, cfg, gu
     )
 
 
-def _with_key(cfg, out, elem):
-    if cfg.get("with_keys", False):
-        out["key"] = elem["key"]
-    return out
+def _process_fns(cfg, image_fn: Callable, fields: Callable):
+    """(process, fallback) for `_map_images`: {'image': image_fn(data, elem) (fallback: zeros
+    float32 [S, S, 3]), **fields(elem), 'key' if cfg.with_keys}."""
+    tf = tf_module()
+    size = int(cfg.image_size)
+
+    def finish(image, elem):
+        out = {"image": image, **fields(elem)}
+        if cfg.with_keys:
+            out["key"] = elem["key"]
+        return out
+
+    def process(data, elem):
+        return finish(image_fn(data, elem), elem)
+
+    def fallback(elem):
+        return finish(tf.zeros([size, size, 3], tf.float32), elem)
+
+    return process, fallback
 
 
-def _train_process_fn(
-    cfg, seed: int, min_scale: float, with_labels: bool, augment_fn: Callable | None = None
-):
+def _label(elem):
+    tf = tf_module()
+    return {"label": tf.cast(elem["label"], tf.int32)}
+
+
+def _train_process_fns(cfg, seed: int, with_labels: bool, augment_fn: Callable | None):
     tf = tf_module()
     size = int(cfg.image_size)
     ratio = tuple(float(r) for r in cfg.crop_ratio)
-    scale = (float(min_scale), 1.0)
+    scale = (float(cfg.train_crop_min_scale if with_labels else cfg.crop_min_scale), 1.0)
     flip, antialias = bool(cfg.flip), bool(cfg.antialias)
     augment.check_crop_params(scale, ratio)
-    dct_method, reduced_scale = cfg.jpeg_dct_method, bool(cfg.jpeg_reduced_scale)
+    decode = {"dct_method": cfg.jpeg_dct_method, "reduced_scale": bool(cfg.jpeg_reduced_scale)}
 
-    def process(data, elem):
+    def crop(data, elem):
         base = tf.stack([tf.constant(seed, tf.int64), elem["epoch"]])
         base = tf.random.experimental.stateless_fold_in(base, _AUG_TAG)
         aug_seed = tf.random.experimental.stateless_fold_in(base, elem["key"])
-        out = {
-            "image": augment.random_resized_crop(
-                data,
-                aug_seed,
-                size,
-                scale,
-                ratio,
-                flip,
-                antialias,
-                augment_fn,
-                dct_method=dct_method,
-                reduced_scale=reduced_scale,
-            )
-        }
-        if with_labels:
-            out["label"] = tf.cast(elem["label"], tf.int32)
-        return _with_key(cfg, out, elem)
+        return augment.random_resized_crop(
+            data, aug_seed, size, scale, ratio, flip, antialias, augment_fn, **decode
+        )
 
-    def fallback(elem):
-        out = {"image": tf.zeros([size, size, 3], tf.float32)}
-        if with_labels:
-            out["label"] = tf.cast(elem["label"], tf.int32)
-        return _with_key(cfg, out, elem)
-
-    return process, fallback
+    return _process_fns(cfg, crop, _label if with_labels else lambda elem: {})
 
 
 class DataIterator:
@@ -268,16 +263,14 @@ class DataIterator:
             raise ValueError(f"should_stop must be a callable () -> bool, got {should_stop!r}")
         self._open_chunk = open_chunk
         self.position = int(start_step)
-        self.skipped = 0
         self.local_batch_size = local_batch_size
         self._total = total_batches
         self._always_guarded = always_guarded
-        self._fast_failures = 0
         self._name = name
         self._max_bad = int(max_consecutive_bad)
         self._source = source
         self._should_stop = should_stop
-        self.consecutive_bad = 0
+        self.skipped = self.consecutive_bad = self._fast_failures = 0
         self._skip_batches = 0  # batches with skipped examples
         # Not yet logged (after the first _LOG_FIRST_SKIPS): batches, examples, dropped.
         self._quiet_batches = self._quiet_skipped = self._quiet_dropped = 0
@@ -429,64 +422,60 @@ class DataIterator:
             )
 
 
+def _labelled_source(cfg, name: str):
+    source = make_source(cfg)
+    if not source.has_labels:
+        raise ValueError(
+            f"{name} iterator needs labels, but data set {cfg.name!r} has "
+            f"no label feature {cfg.get('label_key')!r}"
+        )
+    return source
+
+
 def _stream_iterator(
+    name: str,
     cfg,
     global_batch_size: int,
     seed: int,
     start_step: int,
     process_index,
     process_count,
-    scale_key: str,
-    with_labels: bool,
-    name: str,
     augment_fn: Callable | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> DataIterator:
+    """The infinite iterator `name`: 'pretrain' (images) or 'train' (images and labels)."""
     tf = tf_module()
     cfg = _resolve(cfg)
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
     p, pc, b = _process_layout(global_batch_size, process_index, process_count)
-    source = make_source(cfg)
-    if with_labels and not source.has_labels:
-        raise ValueError(
-            f"{name} iterator needs labels, but data set {cfg.name!r} has "
-            f"no label feature {cfg.get('label_key')!r}"
-        )
+    with_labels = name == "train"
+    source = _labelled_source(cfg, name) if with_labels else make_source(cfg)
     shard = source.shard(str(cfg.train_split), p, pc)
     n = shard.num_examples
     if n < 1:
         raise ValueError(f"split {cfg.train_split!r} has no examples for process {p}")
     if augment_fn is not None and not callable(augment_fn):
         raise ValueError(f"augment_fn must be callable (image, seed) -> image, got {augment_fn!r}")
-    process, fallback = _train_process_fn(
-        cfg, int(seed), float(cfg[scale_key]), with_labels, augment_fn
-    )
+    process, fallback = _train_process_fns(cfg, int(seed), with_labels, augment_fn)
     options = _options(cfg)
     # A chunk spans >= 2 epochs and >= 1 batch; shards whose epochs are cheap
     # to list (in-memory index lists) take >= _MIN_CHUNK_BATCHES per chunk.
     min_batches = _MIN_CHUNK_BATCHES if shard.cheap_epochs else 1
     epochs_per_chunk = max(2, math.ceil(min_batches * b / n) + 1)
     logging.info(
-        "%s: %d examples on process %d/%d, local batch %d, start step %d",
-        name,
-        n,
-        p,
-        pc,
-        b,
-        start_step,
+        f"{name}: {n} examples on process {p}/{pc}, local batch {b}, start step {int(start_step)}"
     )
 
     def open_chunk(step: int, guarded: bool):
         epoch, offset = divmod(step * b, n)
         ds = shard.stream(epoch, epochs_per_chunk, int(seed)).skip(offset)
         if guarded:  # only the guarded map reads `valid` (one map stage less otherwise)
-            ds = ds.map(graph_fn(lambda elem: {**elem, "valid": tf.constant(True)}))
+            ds = _mark_valid(ds)
         num_batches = (epochs_per_chunk * n - offset) // b
         ds = _map_images(ds, shard, process, fallback, cfg, guarded)
         ds = ds.batch(b, drop_remainder=True).take(num_batches)
-        prefetch = int(cfg.get("prefetch", 2))
-        ds = ds.prefetch(tf.data.AUTOTUNE if prefetch < 0 else prefetch)
+        ds = ds.prefetch(tf.data.AUTOTUNE if cfg.prefetch < 0 else int(cfg.prefetch))
         return ds.with_options(options), num_batches
 
     return DataIterator(
@@ -520,18 +509,8 @@ def create_pretrain_iterator(
     `Interrupted`. More than cfg.max_consecutive_bad unreadable examples in a
     row raise `InputError`.
     """
-    return _stream_iterator(
-        cfg,
-        global_batch_size,
-        seed,
-        start_step,
-        process_index,
-        process_count,
-        "crop_min_scale",
-        False,
-        "pretrain",
-        should_stop=should_stop,
-    )
+    args = (cfg, global_batch_size, seed, start_step, process_index, process_count)
+    return _stream_iterator("pretrain", *args, should_stop=should_stop)
 
 
 def create_train_iterator(
@@ -559,19 +538,8 @@ def create_train_iterator(
 
     `should_stop` and unreadable data behave as in `create_pretrain_iterator`.
     """
-    return _stream_iterator(
-        cfg,
-        global_batch_size,
-        seed,
-        start_step,
-        process_index,
-        process_count,
-        "train_crop_min_scale",
-        True,
-        "train",
-        augment_fn,
-        should_stop,
-    )
+    args = (cfg, global_batch_size, seed, start_step, process_index, process_count)
+    return _stream_iterator("train", *args, augment_fn, should_stop)
 
 
 def create_eval_iterator(
@@ -595,51 +563,23 @@ def create_eval_iterator(
     cfg = _resolve(cfg)
     p, pc, b = _process_layout(global_batch_size, process_index, process_count)
     split = str(cfg.eval_split if split is None else split)
-    source = make_source(cfg)
-    if not source.has_labels:
-        raise ValueError(
-            f"eval iterator needs labels, but data set {cfg.name!r} has "
-            f"no label feature {cfg.get('label_key')!r}"
-        )
+    source = _labelled_source(cfg, "eval")
     shard = source.shard(split, p, pc)
-    sizes = source.shard_sizes(split, pc)
-    num_batches = max(math.ceil(max(sizes) / b), 1)
+    num_batches = max(math.ceil(max(source.shard_sizes(split, pc)) / b), 1)
     size, frac, antialias = int(cfg.image_size), float(cfg.eval_crop_fraction), bool(cfg.antialias)
     dct_method = cfg.jpeg_dct_method
     options = _options(cfg)
-
-    def process(data, elem):
-        return _with_key(
-            cfg,
-            {
-                "image": augment.center_crop_eval(data, size, frac, antialias, dct_method),
-                "label": tf.cast(elem["label"], tf.int32),
-                "mask": tf.constant(True),
-            },
-            elem,
-        )
-
-    def fallback(elem):
-        return _with_key(
-            cfg,
-            {
-                "image": tf.zeros([size, size, 3], tf.float32),
-                "label": tf.cast(elem["label"], tf.int32),
-                "mask": elem["valid"],
-            },
-            elem,
-        )
+    # Padding (valid=False) never reaches `process`: eval iterators are always guarded.
+    process, fallback = _process_fns(
+        cfg,
+        lambda data, elem: augment.center_crop_eval(data, size, frac, antialias, dct_method),
+        lambda elem: {**_label(elem), "mask": elem["valid"]},
+    )
 
     def open_chunk(step: int, guarded: bool):
         if step:
             raise ValueError("eval iterators always start at batch 0")
-
-        def tag(elem):
-            elem = dict(elem)
-            elem["valid"] = tf.constant(True)
-            return elem
-
-        ds = shard.elements(None, 0).map(graph_fn(tag))
+        ds = _mark_valid(shard.elements(None, 0))
         pad = num_batches * b - shard.num_examples
         if pad > 0:
             dummy = {
@@ -654,12 +594,7 @@ def create_eval_iterator(
         return ds.with_options(options), num_batches
 
     logging.info(
-        "eval: %d examples on process %d/%d in %d batches of %d",
-        shard.num_examples,
-        p,
-        pc,
-        num_batches,
-        b,
+        f"eval: {shard.num_examples} examples on process {p}/{pc} in {num_batches} batches of {b}"
     )
     return DataIterator(
         open_chunk,
