@@ -87,18 +87,8 @@ class ArrayShard(Shard):
 
     cheap_epochs = True
 
-    def __init__(
-        self,
-        data: Sequence[bytes] | Sequence[str],
-        labels: np.ndarray,
-        keys: np.ndarray,
-        is_path: bool,
-    ):
+    def __init__(self, data: Sequence[bytes] | Sequence[str], labels, keys, is_path: bool):
         tf = tf_module()
-        if len(data) != len(labels) or len(data) != len(keys):
-            raise ValueError(
-                f"data/labels/keys lengths differ: {len(data)}, {len(labels)}, {len(keys)}"
-            )
         self.num_examples = len(data)
         self._data = tf.constant(list(data), tf.string)
         self._labels = tf.constant(np.asarray(labels, np.int64))
@@ -136,39 +126,44 @@ class ArrayShard(Shard):
         )
 
     def load(self, data):
-        if self._is_path:
-            return tf_module().io.read_file(data)
-        return data
+        return tf_module().io.read_file(data) if self._is_path else data
 
 
-# ----------------------------------------------------------------- embedded
+def _count_or_zero(source, split: str) -> int:
+    """Examples in `split`, 0 where it cannot be read (an eval split is optional)."""
+    try:
+        return source.num_examples(split)
+    except ValueError:
+        return 0
 
 
-class EmbeddedSource:
-    """The embedded default set (see `embedded_data`); splits 'train'/'validation'."""
+class _ListedSource:
+    """A source whose splits are lists of examples, strided over the processes."""
 
     has_labels = True
 
     def __init__(self, cfg):
         self._cfg = cfg
 
-    def _resolution(self) -> int:
-        res = int(self._cfg.get("embedded_resolution", 0) or 0)
-        return res or embedded.embedded_resolution(
-            int(self._cfg.image_size), float(self._cfg.get("eval_crop_fraction", 0.875))
-        )
+    def shard_sizes(self, split: str, process_count: int) -> list[int]:
+        n = self.num_examples(split)
+        return [len(strided_indices(n, p, process_count)) for p in range(process_count)]
+
+
+# ----------------------------------------------------------------- embedded
+
+
+class EmbeddedSource(_ListedSource):
+    """The embedded default set (see `embedded_data`); splits 'train'/'validation'."""
 
     def _per_class(self, split: str) -> int:
         if split == "train":
-            return int(self._cfg.get("embedded_train_per_class", embedded.DEFAULT_TRAIN_PER_CLASS))
-        return int(self._cfg.get("embedded_eval_per_class", embedded.DEFAULT_EVAL_PER_CLASS))
+            return int(self._cfg.embedded_train_per_class)
+        return int(self._cfg.embedded_eval_per_class)
 
     def describe(self, split: str) -> str:
         """Names the data in error messages."""
         return f"split {split!r} of the embedded data set"
-
-    def _split(self, split: str) -> embedded.EmbeddedSplit:
-        return embedded.build_split(split, self._resolution(), self._per_class(split))
 
     def num_examples(self, split: str) -> int:
         if split not in embedded.SPLITS:
@@ -176,19 +171,15 @@ class EmbeddedSource:
         return self._per_class(split) * len(embedded.PHOTOS)
 
     def info(self, train_split: str, eval_split: str) -> DatasetInfo:
-        return DatasetInfo(
-            self.num_examples(train_split),
-            self.num_examples(eval_split),
-            len(embedded.CLASS_NAMES),
-            embedded.CLASS_NAMES,
-        )
-
-    def shard_sizes(self, split: str, process_count: int) -> list[int]:
-        n = self.num_examples(split)
-        return [len(strided_indices(n, p, process_count)) for p in range(process_count)]
+        n_train, n_eval = self.num_examples(train_split), self.num_examples(eval_split)
+        return DatasetInfo(n_train, n_eval, len(embedded.CLASS_NAMES), embedded.CLASS_NAMES)
 
     def shard(self, split: str, process_index: int, process_count: int) -> Shard:
-        s = self._split(split)
+        cfg = self._cfg
+        resolution = int(cfg.embedded_resolution) or embedded.embedded_resolution(
+            int(cfg.image_size), float(cfg.eval_crop_fraction)
+        )
+        s = embedded.build_split(split, resolution, self._per_class(split))
         idx = strided_indices(len(s), process_index, process_count)
         return ArrayShard([s.images[i] for i in idx], s.labels[idx], idx, is_path=False)
 
@@ -200,12 +191,7 @@ def _is_dir(path: str) -> bool:
     return tf_module().io.gfile.isdir(path)
 
 
-def _list_images(class_dir: str) -> list[str]:
-    gfile = tf_module().io.gfile
-    return sorted(f for f in gfile.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
-
-
-class FolderSource:
+class FolderSource(_ListedSource):
     """Images in `path/class_x/img.jpg` or `path/<split>/class_x/img.jpg`.
 
     With split subdirectories each split is its directory (classes are the
@@ -214,50 +200,37 @@ class FolderSource:
     (chosen by a stable hash of the relative path) as the eval split.
     """
 
-    has_labels = True
-
     def __init__(self, cfg):
-        self._cfg = cfg
+        super().__init__(cfg)
         self._root = str(cfg.path or "")
         if not self._root:
             raise ValueError("data source 'folder' needs cfg.path, the image folder root")
         if not _is_dir(self._root):
             raise ValueError(f"image folder {self._root!r} does not exist or is not a directory")
         self._train_split = str(cfg.train_split)
-        self._fraction = float(cfg.get("folder_eval_fraction", 0.0))
-        if not 0.0 <= self._fraction < 1.0:
-            raise ValueError(f"folder_eval_fraction must be in [0, 1), got {self._fraction}")
+        self._fraction = float(cfg.folder_eval_fraction)  # in [0, 1): schema.DATA
         self._cache: dict[str, tuple[list[str], np.ndarray]] = {}
-        self._classes = self._class_names()
+        base = self._split_root(self._train_split) or self._root
+        listed = (d.rstrip("/") for d in tf_module().io.gfile.listdir(base))
+        self._classes = tuple(sorted(d for d in listed if _is_dir(os.path.join(base, d))))
+        if not self._classes:
+            raise ValueError(
+                f"image folder {base!r} has no class subdirectories (expected root/class_x/img.jpg)"
+            )
 
     def describe(self, split: str) -> str:
         """Names the data in error messages."""
-        root = self._split_root(split)
-        if root is not None:
-            return f"split {split!r} of image folder {root!r}"
-        return f"split {split!r} of image folder {self._root!r}"
+        return f"split {split!r} of image folder {self._split_root(split) or self._root!r}"
 
     def _split_root(self, split: str) -> str | None:
         root = os.path.join(self._root, split)
         return root if _is_dir(root) else None
 
-    def _class_names(self) -> tuple[str, ...]:
-        base = self._split_root(self._train_split) or self._root
-        gfile = tf_module().io.gfile
-        names = sorted(
-            d.rstrip("/") for d in gfile.listdir(base) if _is_dir(os.path.join(base, d.rstrip("/")))
-        )
-        if not names:
-            raise ValueError(
-                f"image folder {base!r} has no class subdirectories (expected root/class_x/img.jpg)"
-            )
-        return tuple(names)
-
     def _files(self, split: str) -> tuple[list[str], np.ndarray]:
         if split in self._cache:
             return self._cache[split]
         root = self._split_root(split)
-        holdout = None
+        holdout = None  # None: every image; True / False: the held-out ones / the others
         if root is None:
             if self._split_root(self._train_split) is not None:
                 raise ValueError(f"image folder {self._root!r} has no split directory {split!r}")
@@ -276,7 +249,9 @@ class FolderSource:
             class_dir = os.path.join(root, name)
             if not _is_dir(class_dir):
                 continue
-            for f in _list_images(class_dir):
+            for f in sorted(tf_module().io.gfile.listdir(class_dir)):
+                if not f.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
                 if holdout is not None:
                     h = zlib.crc32(f"{name}/{f}".encode()) % 1_000_000
                     if (h < self._fraction * 1_000_000) != holdout:
@@ -295,76 +270,56 @@ class FolderSource:
         return len(self._files(split)[0])
 
     def info(self, train_split: str, eval_split: str) -> DatasetInfo:
-        try:
-            n_eval = self.num_examples(eval_split)
-        except ValueError:
-            n_eval = 0
+        n_eval = _count_or_zero(self, eval_split)
         return DatasetInfo(
             self.num_examples(train_split), n_eval, len(self._classes), self._classes
         )
 
-    def shard_sizes(self, split: str, process_count: int) -> list[int]:
-        n = self.num_examples(split)
-        return [len(strided_indices(n, p, process_count)) for p in range(process_count)]
-
     def shard(self, split: str, process_index: int, process_count: int) -> Shard:
         paths, labels = self._files(split)
         idx = strided_indices(len(paths), process_index, process_count)
-        if self._cfg.get("cache", False):
-            data, n_bad = [], 0
-            for i in idx:
-                try:
-                    with tf_module().io.gfile.GFile(paths[i], "rb") as f:
-                        data.append(f.read())
-                except Exception:  # pylint: disable=broad-except
-                    data.append(b"")  # fails decoding later: skipped and counted
-                    n_bad += 1
-            logging.info(
-                "cached %d images of %r (%.1f MB), %d unreadable",
-                len(data),
-                self._root,
-                sum(map(len, data)) / 1e6,
-                n_bad,
-            )
-            return ArrayShard(data, labels[idx], idx, is_path=False)
-        return ArrayShard([paths[i] for i in idx], labels[idx], idx, is_path=True)
+        if not self._cfg.cache:
+            return ArrayShard([paths[i] for i in idx], labels[idx], idx, is_path=True)
+        data, n_bad = [], 0
+        for i in idx:
+            try:
+                with tf_module().io.gfile.GFile(paths[i], "rb") as f:
+                    data.append(f.read())
+            except Exception:  # pylint: disable=broad-except
+                data.append(b"")  # fails decoding later: skipped and counted
+                n_bad += 1
+        size_mb = sum(map(len, data)) / 1e6
+        logging.info(
+            f"cached {len(data)} images of {self._root!r} ({size_mb:.1f} MB), {n_bad} unreadable"
+        )
+        return ArrayShard(data, labels[idx], idx, is_path=False)
 
 
 # --------------------------------------------------------------------- TFDS
 
 
+@dataclasses.dataclass
 class TfdsShard(Shard):
     """A TFDS split slice read with tf.data: per-epoch file shuffle + buffer shuffle."""
 
-    def __init__(
-        self,
-        builder,
-        split,
-        num_examples: int,
-        image_key: str,
-        label_key: str | None,
-        shuffle_buffer: int,
-    ):
-        self._builder = builder
-        self._split = split
-        self.num_examples = num_examples
-        self._image_key = image_key
-        self._label_key = label_key
-        self._shuffle_buffer = shuffle_buffer
+    builder: Any
+    split: Any  # a split name or a `tfds.even_splits` part
+    num_examples: int
+    image_key: str
+    label_key: str | None
+    shuffle_buffer: int
 
     def raw_dataset(self, shuffle_seed: int | None):
         tfds = tfds_module()
-        keys = {self._image_key: True}
-        if self._label_key:
-            keys[self._label_key] = True
+        keys = {k: True for k in (self.image_key, self.label_key) if k}
         decoders = tfds.decode.PartialDecoding(
-            keys, decoders={self._image_key: tfds.decode.SkipDecoding()}
+            keys, decoders={self.image_key: tfds.decode.SkipDecoding()}
         )
         read_config = tfds.ReadConfig(
             add_tfds_id=True, shuffle_seed=shuffle_seed, try_autocache=False
         )
-        return self._builder.as_dataset(
-            split=self._split,
+        return self.builder.as_dataset(
+            split=self.split,
             shuffle_files=shuffle_seed is not None,
             read_config=read_config,
             decoders=decoders,
@@ -376,11 +331,11 @@ class TfdsShard(Shard):
             ds = self.raw_dataset(None)
         else:
             ds = self.raw_dataset(epoch_seed(seed, epoch, _SHUFFLE_TAG) % (2**31))
-            if self._shuffle_buffer > 1:
+            if self.shuffle_buffer > 1:
                 ds = ds.shuffle(
-                    self._shuffle_buffer, seed=epoch_seed(seed, epoch, _SHUFFLE_TAG + 1) % (2**31)
+                    self.shuffle_buffer, seed=epoch_seed(seed, epoch, _SHUFFLE_TAG + 1) % (2**31)
                 )
-        image_key, label_key = self._image_key, self._label_key
+        image_key, label_key = self.image_key, self.label_key
 
         def convert(ex):
             label = tf.cast(ex[label_key], tf.int64) if label_key else tf.constant(-1, tf.int64)
@@ -399,7 +354,7 @@ class TfdsSource:
         self._name = str(cfg.name or "")
         if not self._name:
             raise ValueError("data source 'tfds' needs cfg.name, e.g. 'imagenet2012'")
-        data_dir = cfg.get("data_dir") or None
+        data_dir = cfg.data_dir or None
         if data_dir and not tf_module().io.gfile.isdir(data_dir):
             raise ValueError(f"TFDS data_dir {data_dir!r} does not exist")
         try:
@@ -410,29 +365,29 @@ class TfdsSource:
             ) from None
         self._data_dir = data_dir
         features = self._builder.info.features
-        self._image_key = str(cfg.get("image_key", "image"))
+        self._image_key = str(cfg.image_key)
         if self._image_key not in features:
             raise ValueError(
                 f"TFDS dataset {self._name!r} has no feature "
                 f"{self._image_key!r}; features: {list(features.keys())}"
             )
-        label_key = str(cfg.get("label_key", "label") or "")
+        label_key = str(cfg.label_key or "")
         self._label_key = label_key if label_key in features else None
-
-    @property
-    def has_labels(self) -> bool:
-        return self._label_key is not None
+        self.has_labels = self._label_key is not None
 
     def describe(self, split: str) -> str:
         """Names the data in error messages."""
         where = f"data_dir {self._data_dir!r}" if self._data_dir else "the default data_dir"
         return f"split {split!r} of TFDS dataset {self._name!r} in {where}"
 
+    def _shard(self, split, num_examples: int, shuffle_buffer: int) -> TfdsShard:
+        return TfdsShard(
+            self._builder, split, num_examples, self._image_key, self._label_key, shuffle_buffer
+        )
+
     def _check_split(self, split):
         try:
-            ds = TfdsShard(
-                self._builder, split, 0, self._image_key, self._label_key, 0
-            ).raw_dataset(None)
+            ds = self._shard(split, 0, 0).raw_dataset(None)
         except AssertionError as e:  # TFDS: "could not find data in data_dir"
             raise ValueError(
                 f"TFDS dataset {self._name!r} is not prepared in data_dir {self._data_dir!r}: {e}"
@@ -443,7 +398,7 @@ class TfdsSource:
             ) from None
         return ds
 
-    def _count(self, split) -> int:
+    def num_examples(self, split) -> int:
         splits = self._builder.info.splits
         if splits:
             try:
@@ -456,29 +411,17 @@ class TfdsSource:
         # Split metadata unavailable (e.g. tfds.testing.mock_data): ask tf.data.
         ds = self._check_split(split)
         n = int(ds.cardinality())
-        if n < 0:
-            n = sum(1 for _ in ds)
-        return n
-
-    def num_examples(self, split: str) -> int:
-        return self._count(split)
-
-    @property
-    def num_classes(self) -> int | None:
-        if not self._label_key:
-            return None
-        return getattr(self._builder.info.features[self._label_key], "num_classes", None)
+        return n if n >= 0 else sum(1 for _ in ds)
 
     def info(self, train_split: str, eval_split: str) -> DatasetInfo:
-        try:
-            n_eval = self._count(eval_split)
-        except ValueError:
-            n_eval = 0
-        names = None
-        if self._label_key:
-            names = getattr(self._builder.info.features[self._label_key], "names", None)
+        n_eval = _count_or_zero(self, eval_split)
+        label = self._builder.info.features[self._label_key] if self._label_key else None
+        names = getattr(label, "names", None)
         return DatasetInfo(
-            self._count(train_split), n_eval, self.num_classes, tuple(names) if names else None
+            self.num_examples(train_split),
+            n_eval,
+            getattr(label, "num_classes", None),
+            tuple(names) if names else None,
         )
 
     def _process_split(self, split: str, process_index: int, process_count: int):
@@ -488,37 +431,22 @@ class TfdsSource:
 
     def shard_sizes(self, split: str, process_count: int) -> list[int]:
         return [
-            self._count(self._process_split(split, p, process_count)) for p in range(process_count)
+            self.num_examples(self._process_split(split, p, process_count))
+            for p in range(process_count)
         ]
 
     def shard(self, split: str, process_index: int, process_count: int) -> Shard:
         self._check_split(split)
         psplit = self._process_split(split, process_index, process_count)
-        shard = TfdsShard(
-            self._builder,
-            psplit,
-            self._count(psplit),
-            self._image_key,
-            self._label_key,
-            int(self._cfg.get("shuffle_buffer", 10_000)),
-        )
-        if not self._cfg.get("cache", False):
+        shard = self._shard(psplit, self.num_examples(psplit), int(self._cfg.shuffle_buffer))
+        if not self._cfg.cache:
             return shard
-        data, labels, keys = [], [], []
-        for ex in shard.elements(None, 0).as_numpy_iterator():
-            data.append(ex["data"])
-            labels.append(ex["label"])
-            keys.append(ex["key"])
-        logging.info(
-            "cached %d examples of %s[%s] (%.1f MB)",
-            len(data),
-            self._name,
-            psplit,
-            sum(map(len, data)) / 1e6,
-        )
-        return ArrayShard(
-            data, np.asarray(labels, np.int64), np.asarray(keys, np.int64), is_path=False
-        )
+        examples = list(shard.elements(None, 0).as_numpy_iterator())
+        data = [ex["data"] for ex in examples]
+        size_mb = sum(map(len, data)) / 1e6
+        logging.info(f"cached {len(data)} examples of {self._name}[{psplit}] ({size_mb:.1f} MB)")
+        labels, keys = [ex["label"] for ex in examples], [ex["key"] for ex in examples]
+        return ArrayShard(data, labels, keys, is_path=False)
 
 
 SOURCES = {"embedded": EmbeddedSource, "folder": FolderSource, "tfds": TfdsSource}
