@@ -35,8 +35,6 @@ from mae_jax.convert import classifier as cc
 from mae_jax.convert import files, mapping
 from mae_jax.models.classifier import Head, ViTClassifier, from_head
 
-KINDS = ("mae", "classifier")
-
 
 @dataclasses.dataclass(frozen=True)
 class Loaded:
@@ -78,7 +76,14 @@ def load(path, *, step: int | None = None, model: str | None = None, **overrides
                 f"{source.path!r} is a PyTorch file, which does not say its architecture: pass "
                 f"model= a preset name, one of {sorted(models.PRESETS)}"
             )
-        return _from_file(source.path, models.resolve(model, **overrides))
+        config = models.resolve(model, **overrides)
+        loaded = files.load_input(source.path)
+        if mapping.classifier_head(loaded.state_dict) is not None:
+            converted = cc.read_classifier(loaded, config)
+            net = cc.build_classifier(converted, config)
+            return Loaded(net, "classifier", "file", config.name, converted.head, None, source.path)
+        net = convert.build_model(convert.read_pytorch(loaded, config), config)
+        return Loaded(net, "mae", "file", config.name, None, None, source.path)
     if model and model != source.model.name:
         raise ValueError(
             f"model={model!r} does not match {source.describe()}, which holds "
@@ -95,13 +100,3 @@ def load(path, *, step: int | None = None, model: str | None = None, **overrides
     net = models.create(config)
     mapping.set_weights(net, params)
     return Loaded(net, "mae", task, config.name, None, found_step, source.path)
-
-
-def _from_file(path: str, config: models.MAEConfig) -> Loaded:
-    loaded = files.load_input(path)
-    if mapping.classifier_head(loaded.state_dict) is not None:
-        converted = cc.read_classifier(loaded, config)
-        net = cc.build_classifier(converted, config)
-        return Loaded(net, "classifier", "file", config.name, converted.head, None, path)
-    net = convert.build_model(convert.read_pytorch(loaded, config), config)
-    return Loaded(net, "mae", "file", config.name, None, None, path)

@@ -1,24 +1,20 @@
 """The embedded default data set: labelled crops of real photos, offline.
 
-Why this design: the project must run on a fresh machine with no network, and
-the linear probe needs labels, a train and an eval split and hundreds of
-examples. scikit-image (a dependency) ships a handful of real photographs
-inside its wheel (read from the package, never fetched). We pick 10 of them;
-every example is a crop of one photo and its label is the photo it came from
-(10 classes: a cat, an astronaut, coffee, coins, a rocket, ...). Classes differ
-in content, colour and texture, so a probe on frozen features has something to
-learn, while crops make it far from trivial at 32x32.
+Why this design: the project must run on a fresh machine with no network, and the linear probe needs
+labels, a train and an eval split and hundreds of examples. scikit-image (a dependency) ships a
+handful of real photographs inside its wheel (read from the package, never fetched). We pick 10 of
+them; every example is a crop of one photo and its label is the photo it came from (10 classes: a
+cat, an astronaut, coffee, coins, a rocket, ...). Classes differ in content, colour and texture, so
+a probe on frozen features has something to learn, while crops make it far from trivial at 32x32.
 
-Train and eval are spatially disjoint: along each photo's longer axis the first
-75% only feeds `train` crops and the last 25% only `validation` crops, so no
-eval pixel was ever seen in training. Crop sizes are 15-35% of the photo's
-shorter side with aspect ratio in [3/4, 4/3] (clamped to the region), the same
-distribution in both splits.
+Train and eval are spatially disjoint: along each photo's longer axis the first 75% only feeds
+`train` crops and the last 25% only `validation` crops, so no eval pixel was ever seen in training.
+Crop sizes are 15-35% of the photo's shorter side with aspect ratio in [3/4, 4/3] (clamped to the
+region), the same distribution in both splits.
 
-Examples are stored JPEG-encoded (so the default run exercises the same fused
-decode-and-crop path as ImageNet) with shorter side `resolution` pixels,
-chosen by the pipeline from the requested image size. Building is
-deterministic and takes a few seconds; results are cached in-process.
+Examples are stored JPEG-encoded (so the default run exercises the same fused decode-and-crop path
+as ImageNet) with shorter side `resolution` pixels, chosen by the pipeline from the requested image
+size. Building is deterministic and takes a few seconds; results are cached in-process.
 """
 
 from __future__ import annotations
@@ -160,9 +156,6 @@ def build_split(
         rng = np.random.default_rng([seed, SPLITS.index(split), label])
         boxes = sample_crops(photo.shape[0], photo.shape[1], split, per_class, rng)
         per_photo.append([_encode_crop(photo, b, resolution) for b in boxes])
-    images, labels = [], []
-    for i in range(per_class):
-        for label, crops in enumerate(per_photo):
-            images.append(crops[i])
-            labels.append(label)
-    return EmbeddedSplit(tuple(images), np.asarray(labels, np.int64), CLASS_NAMES)
+    images = tuple(crops[i] for i in range(per_class) for crops in per_photo)
+    labels = np.tile(np.arange(len(PHOTOS), dtype=np.int64), per_class)
+    return EmbeddedSplit(images, labels, CLASS_NAMES)

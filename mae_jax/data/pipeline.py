@@ -14,31 +14,27 @@ Public API:
   InputError (a ValueError): the data cannot be read (see below).
   Interrupted: `should_stop()` returned True (waiting for data, or before an eval batch).
 
-Stream model. Each process p of P reads its own shard of n examples (disjoint
-shards covering the split). Its stream is epoch 0, epoch 1, ... back to back,
-epoch e being the shard in an order fixed by (seed, e). Local batch k is stream
-elements [k*b, (k+1)*b), b = global_batch / P. Augmentation randomness of an
-element comes only from (seed, epoch, example key) through stateless TF ops.
-So batch k is a pure function of (cfg, seed, k, p, P): starting an iterator at
-`start_step=k` rebuilds the stream from epoch k*b // n, skips the first
-k*b % n undecoded records, and yields exactly the batch a fresh iterator
-yields as its k-th. Save `it.position` with the checkpoint and pass it back as
-`start_step` to resume.
+Stream model. Each process p of P reads its own shard of n examples (disjoint shards covering
+the split). Its stream is epoch 0, epoch 1, ... back to back, epoch e being the shard in an order
+fixed by (seed, e). Local batch k is stream elements [k*b, (k+1)*b), b = global_batch / P.
+Augmentation randomness of an element comes only from (seed, epoch, example key) through
+stateless TF ops. So batch k is a pure function of (cfg, seed, k, p, P): starting an iterator at
+`start_step=k` rebuilds the stream from epoch k*b // n, skips the first k*b % n undecoded records,
+and yields exactly the batch a fresh iterator yields as its k-th. Save `it.position` with the
+checkpoint and pass it back as `start_step` to resume.
 
-Corrupt or unreadable images never stop a run. Batches come from a plain
-parallel map; when fetching batch k fails, batch k is re-read by a guarded
-pipeline that decodes every example inside its own tiny tf.data pipeline whose
-errors are caught (a bad file yields ok=False, not an exception). The bad
-example's slot is filled with a copy of a good example of the same batch (so
-batch positions, hence resumption, are unchanged; eval batches instead mark it
-with mask=False) and `it.skipped` counts it (logged). A batch with no good
-example is dropped (its position is still consumed). Skips are logged for the
-first few batches, then summarized every `_LOG_SKIPS_EVERY` such batches. More
-than `cfg.max_consecutive_bad` unreadable examples in a row (across batches)
-raise `InputError`: the data set is broken, not merely dirty. While batches
-are being dropped the iterator calls `should_stop()` (if given) between them
-and raises `Interrupted` when it returns True (e.g. after a SIGTERM); a one-pass
-(eval) iterator calls it before every batch, so a long pass stops within a batch.
+Corrupt or unreadable images never stop a run. Batches come from a plain parallel map; when
+fetching batch k fails, batch k is re-read by a guarded pipeline that decodes every example inside
+its own tiny tf.data pipeline whose errors are caught (a bad file yields ok=False, not an
+exception). The bad example's slot is filled with a copy of a good example of the same batch (so
+batch positions, hence resumption, are unchanged; eval batches instead mark it with mask=False)
+and `it.skipped` counts it. A batch with no good example is dropped (its position is still
+consumed). Skips are logged for the first `_LOG_FIRST_SKIPS` batches, then summarized every
+`_LOG_SKIPS_EVERY` such batches. More than `cfg.max_consecutive_bad` unreadable examples in a row
+(across batches) raise `InputError`: the data set is broken, not merely dirty. While batches are
+being dropped the iterator calls `should_stop()` (if given) between them and raises `Interrupted`
+when it returns True (e.g. after a SIGTERM); a one-pass (eval) iterator calls it before every
+batch, so a long pass stops within a batch.
 """
 
 from __future__ import annotations
@@ -81,8 +77,7 @@ class Interrupted(Exception):
 
 
 def _resolve(cfg) -> ml_collections.ConfigDict:
-    """`cfg` checked (`schema.DATA`) and laid over the defaults, so partial configs work;
-    unknown keys warn."""
+    """`cfg` checked (`schema.DATA`) over the defaults (partial configs work); unknown keys warn."""
     full = schema.defaults(schema.DATA)
     unknown = sorted(set(cfg.keys()) - set(full.keys()))
     if unknown:
@@ -140,11 +135,10 @@ def _mark_valid(ds):
 def _map_images(ds, shard: Shard, process: Callable, fallback: Callable, cfg, guarded: bool):
     """Maps `process(encoded_bytes, elem)` over elements, in order, adding ok.
 
-    guarded=False: a plain parallel map; a corrupt or unreadable image raises
-    a tf.errors.OpError when its batch is fetched. guarded=True: every element
-    is processed in its own tiny pipeline whose errors are caught, so a failing
-    element (or padding, valid=False) yields `fallback(elem)` with ok=False
-    (about 20% slower, hence only used around failures).
+    guarded=False: a plain parallel map; a corrupt or unreadable image raises a tf.errors.OpError
+    when its batch is fetched. guarded=True: every element is processed in its own tiny pipeline
+    whose errors are caught, so a failing element (or padding, valid=False) yields
+    `fallback(elem)` with ok=False (about 20% slower, hence only used around failures).
     """
     tf = tf_module()
     n = int(cfg.num_parallel_calls)
@@ -224,23 +218,21 @@ class DataIterator:
     """Iterator over numpy batches with its stream position.
 
     Attributes:
-      position: index of the next batch in the stream (= start_step + batches
-        consumed); store it in checkpoints and pass it back as `start_step`.
+      position: index of the next batch in the stream (= start_step + batches consumed); store
+        it in checkpoints and pass it back as `start_step`.
       skipped: corrupt/unreadable examples met so far by this process.
       consecutive_bad: unreadable examples in a row up to the last batch.
       local_batch_size: examples per batch on this process.
 
-    Batches come from a fast pipeline; when fetching one fails (a corrupt or
-    unreadable image), the pipeline is rebuilt in guarded mode at the same
-    batch for `GUARDED_WINDOW` batches, then fast again. Since batch k is a
-    pure function of k, switching pipelines never changes the stream. After
-    `MAX_FAST_FAILURES` failures the iterator stays guarded.
+    Batches come from a fast pipeline; when fetching one fails (a corrupt or unreadable image),
+    the pipeline is rebuilt in guarded mode at the same batch for `GUARDED_WINDOW` batches, then
+    fast again. Since batch k is a pure function of k, switching pipelines never changes the
+    stream. After `MAX_FAST_FAILURES` failures the iterator stays guarded.
 
-    More than `max_consecutive_bad` unreadable examples in a row raise
-    `InputError` naming `source` (a description of the data). Between dropped
-    batches (no readable example), and before every batch of a one-pass iterator
-    (`total_batches` set), `should_stop()` is called, if given; True raises
-    `Interrupted`.
+    More than `max_consecutive_bad` unreadable examples in a row raise `InputError` naming
+    `source` (a description of the data). Between dropped batches (no readable example), and
+    before every batch of a one-pass iterator (`total_batches` set), `should_stop()` is called,
+    if given; True raises `Interrupted`.
     """
 
     GUARDED_WINDOW = 64
@@ -307,13 +299,10 @@ class DataIterator:
                 raise
             self._fast_failures += 1
             logging.info(
-                "%s: batch %d failed (%s); re-reading it in guarded mode",
-                self._name,
-                self.position,
-                type(e).__name__,
+                f"{self._name}: batch {self.position} failed ({type(e).__name__}); "
+                "re-reading it in guarded mode"
             )
-            if self._fast_failures >= self.MAX_FAST_FAILURES:
-                self._always_guarded = True
+            self._always_guarded = self._fast_failures >= self.MAX_FAST_FAILURES
             self._open(True)
             batch = next(self._it)
         self._chunk_left -= 1
@@ -376,15 +365,11 @@ class DataIterator:
         self._skip_batches += 1
         dropped = good.size == 0
         if self._skip_batches <= _LOG_FIRST_SKIPS:
+            note = "; dropped it, no readable image" if dropped else ""
+            end = "; further skips are summarized" if self._skip_batches == _LOG_FIRST_SKIPS else ""
             logging.warning(
-                "%s: skipped %d corrupt or unreadable image(s) in batch %d%s "
-                "(%d skipped so far on this process)%s",
-                self._name,
-                bad,
-                self.position - 1,
-                "; dropped it, no readable image" if dropped else "",
-                self.skipped,
-                "; further skips are summarized" if self._skip_batches == _LOG_FIRST_SKIPS else "",
+                f"{self._name}: skipped {bad} corrupt or unreadable image(s) in batch "
+                f"{self.position - 1}{note} ({self.skipped} skipped so far on this process){end}"
             )
             return
         self._quiet_batches += 1
@@ -392,15 +377,10 @@ class DataIterator:
         self._quiet_dropped += int(dropped)
         if self._quiet_batches >= _LOG_SKIPS_EVERY:
             logging.warning(
-                "%s: skipped %d corrupt or unreadable image(s) in %d batches (%d dropped) "
-                "up to batch %d (%d skipped so far on this process, %d in a row)",
-                self._name,
-                self._quiet_skipped,
-                self._quiet_batches,
-                self._quiet_dropped,
-                self.position - 1,
-                self.skipped,
-                self.consecutive_bad,
+                f"{self._name}: skipped {self._quiet_skipped} corrupt or unreadable image(s) in "
+                f"{self._quiet_batches} batches ({self._quiet_dropped} dropped) up to batch "
+                f"{self.position - 1} ({self.skipped} skipped so far on this process, "
+                f"{self.consecutive_bad} in a row)"
             )
             self._quiet_batches = self._quiet_skipped = self._quiet_dropped = 0
 
@@ -501,13 +481,12 @@ def create_pretrain_iterator(
 ) -> DataIterator:
     """Infinite MAE pretraining batches {'image': float32 [B/P, S, S, 3]}.
 
-    RandomResizedCrop(scale=(cfg.crop_min_scale, 1), ratio=cfg.crop_ratio,
-    bicubic) + horizontal flip + ImageNet normalization, over `cfg.train_split`.
-    `start_step=K` yields first the batch a fresh iterator yields as its K-th.
-    process_index/process_count default to jax.process_index()/process_count().
-    `should_stop()` is polled between batches dropped as unreadable; True raises
-    `Interrupted`. More than cfg.max_consecutive_bad unreadable examples in a
-    row raise `InputError`.
+    RandomResizedCrop(scale=(cfg.crop_min_scale, 1), ratio=cfg.crop_ratio, bicubic) + horizontal
+    flip + ImageNet normalization, over `cfg.train_split`. `start_step=K` yields first the batch a
+    fresh iterator yields as its K-th. process_index/process_count default to
+    jax.process_index()/process_count(). `should_stop()` is polled between batches dropped as
+    unreadable; True raises `Interrupted`. More than cfg.max_consecutive_bad unreadable examples
+    in a row raise `InputError`.
     """
     args = (cfg, global_batch_size, seed, start_step, process_index, process_count)
     return _stream_iterator("pretrain", *args, should_stop=should_stop)
@@ -526,15 +505,14 @@ def create_train_iterator(
 ) -> DataIterator:
     """Infinite labelled batches {'image': float32 [B/P,S,S,3], 'label': int32 [B/P]}.
 
-    RandomResizedCrop(scale=(cfg.train_crop_min_scale, 1)) + flip, as the
-    reference linear probe. Same determinism and resumption as pretraining.
+    RandomResizedCrop(scale=(cfg.train_crop_min_scale, 1)) + flip, as the reference linear
+    probe. Same determinism and resumption as pretraining.
 
-    `augment_fn(image, seed) -> image` (optional, TF graph code) replaces the
-    final normalization of every example: it receives the cropped, flipped
-    float32 [S, S, 3] image in [0, 255] and a stateless int64 [2] seed (a pure
-    function of the example's crop seed), and returns the normalized float32
-    [S, S, 3] model input. Fine-tuning uses it for RandAugment + RandomErasing
-    (see `augment.random_resized_crop`).
+    `augment_fn(image, seed) -> image` (optional, TF graph code) replaces the final normalization
+    of every example: it receives the cropped, flipped float32 [S, S, 3] image in [0, 255] and a
+    stateless int64 [2] seed (a pure function of the example's crop seed), and returns the
+    normalized float32 [S, S, 3] model input. Fine-tuning uses it for RandAugment +
+    RandomErasing (see `augment.random_resized_crop`).
 
     `should_stop` and unreadable data behave as in `create_pretrain_iterator`.
     """
@@ -553,11 +531,10 @@ def create_eval_iterator(
 ) -> DataIterator:
     """One pass over `split` (default cfg.eval_split), fixed order.
 
-    Yields {'image': float32 [B/P, S, S, 3], 'label': int32 [B/P],
-    'mask': bool [B/P]}: shorter side resized to int(S / cfg.eval_crop_fraction)
-    (bicubic), center crop S. Every process yields the same number of batches
-    (`len(it)`); padding and unreadable images have mask False. `should_stop()`
-    is polled before every batch; True raises `Interrupted`.
+    Yields {'image': float32 [B/P, S, S, 3], 'label': int32 [B/P], 'mask': bool [B/P]}: shorter
+    side resized to int(S / cfg.eval_crop_fraction) (bicubic), center crop S. Every process yields
+    the same number of batches (`len(it)`); padding and unreadable images have mask False.
+    `should_stop()` is polled before every batch; True raises `Interrupted`.
     """
     tf = tf_module()
     cfg = _resolve(cfg)

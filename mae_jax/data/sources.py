@@ -1,8 +1,7 @@
 """Data sources for the input pipeline: the embedded set, image folders, TFDS.
 
-A source turns (split, process_index, process_count) into a `Shard`: this
-process's disjoint part of the split, which can list its examples in a
-deterministic order for any epoch. Elements are dicts
+A source turns (split, process_index, process_count) into a `Shard`: this process's disjoint part
+of the split, which can list its examples in a deterministic order for any epoch. Elements are dicts
   data:  tf.string scalar, encoded image bytes (or a file path; see `load`)
   label: int64 scalar (-1 when the data set has no labels)
   key:   int64 scalar, a stable identity of the example (augmentation seed)
@@ -71,9 +70,8 @@ class Shard:
         ds = None
         for e in range(first_epoch, first_epoch + num_epochs):
             epoch = tf.constant(e, tf.int64)
-            part = self.elements(e, seed).map(
-                graph_fn(lambda x, epoch=epoch: {**x, "epoch": epoch})
-            )
+            add_epoch = graph_fn(lambda x, epoch=epoch: {**x, "epoch": epoch})
+            part = self.elements(e, seed).map(add_epoch)
             ds = part if ds is None else ds.concatenate(part)
         return ds
 
@@ -194,10 +192,10 @@ def _is_dir(path: str) -> bool:
 class FolderSource(_ListedSource):
     """Images in `path/class_x/img.jpg` or `path/<split>/class_x/img.jpg`.
 
-    With split subdirectories each split is its directory (classes are the
-    sorted subdirectory names of the train split). Without them all images form
-    the train split, and `folder_eval_fraction` > 0 holds out that fraction
-    (chosen by a stable hash of the relative path) as the eval split.
+    With split subdirectories each split is its directory (classes are the sorted subdirectory
+    names of the train split). Without them all images form the train split, and
+    `folder_eval_fraction` > 0 holds out that fraction (chosen by a stable hash of the relative
+    path) as the eval split.
     """
 
     def __init__(self, cfg):
@@ -270,10 +268,8 @@ class FolderSource(_ListedSource):
         return len(self._files(split)[0])
 
     def info(self, train_split: str, eval_split: str) -> DatasetInfo:
-        n_eval = _count_or_zero(self, eval_split)
-        return DatasetInfo(
-            self.num_examples(train_split), n_eval, len(self._classes), self._classes
-        )
+        n_train, n_eval = self.num_examples(train_split), _count_or_zero(self, eval_split)
+        return DatasetInfo(n_train, n_eval, len(self._classes), self._classes)
 
     def shard(self, split: str, process_index: int, process_count: int) -> Shard:
         paths, labels = self._files(split)
@@ -416,13 +412,9 @@ class TfdsSource:
     def info(self, train_split: str, eval_split: str) -> DatasetInfo:
         n_eval = _count_or_zero(self, eval_split)
         label = self._builder.info.features[self._label_key] if self._label_key else None
-        names = getattr(label, "names", None)
-        return DatasetInfo(
-            self.num_examples(train_split),
-            n_eval,
-            getattr(label, "num_classes", None),
-            tuple(names) if names else None,
-        )
+        names, num_classes = getattr(label, "names", None), getattr(label, "num_classes", None)
+        names = tuple(names) if names else None
+        return DatasetInfo(self.num_examples(train_split), n_eval, num_classes, names)
 
     def _process_split(self, split: str, process_index: int, process_count: int):
         if process_count == 1:
