@@ -152,7 +152,7 @@ class _ListedSource:
 
 
 class EmbeddedSource(_ListedSource):
-    """The embedded default set (see `embedded_data`); splits 'train'/'validation'."""
+    """The embedded default set (see `mae_jax.data.embedded`); splits 'train'/'validation'."""
 
     def _per_class(self, split: str) -> int:
         if split == "train":
