@@ -21,6 +21,7 @@ Semantics follow the official MAE release (facebookresearch/mae):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -77,36 +78,56 @@ def _map_with_names(fn: Callable[[tuple[str, ...], Any], Any], tree: PyTree, *re
 # ----------------------------------------------------------------------------- schedules
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A warm-up + half-cosine learning-rate schedule whose numbers are data: a pytree of float32
+    arrays, passed to the train step as an argument, so one compiled step serves every run
+    length and extension. `schedule(step)` (int scalar, traced or not) -> float32 lr.
+
+    Base: `t < warmup`: `peak * t / max(warmup, 1)`; then `floor + half * (1 + cos(pi * frac))`
+    with `half = (peak - floor) / 2`, `frac = clip((t - warmup) / decay_len, 0, 1)` (1 from
+    `total` on). Each extension `i` (`starts`, `halves`, `lengths`: `[k]`) continues from its
+    start with `floor + halves[i] * (1 + cos(pi * clip((t - starts[i]) / lengths[i], 0, 1)))`.
+    """
+
+    peak: Any
+    floor: Any
+    half: Any
+    warmup: Any
+    warmup_div: Any
+    total: Any
+    decay_len: Any
+    starts: Any
+    halves: Any
+    lengths: Any
+
+    def __call__(self, step):
+        t = jnp.asarray(step, jnp.float32)
+        warm_lr = self.peak * t / self.warmup_div
+        frac = jnp.where(
+            t >= self.total, 1.0, jnp.clip((t - self.warmup) / self.decay_len, 0.0, 1.0)
+        )
+        lr = jnp.where(
+            t < self.warmup, warm_lr, self.floor + self.half * (1.0 + jnp.cos(jnp.pi * frac))
+        )
+        for i in range(np.shape(self.starts)[0]):
+            frac = jnp.clip((t - self.starts[i]) / self.lengths[i], 0.0, 1.0)
+            after = self.floor + self.halves[i] * (1.0 + jnp.cos(jnp.pi * frac))
+            lr = jnp.where(t < self.starts[i], lr, after)
+        return lr.astype(jnp.float32)
+
+
+def _f32(x) -> np.ndarray:
+    return np.asarray(x, np.float32)
+
+
 def warmup_cosine_schedule(
     peak_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0
-) -> optax.Schedule:
-    """Linear warmup from 0 to `peak_lr` over `warmup_steps`, then half-cosine to `min_lr`.
-
-    step (int scalar, traced or not) -> float32 lr; the official MAE per-iteration formula.
-    Steps >= `total_steps` return `min_lr`.
-    """
-    for name, value, spec in (
-        ("peak_lr", peak_lr, "num>=0"),
-        ("min_lr", min_lr, "num>=0"),
-        ("total_steps", total_steps, "int>=1"),
-        ("warmup_steps", warmup_steps, "int>=0"),
-    ):
-        require(name, value, spec)
-    if warmup_steps > total_steps:
-        raise ValueError(f"warmup_steps={warmup_steps} must be <= total_steps={total_steps}")
-    peak, floor = float(peak_lr), float(min_lr)
-    warm, total = float(warmup_steps), float(total_steps)
-    decay_len = float(max(total_steps - warmup_steps, 1))
-
-    def schedule(step):
-        t = jnp.asarray(step, jnp.float32)
-        warm_lr = peak * t / max(warm, 1.0)
-        # past the end: min_lr, also when the warm-up fills the whole run
-        frac = jnp.where(t >= total, 1.0, jnp.clip((t - warm) / decay_len, 0.0, 1.0))
-        cos_lr = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
-        return jnp.where(t < warm, warm_lr, cos_lr).astype(jnp.float32)
-
-    return schedule
+) -> Schedule:
+    """Linear warmup from 0 to `peak_lr` over `warmup_steps`, then half-cosine to `min_lr`: the
+    official MAE per-iteration formula. Steps >= `total_steps` return `min_lr`."""
+    return extended_schedule(peak_lr, total_steps, warmup_steps, min_lr)
 
 
 def extended_schedule(
@@ -115,7 +136,7 @@ def extended_schedule(
     warmup_steps: int,
     min_lr: float = 0.0,
     extensions: Sequence[Sequence[int]] = (),
-) -> optax.Schedule:
+) -> Schedule:
     """The warm-up + cosine schedule of a run whose length was changed while it ran.
 
     `extensions`: `(from_step, previous_total)` pairs, oldest first: at `from_step` the run,
@@ -124,29 +145,47 @@ def extended_schedule(
     had reached decays by the same half-cosine to `min_lr` at the new total, so the lr never
     jumps. An extension during warm-up keeps the warm-up and stretches the cosine.
     """
+    for name, value, spec in (
+        ("peak_lr", peak_lr, "num>=0"),
+        ("min_lr", min_lr, "num>=0"),
+        ("total_steps", total_steps, "int>=1"),
+        ("warmup_steps", warmup_steps, "int>=0"),
+    ):
+        require(name, value, spec)
     pairs = [(int(s), int(t)) for s, t in extensions]
     totals = [t for _, t in pairs] + [total_steps]
-    schedule = warmup_cosine_schedule(peak_lr, totals[0], warmup_steps, min_lr)
+    bases, continued = [totals[0]], []  # the base cosine's totals; (start, total) continued
     for (start, _), new_total in zip(pairs, totals[1:], strict=True):
         if new_total < start:
             raise ValueError(f"an extension at step {start} to {new_total} steps ends before it")
-        if start < warmup_steps:
-            schedule = warmup_cosine_schedule(peak_lr, new_total, warmup_steps, min_lr)
-            continue
-        schedule = _continue_cosine(schedule, start, new_total, float(min_lr))
-    return schedule
-
-
-def _continue_cosine(before: optax.Schedule, start: int, total: int, floor: float):
-    value = float(before(start))
-    length = float(max(total - start, 1))
-
-    def schedule(step):
-        t = jnp.asarray(step, jnp.float32)
-        frac = jnp.clip((t - start) / length, 0.0, 1.0)
-        after = floor + (value - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
-        return jnp.where(t < start, before(step), after).astype(jnp.float32)
-
+        if start < warmup_steps:  # still warming up: the warm-up stays, the cosine stretches
+            bases, continued = [*bases, new_total], []
+        else:
+            continued.append((start, new_total))
+    if warmup_steps > min(bases):
+        raise ValueError(f"warmup_steps={warmup_steps} must be <= total_steps={min(bases)}")
+    base_total = bases[-1]
+    peak, floor = float(peak_lr), float(min_lr)
+    schedule = Schedule(
+        peak=_f32(peak),
+        floor=_f32(floor),
+        half=_f32((peak - floor) * 0.5),
+        warmup=_f32(warmup_steps),
+        warmup_div=_f32(max(warmup_steps, 1)),
+        total=_f32(base_total),
+        decay_len=_f32(max(base_total - warmup_steps, 1)),
+        starts=np.zeros(0, np.float32),
+        halves=np.zeros(0, np.float32),
+        lengths=np.zeros(0, np.float32),
+    )
+    for start, total in continued:  # each continues from the lr the previous one reached
+        value = float(schedule(start))
+        schedule = dataclasses.replace(
+            schedule,
+            starts=np.append(schedule.starts, _f32(start)),
+            halves=np.append(schedule.halves, _f32((value - floor) * 0.5)),
+            lengths=np.append(schedule.lengths, _f32(max(total - start, 1))),
+        )
     return schedule
 
 

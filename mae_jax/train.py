@@ -17,7 +17,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
 from mae_jax import compile_cache, flops, metrics, optim, profiler, schema
@@ -79,7 +78,7 @@ class Plan:
 
     steps_per_epoch: int | None
     optim: ml_collections.ConfigDict  # the optimizer keys, num_layers filled, lr: the peak
-    lr_fn: optax.Schedule  # step -> lr: the optimizer's and the logged one, built once here
+    lr_fn: optim.Schedule  # step -> lr: the optimizer's and the logged one, built once here
     schedule: dict  # what checkpoints record (`resolve_schedule`)
     periods: dict  # every period of the task in steps, by its `<name>_steps` key (0: off)
 

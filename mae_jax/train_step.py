@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 
 from mae_jax import sharding as shd
 
-# step_fn(state, batch, key, *, graphdef, rest) -> (state, metrics): a pure train step.
+# step_fn(state, batch, key, *, graphdef, rest, tx, lr_fn) -> (state, metrics): a pure train step.
 StepFn = Callable[..., tuple[dict, dict]]
 # eval_fn(state, batch, *, graphdef, rest) -> sums: a pure evaluation step.
 EvalFn = Callable[..., dict]
@@ -94,9 +94,10 @@ def apply_gradients(
 class StepFns:
     """The jitted programs of one model / optimizer / mesh, and what they run on.
 
-    `jit_step(state, batch, key, rest) -> (state, metrics)`: the train step (`jax.jit` object;
-    state donated; None in an evaluation-only build); the metrics are the step's own, the
-    `means` also added to the state's `window`. `jit_init() -> (state, rest)`: a fresh state.
+    `jit_step(state, batch, key, rest, schedule) -> (state, metrics)`: the train step (`jax.jit`
+    object; state donated; None in an evaluation-only build); the metrics are the step's own, the
+    `means` also added to the state's `window`; `schedule` (`optim.Schedule`, the learning rate)
+    is an argument, so the program does not depend on the run's length. `jit_init() -> (state, rest)`: a fresh state.
     `jit_eval(state, batch, rest) -> sums` when the task evaluates. `batch` is a dict of global
     arrays with `batch_keys`. `rest` comes with a fresh state (`init`) or is built on first use (a
     restored run): lowering for compile-only devices executes nothing, and a fresh run traces
@@ -114,6 +115,7 @@ class StepFns:
     rest_shardings: Any
     batch_shardings: dict
     replicated: Any
+    schedule: Any  # optim.Schedule (host arrays), None in an evaluation-only build
     _rest: Any = dataclasses.field(default=None, init=False, repr=False)
 
     @property
@@ -127,7 +129,7 @@ class StepFns:
         return state
 
     def step(self, state: dict, batch: dict, key: jax.Array) -> tuple[dict, dict]:
-        return self.jit_step(state, batch, key, self.rest)
+        return self.jit_step(state, batch, key, self.rest, self.schedule)
 
     def evaluate(self, state: dict, batch: dict) -> dict:
         return self.jit_eval(state, batch, self.rest)
@@ -167,12 +169,14 @@ class StepFns:
             batch,
             key,
             jax.tree.map(sds, self.abstract_rest, self.rest_shardings),
+            jax.tree.map(lambda x: sds(np.asarray(x), self.replicated), self.schedule),
         )
 
 
 def build(
     model_fn: Callable[[], Any],
-    tx: optax.GradientTransformation | None,
+    make_tx: Callable[[Any], optax.GradientTransformation] | None,
+    schedule: Any,
     mesh: Mesh,
     *,
     step_fn: StepFn | None,
@@ -184,13 +188,16 @@ def build(
     means: Sequence[str] = MEAN_METRICS,
 ) -> StepFns:
     """Abstract state, shardings and the jitted init / train (/ eval) programs of `model_fn`'s
-    model under `tx` on `mesh`. Nothing is executed or compiled here. An evaluation-only build
-    (`step_fn` and `tx` None, `eval_fn` given) has no train step and no optimizer state.
+    model under the optimizer `make_tx(schedule)` (`schedule`: an `optim.Schedule`, the step's
+    `lr_fn`) on `mesh`. Nothing is executed or compiled here. An evaluation-only build
+    (`step_fn`, `make_tx` and `schedule` None, `eval_fn` given) has no train step and no
+    optimizer state.
     `means`: the metrics of `step_fn` logged as window means."""
     if step_fn is None and eval_fn is None:
         raise ValueError("train_step.build needs a step_fn, an eval_fn or both")
     abstract_model = nnx.eval_shape(model_fn)
     graphdef, abstract_parts, abstract_rest = split(abstract_model)
+    tx = None if make_tx is None else make_tx(schedule)  # the state's layout only
     init = functools.partial(init_state, tx=tx, means=means)
     abstract_state = jax.eval_shape(init, abstract_parts)
     state_sh = shd.state_shardings(abstract_state, mesh, rules)
@@ -198,8 +205,11 @@ def build(
     rep = shd.replicated(mesh)
     batch_sh = {k: shd.batch_sharding(mesh) for k in (*batch_keys, *eval_keys)}
 
-    def train(state, batch, key, rest):
-        state, metrics = step_fn(state, batch, key, graphdef=graphdef, rest=rest)
+    def train(state, batch, key, rest, lr_fn):
+        tx = make_tx(lr_fn)  # the schedule's numbers are traced: any run length, one program
+        state, metrics = step_fn(
+            state, batch, key, graphdef=graphdef, rest=rest, tx=tx, lr_fn=lr_fn
+        )
         w = state["window"]
         total = {k: v + metrics[k].astype(jnp.float32) for k, v in w["sum"].items()}
         return {**state, "window": {"sum": total, "count": w["count"] + 1}}, metrics
@@ -212,7 +222,7 @@ def build(
     if step_fn is not None:
         jit_step = jax.jit(
             train,
-            in_shardings=(state_sh, {k: batch_sh[k] for k in batch_keys}, rep, rest_sh),
+            in_shardings=(state_sh, {k: batch_sh[k] for k in batch_keys}, rep, rest_sh, rep),
             out_shardings=(state_sh, rep),
             donate_argnums=(0,),
         )
@@ -237,4 +247,5 @@ def build(
         rest_shardings=rest_sh,
         batch_shardings=batch_sh,
         replicated=rep,
+        schedule=schedule,
     )

@@ -161,19 +161,13 @@ def build(
 ) -> ts.StepFns:
     """`train_step.build` for a classifier: train step on `{'image', 'label'}`, eval step on
     `{'image', 'label', 'mask'}`; only the `trainable` parameters are optimized, at the
-    learning rate `lr_fn` (a schedule: `train.Plan.lr_fn`, also logged)."""
-    tx = optim.create_optimizer(optim_config, lr_fn)
+    learning rate `lr_fn` (an `optim.Schedule`: `train.Plan.lr_fn`, also logged)."""
     return ts.build(
         model_fn,
-        tx,
+        functools.partial(optim.create_optimizer, optim_config),
+        lr_fn,
         mesh,
-        step_fn=functools.partial(
-            train_step,
-            tx=tx,
-            lr_fn=lr_fn,
-            prepare=prepare,
-            drop_path=drop_path,
-        ),
+        step_fn=functools.partial(train_step, prepare=prepare, drop_path=drop_path),
         split=functools.partial(split_classifier, trainable=trainable),
         batch_keys=("image", "label"),
         eval_fn=eval_step,
@@ -189,6 +183,7 @@ def build_eval(model_fn: Callable[[], ViTClassifier], mesh, *, rules=shd.DEFAULT
     eval step on `{'image', 'label', 'mask'}` (`eval_step`)."""
     return ts.build(
         model_fn,
+        None,
         None,
         mesh,
         step_fn=None,

@@ -192,20 +192,18 @@ def build_step(
     global_pool: bool = False,
 ):
     """`train_step.build` for the MAE `model` (a preset name or an `MAEConfig`, initialized from
-    `seed`) under the optimizer of `optim_config` at the learning rate `lr_fn` (a schedule:
-    `train.Plan.lr_fn`, also logged); the eval program is the kNN monitor's feature forward
-    (`knn_monitor.feature_step`, features pooled as `global_pool` says) on
+    `seed`) under the optimizer of `optim_config` at the learning rate `lr_fn` (an
+    `optim.Schedule`: `train.Plan.lr_fn`, also logged); the eval program is the kNN monitor's
+    feature forward (`knn_monitor.feature_step`, features pooled as `global_pool` says) on
     `{'image', 'label', 'mask'}`."""
     model = models.resolve(model)
-    tx = optim.create_optimizer(optim_config, lr_fn)
     return ts.build(
         lambda: models.create(model, seed=seed),
-        tx,
+        functools.partial(optim.create_optimizer, optim_config),
+        lr_fn,
         mesh,
         step_fn=functools.partial(
             mae_step,
-            tx=tx,
-            lr_fn=lr_fn,
             num_patches=model.num_patches,
             accum_steps=accum_steps,
             mesh=mesh,
