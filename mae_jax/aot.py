@@ -32,7 +32,6 @@ import os
 import re
 import sys
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +40,7 @@ from jax.sharding import Mesh
 
 from mae_jax import compile_cache, flops
 from mae_jax import sharding as shd
+from mae_jax.spec import first_line
 from mae_jax.tasks import pretrain
 
 GIB = 1024**3
@@ -135,6 +135,10 @@ def parse_topology(name: str, hbm_gib: float | None = None) -> Topology:
     return Topology(name, gen, chips, shape, float(hbm_gib or g.hbm_gib))
 
 
+def gib(num_bytes: float) -> str:
+    return f"{num_bytes / GIB:.2f} GiB"
+
+
 # ------------------------------------------------------------------------------ devices
 def find_libtpu(path: str | None = None) -> str | None:
     """Path of libtpu.so: `path`, $TPU_LIBRARY_PATH, $VIRTUAL_ENV/opt/libtpu (or the running
@@ -158,8 +162,6 @@ def find_libtpu(path: str | None = None) -> str | None:
 
 def resolve_backend(topo: Topology, backend: str, libtpu_path: str | None = None) -> str:
     """'auto' -> the best available backend for `topo`; checks an explicit choice."""
-    if backend not in ("auto", "tpu", "gpu", "cpu"):
-        raise ValueError(f"unknown backend {backend!r}; expected auto, tpu, gpu or cpu")
     if backend in ("tpu", "gpu") and backend != topo.platform:
         raise ValueError(
             f"topology {topo.name} is a {topo.platform.upper()} topology; "
@@ -181,16 +183,20 @@ def resolve_backend(topo: Topology, backend: str, libtpu_path: str | None = None
     return "gpu" if len(gpus) >= topo.num_devices else "cpu"
 
 
-def select_backend(topo: Topology, backend: str, libtpu_path: str | None = None) -> str:
-    """`resolve_backend`, and for the CPU stand-in ask JAX for `topo.num_devices` host devices
-    (call it before JAX starts its backends; a started one keeps its count, and
-    `topology_devices` then says how to get more)."""
+def select_backend(config, topo: Topology, backend: str, libtpu_path: str | None = None) -> str:
+    """`resolve_backend`; call it before JAX starts its backends. For the CPU stand-in it asks JAX
+    for `topo.num_devices` host devices (a started backend keeps its count, and
+    `topology_devices` then says how to get more); it turns `config.compilation_cache`
+    (`mae_jax.compile_cache`) on, off for 'tpu': compile-only TPU devices write cache entries but
+    cannot load them."""
     chosen = resolve_backend(topo, backend, libtpu_path)
     if chosen == "cpu":
         try:  # JAX refuses once its backends started (resolve_backend may probe GPUs)
             jax.config.update("jax_num_cpu_devices", topo.num_devices)
         except RuntimeError:
             pass
+    cache = config.get("compilation_cache", compile_cache.AUTO)
+    compile_cache.enable("none" if chosen == "tpu" else cache)
     return chosen
 
 
@@ -216,9 +222,7 @@ def topology_devices(topo: Topology, backend: str, libtpu_path: str | None = Non
             if topo.num_devices == 8 and len(topo.shape) == 2
             else tuple(min(a, b) for a, b in zip(shape, (2, 2, 1)))
         )
-        kw: dict[str, Any] = dict(
-            chips_per_host_bounds=per_host, num_slices=1, wrap=(False, False, False)
-        )
+        kw = dict(chips_per_host_bounds=per_host, num_slices=1, wrap=(False, False, False))
         if GENERATIONS[topo.generation].counts_cores:
             kw["chip_config_name"] = "megacore"
         desc = topologies.get_topology_desc(topo.topology_string, "tpu", **kw)
@@ -270,13 +274,8 @@ def memory_report(compiled, hbm_gib: float) -> dict:
     m = compiled.memory_analysis()
     if m is None:
         raise ValueError("this backend gives no memory analysis for compiled programs")
-    get = lambda k: int(getattr(m, k, 0) or 0)  # noqa: E731
-    arg, out, alias = (
-        get("argument_size_in_bytes"),
-        get("output_size_in_bytes"),
-        get("alias_size_in_bytes"),
-    )
-    temp, code = get("temp_size_in_bytes"), get("generated_code_size_in_bytes")
+    fields = ("argument", "output", "alias", "temp", "generated_code")
+    arg, out, alias, temp, code = (int(getattr(m, f"{k}_size_in_bytes", 0) or 0) for k in fields)
     total = arg + out - alias + temp + code
     hbm = hbm_gib * GIB
     return {
@@ -294,14 +293,15 @@ def memory_report(compiled, hbm_gib: float) -> dict:
 
 def check(
     config: ml_collections.ConfigDict,
-    topology: str,
+    topology: str | Topology,
     *,
     backend: str = "auto",
     hbm_gib: float | None = None,
     libtpu_path: str | None = None,
 ) -> dict:
-    """Compile the train step of `config` for `topology`; return a report dict."""
-    topo = parse_topology(topology, hbm_gib)
+    """Compile the train step of `config` for `topology` (a name, or one parsed with its HBM);
+    return a report dict."""
+    topo = topology if isinstance(topology, Topology) else parse_topology(topology, hbm_gib)
     chosen = resolve_backend(topo, backend, libtpu_path)
     devices = topology_devices(topo, chosen, libtpu_path)
     mesh = shd.make_mesh(config.mesh, devices=devices)
@@ -336,20 +336,12 @@ def check(
     return report
 
 
-def enable_cache(config, backend: str) -> None:
-    """`config.compilation_cache` (`mae_jax.compile_cache`) for compiling with `backend`; off for
-    'tpu': compile-only TPU devices write cache entries but cannot load them."""
-    cache = config.get("compilation_cache", compile_cache.AUTO)
-    compile_cache.enable("none" if backend == "tpu" else cache)
-
-
 def out_of_memory_message(error: Exception, topology: str) -> str:
     """The verdict when the compiler itself gives up for lack of memory (TPU: it refuses a
     program whose temporaries exceed the HBM, before any memory analysis exists)."""
-    first = str(error).strip().splitlines()[0]
     return (
         f"per-device total: more than the HBM of {topology} -> DOES NOT FIT (the compiler "
-        f"refused the program: {first}); try --config.model.remat=full, a larger mesh.fsdp "
+        f"refused the program: {first_line(error)}); try --config.model.remat=full, a larger mesh.fsdp "
         f"or a smaller batch"
     )
 
@@ -357,7 +349,6 @@ def out_of_memory_message(error: Exception, topology: str) -> str:
 def format_report(r: dict, verdict: bool = True) -> str:
     """`check`'s report as lines; `verdict=False` leaves out FITS / DOES NOT FIT (for a caller
     that gives no verdict from a stand-in's figures)."""
-    g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
     lines = [
         f"AOT compile check: {r['model']} ({r['dtype']} compute, remat={r['remat']}), "
         f"global batch {r['global_batch']} (grad_accum_steps {r['grad_accum_steps']}, "
@@ -377,10 +368,10 @@ def format_report(r: dict, verdict: bool = True) -> str:
             "libtpu for real TPU figures"
         )
     lines += [
-        f"per-device memory: arguments {g(r['argument_bytes'])}, outputs {g(r['output_bytes'])}, "
-        f"aliased (donated) {g(r['alias_bytes'])}, temporaries {g(r['temp_bytes'])}, code "
-        f"{g(r['code_bytes'])}",
-        f"per-device total: {g(r['total_bytes'])} of {g(r['hbm_bytes'])} HBM "
+        f"per-device memory: arguments {gib(r['argument_bytes'])}, outputs {gib(r['output_bytes'])}, "
+        f"aliased (donated) {gib(r['alias_bytes'])}, temporaries {gib(r['temp_bytes'])}, code "
+        f"{gib(r['code_bytes'])}",
+        f"per-device total: {gib(r['total_bytes'])} of {gib(r['hbm_bytes'])} HBM "
         f"({100 * r['fraction_of_hbm']:.1f}%)"
         + (f" -> {'FITS' if r['fits'] else 'DOES NOT FIT'}" if verdict else ""),
     ]
@@ -417,11 +408,8 @@ def main(argv):
     f = flags.FLAGS
     try:
         topo = parse_topology(f.topology, f.hbm_gib)
-        backend = select_backend(topo, f.backend, f.libtpu_path)
-        enable_cache(_CONFIG.value, backend)
-        report = check(
-            _CONFIG.value, f.topology, backend=backend, hbm_gib=f.hbm_gib, libtpu_path=f.libtpu_path
-        )
+        backend = select_backend(_CONFIG.value, topo, f.backend, f.libtpu_path)
+        report = check(_CONFIG.value, topo, backend=backend, libtpu_path=f.libtpu_path)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -97,43 +97,37 @@ class Checklist:
         FAIL with its first line; `Skipped` a SKIP with its reason. A check named in `skip`, or
         one whose `needs` did not all pass, is a SKIP without running."""
         index = f"[{len(self.results) + 1}/{self.total}]" if self.total else ""
+        at = f"preflight {index} {name}:"
         blocked = [n for n in needs if self.results[n].status != PASS]
         if name in self.skip or blocked:
             why = ", ".join(f"{n} {self.results[n].status}" for n in blocked)
             reason = "--skip" if name in self.skip else f"needs {' and '.join(blocked)} ({why})"
-            result = Result(name, SKIP, reason, 0.0)
-            print(f"preflight {index} {name}: SKIP ({result.summary})", file=self.out, flush=True)
-            self.results[name] = result
-            return result
-        print(f"preflight {index} {name}: {what} ...", file=self.out, flush=True)
+            self.results[name] = Result(name, SKIP, reason, 0.0)
+            print(f"{at} SKIP ({reason})", file=self.out, flush=True)
+            return self.results[name]
+        print(f"{at} {what} ...", file=self.out, flush=True)
         t0 = time.perf_counter()
         try:
             status, summary = PASS, fn()
-        except CheckFailed as e:
+        except (CheckFailed, ValueError) as e:  # ValueError: a bad value, the message says which
             status, summary = FAIL, first_line(e)
         except Skipped as e:
             status, summary = SKIP, first_line(e)
-        except ValueError as e:  # a bad value: the message says which (InputError, ...)
-            status, summary = FAIL, first_line(e)
         except Exception as e:  # noqa: BLE001 - a failing check must not stop the others
             status, summary = FAIL, f"{type(e).__name__}: {first_line(e)}"
         seconds = time.perf_counter() - t0
-        print(
-            f"preflight {index} {name}: {status} in {seconds:.1f} s"
-            + (f" ({summary})" if status != PASS else ""),
-            file=self.out,
-            flush=True,
-        )
+        tail = f" ({summary})" if status != PASS else ""
+        print(f"{at} {status} in {seconds:.1f} s{tail}", file=self.out, flush=True)
         self.results[name] = Result(name, status, summary, seconds)
         return self.results[name]
 
     def format(self, title: str) -> str:
-        width = max((len(r.name) for r in self.results.values()), default=0)
+        rows = self.results.values()
+        width = max((len(r.name) for r in rows), default=0)
         lines = [f"preflight checklist: {title}"]
-        for r in self.results.values():
-            lines.append(f"  {r.status}  {r.name:<{width}}  {r.seconds:6.1f} s  {r.summary}")
-        counts = {s: sum(r.status == s for r in self.results.values()) for s in (PASS, FAIL, SKIP)}
-        skipped = [r.name for r in self.results.values() if r.status == SKIP]
+        lines += [f"  {r.status}  {r.name:<{width}}  {r.seconds:6.1f} s  {r.summary}" for r in rows]
+        counts = {s: sum(r.status == s for r in rows) for s in (PASS, FAIL, SKIP)}
+        skipped = [r.name for r in rows if r.status == SKIP]
         if counts[FAIL]:
             verdict = "NOT READY"
         elif skipped:  # any check can refuse a run: ready only when all of them ran
@@ -155,16 +149,12 @@ class Skipped(Exception):
     """A check that cannot run here; the message says why (SKIP, not FAIL)."""
 
 
-def _g(num_bytes: float) -> str:
-    return f"{num_bytes / 2**30:.2f} GiB"
-
-
 def memory_verdict(report: dict, platform: str) -> str:
     """The fit of an `aot.check` report on a `platform` ('tpu' or 'gpu') target: the summary
     when it fits; `CheckFailed` when it does not; `Skipped` when the report is the CPU
     stand-in's (its figures are not the target compiler's, so they give no verdict)."""
     verdict = (
-        f"{_g(report['total_bytes'])} of {_g(report['hbm_bytes'])} HBM per device "
+        f"{aot.gib(report['total_bytes'])} of {aot.gib(report['hbm_bytes'])} HBM per device "
         f"({100 * report['fraction_of_hbm']:.0f}%)"
     )
     if report["stand_in"]:
@@ -215,23 +205,20 @@ class Preflight:
     def __init__(self, config: ml_collections.ConfigDict, opts: Options, out: TextIO | None = None):
         self.config, self.opts, self.out = config, opts, out or sys.stdout
         self.topo = aot.parse_topology(opts.topology, opts.hbm_gib)
-        # Before JAX starts: the CPU stand-in needs one host device per target device.
-        self.backend = aot.select_backend(self.topo, opts.backend, opts.libtpu_path)
-        aot.enable_cache(config, self.backend)  # a rerun loads the checks' programs
+        # Before JAX starts: the CPU stand-in needs one host device per target device; the
+        # compilation cache is on, so a rerun loads the checks' programs.
+        self.backend = aot.select_backend(config, self.topo, opts.backend, opts.libtpu_path)
+        self.stand_in = self.backend != self.topo.platform
         self.launcher = load_launcher()
-        self.hosts = self._hosts()
+        # Host VMs (processes): the launcher's count for Cloud TPU slices; one for GPU topologies
+        # (one process per machine is not assumed beyond that).
+        tpu = self.topo.platform == "tpu" and self.launcher is not None
+        self.hosts = self.launcher.num_hosts(opts.topology) if tpu else 1
         self.checks = Checklist(out, total=len(CHECKS), skip=opts.skip)
         self.info = None  # the data set's DatasetInfo, once the data check opened it
         self.plan = None
         self.placeholder_schedule = False  # the plan's steps stand in for unresolved epochs
         self.aot_report: dict | None = None
-
-    def _hosts(self) -> int:
-        """Host VMs (processes) of the topology: the launcher's count for Cloud TPU slices;
-        one for GPU topologies (one process per machine is not assumed beyond that)."""
-        if self.topo.platform == "tpu" and self.launcher is not None:
-            return self.launcher.num_hosts(self.opts.topology)
-        return 1
 
     # ------------------------------------------------------------------ checks
     def check_plan(self) -> str:
@@ -412,19 +399,17 @@ class Preflight:
                 raise CheckFailed(
                     f"restored {jax.tree_util.keystr(path)} differs from what was saved"
                 )
-        leaves = saved
         say(
-            f"checkpoint round trip: {len(leaves)} arrays, {_g(on_disk)} on disk, saved in "
+            f"checkpoint round trip: {len(saved)} arrays, {aot.gib(on_disk)} on disk, saved in "
             f"{save_s:.1f} s, restored identical in {restore_s:.1f} s"
         )
         return (
             f"2 steps at batch {tiny.batch_size}: loss {losses[0]:.4f} -> {losses[1]:.4f}, "
-            f"grad norm {norms[1]:.3g}; checkpoint round trip of {_g(on_disk)} identical"
+            f"grad norm {norms[1]:.3g}; checkpoint round trip of {aot.gib(on_disk)} identical"
         )
 
     def check_compile(self) -> str:
-        o = self.opts
-        if self.backend != self.topo.platform:
+        if self.stand_in:
             self.checks.say(
                 f"no {self.topo.platform.upper()} compiler here: the CPU stand-in compiles the "
                 f"same program for {self.topo.num_devices} host devices (its memory figures are "
@@ -432,23 +417,19 @@ class Preflight:
             )
         try:
             r = aot.check(
-                self.config,
-                o.topology,
-                backend=self.backend,
-                hbm_gib=o.hbm_gib,
-                libtpu_path=o.libtpu_path,
+                self.config, self.topo, backend=self.backend, libtpu_path=self.opts.libtpu_path
             )
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
-            raise CheckFailed(aot.out_of_memory_message(e, o.topology)) from None
+            raise CheckFailed(aot.out_of_memory_message(e, self.topo.name)) from None
         self.aot_report = r
         for line in aot.format_report(r, verdict=not r["stand_in"]).splitlines():
             self.checks.say(line)
         kind = "CPU stand-in" if r["stand_in"] else f"{r['compiled_for_backend']} compiler"
         return (
             f"{kind}: lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s, "
-            f"{_g(r['total_bytes'])} per device"
+            f"{aot.gib(r['total_bytes'])} per device"
         )
 
     def check_memory(self) -> str:
@@ -461,12 +442,7 @@ class Preflight:
         if self.topo.platform != "tpu":
             raise Skipped(f"{self.topo.name} is not a Cloud TPU slice; launch/tpu.py is for TPUs")
         env = dict(os.environ)
-        needed = {
-            "project": "--project",
-            "zone": "--zone",
-            "bucket": "--bucket (or --workdir)",
-            "git_url": "--git-url (or --wheel)",
-        }
+        needed = ("project", "zone", "bucket", "git_url")
         missing = [tpu.ENV[k] for k in needed if not env.get(tpu.ENV[k])]
         if missing:
             raise Skipped(f"the launcher's settings are not set: {', '.join(missing)}")
@@ -504,11 +480,7 @@ class Preflight:
             self.check_model,
             needs=["plan"],
         )
-        compiler = (
-            "CPU stand-in"
-            if self.backend != self.topo.platform
-            else f"{self.backend.upper()} compiler"
-        )
+        compiler = "CPU stand-in" if self.stand_in else f"{self.backend.upper()} compiler"
         ck.run(
             "compile",
             f"compiling the train step for {self.topo.name} ({compiler})",
@@ -517,11 +489,8 @@ class Preflight:
         )
         ck.run("memory", "per-device memory against HBM", self.check_memory, needs=["compile"])
         ck.run("launch", "launch commands (dry run)", self.check_launch, needs=["plan"])
-        print(
-            ck.format(f"{self.opts.config_path} on {self.topo.name} ({self.backend} compiler)"),
-            file=self.out,
-            flush=True,
-        )
+        title = f"{self.opts.config_path} on {self.topo.name} ({self.backend} compiler)"
+        print(ck.format(title), file=self.out, flush=True)
         return 1 if ck.failed else 0
 
 
@@ -530,53 +499,40 @@ def _define_flags(fv, argv: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
+    kw = {"flag_values": fv}  # not absl's global FLAGS
     config_flags.DEFINE_config_file(
         "config",
         None,
         "Pretraining config file.",
         lock_config=True,
-        flag_values=fv,
         sys_argv=argv,  # where the --config.KEY overrides are found (not sys.argv: tests)
+        **kw,
     )
-    flags.DEFINE_string(
-        "topology", None, "Target, e.g. v4-32, v5p-64, v5e-16, h100-8.", flag_values=fv
-    )
+    flags.DEFINE_string("topology", None, "Target, e.g. v4-32, v5p-64, v5e-16, h100-8.", **kw)
     flags.DEFINE_enum(
         "backend",
         "auto",
         ["auto", "tpu", "gpu", "cpu"],
         "Compiler for the compile check (mae_jax.aot): auto = the target's own when present.",
-        flag_values=fv,
+        **kw,
     )
-    flags.DEFINE_float(
-        "hbm_gib", None, "Per-device memory in GiB (default: the target's).", flag_values=fv
-    )
-    flags.DEFINE_string("libtpu_path", None, "Path of libtpu.so (see mae_jax.aot).", flag_values=fv)
-    flags.DEFINE_integer(
-        "data_examples", 256, "Real examples the data check reads.", flag_values=fv
-    )
-    flags.DEFINE_integer(
-        "tiny_batch", 2, "Batch of the model check's two CPU steps.", flag_values=fv
-    )
+    flags.DEFINE_float("hbm_gib", None, "Per-device memory in GiB (default: the target's).", **kw)
+    flags.DEFINE_string("libtpu_path", None, "Path of libtpu.so (see mae_jax.aot).", **kw)
+    flags.DEFINE_integer("data_examples", 256, "Real examples the data check reads.", **kw)
+    flags.DEFINE_integer("tiny_batch", 2, "Batch of the model check's two CPU steps.", **kw)
     flags.DEFINE_float(
         "target_images_per_sec",
         None,
         "Global input rate the run needs: the data check says how many host cores that takes.",
-        flag_values=fv,
+        **kw,
     )
     flags.DEFINE_string(
-        "scratch_dir",
-        None,
-        "Where the checkpoint round trip writes (default: the temp dir).",
-        flag_values=fv,
+        "scratch_dir", None, "Where the checkpoint round trip writes (default: the temp dir).", **kw
     )
     flags.DEFINE_list(
-        "skip",
-        [],
-        f"Checks not to run (recorded as skipped): any of {', '.join(CHECKS)}.",
-        flag_values=fv,
+        "skip", [], f"Checks not to run (recorded as skipped): any of {', '.join(CHECKS)}.", **kw
     )
-    flags.mark_flags_as_required(["config", "topology"], flag_values=fv)
+    flags.mark_flags_as_required(["config", "topology"], **kw)
 
 
 def options(fv, argv: Sequence[str]) -> Options:
@@ -598,19 +554,9 @@ def options(fv, argv: Sequence[str]) -> Options:
         raise cli.CommandLineError(
             f"--target_images_per_sec must be positive, got {fv.target_images_per_sec}"
         )
-    return Options(
-        config_path=cli.config_path(list(argv)),
-        overrides=cli.config_overrides(list(argv)),
-        topology=fv.topology,
-        backend=fv.backend,
-        hbm_gib=fv.hbm_gib,
-        libtpu_path=fv.libtpu_path,
-        data_examples=fv.data_examples,
-        tiny_batch=fv.tiny_batch,
-        target_images_per_sec=fv.target_images_per_sec,
-        scratch_dir=fv.scratch_dir,
-        skip=tuple(fv.skip),
-    )
+    values = {f.name: getattr(fv, f.name) for f in dataclasses.fields(Options) if f.name in fv}
+    values["skip"] = tuple(values["skip"])
+    return Options(cli.config_path(list(argv)), cli.config_overrides(list(argv)), **values)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
