@@ -99,10 +99,6 @@ def peak_memory(devices: Sequence[jax.Device]) -> tuple[int, str]:
     return int(rss), "process max RSS (host memory; these devices report no memory stats)"
 
 
-# Compile-phase durations and persistent-cache hits (trace, lower, XLA compile or cache load).
-_CompileEvents = compile_cache.CompileEvents
-
-
 def _process_cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -161,11 +157,11 @@ def run(
     if warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {warmup}")
     pr = prepared or prepare(config, 1 + warmup + steps)
-    p, mesh, fns, state, batch, key = pr.plan, pr.mesh, pr.fns, pr.state, pr.batch, pr.key
+    mesh, fns, state, batch, key = pr.mesh, pr.fns, pr.state, pr.batch, pr.key
     pr.state = None  # donated to the first step
-    c = p.model
+    c = pr.plan.model
 
-    with _CompileEvents() as events:
+    with compile_cache.CompileEvents() as events:
         t0 = time.perf_counter()
         state, metrics = fns.step(state, batch, key)
         jax.block_until_ready((state, metrics))
@@ -200,13 +196,8 @@ def run(
     mem, mem_what = peak_memory(devices)
     result = {
         "model": c.name,
-        "dtype": c.dtype,
-        "param_dtype": c.param_dtype,
-        "remat": c.remat,
-        "scan_layers": c.scan_layers,
-        "attention_impl": c.attention_impl,
-        "norm_pix_loss": c.norm_pix_loss,
-        "mask_ratio": c.mask_ratio,
+        **{k: getattr(c, k) for k in ("dtype", "param_dtype", "remat", "scan_layers")},
+        **{k: getattr(c, k) for k in ("attention_impl", "norm_pix_loss", "mask_ratio")},
         "global_batch": int(config.batch_size),
         "grad_accum_steps": int(config.grad_accum_steps),
         "mesh": {k: int(v) for k, v in mesh.shape.items()},

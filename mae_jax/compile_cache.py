@@ -41,12 +41,6 @@ CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _applied: list = [object()]  # the location last applied (None: off); a sentinel until then
 
 
-def default_dir() -> str:
-    """`$XDG_CACHE_HOME/mae_jax/xla`, or `~/.cache/mae_jax/xla`."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "mae_jax", "xla")
-
-
 def resolve(value: str | None = AUTO) -> str | None:
     """The cache location that config value `value` stands for (see the module doc); None
     when it turns the cache off."""
@@ -57,27 +51,16 @@ def resolve(value: str | None = AUTO) -> str | None:
             f"config.compilation_cache must be a path, a gs:// URI, 'auto' or 'none', got {value!r}"
         )
     text = value.strip()
-    if text.lower() == AUTO:
-        if ENV_VAR in os.environ:
-            text = os.environ[ENV_VAR].strip()
-        else:
-            text = os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_dir()
+    if text.lower() == AUTO and ENV_VAR in os.environ:
+        text = os.environ[ENV_VAR].strip()
+    elif text.lower() == AUTO:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        text = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(base, "mae_jax", "xla")
     if text.lower() in _OFF:
         return None
     if wdir.is_remote(text):
         return text.rstrip("/")
     return os.path.abspath(os.path.expanduser(text))
-
-
-def _check_local(path: str) -> str | None:
-    """None if `path` is a writable directory (created if needed), else why not."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        return f"{type(e).__name__}: {e.strerror or e}"
-    if not os.access(path, os.W_OK | os.X_OK):
-        return "the directory is not writable"
-    return None
 
 
 def enable(value: str | None = AUTO, process_count: int = 1) -> str | None:
@@ -87,7 +70,13 @@ def enable(value: str | None = AUTO, process_count: int = 1) -> str | None:
     in use, or None when off."""
     path = resolve(value)
     if path is not None and not wdir.is_remote(path):
-        problem = _check_local(path)
+        try:  # a writable directory, created if needed
+            os.makedirs(path, exist_ok=True)
+            problem = (
+                None if os.access(path, os.W_OK | os.X_OK) else "the directory is not writable"
+            )
+        except OSError as e:
+            problem = f"{type(e).__name__}: {e.strerror or e}"
         if problem:
             logging.warning(
                 "XLA compilation cache off: cannot use %s (%s); every start compiles from "
