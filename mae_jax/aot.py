@@ -26,8 +26,10 @@ Topology names: `v4-N` and `v5p-N` count TensorCores (N/2 chips, one megacore de
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -52,18 +54,17 @@ class Generation:
     hbm_gib: float  # per device (per chip for TPUs)
     counts_cores: bool  # the name's number counts TensorCores (2 per chip), not chips
     dims: int  # 3-D torus (v4, v5p) or 2-D (v5e, v6e); 0 for GPUs
-    topology_prefix: str  # what get_topology_desc expects, e.g. 'v4' in 'v4:2x2x4'
     device_kind: str
 
 
 GENERATIONS = {
-    "v4": Generation("tpu", 32.0, True, 3, "v4", "TPU v4"),
-    "v5p": Generation("tpu", 95.0, True, 3, "v5p", "TPU v5"),
-    "v5e": Generation("tpu", 16.0, False, 2, "v5e", "TPU v5 lite"),
-    "v6e": Generation("tpu", 32.0, False, 2, "v6e", "TPU v6 lite"),
-    "h100": Generation("gpu", 80.0, False, 0, "", "NVIDIA H100 80GB HBM3"),
-    "h200": Generation("gpu", 141.0, False, 0, "", "NVIDIA H200"),
-    "a100": Generation("gpu", 80.0, False, 0, "", "NVIDIA A100-SXM4-80GB"),
+    "v4": Generation("tpu", 32.0, True, 3, "TPU v4"),
+    "v5p": Generation("tpu", 95.0, True, 3, "TPU v5"),
+    "v5e": Generation("tpu", 16.0, False, 2, "TPU v5 lite"),
+    "v6e": Generation("tpu", 32.0, False, 2, "TPU v6 lite"),
+    "h100": Generation("gpu", 80.0, False, 0, "NVIDIA H100 80GB HBM3"),
+    "h200": Generation("gpu", 141.0, False, 0, "NVIDIA H200"),
+    "a100": Generation("gpu", 80.0, False, 0, "NVIDIA A100-SXM4-80GB"),
 }
 ALIASES = {"v5litepod": "v5e", "v6litepod": "v6e"}
 _2D_CHIPS = (1, 4, 8, 16, 32, 64, 128, 256)
@@ -83,15 +84,15 @@ class Topology:
 
     @property
     def topology_string(self) -> str:
-        """The `get_topology_desc` name, e.g. 'v4:2x2x4'."""
-        return f"{GENERATIONS[self.generation].topology_prefix}:" + "x".join(map(str, self.shape))
+        """The `get_topology_desc` name (the GENERATIONS key is its prefix), e.g. 'v4:2x2x4'."""
+        return f"{self.generation}:" + "x".join(map(str, self.shape))
 
 
 def _grid(chips: int, dims: int) -> tuple[int, ...]:
     """Standard chip grid: start at 2x2x1 (3-D) or 1x1 (2-D) and double the smallest axis
     (the last of equals) until it holds `chips`: v4-32 -> 2x2x4, v5p-64 -> 2x4x4, v5e-16 -> 4x4."""
     shape = [2, 2, 1] if dims == 3 else [1, 1]
-    while shape[0] * shape[1] * (shape[2] if dims == 3 else 1) < chips:
+    while math.prod(shape) < chips:
         smallest = min(shape)
         i = max(j for j, s in enumerate(shape) if s == smallest)
         shape[i] *= 2
@@ -143,10 +144,9 @@ def gib(num_bytes: float) -> str:
 def find_libtpu(path: str | None = None) -> str | None:
     """Path of libtpu.so: `path`, $TPU_LIBRARY_PATH, $VIRTUAL_ENV/opt/libtpu (or the running
     interpreter's prefix), or the `libtpu` package; None if none exists."""
+    prefixes = [p for p in (os.environ.get("VIRTUAL_ENV"), sys.prefix) if p]
     candidates = [path, os.environ.get("TPU_LIBRARY_PATH")]
-    for prefix in (os.environ.get("VIRTUAL_ENV"), sys.prefix):
-        if prefix:
-            candidates.append(os.path.join(prefix, "opt", "libtpu", "libtpu", "libtpu.so"))
+    candidates += [os.path.join(p, "opt", "libtpu", "libtpu", "libtpu.so") for p in prefixes]
     for c in candidates:
         if c and os.path.isfile(c):
             return c
@@ -191,10 +191,9 @@ def select_backend(config, topo: Topology, backend: str, libtpu_path: str | None
     cannot load them."""
     chosen = resolve_backend(topo, backend, libtpu_path)
     if chosen == "cpu":
-        try:  # JAX refuses once its backends started (resolve_backend may probe GPUs)
+        # JAX refuses once its backends started (resolve_backend may probe GPUs)
+        with contextlib.suppress(RuntimeError):
             jax.config.update("jax_num_cpu_devices", topo.num_devices)
-        except RuntimeError:
-            pass
     cache = config.get("compilation_cache", compile_cache.AUTO)
     compile_cache.enable("none" if chosen == "tpu" else cache)
     return chosen
@@ -341,8 +340,8 @@ def out_of_memory_message(error: Exception, topology: str) -> str:
     program whose temporaries exceed the HBM, before any memory analysis exists)."""
     return (
         f"per-device total: more than the HBM of {topology} -> DOES NOT FIT (the compiler "
-        f"refused the program: {first_line(error)}); try --config.model.remat=full, a larger mesh.fsdp "
-        f"or a smaller batch"
+        f"refused the program: {first_line(error)}); try --config.model.remat=full, a larger "
+        "mesh.fsdp or a smaller batch"
     )
 
 
@@ -368,9 +367,9 @@ def format_report(r: dict, verdict: bool = True) -> str:
             "libtpu for real TPU figures"
         )
     lines += [
-        f"per-device memory: arguments {gib(r['argument_bytes'])}, outputs {gib(r['output_bytes'])}, "
-        f"aliased (donated) {gib(r['alias_bytes'])}, temporaries {gib(r['temp_bytes'])}, code "
-        f"{gib(r['code_bytes'])}",
+        f"per-device memory: arguments {gib(r['argument_bytes'])}, outputs "
+        f"{gib(r['output_bytes'])}, aliased (donated) {gib(r['alias_bytes'])}, temporaries "
+        f"{gib(r['temp_bytes'])}, code {gib(r['code_bytes'])}",
         f"per-device total: {gib(r['total_bytes'])} of {gib(r['hbm_bytes'])} HBM "
         f"({100 * r['fraction_of_hbm']:.1f}%)"
         + (f" -> {'FITS' if r['fits'] else 'DOES NOT FIT'}" if verdict else ""),

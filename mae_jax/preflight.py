@@ -256,11 +256,9 @@ class Preflight:
                 f"config.batch_size={c.batch_size} is not divisible by the {self.hosts} hosts of "
                 f"{self.topo.name}"
             )
-        dp = shd.data_parallel_size(mesh)
-        accum = c.grad_accum_steps
-        per_device = c.batch_size // accum // dp
-        oc = p.run.optim
-        m = p.model
+        per_device = c.batch_size // c.grad_accum_steps // shd.data_parallel_size(mesh)
+        axes = dict(zip(shd.MESH_AXES, shape))
+        oc, m = p.run.optim, p.model
         say(f"model: {m.name} ({m.dtype} compute, {m.param_dtype} params, remat={m.remat})")
         say(f"steps: {steps}")
         say(
@@ -268,17 +266,18 @@ class Preflight:
             f"{oc.get('min_lr', 0.0):g}"
         )
         say(
-            f"batch: global {c.batch_size}, grad_accum_steps {accum}, {c.batch_size // self.hosts}"
-            f" per host ({self.hosts} host(s)), {per_device} per device per micro-step"
+            f"batch: global {c.batch_size}, grad_accum_steps {c.grad_accum_steps}, "
+            f"{c.batch_size // self.hosts} per host ({self.hosts} host(s)), {per_device} per "
+            "device per micro-step"
         )
-        say(f"mesh: {dict(zip(shd.MESH_AXES, shape))} on {self.topo.num_devices} devices")
+        say(f"mesh: {axes} on {self.topo.num_devices} devices")
         say(
             f"checkpoints: every {p.run.periods['checkpoint_every_steps']} steps, keep {c.keep_checkpoints}"
             + (f", milestones every {p.run.milestone_every} steps" if p.run.milestone_every else "")
         )
         return (
-            f"{m.name}, {short}, batch {c.batch_size} "
-            f"({per_device}/device), lr {oc.lr:.3g}, mesh {dict(zip(shd.MESH_AXES, shape))}"
+            f"{m.name}, {short}, batch {c.batch_size} ({per_device}/device), lr {oc.lr:.3g}, "
+            f"mesh {axes}"
         )
 
     def check_data(self) -> str:
