@@ -46,6 +46,7 @@ from mae_jax.spec import first_line
 from mae_jax.tasks import pretrain
 
 GIB = 1024**3
+FIT_HINT = "try --config.model.remat=full, a larger mesh.fsdp or a smaller batch"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,8 +341,7 @@ def out_of_memory_message(error: Exception, topology: str) -> str:
     program whose temporaries exceed the HBM, before any memory analysis exists)."""
     return (
         f"per-device total: more than the HBM of {topology} -> DOES NOT FIT (the compiler "
-        f"refused the program: {first_line(error)}); try --config.model.remat=full, a larger "
-        "mesh.fsdp or a smaller batch"
+        f"refused the program: {first_line(error)}); {FIT_HINT}"
     )
 
 

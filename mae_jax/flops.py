@@ -31,9 +31,8 @@ PEAK_TFLOPS = {
 }
 
 
-def block_flops(tokens: int, dim: int, mlp_ratio: float) -> float:
-    """Forward FLOPs of one transformer block on `tokens` tokens of width `dim`."""
-    t, d = tokens, dim
+def block_flops(t: int, d: int, mlp_ratio: float) -> float:
+    """Forward FLOPs of one transformer block on `t` tokens of width `d`."""
     linear = 2 * t * d * (3 * d) + 2 * t * d * d + 2 * 2 * t * d * int(d * mlp_ratio)
     attention = 2 * 2 * t * t * d  # q @ k^T and attn @ v
     return float(linear + attention)

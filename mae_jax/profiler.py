@@ -43,10 +43,9 @@ def window(value) -> tuple[int, int] | None:
 
 
 class Profiler:
-    """Traces the steps of `window` (`window`) with `jax.profiler` into
-    `root/profile` (`root/profile/process_I` on a multi-process run): one TensorBoard profile
-    run (`plugins/profile/TIME/HOST.xplane.pb`) and its `perfetto_trace.json.gz`. A remote
-    root gets a copy of a local trace. Profiler failures are logged, never fatal."""
+    """Traces the steps of `window` (`window`) into `root/profile` (as the module doc says;
+    `root/profile/process_I` on a multi-process run). A remote root gets a copy of a local
+    trace. Profiler failures are logged, never fatal."""
 
     def __init__(self, window: tuple[int, int] | None, root: str, first: int, total: int):
         self.window = window
