@@ -20,6 +20,7 @@ On a CPU, pick the number of simulated devices with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -86,12 +87,8 @@ def peak_memory(devices: Sequence[jax.Device]) -> tuple[int, str]:
     memory statistics (CPU), this process's max resident set size."""
     peaks = []
     for d in devices:
-        try:
-            stats = d.memory_stats()
-        except Exception:  # noqa: BLE001 - backends without memory stats
-            stats = None
-        if stats and "peak_bytes_in_use" in stats:
-            peaks.append(int(stats["peak_bytes_in_use"]))
+        with contextlib.suppress(Exception):  # backends without memory stats (None or raising)
+            peaks.append(int(d.memory_stats()["peak_bytes_in_use"]))
     if peaks:
         return max(peaks), f"peak device memory (max over {len(peaks)} devices)"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -45,12 +45,10 @@ def encoder_flops(c: MAEConfig, tokens: int) -> float:
     return patch_embed + c.depth * block_flops(tokens, c.embed_dim, c.mlp_ratio)
 
 
-def mae_forward_flops_per_image(c: MAEConfig, mask_ratio: float | None = None) -> float:
+def mae_forward_flops_per_image(c: MAEConfig) -> float:
     """Forward FLOPs of the MAE on one image: encoder on 1 + kept tokens, decoder on 1 + L."""
-    ratio = c.mask_ratio if mask_ratio is None else mask_ratio
-    length = c.num_patches
-    enc_tokens = 1 + ops.num_kept(length, ratio)
-    dec_tokens = 1 + length
+    enc_tokens = 1 + ops.num_kept(c.num_patches, c.mask_ratio)
+    dec_tokens = 1 + c.num_patches
     total = encoder_flops(c, enc_tokens)
     total += 2 * enc_tokens * c.embed_dim * c.decoder_embed_dim  # decoder_embed
     total += c.decoder_depth * block_flops(dec_tokens, c.decoder_embed_dim, c.mlp_ratio)
@@ -58,9 +56,9 @@ def mae_forward_flops_per_image(c: MAEConfig, mask_ratio: float | None = None) -
     return float(total)
 
 
-def mae_train_flops_per_image(c: MAEConfig, mask_ratio: float | None = None) -> float:
+def mae_train_flops_per_image(c: MAEConfig) -> float:
     """Model FLOPs of one training step per image: 3 x forward."""
-    return 3.0 * mae_forward_flops_per_image(c, mask_ratio)
+    return 3.0 * mae_forward_flops_per_image(c)
 
 
 def classifier_flops_per_image(c: MAEConfig, num_classes: int) -> float:

@@ -8,6 +8,7 @@ and the data fetch and checkpoint save in `TraceAnnotation`s.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -87,10 +88,8 @@ class Profiler:
         if self._local is None:
             return
         local, self._local = self._local, None
-        try:
+        with contextlib.suppress(Exception):  # a failed step: keep what was traced
             jax.block_until_ready(outputs)
-        except Exception:  # noqa: BLE001 - a failed step: keep what was traced
-            pass
         try:
             jax.profiler.stop_trace()
             if local != self.dir:
