@@ -96,11 +96,6 @@ def peak_memory(devices: Sequence[jax.Device]) -> tuple[int, str]:
     return int(rss), "process max RSS (host memory; these devices report no memory stats)"
 
 
-def _process_cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 @dataclasses.dataclass
 class Prepared:
     """What `prepare` builds: the plan, mesh and step functions, a fresh train state, a batch of
@@ -168,13 +163,13 @@ def run(
         state, metrics = fns.step(state, batch, key)
     jax.block_until_ready((state, metrics))
     times = []
-    cpu0 = _process_cpu_seconds()
+    cpu0 = time.process_time()
     for _ in range(steps):
         t0 = time.perf_counter()
         state, metrics = fns.step(state, batch, key)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
-    cpu_per_step = (_process_cpu_seconds() - cpu0) / steps
+    cpu_per_step = (time.process_time() - cpu0) / steps
     loss = float(jax.device_get(metrics["loss"]))
     if profile_dir and profile_steps > 0:
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
@@ -184,11 +179,8 @@ def run(
                     jax.block_until_ready((state, metrics))
 
     devices = list(mesh.devices.flat)
-    peak = (
-        peak_tflops
-        if peak_tflops is not None
-        else (config.get("peak_tflops") or flops.peak_tflops(devices[0]))
-    )
+    if peak_tflops is None:
+        peak_tflops = config.get("peak_tflops") or flops.peak_tflops(devices[0])
     flops_per_image = flops.mae_train_flops_per_image(c)
     mem, mem_what = peak_memory(devices)
     result = {
@@ -217,7 +209,7 @@ def run(
         "profile_dir": profile_dir if profile_steps > 0 else None,
     }
     result.update(events.summary())
-    result.update(throughput(times, config.batch_size, flops_per_image, len(devices), peak))
+    result.update(throughput(times, config.batch_size, flops_per_image, len(devices), peak_tflops))
     return result
 
 

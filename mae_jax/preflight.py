@@ -301,11 +301,10 @@ class Preflight:
         finally:
             it.close()
         size = c.data.image_size
+        shape = (batch, size, size, 3)
         for b in (first, last):
-            if b["image"].shape != (batch, size, size, 3):
-                raise CheckFailed(
-                    f"batches have shape {b['image'].shape}, expected {(batch, size, size, 3)}"
-                )
+            if b["image"].shape != shape:
+                raise CheckFailed(f"batches have shape {b['image'].shape}, expected {shape}")
         if not np.isfinite(last["image"]).all():
             raise CheckFailed("a decoded batch holds non-finite pixel values")
         timed = batch * (batches - 1)
