@@ -83,11 +83,6 @@ class Topology:
     def platform(self) -> str:
         return GENERATIONS[self.generation].platform
 
-    @property
-    def topology_string(self) -> str:
-        """The `get_topology_desc` name (the GENERATIONS key is its prefix), e.g. 'v4:2x2x4'."""
-        return f"{self.generation}:" + "x".join(map(str, self.shape))
-
 
 def _grid(chips: int, dims: int) -> tuple[int, ...]:
     """Standard chip grid: start at 2x2x1 (3-D) or 1x1 (2-D) and double the smallest axis
@@ -225,7 +220,8 @@ def topology_devices(topo: Topology, backend: str, libtpu_path: str | None = Non
         kw = dict(chips_per_host_bounds=per_host, num_slices=1, wrap=(False, False, False))
         if GENERATIONS[topo.generation].counts_cores:
             kw["chip_config_name"] = "megacore"
-        desc = topologies.get_topology_desc(topo.topology_string, "tpu", **kw)
+        grid = "x".join(map(str, topo.shape))  # the GENERATIONS key is the prefix: 'v4:2x2x4'
+        desc = topologies.get_topology_desc(f"{topo.generation}:{grid}", "tpu", **kw)
         devices = list(desc.devices)
     else:
         try:
