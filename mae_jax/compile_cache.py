@@ -31,7 +31,7 @@ AUTO = "auto"
 _OFF = ("", "none")
 # Cache every program of a local cache (CPU compiles of small programs still take ~0.1 s);
 # on a remote one each entry is a round trip, so keep JAX's default threshold (1 s) there.
-_LOCAL_MIN_COMPILE_TIME_S = 0.0
+_LOCAL_MIN_TIME_S = 0.0
 
 TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
 LOWER_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
@@ -110,9 +110,7 @@ def _apply(path: str | None) -> None:
     if path is not None and not wdir.is_remote(path):
         # An explicit JAX_* environment setting wins over these defaults.
         if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-            jax.config.update(
-                "jax_persistent_cache_min_compile_time_secs", _LOCAL_MIN_COMPILE_TIME_S
-            )
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", _LOCAL_MIN_TIME_S)
         if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
             jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     cc.reset_cache()  # JAX opens its cache once per process: make it take the new location
