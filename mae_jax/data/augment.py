@@ -60,10 +60,7 @@ def sample_crop_box(
     """
     tf = tf_module()
     check_crop_params(scale, ratio)
-    height = tf.cast(height, tf.int32)
-    width = tf.cast(width, tf.int32)
-    h_f = tf.cast(height, tf.float64)
-    w_f = tf.cast(width, tf.float64)
+    h_f, w_f = (tf.cast(tf.cast(v, tf.int32), tf.float64) for v in (height, width))
     area = h_f * w_f
     seeds = tf.random.experimental.stateless_split(seed, 4)
     target_area = area * tf.random.stateless_uniform(
@@ -199,18 +196,14 @@ def resize_bicubic(image, size, antialias: bool = True):
     """
     tf = tf_module()
     size = tf.convert_to_tensor(size, tf.int32)
-    hw = tf.shape(image)[:2]
 
-    def plain():
-        return tf.image.resize(image, size, method="bicubic", antialias=False)
-
-    def smooth():
-        return tf.image.resize(image, size, method="bicubic", antialias=True)
+    def resize(smooth):
+        return lambda: tf.image.resize(image, size, method="bicubic", antialias=smooth)
 
     if not antialias:
-        out = plain()
+        out = resize(False)()
     else:
-        out = tf.cond(tf.reduce_all(hw <= size), plain, smooth)
+        out = tf.cond(tf.reduce_all(tf.shape(image)[:2] <= size), resize(False), resize(True))
     out.set_shape([None, None, 3])
     return tf.clip_by_value(out, 0.0, 255.0)
 
@@ -265,8 +258,7 @@ def resample_crop(image, size: int, offset=None, extent=None, antialias: bool = 
     out = round_to_uint8(_resample_rows(cols, size, scale[1], shift[1], antialias))
     if flip is not None:
         out = tf.cond(flip, lambda: tf.reverse(out, [0]), lambda: out)  # reverse x
-    out = tf.reshape(tf.transpose(tf.reshape(out, [size * 3, size])), [size, size, 3])
-    return out
+    return tf.reshape(tf.transpose(tf.reshape(out, [size * 3, size])), [size, size, 3])
 
 
 def decode_crop_resize(
@@ -395,7 +387,6 @@ def random_resized_crop(
     image = decode_crop_resize(
         data, box, image_size, antialias, dct_method, reduced_scale, hw, is_jpeg, do_flip
     )
-    image.set_shape([image_size, image_size, 3])
     if augment_fn is None:
         image = normalize(image)
     else:
@@ -408,10 +399,8 @@ def random_resized_crop(
 def resize_shorter_side(height, width, size: int):
     """New (h, w) with the shorter side = size, as torchvision's Resize(int)."""
     tf = tf_module()
-    h = tf.cast(height, tf.float64)
-    w = tf.cast(width, tf.float64)
-    short = tf.minimum(h, w)
-    long_ = tf.cast(tf.cast(size, tf.float64) * tf.maximum(h, w) / short, tf.int32)
+    h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+    long_ = tf.cast(tf.cast(size, tf.float64) * tf.maximum(h, w) / tf.minimum(h, w), tf.int32)
     size = tf.constant(size, tf.int32)
     return tf.where(h <= w, tf.stack([size, long_]), tf.stack([long_, size]))
 
@@ -433,8 +422,9 @@ def center_crop_eval(
     hw = tf.shape(image)[:2]
     new_hw = resize_shorter_side(hw[0], hw[1], resize_to)
     image = resize_bicubic(image, new_hw, antialias)
-    top = tf.cast(tf.round(tf.cast(new_hw[0] - image_size, tf.float32) / 2), tf.int32)
-    left = tf.cast(tf.round(tf.cast(new_hw[1] - image_size, tf.float32) / 2), tf.int32)
+    top, left = tf.unstack(
+        tf.cast(tf.round(tf.cast(new_hw - image_size, tf.float32) / 2), tf.int32)
+    )
     image = image[top : top + image_size, left : left + image_size]
     image = normalize(image)
     image.set_shape([image_size, image_size, 3])

@@ -86,14 +86,8 @@ def sample_mix_params(
     cut_w = jnp.floor(w * ratio).astype(jnp.int32)
     cy = jax.random.randint(k_cy, (), 0, h)
     cx = jax.random.randint(k_cx, (), 0, w)
-    box = jnp.stack(
-        [
-            jnp.clip(cy - cut_h // 2, 0, h),
-            jnp.clip(cy + cut_h // 2, 0, h),
-            jnp.clip(cx - cut_w // 2, 0, w),
-            jnp.clip(cx + cut_w // 2, 0, w),
-        ]
-    )
+    half = jnp.stack([cut_h, cut_h, cut_w, cut_w]) // 2 * jnp.array([-1, 1, -1, 1])
+    box = jnp.clip(jnp.stack([cy, cy, cx, cx]) + half, 0, jnp.array([h, h, w, w]))
     box = jnp.where(use_cutmix, box, jnp.zeros_like(box)).astype(jnp.int32)
     if correct_lam:
         area = (box[1] - box[0]) * (box[3] - box[2])
@@ -153,15 +147,10 @@ def mixup_cutmix(
     """
     if images.ndim != 4:
         raise ValueError(f"images must be NHWC [N, H, W, C], got shape {images.shape}")
-    params = sample_mix_params(
-        key,
-        images.shape[1:3],
-        mixup_alpha=mixup_alpha,
-        cutmix_alpha=cutmix_alpha,
-        prob=prob,
-        switch_prob=switch_prob,
-        correct_lam=correct_lam,
+    mix = dict(
+        mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob
     )
+    params = sample_mix_params(key, images.shape[1:3], correct_lam=correct_lam, **mix)
     return apply_mix(images, labels, params, num_classes, label_smoothing)
 
 

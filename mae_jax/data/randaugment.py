@@ -32,6 +32,7 @@ to draw a box of area `U(0.02, 1/3) * H * W` and aspect `exp(U(log 0.3, log 1/0.
 
 from __future__ import annotations
 
+import functools
 import math
 
 from mae_jax.data import lazy_tf
@@ -297,29 +298,19 @@ def rotate(image, degrees, fill=IMAGENET_FILL, interpolation="bicubic"):
     return affine(image, tf.stack([a, b, c, d, e, f]), fill, interpolation)
 
 
-def shear_x(image, factor, fill=IMAGENET_FILL, interpolation="bicubic"):
+def _affine_entry(image, value, fill=IMAGENET_FILL, interpolation="bicubic", *, index):
+    """`affine` with the identity matrix whose entry `index` is `value`."""
     tf = _tf()
-    one, zero = tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)
-    return affine(image, tf.stack([one, _f64(factor), zero, zero, one, zero]), fill, interpolation)
+    m = [tf.constant(v, tf.float64) for v in (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)]
+    m[index] = _f64(value)
+    return affine(image, tf.stack(m), fill, interpolation)
 
 
-def shear_y(image, factor, fill=IMAGENET_FILL, interpolation="bicubic"):
-    tf = _tf()
-    one, zero = tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)
-    return affine(image, tf.stack([one, zero, zero, _f64(factor), one, zero]), fill, interpolation)
-
-
-def translate_x(image, pixels, fill=IMAGENET_FILL, interpolation="bicubic"):
-    """Output pixel x samples input x + pixels (content moves left for positive pixels)."""
-    tf = _tf()
-    one, zero = tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)
-    return affine(image, tf.stack([one, zero, _f64(pixels), zero, one, zero]), fill, interpolation)
-
-
-def translate_y(image, pixels, fill=IMAGENET_FILL, interpolation="bicubic"):
-    tf = _tf()
-    one, zero = tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)
-    return affine(image, tf.stack([one, zero, zero, zero, one, _f64(pixels)]), fill, interpolation)
+shear_x = functools.partial(_affine_entry, index=1)  # (image, factor, fill, interpolation)
+shear_y = functools.partial(_affine_entry, index=3)
+# Output pixel x (y) samples input x + pixels (content moves left (up) for positive pixels).
+translate_x = functools.partial(_affine_entry, index=2)  # (image, pixels, fill, interpolation)
+translate_y = functools.partial(_affine_entry, index=5)
 
 
 # ----------------------------------------------------------------------------- RandAugment
@@ -338,35 +329,24 @@ def apply_op(
     geo = dict(fill=fill, interpolation=interpolation)
     size = tf.cast(tf.shape(image), tf.float64)
     enhance = 1.0 + s * m * 0.9
-    if name == "AutoContrast":
-        return auto_contrast(image)
-    if name == "Equalize":
-        return equalize(image)
-    if name == "Invert":
-        return invert(image)
-    if name == "Rotate":
-        return rotate(image, s * m * 30.0, **geo)
-    if name == "PosterizeIncreasing":
-        return posterize(image, 4 - tf.cast(m * 4.0, tf.int32))
-    if name == "SolarizeIncreasing":
-        return solarize(image, 256 - tf.cast(m * 256.0, tf.int32))
-    if name == "SolarizeAdd":
-        return solarize_add(image, tf.cast(m * 110.0, tf.int32))
-    if name == "ColorIncreasing":
-        return color(image, enhance)
-    if name == "ContrastIncreasing":
-        return contrast(image, enhance)
-    if name == "BrightnessIncreasing":
-        return brightness(image, enhance)
-    if name == "SharpnessIncreasing":
-        return sharpness(image, enhance)
-    if name == "ShearX":
-        return shear_x(image, s * m * 0.3, **geo)
-    if name == "ShearY":
-        return shear_y(image, s * m * 0.3, **geo)
-    if name == "TranslateXRel":
-        return translate_x(image, s * m * translate_pct * size[1], **geo)
-    return translate_y(image, s * m * translate_pct * size[0], **geo)  # TranslateYRel
+    ops = {
+        "AutoContrast": lambda: auto_contrast(image),
+        "Equalize": lambda: equalize(image),
+        "Invert": lambda: invert(image),
+        "Rotate": lambda: rotate(image, s * m * 30.0, **geo),
+        "PosterizeIncreasing": lambda: posterize(image, 4 - tf.cast(m * 4.0, tf.int32)),
+        "SolarizeIncreasing": lambda: solarize(image, 256 - tf.cast(m * 256.0, tf.int32)),
+        "SolarizeAdd": lambda: solarize_add(image, tf.cast(m * 110.0, tf.int32)),
+        "ColorIncreasing": lambda: color(image, enhance),
+        "ContrastIncreasing": lambda: contrast(image, enhance),
+        "BrightnessIncreasing": lambda: brightness(image, enhance),
+        "SharpnessIncreasing": lambda: sharpness(image, enhance),
+        "ShearX": lambda: shear_x(image, s * m * 0.3, **geo),
+        "ShearY": lambda: shear_y(image, s * m * 0.3, **geo),
+        "TranslateXRel": lambda: translate_x(image, s * m * translate_pct * size[1], **geo),
+        "TranslateYRel": lambda: translate_y(image, s * m * translate_pct * size[0], **geo),
+    }
+    return ops[name]()
 
 
 def _seed(seed):
@@ -413,9 +393,9 @@ def rand_augment(
         if name not in OP_NAMES:
             raise ValueError(f"unknown RandAugment op {name!r}; known: {OP_NAMES}")
     static_shape = image.shape
-    for seeds in tf.unstack(tf.random.experimental.stateless_split(seed, max(num_ops, 1)))[
-        :num_ops
-    ]:
+    kw = dict(fill=fill, interpolation=interpolation, translate_pct=translate_pct)
+    splits = tf.unstack(tf.random.experimental.stateless_split(seed, max(num_ops, 1)))
+    for seeds in splits[:num_ops]:
         s_op, s_apply, s_mag, s_sign = tf.unstack(tf.random.experimental.stateless_split(seeds, 4))
         op = tf.random.stateless_uniform([], s_op, 0, len(ops), dtype=tf.int32)
         apply = tf.random.stateless_uniform([], s_apply) < prob
@@ -424,24 +404,12 @@ def rand_augment(
         sign = tf.where(tf.random.stateless_uniform([], s_sign) < 0.5, -1.0, 1.0)
 
         def branch(name, img=image, mag=mag, sign=sign):
-            return lambda: tf.ensure_shape(
-                apply_op(
-                    name,
-                    img,
-                    mag,
-                    sign,
-                    fill=fill,
-                    interpolation=interpolation,
-                    translate_pct=translate_pct,
-                ),
-                static_shape,
-            )
+            return lambda: tf.ensure_shape(apply_op(name, img, mag, sign, **kw), static_shape)
 
-        current = image
         image = tf.cond(
             apply,
             lambda op=op: tf.switch_case(op, [branch(n) for n in ops]),
-            lambda current=current: current,
+            lambda current=image: current,
         )
         image = tf.ensure_shape(image, static_shape)
     return image
@@ -496,12 +464,9 @@ def random_erasing(
     fits = (bw < w) & (bh < h)
     first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
     bh, bw = bh[first], bw[first]
-    top = tf.cast(
-        tf.floor(tf.random.stateless_uniform([], s_top) * tf.cast(h - bh + 1, tf.float32)), tf.int32
-    )
-    left = tf.cast(
-        tf.floor(tf.random.stateless_uniform([], s_left) * tf.cast(w - bw + 1, tf.float32)),
-        tf.int32,
+    top, left = (
+        tf.cast(tf.floor(tf.random.stateless_uniform([], s) * tf.cast(n + 1, tf.float32)), tf.int32)
+        for s, n in ((s_top, h - bh), (s_left, w - bw))
     )
     erase = (tf.random.stateless_uniform([], s_do) < prob) & tf.reduce_any(fits)
 

@@ -37,14 +37,11 @@ from mae_jax import workdir as wdir
 from mae_jax.data import pipeline
 from mae_jax.data.mixup import soft_target_cross_entropy
 from mae_jax.evaluate.metrics import topk_correct
-from mae_jax.models.classifier import ENCODER_KEYS, Head, ViTClassifier
+from mae_jax.models.classifier import ENCODER_KEYS, Head, ViTClassifier, from_head
 
 # prepare(key, images [B,H,W,C], labels [B] int) -> (images [B,H,W,C], targets [B,C] float32)
 Prepare = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
-
-# Encoder fields that fix the parameter shapes: a pretrained checkpoint must agree on them.
-ENCODER_FIELDS = init_from.ENCODER_FIELDS
 _DROP_PATH_TAG = 1  # fold_in tags of the per-step key
 _PREPARE_TAG = 2
 
@@ -118,14 +115,9 @@ def train_step(
     images, targets = prepare(
         jax.random.fold_in(step_key, _PREPARE_TAG), batch["image"], batch["label"]
     )
+    drop_key = jax.random.fold_in(step_key, _DROP_PATH_TAG)
     (loss, (logits, stats)), grads = loss_and_grads(
-        state,
-        images,
-        targets,
-        jax.random.fold_in(step_key, _DROP_PATH_TAG),
-        graphdef=graphdef,
-        rest=rest,
-        drop_path=drop_path,
+        state, images, targets, drop_key, graphdef=graphdef, rest=rest, drop_path=drop_path
     )
     updates = {} if stats is None else {"batch_stats": stats}
     new_state, metrics = ts.apply_gradients(state, loss, grads, tx, lr_fn, **updates)
@@ -308,7 +300,7 @@ def resolve_model(config, source: init_from.Source | None) -> models.MAEConfig:
         mcfg = models.resolve(fields)
     if pretrained is not None:
         saved = pretrained.model
-        detail = init_from.differences(saved, mcfg, ENCODER_FIELDS)
+        detail = init_from.differences(saved, mcfg, init_from.ENCODER_FIELDS)
         if detail:
             raise ValueError(
                 f"config.init_from holds another encoder ({saved.name!r}; {detail}); set "
@@ -347,29 +339,15 @@ def plan(config, resume: train.Resume = None, where: str = "") -> Plan:
     return Plan(mcfg, num_classes, config.eval_batch_size or config.batch_size, source, run_plan)
 
 
-def check_mesh(config, p: Plan, mesh) -> None:
-    train.check_batches(
-        mesh,
-        {
-            "config.batch_size": config.batch_size,
-            "config.eval_batch_size": p.eval_batch_size,
-        },
-    )
-
-
 # ----------------------------------------------------------------------------- the task
 def check_workdir(meta: dict, expected: dict, where: str, step: int) -> None:
     """Refuse a workdir whose checkpoint holds another task / encoder / number of classes."""
     saved_model = meta.get("model") or {}
     diffs = []
-    if meta.get("task") != expected["task"]:
-        diffs.append(f"task: checkpoint {meta.get('task')!r} vs config {expected['task']!r}")
-    if meta.get("num_classes") != expected["num_classes"]:
-        diffs.append(
-            f"num_classes: checkpoint {meta.get('num_classes')!r} vs config "
-            f"{expected['num_classes']!r}"
-        )
-    for f in ENCODER_FIELDS + ("img_size",):
+    for k in ("task", "num_classes"):
+        if meta.get(k) != expected[k]:
+            diffs.append(f"{k}: checkpoint {meta.get(k)!r} vs config {expected[k]!r}")
+    for f in init_from.ENCODER_FIELDS + ("img_size",):
         if saved_model.get(f) != expected["model"].get(f):
             diffs.append(
                 f"{f}: checkpoint {saved_model.get(f)!r} vs config {expected['model'].get(f)!r}"
@@ -388,30 +366,31 @@ def classification_task(
     *,
     name: str,
     p: Plan,
-    model_fn,
     trainable,
     prepare: Prepare,
-    drop_path: bool,
     head: Head,
+    drop_path_rate: float,
     flops_per_image: float | None,
     augment_fn: Callable | None = None,
 ) -> train.Task:
     """The `train.Task` of a linear probe / fine-tuning run in `workdir` (both differ only in
-    the model and its `head`, the trainable filter, `prepare`, the optimizer config and
-    `augment_fn`). The checkpoints' meta holds the model config and `head.meta()`.
+    the classifier's `head` and `drop_path_rate`, the trainable filter, `prepare`, the optimizer
+    config and `augment_fn`). The checkpoints' meta holds the model config and `head.meta()`.
 
     Evaluation (top-1/top-5 on the eval split) runs every `config.eval_every_steps` (0: never)
     and at the end; the final one is also written to `workdir/eval_results.json`.
     """
-    check_mesh(config, p, mesh)
+    train.check_batches(
+        mesh, {"config.batch_size": config.batch_size, "config.eval_batch_size": p.eval_batch_size}
+    )
     fns = build(
-        model_fn,
+        lambda: from_head(p.model, head, seed=config.seed, drop_path_rate=drop_path_rate),
         trainable,
         p.run.optim,
         p.run.lr_fn,
         mesh,
         prepare=prepare,
-        drop_path=drop_path,
+        drop_path=drop_path_rate > 0,
         rules=shd.rules(config.get("sharding_rules")),
     )
 
@@ -439,14 +418,8 @@ def classification_task(
         """The evaluation every `config.eval_every_steps` and at the end (then also written to
         `eval_results.json`)."""
         r = evaluate(fns, state, config.data, p.eval_batch_size, mesh, p.num_classes, should_stop)
-        logging.info(
-            "%s: step %d: eval top-1 %.2f%%, top-5 %.2f%% on %d examples",
-            name,
-            step,
-            r["top1"],
-            r["top5"],
-            r["num_examples"],
-        )
+        what = (name, step, r["top1"], r["top5"], r["num_examples"])
+        logging.info("%s: step %d: eval top-1 %.2f%%, top-5 %.2f%% on %d examples", *what)
         if step == p.run.total_steps and jax.process_index() == 0:
             out = {
                 **r,

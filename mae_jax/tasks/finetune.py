@@ -23,7 +23,7 @@ from flax import nnx
 from mae_jax import flops, train
 from mae_jax.data import augment, lazy_tf, randaugment
 from mae_jax.data.mixup import mixup_cutmix, smooth_one_hot
-from mae_jax.models.classifier import FINETUNE_HEAD_STD, Head, ViTClassifier
+from mae_jax.models.classifier import Head
 from mae_jax.tasks import classify as cs
 
 TASK = "finetune"
@@ -46,20 +46,15 @@ def parse_rand_augment(spec: str | None) -> dict | None:
     if parts[0] != "rand":
         raise ValueError(f"rand_augment {spec!r} must start with 'rand-' (timm's format)")
     out = {"num_ops": 2, "magnitude": 10.0, "magnitude_std": 0.0, "prob": 0.5}
+    fields = {"m": "magnitude", "n": "num_ops", "mstd": "magnitude_std", "p": "prob"}
     increasing = False
     for part in parts[1:]:
         m = re.fullmatch(r"([a-z]+)(\d+(?:\.\d*)?)", part)
         if not m:
             raise ValueError(f"rand_augment {spec!r}: cannot parse {part!r}")
         key, value = m.group(1), float(m.group(2))
-        if key == "m":
-            out["magnitude"] = value
-        elif key == "n":
-            out["num_ops"] = int(value)
-        elif key == "mstd":
-            out["magnitude_std"] = value
-        elif key == "p":
-            out["prob"] = value
+        if key in fields:
+            out[fields[key]] = int(value) if key == "n" else value
         elif key == "inc":
             increasing = bool(int(value))
         else:
@@ -98,34 +93,6 @@ def make_augment_fn(rand_augment: str | None, reprob: float):
     return augment_fn
 
 
-def prepare(
-    key,
-    images,
-    labels,
-    *,
-    num_classes: int,
-    mixup: float,
-    cutmix: float,
-    prob: float,
-    switch_prob: float,
-    smoothing: float,
-):
-    """Mixup / cutmix (timm batch mode) with label smoothing, or only label smoothing."""
-    if mixup > 0 or cutmix > 0:
-        return mixup_cutmix(
-            key,
-            images,
-            labels,
-            num_classes,
-            mixup_alpha=mixup,
-            cutmix_alpha=cutmix,
-            prob=prob,
-            switch_prob=switch_prob,
-            label_smoothing=smoothing,
-        )
-    return images, smooth_one_hot(labels, num_classes, smoothing)
-
-
 def finetune_task(config, mesh, workdir: str, resume: train.Resume = None) -> train.Task:
     """The fine-tuning `train.Task` of `config` on `mesh` (validated before compiling)."""
     if config.get("task") != TASK:
@@ -134,39 +101,30 @@ def finetune_task(config, mesh, workdir: str, resume: train.Resume = None) -> tr
         )
     p = cs.plan(config, resume, workdir)
     augment_fn = make_augment_fn(config.rand_augment, config.reprob)
-    global_pool = bool(config.global_pool)
-    rate = float(config.drop_path_rate)
-
-    def model_fn():
-        return ViTClassifier(
-            p.model,
-            p.num_classes,
-            global_pool=global_pool,
-            drop_path_rate=rate,
-            linear_probe=False,
-            head_init_std=FINETUNE_HEAD_STD,
-            rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
-        )
-
     mix = dict(
-        num_classes=p.num_classes,
-        mixup=float(config.mixup),
-        cutmix=float(config.cutmix),
+        mixup_alpha=float(config.mixup),
+        cutmix_alpha=float(config.cutmix),
         prob=float(config.mixup_prob),
         switch_prob=float(config.mixup_switch_prob),
-        smoothing=float(config.label_smoothing),
+        label_smoothing=float(config.label_smoothing),
     )
+
+    def prepare(key, images, labels):
+        """Mixup / cutmix (timm batch mode) with label smoothing, or only label smoothing."""
+        if mix["mixup_alpha"] > 0 or mix["cutmix_alpha"] > 0:
+            return mixup_cutmix(key, images, labels, p.num_classes, **mix)
+        return images, smooth_one_hot(labels, p.num_classes, mix["label_smoothing"])
+
     return cs.classification_task(
         config,
         mesh,
         workdir,
         name=f"finetune {p.model.name}",
         p=p,
-        model_fn=model_fn,
         trainable=nnx.Param,
-        prepare=lambda k, x, y: prepare(k, x, y, **mix),
-        drop_path=rate > 0,
-        head=Head(p.num_classes, global_pool, linear_probe=False),
+        prepare=prepare,
+        head=Head(p.num_classes, bool(config.global_pool), linear_probe=False),
+        drop_path_rate=float(config.drop_path_rate),
         flops_per_image=3.0 * flops.classifier_flops_per_image(p.model, p.num_classes),
         augment_fn=augment_fn,
     )

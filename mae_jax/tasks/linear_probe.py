@@ -15,36 +15,13 @@ Only the head's Linear is trained (`state['params']`); the encoder sits in `stat
 from __future__ import annotations
 
 import ml_collections
-from flax import nnx
 
 from mae_jax import flops, train
 from mae_jax.data.mixup import smooth_one_hot
-from mae_jax.models.classifier import LINEAR_PROBE_TRAINABLE, LINPROBE_HEAD_STD, Head, ViTClassifier
+from mae_jax.models.classifier import LINEAR_PROBE_TRAINABLE, Head
 from mae_jax.tasks import classify as cs
 
 TASK = "linear_probe"
-TRAINABLE = LINEAR_PROBE_TRAINABLE  # the head's Linear (`head.1`)
-
-
-def prepare(key, images, labels, *, num_classes: int):
-    """Plain one-hot targets (cross-entropy), no mixing."""
-    del key
-    return images, smooth_one_hot(labels, num_classes, 0.0)
-
-
-def make_model_fn(p: cs.Plan, config):
-    def model_fn():
-        return ViTClassifier(
-            p.model,
-            p.num_classes,
-            global_pool=bool(config.global_pool),
-            drop_path_rate=0.0,
-            linear_probe=True,
-            head_init_std=LINPROBE_HEAD_STD,
-            rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
-        )
-
-    return model_fn
 
 
 def linear_probe_task(config, mesh, workdir: str, resume: train.Resume = None) -> train.Task:
@@ -59,20 +36,19 @@ def linear_probe_task(config, mesh, workdir: str, resume: train.Resume = None) -
             "config.optim.layer_decay does not apply to linear probing (only the "
             "head is trained); leave it None"
         )
-    fwd = flops.classifier_flops_per_image(p.model, p.num_classes)
-    # Forward only through the frozen encoder; the head's backward is negligible.
     return cs.classification_task(
         config,
         mesh,
         workdir,
         name=f"linear probe {p.model.name}",
         p=p,
-        model_fn=make_model_fn(p, config),
-        trainable=TRAINABLE,
-        prepare=lambda k, x, y: prepare(k, x, y, num_classes=p.num_classes),
-        drop_path=False,
+        trainable=LINEAR_PROBE_TRAINABLE,  # the head's Linear (`head.1`)
+        # Plain one-hot targets (cross-entropy), no mixing.
+        prepare=lambda key, x, y: (x, smooth_one_hot(y, p.num_classes, 0.0)),
         head=Head(p.num_classes, bool(config.global_pool), linear_probe=True),
-        flops_per_image=fwd,
+        drop_path_rate=0.0,
+        # Forward only through the frozen encoder; the head's backward is negligible.
+        flops_per_image=flops.classifier_flops_per_image(p.model, p.num_classes),
     )
 
 
