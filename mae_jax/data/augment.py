@@ -74,35 +74,31 @@ def sample_crop_box(
     hs = tf.round(tf.sqrt(target_area / aspect))
     fits = (ws > 0) & (ws <= w_f) & (hs > 0) & (hs <= h_f)
     first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
-    any_fit = tf.reduce_any(fits)
     # Uniform integer offsets in [0, H - h] and [0, W - w] for every attempt.
     u = tf.random.stateless_uniform([2, attempts], seeds[2], dtype=tf.float64)
     ys = tf.floor(u[0] * (h_f - hs + 1))
     xs = tf.floor(u[1] * (w_f - ws + 1))
     # Fallback: whole image, aspect ratio clamped to the allowed range.
     in_ratio = w_f / h_f
-    fb_w = tf.where(
-        in_ratio < ratio[0], w_f, tf.where(in_ratio > ratio[1], tf.round(h_f * ratio[1]), w_f)
-    )
+    fb_w = tf.where(in_ratio > ratio[1], tf.round(h_f * ratio[1]), w_f)
     fb_h = tf.where(in_ratio < ratio[0], tf.round(w_f / ratio[0]), h_f)
     fb_y = tf.floor((h_f - fb_h) / 2)
     fb_x = tf.floor((w_f - fb_w) / 2)
     box = tf.where(
-        any_fit,
+        tf.reduce_any(fits),
         tf.stack([ys[first], xs[first], hs[first], ws[first]]),
         tf.stack([fb_y, fb_x, fb_h, fb_w]),
     )
     return tf.cast(box, tf.int32)
 
 
-def check_dct_method(dct_method: str) -> str:
-    """`dct_method` if it is one of JPEG_DCT_METHODS, else a ValueError naming it."""
+def check_dct_method(dct_method: str) -> None:
+    """ValueError naming `dct_method` unless it is one of JPEG_DCT_METHODS."""
     if dct_method not in JPEG_DCT_METHODS:
         raise ValueError(
             f"jpeg_dct_method {dct_method!r} must be one of {JPEG_DCT_METHODS} "
             f"(INTEGER_ACCURATE decodes exactly as PIL/torchvision)"
         )
-    return dct_method
 
 
 def _is_jpeg(data):
@@ -162,8 +158,7 @@ def jpeg_scale(crop_h, crop_w, out_h: int, out_w: int):
     the output's pixels along both axes. int32 scalar tensor.
     """
     tf = tf_module()
-    crop_h = tf.cast(crop_h, tf.int32)
-    crop_w = tf.cast(crop_w, tf.int32)
+    crop_h, crop_w = tf.cast(crop_h, tf.int32), tf.cast(crop_w, tf.int32)
     r = tf.constant(1, tf.int32)
     for k in JPEG_SCALES[1:]:
         r = tf.where((crop_h >= k * out_h) & (crop_w >= k * out_w), k, r)
@@ -296,21 +291,17 @@ def decode_crop_resize(
     hw = image_shape(data, is_jpeg) if hw is None else hw
 
     def reduced(r):
-        def fn():
-            if r == 1:
-                return full_scale()
-            window, offset, extent = _reduced_window(hw, box, r)
-            image = tf.image.decode_and_crop_jpeg(
-                data, window, channels=3, ratio=r, dct_method=dct_method
-            )
-            return resample_crop(image, size, offset, extent, antialias, flip)
-
-        return fn
+        window, offset, extent = _reduced_window(hw, box, r)
+        image = tf.image.decode_and_crop_jpeg(
+            data, window, channels=3, ratio=r, dct_method=dct_method
+        )
+        return resample_crop(image, size, offset, extent, antialias, flip)
 
     def jpeg():
         r = jpeg_scale(box[2], box[3], size, size)
         index = tf.add_n([tf.cast(r >= k, tf.int32) for k in JPEG_SCALES[1:]])
-        return tf.switch_case(index, [reduced(k) for k in JPEG_SCALES])
+        scaled = [functools.partial(reduced, k) for k in JPEG_SCALES[1:]]
+        return tf.switch_case(index, [full_scale, *scaled])
 
     out = tf.cond(is_jpeg, jpeg, full_scale)
     out.set_shape([size, size, 3])
@@ -396,15 +387,6 @@ def random_resized_crop(
     return image
 
 
-def resize_shorter_side(height, width, size: int):
-    """New (h, w) with the shorter side = size, as torchvision's Resize(int)."""
-    tf = tf_module()
-    h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
-    long_ = tf.cast(tf.cast(size, tf.float64) * tf.maximum(h, w) / tf.minimum(h, w), tf.int32)
-    size = tf.constant(size, tf.int32)
-    return tf.where(h <= w, tf.stack([size, long_]), tf.stack([long_, size]))
-
-
 def center_crop_eval(
     data,
     image_size: int,
@@ -419,13 +401,15 @@ def center_crop_eval(
         raise ValueError(f"eval crop fraction {crop_fraction!r} must be in (0, 1]")
     resize_to = max(int(image_size / crop_fraction), image_size)
     image = decode(data, dct_method)
-    hw = tf.shape(image)[:2]
-    new_hw = resize_shorter_side(hw[0], hw[1], resize_to)
+    # torchvision's Resize(int): the shorter side becomes `resize_to`
+    h, w = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float64))
+    long_ = tf.cast(tf.cast(resize_to, tf.float64) * tf.maximum(h, w) / tf.minimum(h, w), tf.int32)
+    short = tf.constant(resize_to, tf.int32)
+    new_hw = tf.where(h <= w, tf.stack([short, long_]), tf.stack([long_, short]))
     image = resize_bicubic(image, new_hw, antialias)
     top, left = tf.unstack(
         tf.cast(tf.round(tf.cast(new_hw - image_size, tf.float32) / 2), tf.int32)
     )
-    image = image[top : top + image_size, left : left + image_size]
-    image = normalize(image)
+    image = normalize(image[top : top + image_size, left : left + image_size])
     image.set_shape([image_size, image_size, 3])
     return image

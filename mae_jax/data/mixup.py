@@ -98,8 +98,7 @@ def sample_mix_params(
 def box_mask(box: jax.Array, image_hw: tuple[int, int]) -> jax.Array:
     """`[H, W]` bool, True inside the half-open box `(y_lo, y_hi, x_lo, x_hi)`."""
     h, w = image_hw
-    rows = jnp.arange(h)[:, None]
-    cols = jnp.arange(w)[None, :]
+    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
     return (rows >= box[0]) & (rows < box[1]) & (cols >= box[2]) & (cols < box[3])
 
 

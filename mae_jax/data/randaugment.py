@@ -8,11 +8,7 @@ Every function is pure: randomness comes from a stateless seed, a `[2]` int32/in
 RandAugment (timm `RandAugment` with `_RAND_INCREASING_TRANSFORMS`): `num_ops` (2) ops drawn
 uniformly with replacement from the 15 ops in `OP_NAMES`; each is applied with probability 0.5,
 at magnitude `N(9, 0.5)` clipped to [0, 10] (drawn per op), with a random sign for the signed
-ops. Levels (magnitude m, timm's `_LEVEL_DENOM` = 10):
-  Rotate: +-30 m/10 degrees; ShearX/Y: +-0.3 m/10; TranslateX/YRel: +-0.45 m/10 of the width /
-  height; PosterizeIncreasing: keep `4 - int(4 m/10)` bits; SolarizeIncreasing: threshold
-  `256 - int(256 m/10)`; SolarizeAdd: add `int(110 m/10)` below 128; Color/Contrast/
-  Brightness/SharpnessIncreasing: factor `1 +- 0.9 m/10`; AutoContrast, Equalize, Invert: none.
+ops; the level of each op at magnitude m is timm's (`apply_op`, `_LEVEL_DENOM` = 10).
 Pixel ops follow PIL's ImageOps / ImageEnhance arithmetic (8-bit, truncating blends, PIL's
 ITU-R 601 luma `(19595 R + 38470 G + 7471 B + 2**15) >> 16`). Geometric ops follow PIL's
 `Image.transform(AFFINE)`: pixel-centre coordinates, samples outside the image take the fill
@@ -35,37 +31,20 @@ from __future__ import annotations
 import functools
 import math
 
-from mae_jax.data import lazy_tf
-from mae_jax.spec import require
+from mae_jax.data.lazy_tf import tf_module
 
-OP_NAMES = (
-    "AutoContrast",
-    "Equalize",
-    "Invert",
-    "Rotate",
-    "PosterizeIncreasing",
-    "SolarizeIncreasing",
-    "SolarizeAdd",
-    "ColorIncreasing",
-    "ContrastIncreasing",
-    "BrightnessIncreasing",
-    "SharpnessIncreasing",
-    "ShearX",
-    "ShearY",
-    "TranslateXRel",
-    "TranslateYRel",
+OP_NAMES = tuple(
+    "AutoContrast Equalize Invert Rotate PosterizeIncreasing SolarizeIncreasing SolarizeAdd "
+    "ColorIncreasing ContrastIncreasing BrightnessIncreasing SharpnessIncreasing ShearX ShearY "
+    "TranslateXRel TranslateYRel".split()
 )
 IMAGENET_FILL = (124, 116, 104)  # timm: round(255 * ImageNet mean)
 MAX_LEVEL = 10.0  # timm's _LEVEL_DENOM
 INTERPOLATIONS = ("bicubic", "bilinear")
 
 
-def _tf():
-    return lazy_tf.tf_module()
-
-
 def _check_uint8_image(image):
-    tf = _tf()
+    tf = tf_module()
     image = tf.convert_to_tensor(image)
     if image.dtype != tf.uint8:
         raise ValueError(f"image must be uint8 [H, W, 3], got dtype {image.dtype.name}")
@@ -76,25 +55,15 @@ def _check_uint8_image(image):
 
 def _f64(x):
     """A float64 tensor; Python numbers are converted directly (not through float32)."""
-    tf = _tf()
-    if isinstance(x, (int, float)) or (
-        isinstance(x, (tuple, list)) and not any(tf.is_tensor(v) for v in x)
-    ):
-        return tf.constant(x, tf.float64)
+    tf = tf_module()
     if isinstance(x, (tuple, list)):
         return tf.stack([_f64(v) for v in x])
-    return tf.cast(x, tf.float64)
-
-
-def _to_uint8(x):
-    """float -> uint8 by truncation after clipping to [0, 255] (PIL's `(UINT8)` casts)."""
-    tf = _tf()
-    return tf.cast(tf.floor(tf.clip_by_value(x, 0.0, 255.0)), tf.uint8)
+    return tf.constant(x, tf.float64) if isinstance(x, (int, float)) else tf.cast(x, tf.float64)
 
 
 def _lut(image, lut):
     """Apply a per-channel lookup table `lut [256, 3]` (int) to a uint8 image."""
-    tf = _tf()
+    tf = tf_module()
     idx = tf.cast(image, tf.int32) + tf.constant([0, 256, 512], tf.int32)
     flat = tf.reshape(tf.transpose(tf.cast(lut, tf.int32)), [-1])  # channel-major
     return tf.cast(tf.gather(flat, idx), tf.uint8)
@@ -105,17 +74,15 @@ def _lut(image, lut):
 
 def invert(image):
     """255 - x."""
-    image = _check_uint8_image(image)
-    return 255 - image
+    return 255 - _check_uint8_image(image)
 
 
 def auto_contrast(image):
     """Per channel, stretch [min, max] to [0, 255] (PIL `ImageOps.autocontrast`, cutoff 0)."""
-    tf = _tf()
+    tf = tf_module()
     image = _check_uint8_image(image)
     x = tf.cast(image, tf.float64)
-    lo = tf.reduce_min(x, axis=[0, 1])
-    hi = tf.reduce_max(x, axis=[0, 1])
+    lo, hi = tf.reduce_min(x, axis=[0, 1]), tf.reduce_max(x, axis=[0, 1])
     scale = 255.0 / tf.maximum(hi - lo, 1.0)
     offset = -lo * scale
     levels = tf.range(256, dtype=tf.float64)[:, None]
@@ -126,7 +93,7 @@ def auto_contrast(image):
 
 def equalize(image):
     """Per-channel histogram equalization (PIL `ImageOps.equalize`)."""
-    tf = _tf()
+    tf = tf_module()
     image = _check_uint8_image(image)
     luts = []
     for c in range(3):
@@ -134,8 +101,7 @@ def equalize(image):
         hist = tf.math.bincount(ch, minlength=256, maxlength=256, dtype=tf.int32)
         last = 255 - tf.argmax(tf.reverse(tf.cast(hist > 0, tf.int32), [0]), output_type=tf.int32)
         step = (tf.reduce_sum(hist) - hist[last]) // 255
-        safe = tf.maximum(step, 1)
-        lut = (step // 2 + tf.cumsum(hist, exclusive=True)) // safe
+        lut = (step // 2 + tf.cumsum(hist, exclusive=True)) // tf.maximum(step, 1)
         lut = tf.where(step > 0, tf.clip_by_value(lut, 0, 255), tf.range(256))
         luts.append(lut)
     return _lut(image, tf.stack(luts, axis=1))
@@ -143,7 +109,7 @@ def equalize(image):
 
 def posterize(image, bits):
     """Keep the `bits` (0..8) most significant bits of every value."""
-    tf = _tf()
+    tf = tf_module()
     image = _check_uint8_image(image)
     div = tf.bitwise.left_shift(1, 8 - tf.clip_by_value(tf.cast(bits, tf.int32), 0, 8))
     x = tf.cast(image, tf.int32)
@@ -152,7 +118,7 @@ def posterize(image, bits):
 
 def solarize(image, threshold):
     """Invert values >= `threshold`."""
-    tf = _tf()
+    tf = tf_module()
     image = _check_uint8_image(image)
     x = tf.cast(image, tf.int32)
     return tf.cast(tf.where(x >= tf.cast(threshold, tf.int32), 255 - x, x), tf.uint8)
@@ -160,7 +126,7 @@ def solarize(image, threshold):
 
 def solarize_add(image, addition, threshold=128):
     """Add `addition` (saturating at 255) to values below `threshold`."""
-    tf = _tf()
+    tf = tf_module()
     image = _check_uint8_image(image)
     x = tf.cast(image, tf.int32)
     added = tf.minimum(x + tf.cast(addition, tf.int32), 255)
@@ -169,7 +135,7 @@ def solarize_add(image, addition, threshold=128):
 
 def _luma(image):
     """PIL's RGB -> L conversion, int32 [H, W]."""
-    tf = _tf()
+    tf = tf_module()
     x = tf.cast(image, tf.int32)
     return tf.bitwise.right_shift(
         x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471 + 0x8000, 16
@@ -178,16 +144,17 @@ def _luma(image):
 
 def blend(degenerate, image, factor):
     """PIL `Image.blend(degenerate, image, factor)`: `degenerate + factor * (image - degenerate)`,
-    clipped, truncated to uint8. Both inputs uint8 (or broadcastable float of 0..255 values)."""
-    tf = _tf()
-    d = tf.cast(degenerate, tf.float32)
-    x = tf.cast(image, tf.float32)
-    return _to_uint8(d + tf.cast(factor, tf.float32) * (x - d))
+    clipped, truncated to uint8 (PIL's `(UINT8)` casts). Both inputs uint8 (or broadcastable
+    float of 0..255 values)."""
+    tf = tf_module()
+    d, x = tf.cast(degenerate, tf.float32), tf.cast(image, tf.float32)
+    out = d + tf.cast(factor, tf.float32) * (x - d)
+    return tf.cast(tf.floor(tf.clip_by_value(out, 0.0, 255.0)), tf.uint8)
 
 
 def color(image, factor):
     """Saturation: blend with the grey (luma) image (PIL `ImageEnhance.Color`)."""
-    tf = _tf()
+    tf = tf_module()
     image = _check_uint8_image(image)
     grey = tf.repeat(_luma(image)[..., None], 3, axis=-1)
     return blend(grey, image, factor)
@@ -195,7 +162,7 @@ def color(image, factor):
 
 def contrast(image, factor):
     """Blend with the uniform image of the mean luma (PIL `ImageEnhance.Contrast`)."""
-    tf = _tf()
+    tf = tf_module()
     image = _check_uint8_image(image)
     mean = tf.floor(tf.reduce_mean(tf.cast(_luma(image), tf.float64)) + 0.5)
     return blend(tf.cast(mean, tf.float32) * tf.ones_like(image, tf.float32), image, factor)
@@ -203,7 +170,7 @@ def contrast(image, factor):
 
 def brightness(image, factor):
     """Blend with black (PIL `ImageEnhance.Brightness`)."""
-    tf = _tf()
+    tf = tf_module()
     image = _check_uint8_image(image)
     return blend(tf.zeros_like(image), image, factor)
 
@@ -211,7 +178,7 @@ def brightness(image, factor):
 def sharpness(image, factor):
     """Blend with PIL's SMOOTH-filtered image (3x3 kernel [[1,1,1],[1,5,1],[1,1,1]] / 13,
     border pixels unfiltered) (PIL `ImageEnhance.Sharpness`)."""
-    tf = _tf()
+    tf = tf_module()
     image = _check_uint8_image(image)
     x = tf.cast(image, tf.float32)[None]
     kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
@@ -220,8 +187,7 @@ def sharpness(image, factor):
     smooth = tf.floor(tf.clip_by_value(smooth, 0.0, 255.0) + 0.5)
     h, w = tf.shape(image)[0], tf.shape(image)[1]
     smooth = tf.pad(smooth, [[1, 1], [1, 1], [0, 0]])
-    rows = tf.range(h)[:, None]
-    cols = tf.range(w)[None, :]
+    rows, cols = tf.range(h)[:, None], tf.range(w)[None, :]
     interior = (rows > 0) & (rows < h - 1) & (cols > 0) & (cols < w - 1)
     degenerate = tf.where(interior[..., None], smooth, x[0])
     return blend(degenerate, image, factor)
@@ -252,13 +218,12 @@ def affine(image, matrix, fill=IMAGENET_FILL, interpolation="bicubic"):
     has centre (j + 0.5, i + 0.5)) samples the input at (aX + bY + c, dX + eY + f); samples
     outside the image take `fill` (one value per channel).
     """
-    tf = _tf()
+    tf = tf_module()
     image = _check_uint8_image(image)
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     m = _f64(matrix)
-    shape = tf.shape(image)
-    h, w = shape[0], shape[1]
+    h, w = tf.unstack(tf.shape(image)[:2])
     hf, wf = tf.cast(h, tf.float64), tf.cast(w, tf.float64)
     ys, xs = tf.meshgrid(tf.range(hf) + 0.5, tf.range(wf) + 0.5, indexing="ij")
     xin = m[0] * xs + m[1] * ys + m[2]
@@ -286,13 +251,12 @@ def affine(image, matrix, fill=IMAGENET_FILL, interpolation="bicubic"):
 
 def rotate(image, degrees, fill=IMAGENET_FILL, interpolation="bicubic"):
     """Counter-clockwise rotation about the image centre (PIL `Image.rotate`, no expand)."""
-    tf = _tf()
+    tf = tf_module()
     image = _check_uint8_image(image)
     angle = -_f64(degrees) * (math.pi / 180.0)
     a, b = tf.cos(angle), tf.sin(angle)
     d, e = -tf.sin(angle), tf.cos(angle)
-    cx = tf.cast(tf.shape(image)[1], tf.float64) / 2.0
-    cy = tf.cast(tf.shape(image)[0], tf.float64) / 2.0
+    cy, cx = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float64) / 2.0)
     c = a * -cx + b * -cy + cx
     f = d * -cx + e * -cy + cy
     return affine(image, tf.stack([a, b, c, d, e, f]), fill, interpolation)
@@ -300,7 +264,7 @@ def rotate(image, degrees, fill=IMAGENET_FILL, interpolation="bicubic"):
 
 def _affine_entry(image, value, fill=IMAGENET_FILL, interpolation="bicubic", *, index):
     """`affine` with the identity matrix whose entry `index` is `value`."""
-    tf = _tf()
+    tf = tf_module()
     m = [tf.constant(v, tf.float64) for v in (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)]
     m[index] = _f64(value)
     return affine(image, tf.stack(m), fill, interpolation)
@@ -321,7 +285,7 @@ def apply_op(
 ):
     """Apply op `name` of `OP_NAMES` at `magnitude` (0..10) with `sign` (+1/-1, used by the
     signed ops) to a uint8 `[H, W, 3]` image, as timm's level functions."""
-    tf = _tf()
+    tf = tf_module()
     if name not in OP_NAMES:
         raise ValueError(f"unknown RandAugment op {name!r}; known: {OP_NAMES}")
     m = _f64(magnitude) / MAX_LEVEL  # levels in double, as timm's Python
@@ -350,7 +314,7 @@ def apply_op(
 
 
 def _seed(seed):
-    tf = _tf()
+    tf = tf_module()
     seed = tf.convert_to_tensor(seed)
     if (
         seed.shape.rank not in (None, 1)
@@ -376,18 +340,13 @@ def rand_augment(
 ):
     """timm RandAugment (`rand-m9-mstd0.5-inc1` by default) on a uint8 `[H, W, 3]` image.
 
-    Pure: the output is a function of `(image, seed)` only. Returns uint8 `[H, W, 3]`.
+    Pure: the output is a function of `(image, seed)` only. Returns uint8 `[H, W, 3]`. The
+    ranges of `num_ops`, `magnitude`, `magnitude_std`, `prob` are checked where they are read
+    (`tasks.finetune.parse_rand_augment`).
     """
-    tf = _tf()
+    tf = tf_module()
     image = _check_uint8_image(image)
     seed = _seed(seed)
-    require("num_ops", num_ops, "int>=0")
-    require("prob", prob, "num[0,1]")
-    if not 0 <= float(magnitude) <= MAX_LEVEL or float(magnitude_std) < 0:
-        raise ValueError(
-            f"magnitude must be in [0, 10] and magnitude_std >= 0, got "
-            f"{magnitude!r}, {magnitude_std!r}"
-        )
     ops = tuple(ops)
     for name in ops:
         if name not in OP_NAMES:
@@ -431,17 +390,15 @@ def random_erasing(
 ):
     """timm RandomErasing (mode 'pixel', one box) on a normalized float `[H, W, C]` image.
 
-    Pure function of `(image, seed)`; returns the same shape and dtype.
+    Pure function of `(image, seed)`; returns the same shape and dtype. `prob`: in [0, 1].
     """
-    tf = _tf()
+    tf = tf_module()
     image = tf.convert_to_tensor(image)
     if not image.dtype.is_floating or image.shape.rank != 3:
         raise ValueError(
             f"image must be a normalized float [H, W, C], got {image.dtype.name} {image.shape}"
         )
     seed = _seed(seed)
-    if not 0 <= float(prob) <= 1:
-        raise ValueError(f"prob must be in [0, 1], got {prob!r}")
     if not 0 < min_area <= max_area <= 1:
         raise ValueError(f"need 0 < min_area <= max_area <= 1, got {min_area}, {max_area}")
     max_aspect = 1.0 / min_aspect if max_aspect is None else max_aspect
@@ -454,11 +411,8 @@ def random_erasing(
     h, w = shape[0], shape[1]
     hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
     area = tf.random.stateless_uniform([attempts], s_area, min_area, max_area) * hf * wf
-    aspect = tf.exp(
-        tf.random.stateless_uniform(
-            [attempts], s_aspect, math.log(min_aspect), math.log(max_aspect)
-        )
-    )
+    log_aspect = (math.log(min_aspect), math.log(max_aspect))
+    aspect = tf.exp(tf.random.stateless_uniform([attempts], s_aspect, *log_aspect))
     bh = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)  # round half to even, as Python
     bw = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
     fits = (bw < w) & (bh < h)
@@ -473,8 +427,7 @@ def random_erasing(
     def erased():
         noise = tf.random.stateless_normal([bh, bw, shape[2]], s_noise, dtype=image.dtype)
         noise = tf.pad(noise, [[top, h - top - bh], [left, w - left - bw], [0, 0]])
-        rows = tf.range(h)[:, None]
-        cols = tf.range(w)[None, :]
+        rows, cols = tf.range(h)[:, None], tf.range(w)[None, :]
         inside = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)
         return tf.where(inside[..., None], noise, image)
 

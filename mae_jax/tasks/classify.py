@@ -54,11 +54,8 @@ def split_classifier(model: ViTClassifier, trainable: nnx.filterlib.Filter):
     graphdef, params, frozen, stats, rest = nnx.split(
         model, trainable, nnx.Param, nnx.BatchStat, ...
     )
-    parts = {"params": params}
-    if jax.tree.leaves(frozen):
-        parts["frozen"] = frozen
-    if jax.tree.leaves(stats):
-        parts["batch_stats"] = stats
+    optional = {"frozen": frozen, "batch_stats": stats}
+    parts = {"params": params, **{k: v for k, v in optional.items() if jax.tree.leaves(v)}}
     return graphdef, parts, rest
 
 
@@ -112,9 +109,8 @@ def train_step(
     the loss is the soft-target cross-entropy. BatchNorm statistics (if any) are updated.
     """
     step_key = jax.random.fold_in(key, state["step"])
-    images, targets = prepare(
-        jax.random.fold_in(step_key, _PREPARE_TAG), batch["image"], batch["label"]
-    )
+    prepare_key = jax.random.fold_in(step_key, _PREPARE_TAG)
+    images, targets = prepare(prepare_key, batch["image"], batch["label"])
     drop_key = jax.random.fold_in(step_key, _DROP_PATH_TAG)
     (loss, (logits, stats)), grads = loss_and_grads(
         state, images, targets, drop_key, graphdef=graphdef, rest=rest, drop_path=drop_path
@@ -221,12 +217,8 @@ def evaluate(
     n = totals.get("count", 0.0)
     if n <= 0:
         raise ValueError(f"the eval split {data_config.eval_split!r} has no examples")
-    return {
-        "top1": 100.0 * totals["top1"] / n,
-        "top5": 100.0 * totals["top5"] / n,
-        "loss": totals["loss"] / n,
-        "num_examples": int(n),
-    }
+    accuracy = {k: 100.0 * totals[k] / n for k in ("top1", "top5")}
+    return {**accuracy, "loss": totals["loss"] / n, "num_examples": int(n)}
 
 
 def check_labels(labels, num_classes: int, data_classes: int | None, where: str) -> None:
@@ -343,15 +335,10 @@ def plan(config, resume: train.Resume = None, where: str = "") -> Plan:
 def check_workdir(meta: dict, expected: dict, where: str, step: int) -> None:
     """Refuse a workdir whose checkpoint holds another task / encoder / number of classes."""
     saved_model = meta.get("model") or {}
-    diffs = []
-    for k in ("task", "num_classes"):
-        if meta.get(k) != expected[k]:
-            diffs.append(f"{k}: checkpoint {meta.get(k)!r} vs config {expected[k]!r}")
+    pairs = [(k, meta.get(k), expected[k]) for k in ("task", "num_classes")]
     for f in init_from.ENCODER_FIELDS + ("img_size",):
-        if saved_model.get(f) != expected["model"].get(f):
-            diffs.append(
-                f"{f}: checkpoint {saved_model.get(f)!r} vs config {expected['model'].get(f)!r}"
-            )
+        pairs.append((f, saved_model.get(f), expected["model"].get(f)))
+    diffs = [f"{k}: checkpoint {a!r} vs config {b!r}" for k, a, b in pairs if a != b]
     if diffs:
         raise ValueError(
             f"the workdir's checkpoint {where} (step {step}) is of another run "
@@ -421,15 +408,8 @@ def classification_task(
         what = (name, step, r["top1"], r["top5"], r["num_examples"])
         logging.info("%s: step %d: eval top-1 %.2f%%, top-5 %.2f%% on %d examples", *what)
         if step == p.run.total_steps and jax.process_index() == 0:
-            out = {
-                **r,
-                "step": step,
-                "task": config.task,
-                "model": p.model.name,
-                "num_classes": p.num_classes,
-                "init_from": meta["init_from"],
-            }
-            wdir.write_results(workdir, out)
+            run = {"task": config.task, "model": p.model.name, "num_classes": p.num_classes}
+            wdir.write_results(workdir, {**r, "step": step, **run, "init_from": meta["init_from"]})
         return {"eval_top1": r["top1"], "eval_top5": r["top5"], "eval_loss": r["loss"]}
 
     info = pipeline.dataset_info(config.data)

@@ -92,15 +92,6 @@ def load_state(fns, weights: Weights) -> dict:
     return wdir.from_checkpoint(wdir.place(values, target), fns.abstract_state)
 
 
-def check_workdir(root: str) -> None:
-    """Refuse a workdir of a training run (or of imported weights)."""
-    if wdir.exists(root) and wdir.isdir(root) and wdir.Reader(root).steps():
-        raise ValueError(
-            f"--workdir {root} holds checkpoints (a run or imported weights); an evaluation "
-            f"writes eval_results.json and metrics.jsonl into its own --workdir: use another"
-        )
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Evaluate `config.checkpoint` on `config.data`'s eval split; write and print the results
     (see the module docstring) and return them."""
@@ -108,7 +99,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ValueError(f"config.task must be {TASK!r} for evaluation, got {config.get('task')!r}")
     schema.check(config, TASK)
     root = wdir.normalize(workdir)
-    check_workdir(root)
+    if wdir.exists(root) and wdir.isdir(root) and wdir.Reader(root).steps():
+        raise ValueError(
+            f"--workdir {root} holds checkpoints (a run or imported weights); an evaluation "
+            f"writes eval_results.json and metrics.jsonl into its own --workdir: use another"
+        )
     batch = config.eval_batch_size
     mesh = shd.make_mesh(config.mesh)
     train.check_batches(mesh, {"config.eval_batch_size": batch})

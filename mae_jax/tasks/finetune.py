@@ -40,8 +40,6 @@ def parse_rand_augment(spec: str | None) -> dict | None:
     """
     if not spec:
         return None
-    if not isinstance(spec, str):
-        raise ValueError(f"rand_augment must be a string like 'rand-m9-mstd0.5-inc1', got {spec!r}")
     parts = spec.split("-")
     if parts[0] != "rand":
         raise ValueError(f"rand_augment {spec!r} must start with 'rand-' (timm's format)")
@@ -100,7 +98,6 @@ def finetune_task(config, mesh, workdir: str, resume: train.Resume = None) -> tr
             f"config.task must be {TASK!r} for fine-tuning, got {config.get('task')!r}"
         )
     p = cs.plan(config, resume, workdir)
-    augment_fn = make_augment_fn(config.rand_augment, config.reprob)
     mix = dict(
         mixup_alpha=float(config.mixup),
         cutmix_alpha=float(config.cutmix),
@@ -126,7 +123,7 @@ def finetune_task(config, mesh, workdir: str, resume: train.Resume = None) -> tr
         head=Head(p.num_classes, bool(config.global_pool), linear_probe=False),
         drop_path_rate=float(config.drop_path_rate),
         flops_per_image=3.0 * flops.classifier_flops_per_image(p.model, p.num_classes),
-        augment_fn=augment_fn,
+        augment_fn=make_augment_fn(config.rand_augment, config.reprob),
     )
 
 
