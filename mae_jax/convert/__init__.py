@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mae_jax import ops
 from mae_jax.convert import files, mapping, posembed
 from mae_jax.convert.classifier import (
     classifier_from_pytorch,
@@ -86,18 +85,11 @@ def params_to_pytorch(
     config = resolve(config)
     params = layout.convert(params, stacked=False)
     grid = target_grid(config, img_size)
-    tables = []
-    for table, dim in (
-        (pos_embed, config.embed_dim),
-        (decoder_pos_embed, config.decoder_embed_dim),
-    ):
-        if table is None:
-            tables.append(ops.sincos_2d(dim, grid)[None])
-        else:
-            tables.append(resize_pos_embed(np.asarray(table, np.float32), grid))
-    return mapping.params_to_pytorch(
-        params, config, format, pos_embed=tables[0], decoder_pos_embed=tables[1]
-    )
+    tables = {
+        "pos_embed": posembed.table_at(pos_embed, config.embed_dim, grid),
+        "decoder_pos_embed": posembed.table_at(decoder_pos_embed, config.decoder_embed_dim, grid),
+    }
+    return mapping.params_to_pytorch(params, config, mapping.rules(config, format), tables)
 
 
 def to_pytorch(
@@ -171,7 +163,7 @@ def read_pytorch(state_dict_or_path: Any, name_or_config: Any, *, strict: bool =
             f"freshly initialized",
             stacklevel=2,
         )
-    params, tables = mapping.pytorch_to_params(sd, config, fmt, has_decoder)
+    params, tables = mapping.pytorch_to_params(sd, mapping.rules(config, fmt), has_decoder)
     sincos = all(posembed.is_sincos(t) for t in tables.values())
     tables = {k: resize_pos_embed(t, config.grid_size) for k, t in tables.items()}
     return Converted(params, tables, fmt, has_decoder, source, sincos)

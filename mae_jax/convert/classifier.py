@@ -38,7 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mae_jax import ops
 from mae_jax.convert import files, mapping, posembed
 from mae_jax.models import layout, resolve
 from mae_jax.models.classifier import BN_EPS, Head, ViTClassifier, from_head
@@ -99,19 +98,9 @@ def tree_to_pytorch(
     tree = layout.convert(tree, stacked=False)
     if head.linear_probe and fmt != "official":
         tree, head = fold_batchnorm(tree), dataclasses.replace(head, linear_probe=False)
-    grid = posembed.target_grid(config, img_size)
-    if pos_embed is None:
-        table = ops.sincos_2d(config.embed_dim, grid)[None]
-    else:
-        table = posembed.resize_pos_embed(np.asarray(pos_embed, np.float32), grid)
-    sd = mapping.params_to_pytorch(
-        tree,
-        config,
-        fmt,
-        pos_embed=table,
-        decoder_pos_embed=np.zeros((1, 1, config.decoder_embed_dim), np.float32),  # unused
-        rule_list=mapping.classifier_rules(config, head, fmt),
-    )
+    table = posembed.table_at(pos_embed, config.embed_dim, posembed.target_grid(config, img_size))
+    rule_list = mapping.classifier_rules(config, head, fmt)
+    sd = mapping.params_to_pytorch(tree, config, rule_list, {"pos_embed": table})
     if head.linear_probe:
         sd[f"head.0.{mapping.BN_COUNT}"] = np.asarray(num_batches_tracked, np.int64)
     return sd
@@ -170,7 +159,8 @@ def read_classifier(state_dict_or_path: Any, name_or_config: Any) -> ConvertedCl
         )
     sd = {k: v for k, v in sd.items() if k != f"head.0.{mapping.BN_COUNT}"}
     rule_list = mapping.classifier_rules(config, head, fmt)
-    missing, unexpected, misshaped = mapping.check_classifier_state_dict(sd, config, head, fmt)
+    wanted = mapping.classifier_shapes(config, head, fmt)
+    missing, unexpected, misshaped = mapping.compare_shapes(sd, wanted, rule_list)
     if missing or unexpected or misshaped:
         kind = "linear-probe" if head.linear_probe else "fine-tuned"
         raise mapping.mismatch_error(
@@ -180,7 +170,7 @@ def read_classifier(state_dict_or_path: Any, name_or_config: Any) -> ConvertedCl
             unexpected,
             misshaped,
         )
-    tree, tables = mapping.pytorch_to_params(sd, config, fmt, False, rule_list=rule_list)
+    tree, tables = mapping.pytorch_to_params(sd, rule_list, False)
     table = np.asarray(tables["pos_embed"], np.float32)
     sincos = posembed.is_sincos(table)
     return ConvertedClassifier(

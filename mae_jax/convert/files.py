@@ -10,6 +10,7 @@ files get the usual mode (0o666 less the umask).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import importlib
@@ -52,19 +53,10 @@ def _require(module: str, purpose: str):
 
 
 # ----------------------------------------------------------------------------- reading
-def tensor_to_numpy(value: Any) -> np.ndarray:
-    """A torch tensor or array-like -> numpy (half/bfloat16 tensors widened to float32)."""
-    if hasattr(value, "detach") and hasattr(value, "numpy"):  # torch.Tensor, duck-typed
-        t = value.detach().cpu()
-        if t.is_floating_point() and t.element_size() < 4:
-            t = t.float()
-        return t.numpy()
-    return np.asarray(value)
-
-
 def unwrap(obj: Any) -> dict[str, np.ndarray]:
     """A loaded checkpoint -> flat `{name: numpy array}`: accepts the official
-    `{'model': state_dict, ...}` wrapper (also `'state_dict'`) and strips DDP `module.`."""
+    `{'model': state_dict, ...}` wrapper (also `'state_dict'`) and strips DDP `module.`; torch
+    tensors become numpy arrays (half/bfloat16 ones widened to float32)."""
     if not isinstance(obj, Mapping):
         raise ValueError(f"expected a state dict (a mapping), got {type(obj).__name__}")
     for key in _WRAPPER_KEYS:
@@ -80,7 +72,12 @@ def unwrap(obj: Any) -> dict[str, np.ndarray]:
                 f"state dict entry {key!r} is a {type(value).__name__}, not a tensor; "
                 f"is this a full training checkpoint without a 'model' entry?"
             )
-        out[key] = tensor_to_numpy(value)
+        if hasattr(value, "detach") and hasattr(value, "numpy"):  # torch.Tensor, duck-typed
+            value = value.detach().cpu()
+            if value.is_floating_point() and value.element_size() < 4:
+                value = value.float()
+            value = value.numpy()
+        out[key] = np.asarray(value)
     if out and all(k.startswith("module.") for k in out):
         out = {k[len("module.") :]: v for k, v in out.items()}
     return out
@@ -127,12 +124,9 @@ def load_torch_file(path: str) -> Any:
     unpickled (plus `argparse.Namespace`, which the official training checkpoints hold under
     'args'); any other object, and an empty, truncated or damaged file, raise ValueError."""
     torch = _require("torch", f"reading {path}")
-    safe = getattr(torch.serialization, "safe_globals", None)
     try:
-        if safe is not None:
-            with safe([argparse.Namespace]):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except Exception as e:  # torch raises UnpicklingError / RuntimeError / OSError variants
@@ -315,18 +309,12 @@ def hf_config(config: MAEConfig, img_size: int | None = None) -> dict:
     }
 
 
-_HF_STRUCTURE = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "decoder_hidden_size",
-    "decoder_num_hidden_layers",
-    "decoder_num_attention_heads",
-    "decoder_intermediate_size",
-    "patch_size",
-    "num_channels",
-)
+# The `config.json` fields that fix the architecture
+_HF_STRUCTURE = [
+    f"{prefix}{field}"
+    for prefix in ("", "decoder_")
+    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+] + ["patch_size", "num_channels"]
 
 
 def check_hf_config(hf: Mapping, config: MAEConfig) -> list[str]:
@@ -373,13 +361,6 @@ def _write_error(path: str, error: Exception, disk_full: bool = False) -> ValueE
     return ValueError(f"cannot write {path}: {reason}")
 
 
-def _is_disk_full(directory: str) -> bool:
-    try:
-        return shutil.disk_usage(directory).free < 2**20
-    except OSError:
-        return False
-
-
 def _make_dirs(directory: str, path: str) -> list[str]:
     """Create `directory` and its missing parents for writing `path`; return those created."""
     created = []
@@ -397,10 +378,8 @@ def _make_dirs(directory: str, path: str) -> list[str]:
 
 def _remove_dirs(created: list[str]) -> None:
     for directory in reversed(created):
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(directory)
-        except OSError:
-            pass
 
 
 def _check_target(path: str, overwrite: bool) -> list[str]:
@@ -423,7 +402,9 @@ def _atomic_write(path: str, write, created: list[str] = ()) -> None:
     except BaseException as e:
         # torch and safetensors report I/O failures (a full disk) as their own errors
         io = isinstance(e, (OSError, RuntimeError)) or type(e).__module__.startswith("safetensors")
-        full = io and _is_disk_full(directory)  # measured before the partial file goes
+        full = False
+        with contextlib.suppress(OSError):  # measured before the partial file goes
+            full = io and shutil.disk_usage(directory).free < 2**20
         if os.path.lexists(tmp):
             os.remove(tmp)
         _remove_dirs(list(created))
@@ -432,22 +413,7 @@ def _atomic_write(path: str, write, created: list[str] = ()) -> None:
         raise
 
 
-def save_torch_file(
-    state_dict: Mapping[str, np.ndarray], path: str, *, overwrite: bool = False
-) -> None:
-    """`torch.save({'model': state_dict}, path)` (the official layout; float32 tensors, and
-    int64 for integer arrays such as BatchNorm's `num_batches_tracked`)."""
-    torch = _require("torch", f"writing {path}")
-    created = _check_target(path, overwrite)
-    tensors = {
-        k: torch.from_numpy(np.array(v, order="C", copy=True)) for k, v in state_dict.items()
-    }
-    _atomic_write(path, lambda tmp: torch.save({"model": tensors}, tmp), created)
-
-
-def save_safetensors(
-    state_dict: Mapping[str, np.ndarray], path: str, *, overwrite: bool = False
-) -> None:
+def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str, overwrite: bool) -> None:
     """A `.safetensors` file (metadata `format: pt`, as PyTorch libraries expect)."""
     st = _require("safetensors.numpy", f"writing {path}")
     created = _check_target(path, overwrite)
@@ -455,13 +421,7 @@ def save_safetensors(
     _atomic_write(path, lambda tmp: st.save_file(arrays, tmp, metadata={"format": "pt"}), created)
 
 
-def save_hf_dir(
-    state_dict: Mapping[str, np.ndarray],
-    hf_cfg: Mapping,
-    directory: str,
-    *,
-    overwrite: bool = False,
-) -> None:
+def save_hf_dir(state_dict: Mapping, hf_cfg: Mapping, directory: str, overwrite: bool) -> None:
     """A Hugging Face model directory: `config.json` + `model.safetensors`."""
     if os.path.exists(directory):
         if not os.path.isdir(directory):
@@ -510,11 +470,18 @@ def save(
             raise ValueError(f"the 'hf' format writes a directory; got the file name {path}")
         if hf_cfg is None:
             hf_cfg = hf_config(config, img_size)
-        save_hf_dir(state_dict, hf_cfg, path, overwrite=overwrite)
+        save_hf_dir(state_dict, hf_cfg, path, overwrite)
     elif path.endswith((".pth", ".pt")):
-        save_torch_file(state_dict, path, overwrite=overwrite)
+        # torch.save({'model': state_dict}), the official layout: float32 tensors, and int64 for
+        # integer arrays such as BatchNorm's `num_batches_tracked`
+        torch = _require("torch", f"writing {path}")
+        created = _check_target(path, overwrite)
+        tensors = {
+            k: torch.from_numpy(np.array(v, order="C", copy=True)) for k, v in state_dict.items()
+        }
+        _atomic_write(path, lambda tmp: torch.save({"model": tensors}, tmp), created)
     elif path.endswith(SAFETENSORS_EXT):
-        save_safetensors(state_dict, path, overwrite=overwrite)
+        save_safetensors(state_dict, path, overwrite)
     else:
         raise ValueError(
             f"output {path} must end with .pth, .pt or .safetensors for the {fmt!r} format"

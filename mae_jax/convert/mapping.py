@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mae_jax import ops
 from mae_jax.models import abstract_params, layout
 from mae_jax.models.classifier import Head, from_head
 from mae_jax.models.config import MAEConfig
@@ -46,7 +45,7 @@ class Rule:
     ours: tuple  # path in our tree: a leaf (TENSOR/POS) or a module prefix
     theirs: tuple  # PyTorch name prefix(es); three for QKV (query, key, value)
     kind: str
-    decoder: bool
+    decoder: bool = False
 
     def torch_keys(self) -> list[str]:
         if self.kind in (TENSOR, POS):
@@ -62,62 +61,49 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
-def _block_rules(ours: tuple, theirs: str, hf: bool, decoder: bool) -> list[Rule]:
-    def r(sub, names, kind):
-        return Rule(ours + sub, tuple(f"{theirs}.{n}" for n in names), kind, decoder)
+_HF_QKV = tuple(f"attention.attention.{n}" for n in ("query", "key", "value"))
+# A transformer block's modules: (our path, kind, official / timm name, HF names); HF splits the
+# fused qkv into query, key and value.
+_BLOCK = (
+    (("norm1",), NORM, "norm1", ("layernorm_before",)),
+    (("attn", "qkv"), LINEAR, "attn.qkv", _HF_QKV),
+    (("attn", "proj"), LINEAR, "attn.proj", ("attention.output.dense",)),
+    (("norm2",), NORM, "norm2", ("layernorm_after",)),
+    (("mlp", "fc1"), LINEAR, "mlp.fc1", ("intermediate.dense",)),
+    (("mlp", "fc2"), LINEAR, "mlp.fc2", ("output.dense",)),
+)
+# The encoder's other names: cls token, position table, patch embedding, block list, final norm
+_ENCODER = {
+    False: ("cls_token", "pos_embed", "patch_embed.proj", "blocks", "norm"),
+    True: (
+        "vit.embeddings.cls_token",
+        "vit.embeddings.position_embeddings",
+        "vit.embeddings.patch_embeddings.projection",
+        "vit.encoder.layer",
+        "vit.layernorm",
+    ),
+}
 
-    if hf:
-        return [
-            r(("norm1",), ["layernorm_before"], NORM),
-            r(
-                ("attn", "qkv"),
-                [
-                    "attention.attention.query",
-                    "attention.attention.key",
-                    "attention.attention.value",
-                ],
-                QKV,
-            ),
-            r(("attn", "proj"), ["attention.output.dense"], LINEAR),
-            r(("norm2",), ["layernorm_after"], NORM),
-            r(("mlp", "fc1"), ["intermediate.dense"], LINEAR),
-            r(("mlp", "fc2"), ["output.dense"], LINEAR),
-        ]
-    return [
-        r(("norm1",), ["norm1"], NORM),
-        r(("attn", "qkv"), ["attn.qkv"], LINEAR),
-        r(("attn", "proj"), ["attn.proj"], LINEAR),
-        r(("norm2",), ["norm2"], NORM),
-        r(("mlp", "fc1"), ["mlp.fc1"], LINEAR),
-        r(("mlp", "fc2"), ["mlp.fc2"], LINEAR),
-    ]
+
+def _block_rules(ours: tuple, theirs: str, hf: bool, decoder: bool) -> list[Rule]:
+    out = []
+    for sub, kind, official, hf_names in _BLOCK:
+        names = tuple(f"{theirs}.{n}" for n in (hf_names if hf else (official,)))
+        out.append(Rule(ours + sub, names, QKV if len(names) == 3 else kind, decoder))
+    return out
 
 
 def _encoder_rules(config: MAEConfig, hf: bool) -> list[Rule]:
     """The encoder's rules, its final `norm` last."""
-    if hf:
-        enc = [
-            Rule(("cls_token",), ("vit.embeddings.cls_token",), TENSOR, False),
-            Rule(("pos_embed",), ("vit.embeddings.position_embeddings",), POS, False),
-            Rule(
-                ("patch_embed", "proj"),
-                ("vit.embeddings.patch_embeddings.projection",),
-                PATCH,
-                False,
-            ),
-        ]
-        block, norm = "vit.encoder.layer", "vit.layernorm"
-    else:
-        enc = [
-            Rule(("cls_token",), ("cls_token",), TENSOR, False),
-            Rule(("pos_embed",), ("pos_embed",), POS, False),
-            Rule(("patch_embed", "proj"), ("patch_embed.proj",), PATCH, False),
-        ]
-        block, norm = "blocks", "norm"
+    cls, pos, patch, block, norm = _ENCODER[hf]
+    enc = [
+        Rule(("cls_token",), (cls,), TENSOR),
+        Rule(("pos_embed",), (pos,), POS),
+        Rule(("patch_embed", "proj"), (patch,), PATCH),
+    ]
     for i in range(config.depth):
         enc += _block_rules(("blocks", i), f"{block}.{i}", hf, False)
-    enc.append(Rule(("norm",), (norm,), NORM, False))
-    return enc
+    return enc + [Rule(("norm",), (norm,), NORM)]
 
 
 def rules(config: MAEConfig, fmt: str) -> list[Rule]:
@@ -127,19 +113,16 @@ def rules(config: MAEConfig, fmt: str) -> list[Rule]:
     enc = _encoder_rules(config, hf)
     if fmt == "timm":
         return enc
-    dec_prefix, dec_block = ("decoder.", "decoder.decoder_layers") if hf else ("", "decoder_blocks")
-    dec = [
-        Rule(("decoder_embed",), (f"{dec_prefix}decoder_embed",), LINEAR, True),
-        Rule(("mask_token",), (f"{dec_prefix}mask_token",), TENSOR, True),
-        Rule(("decoder_pos_embed",), (f"{dec_prefix}decoder_pos_embed",), POS, True),
-    ]
+    prefix, block = ("decoder.", "decoder.decoder_layers") if hf else ("", "decoder_blocks")
+
+    def dec(name, kind):
+        return Rule((name,), (prefix + name,), kind, True)
+
+    out = enc + [dec("decoder_embed", LINEAR), dec("mask_token", TENSOR)]
+    out.append(dec("decoder_pos_embed", POS))
     for i in range(config.decoder_depth):
-        dec += _block_rules(("decoder_blocks", i), f"{dec_block}.{i}", hf, True)
-    dec += [
-        Rule(("decoder_norm",), (f"{dec_prefix}decoder_norm",), NORM, True),
-        Rule(("decoder_pred",), (f"{dec_prefix}decoder_pred",), LINEAR, True),
-    ]
-    return enc + dec
+        out += _block_rules(("decoder_blocks", i), f"{block}.{i}", hf, True)
+    return out + [dec("decoder_norm", NORM), dec("decoder_pred", LINEAR)]
 
 
 def classifier_rules(config: MAEConfig, head, fmt: str) -> list[Rule]:
@@ -169,15 +152,12 @@ def classifier_rules(config: MAEConfig, head, fmt: str) -> list[Rule]:
     out = _encoder_rules(config, hf)
     if head.global_pool:
         out = [r for r in out if r.ours != ("norm",)]
-        out.append(Rule(("fc_norm",), ("fc_norm",), NORM, False))
+        out.append(Rule(("fc_norm",), ("fc_norm",), NORM))
     if hf:
-        out.append(Rule(("head",), ("classifier",), LINEAR, False))
-    elif head.linear_probe:
-        out.append(Rule(("head", 0), ("head.0",), BN, False))
-        out.append(Rule(("head", 1), ("head.1",), LINEAR, False))
-    else:
-        out.append(Rule(("head",), ("head",), LINEAR, False))
-    return out
+        return out + [Rule(("head",), ("classifier",), LINEAR)]
+    if head.linear_probe:
+        return out + [Rule(("head", 0), ("head.0",), BN), Rule(("head", 1), ("head.1",), LINEAR)]
+    return out + [Rule(("head",), ("head",), LINEAR)]
 
 
 # ----------------------------------------------------------------------------- tree helpers
@@ -221,17 +201,15 @@ def set_weights(model, tree: Mapping, what=nnx.Param) -> None:
 
 
 # ----------------------------------------------------------------------------- ours -> torch
-def _to_torch(
-    params: Mapping, rule_list: list[Rule], config: MAEConfig, pos_embed, decoder_pos_embed
-) -> dict[str, Any]:
-    """Layout conversion with array methods only, so it also runs on tracers (shapes)."""
+def _to_torch(params: Mapping, rule_list: list[Rule], config: MAEConfig, tables: Mapping) -> dict:
+    """Layout conversion with array methods only, so it also runs on tracers (shapes).
+    `tables`: the position tables `{'pos_embed': ..., 'decoder_pos_embed': ...}` the rules use."""
     p, c = config.patch_size, config.in_chans
     out: dict[str, Any] = {}
-    pos = {("pos_embed",): pos_embed, ("decoder_pos_embed",): decoder_pos_embed}
     for rule in rule_list:
         name = rule.theirs[0]
         if rule.kind == POS:
-            out[name] = pos[rule.ours]
+            out[name] = tables[rule.ours[0]]
             continue
         node = _get(params, rule.ours)
         if rule.kind == TENSOR:
@@ -256,41 +234,21 @@ def _to_torch(
 
 
 def params_to_pytorch(
-    params: Mapping,
-    config: MAEConfig,
-    fmt: str = "official",
-    *,
-    pos_embed: np.ndarray | None = None,
-    decoder_pos_embed: np.ndarray | None = None,
-    rule_list: list[Rule] | None = None,
+    params: Mapping, config: MAEConfig, rule_list: list[Rule], tables: Mapping
 ) -> dict[str, np.ndarray]:
-    """Our params (pure dict) -> flat `{torch name: float32 numpy array}` for `fmt`.
-
-    `pos_embed` / `decoder_pos_embed` `[1, 1+L, D]` default to the fixed sin-cos tables of
-    `config`'s grid; pass them already at the target grid. `rule_list`: the MAE's `rules` by
-    default (a classifier's: `classifier_rules`).
-    """
-    check_format(fmt)
-    if rule_list is None:
-        rule_list = rules(config, fmt)
+    """Our params (pure dict) -> flat `{torch name: float32 numpy array}` named by `rule_list`
+    (`rules`, or a classifier's `classifier_rules`); `tables`: the position tables
+    `[1, 1+L, D]` by name (`pos_embed`, `decoder_pos_embed`), already at the target grid."""
     params = jax.tree.map(lambda x: np.asarray(x).astype(np.float32), params)
-    g = config.grid_size
-    if pos_embed is None:
-        pos_embed = ops.sincos_2d(config.embed_dim, g)[None]
-    if decoder_pos_embed is None:
-        decoder_pos_embed = ops.sincos_2d(config.decoder_embed_dim, g)[None]
-    out = _to_torch(
-        params,
-        rule_list,
-        config,
-        np.asarray(pos_embed, np.float32),
-        np.asarray(decoder_pos_embed, np.float32),
-    )
+    tables = {k: np.asarray(v, np.float32) for k, v in tables.items()}
+    out = _to_torch(params, rule_list, config, tables)
     return {k: np.array(v, dtype=np.float32, order="C", copy=True) for k, v in out.items()}
 
 
 @functools.lru_cache(maxsize=16)
-def _abstract_classifier(config: MAEConfig, head) -> dict:
+def abstract_classifier(config: MAEConfig, head) -> dict:
+    """A classifier's tree (Params and BatchNorm statistics) of `config` and `head` with
+    `jax.ShapeDtypeStruct` leaves (nothing allocated); cached, not to be changed."""
     small = dataclasses.replace(config, depth=1, scan_layers=False)  # as `models.abstract_params`
     model = nnx.eval_shape(lambda: from_head(small, head))
     tree = nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
@@ -298,18 +256,14 @@ def _abstract_classifier(config: MAEConfig, head) -> dict:
     return tree
 
 
-def abstract_classifier(config: MAEConfig, head) -> dict:
-    """A classifier's tree (Params and BatchNorm statistics) of `config` and `head` with
-    `jax.ShapeDtypeStruct` leaves (nothing allocated)."""
-    return jax.tree.map(lambda x: x, _abstract_classifier(config, head))
-
-
 def _shapes(rule_list: list[Rule], tree: dict, config: MAEConfig, grid: int | None) -> dict:
     g = config.grid_size if grid is None else grid
-    f32 = np.float32
-    pos = jax.ShapeDtypeStruct((1, 1 + g * g, config.embed_dim), f32)
-    dpos = jax.ShapeDtypeStruct((1, 1 + g * g, config.decoder_embed_dim), f32)
-    out = jax.eval_shape(lambda prm, a, b: _to_torch(prm, rule_list, config, a, b), tree, pos, dpos)
+    rows = (1, 1 + g * g)
+    tables = {
+        "pos_embed": jax.ShapeDtypeStruct((*rows, config.embed_dim), np.float32),
+        "decoder_pos_embed": jax.ShapeDtypeStruct((*rows, config.decoder_embed_dim), np.float32),
+    }
+    out = jax.eval_shape(lambda prm, t: _to_torch(prm, rule_list, config, t), tree, tables)
     return {k: tuple(v.shape) for k, v in out.items()}
 
 
@@ -318,7 +272,6 @@ def pytorch_shapes(
 ) -> dict[str, tuple[int, ...]]:
     """`{torch name: shape}` of `fmt`'s state dict for `config` (position tables on `grid`,
     default the config's), computed without allocating any parameter."""
-    check_format(fmt)
     return _shapes(rules(config, fmt), abstract_params(config), config, grid)
 
 
@@ -359,21 +312,15 @@ def _from_torch(sd: Mapping[str, np.ndarray], rule: Rule):
 
 
 def pytorch_to_params(
-    sd: Mapping[str, np.ndarray],
-    config: MAEConfig,
-    fmt: str,
-    with_decoder: bool,
-    rule_list: list[Rule] | None = None,
+    sd: Mapping[str, np.ndarray], rule_list: list[Rule], with_decoder: bool
 ) -> tuple[dict, dict]:
-    """Numpy state dict (already validated) -> `(params pure dict, position tables)`.
-
-    Without `with_decoder`, only encoder entries are read. Position tables are returned as
-    found (`{'pos_embed': ..., 'decoder_pos_embed': ...}`), not resized. `rule_list`: the
-    MAE's `rules` by default (a classifier's: `classifier_rules`).
-    """
+    """Numpy state dict (already validated) -> `(params pure dict, position tables)` by
+    `rule_list` (`rules` or `classifier_rules`). Without `with_decoder`, only encoder entries
+    are read. Position tables are returned as found (`{'pos_embed': ..., 'decoder_pos_embed':
+    ...}`), not resized."""
     params: dict = {}
     tables: dict = {}
-    for rule in rules(config, fmt) if rule_list is None else rule_list:
+    for rule in rule_list:
         if rule.decoder and not with_decoder:
             continue
         value = _from_torch(sd, rule)
@@ -476,30 +423,20 @@ def check_state_dict(
     sd: Mapping[str, np.ndarray], config: MAEConfig, fmt: str, with_decoder: bool
 ) -> tuple[list[str], list[str], list[str]]:
     """Compare keys and shapes with `config`'s model (decoder keys only `with_decoder`):
-    returns `(missing, unexpected, mis-shaped)` lists, all empty when the state dict fits.
-    Position tables may be on any square grid of the right width."""
+    returns `(missing, unexpected, mis-shaped)` lists, all empty when the state dict fits."""
     full = "hf" if fmt == "hf" else "official"
-    expected = pytorch_shapes(config, full)
-    pos_keys = {r.theirs[0] for r in rules(config, full) if r.kind == POS}
     decoder_keys = decoder_torch_keys(config, fmt)
-    wanted = {k: s for k, s in expected.items() if with_decoder or k not in decoder_keys}
-    return compare_shapes(sd, wanted, pos_keys)
-
-
-def check_classifier_state_dict(
-    sd: Mapping[str, np.ndarray], config: MAEConfig, head, fmt: str
-) -> tuple[list[str], list[str], list[str]]:
-    """`check_state_dict` for a classifier state dict in `fmt` ('official' or 'hf')."""
-    wanted = classifier_shapes(config, head, fmt)
-    pos_keys = {r.theirs[0] for r in classifier_rules(config, head, fmt) if r.kind == POS}
-    return compare_shapes(sd, wanted, pos_keys)
+    expected = pytorch_shapes(config, full).items()
+    wanted = {k: s for k, s in expected if with_decoder or k not in decoder_keys}
+    return compare_shapes(sd, wanted, rules(config, full))
 
 
 def compare_shapes(
-    sd: Mapping[str, np.ndarray], wanted: Mapping[str, tuple], pos_keys: set[str]
+    sd: Mapping[str, np.ndarray], wanted: Mapping[str, tuple], rule_list: list[Rule]
 ) -> tuple[list[str], list[str], list[str]]:
     """`(missing, unexpected, mis-shaped)` keys of `sd` against `wanted` shapes; position tables
-    (`pos_keys`) may be on any square grid of the right width."""
+    (the POS entries of `rule_list`) may be on any square grid of the right width."""
+    pos_keys = {r.theirs[0] for r in rule_list if r.kind == POS}
     missing = [k for k in wanted if k not in sd]
     unexpected = [k for k in sd if k not in wanted]
     misshaped = []

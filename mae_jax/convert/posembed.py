@@ -60,16 +60,6 @@ def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
     return mat
 
 
-def bicubic_resize_grid(tokens: np.ndarray, new_grid: int) -> np.ndarray:
-    """Patch rows `[g*g, D]` on a square grid -> `[new_grid**2, D]` (bicubic, float32 out)."""
-    tokens = np.asarray(tokens, np.float64)
-    g = grid_of(tokens.shape[0], 0)
-    m = bicubic_matrix(g, new_grid)
-    x = tokens.reshape(g, g, tokens.shape[-1])
-    out = np.einsum("ih,jw,hwd->ijd", m, m, x)
-    return out.reshape(new_grid * new_grid, -1).astype(np.float32)
-
-
 def interpolate_pos_embed(table: np.ndarray, new_grid: int, num_extra: int = 1) -> np.ndarray:
     """`[1, E + g*g, D]` -> `[1, E + new_grid**2, D]`: extra (cls) rows kept, patch rows resized
     bicubically on the grid, as the official `interpolate_pos_embed`. Same grid: unchanged."""
@@ -79,8 +69,10 @@ def interpolate_pos_embed(table: np.ndarray, new_grid: int, num_extra: int = 1) 
     g = grid_of(table.shape[1], num_extra)
     if g == new_grid:
         return table
-    extra, patches = table[0, :num_extra], table[0, num_extra:]
-    return np.concatenate([extra, bicubic_resize_grid(patches, new_grid)], axis=0)[None]
+    m = bicubic_matrix(g, new_grid)
+    patches = np.asarray(table[0, num_extra:], np.float64).reshape(g, g, table.shape[-1])
+    resized = np.einsum("ih,jw,hwd->ijd", m, m, patches).reshape(new_grid * new_grid, -1)
+    return np.concatenate([table[0, :num_extra], resized.astype(np.float32)], axis=0)[None]
 
 
 def is_sincos(table: np.ndarray, atol: float = SINCOS_ATOL) -> bool:
@@ -105,6 +97,14 @@ def resize_pos_embed(table: np.ndarray, new_grid: int) -> np.ndarray:
     if is_sincos(table):
         return ops.sincos_2d(table.shape[-1], new_grid)[None]
     return interpolate_pos_embed(table, new_grid)
+
+
+def table_at(table: np.ndarray | None, dim: int, grid: int) -> np.ndarray:
+    """`table` resized to `grid` (`resize_pos_embed`); None: the fixed sin-cos table
+    `[1, 1 + grid**2, dim]`."""
+    if table is None:
+        return ops.sincos_2d(dim, grid)[None]
+    return resize_pos_embed(table, grid)
 
 
 def target_grid(config, img_size: int | None) -> int:
