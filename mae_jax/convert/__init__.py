@@ -134,17 +134,15 @@ def read_pytorch(state_dict_or_path: Any, name_or_config: Any, *, strict: bool =
     truncated or damaged files, and a directory without a valid `config.json`, raise ValueError.
     """
     config = resolve(name_or_config)
-    loaded = files.load_input(state_dict_or_path)
-    sd, source, hf_cfg = loaded.state_dict, loaded.source, loaded.hf_cfg
-    fmt = detect_format(sd)
-    if fmt == "hf":
-        sd = mapping.normalize_hf_names(sd)
-        if hf_cfg is not None:
-            for note in check_hf_config(hf_cfg, config):
-                warnings.warn(f"{source}: {note}", stacklevel=2)
-    has_decoder = any(k in sd for k in mapping.decoder_torch_keys(config, fmt))
+    sd, source, fmt = files.read_input(state_dict_or_path, config)
+    full = "hf" if fmt == "hf" else "official"  # timm's names are the official encoder's
+    rule_list = mapping.rules(config, full)
+    decoder_keys = {k for r in rule_list if r.decoder for k in r.torch_keys()}
+    has_decoder = any(k in sd for k in decoder_keys)
     kind = mapping.describe(sd, fmt)
-    missing, unexpected, misshaped = mapping.check_state_dict(sd, config, fmt, has_decoder)
+    expected = mapping.pytorch_shapes(config, full).items()
+    wanted = {k: s for k, s in expected if has_decoder or k not in decoder_keys}
+    missing, unexpected, misshaped = mapping.compare_shapes(sd, wanted, rule_list)
     if unexpected and not strict:
         warnings.warn(
             f"{source}: ignoring {len(unexpected)} unexpected key(s): "
@@ -163,7 +161,7 @@ def read_pytorch(state_dict_or_path: Any, name_or_config: Any, *, strict: bool =
             f"freshly initialized",
             stacklevel=2,
         )
-    params, tables = mapping.pytorch_to_params(sd, mapping.rules(config, fmt), has_decoder)
+    params, tables = mapping.pytorch_to_params(sd, rule_list, has_decoder)
     sincos = all(posembed.is_sincos(t) for t in tables.values())
     tables = {k: resize_pos_embed(t, config.grid_size) for k, t in tables.items()}
     return Converted(params, tables, fmt, has_decoder, source, sincos)

@@ -29,7 +29,6 @@ shares); the kind of head is read from the keys (`mapping.classifier_head`).
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -140,16 +139,8 @@ def read_classifier(state_dict_or_path: Any, name_or_config: Any) -> ConvertedCl
     read from the keys. Keys or shapes that do not fit raise ValueError listing them; a file
     without a classifier head raises ValueError. Position tables on another grid are resized."""
     config = resolve(name_or_config)
-    loaded = files.load_input(state_dict_or_path)
-    sd, source, hf_cfg = loaded.state_dict, loaded.source, loaded.hf_cfg
-    fmt = mapping.detect_format(sd)
-    if fmt == "hf":
-        sd = mapping.normalize_hf_names(sd)
-        if hf_cfg is not None:
-            for note in files.check_hf_config(hf_cfg, config):
-                warnings.warn(f"{source}: {note}", stacklevel=2)
-    else:
-        fmt = "official"  # timm's classifier names are the official ones
+    sd, source, fmt = files.read_input(state_dict_or_path, config)
+    fmt = "hf" if fmt == "hf" else "official"  # timm's classifier names are the official ones
     head = mapping.classifier_head(sd)
     if head is None:
         raise ValueError(
@@ -160,15 +151,13 @@ def read_classifier(state_dict_or_path: Any, name_or_config: Any) -> ConvertedCl
     sd = {k: v for k, v in sd.items() if k != f"head.0.{mapping.BN_COUNT}"}
     rule_list = mapping.classifier_rules(config, head, fmt)
     wanted = mapping.classifier_shapes(config, head, fmt)
-    missing, unexpected, misshaped = mapping.compare_shapes(sd, wanted, rule_list)
-    if missing or unexpected or misshaped:
+    problems = mapping.compare_shapes(sd, wanted, rule_list)  # missing, unexpected, mis-shaped
+    if any(problems):
         kind = "linear-probe" if head.linear_probe else "fine-tuned"
         raise mapping.mismatch_error(
             f"{source} ({fmt} format, {kind} classifier, {head.num_classes} classes) for model "
             f"{config.name}",
-            missing,
-            unexpected,
-            misshaped,
+            *problems,
         )
     tree, tables = mapping.pytorch_to_params(sd, rule_list, False)
     table = np.asarray(tables["pos_embed"], np.float32)

@@ -50,19 +50,6 @@ class CliError(Exception):
     """A user-facing error: printed without a traceback, exit status 1."""
 
 
-def read_checkpoint(workdir: str, step: int | None):
-    """A workdir's checkpoint, read-only: a `workdir.Classifier` for a classifier's, else
-    `(step, config, params)` of an MAE's."""
-    _, meta = wdir.checkpoint_meta(wdir.Reader(workdir), step, "mae-jax")
-    if wdir.is_classifier(meta):
-        return wdir.read_classifier(workdir, step)
-    return wdir.read_mae(workdir, step)
-
-
-def _count(sd) -> tuple[int, int]:
-    return len(sd), int(sum(np.size(v) for v in sd.values()))
-
-
 # ----------------------------------------------------------------------------- export
 def run_export(args) -> None:
     fmt = args.format
@@ -80,9 +67,9 @@ def run_export(args) -> None:
         )
     if fmt == "hf" and out.endswith((".pth", ".pt", ".safetensors")):
         raise CliError(f"--format hf writes a directory; got the file name {out}")
-    found = read_checkpoint(args.workdir, args.step)
-    if isinstance(found, tuple):
-        step, config, params = found
+    _, meta = wdir.checkpoint_meta(wdir.Reader(args.workdir), args.step, "mae-jax")
+    if not wdir.is_classifier(meta):
+        step, config, params = wdir.read_mae(args.workdir, args.step)
         print(
             f"read the params of step {step} ({config.name}) from {args.workdir}", file=sys.stderr
         )
@@ -90,6 +77,7 @@ def run_export(args) -> None:
         convert.save(sd, out, fmt, config, img_size=args.img_size, overwrite=args.force)
         what = ""
     else:
+        found = wdir.read_classifier(args.workdir, args.step)
         step, config, head = found.step, found.config, found.head
         sd = cc.tree_to_pytorch(
             found.tree,
@@ -107,7 +95,7 @@ def run_export(args) -> None:
         what = f", {describe_head(head)}" + (
             ", BatchNorm folded into the head" if head.linear_probe and fmt != "official" else ""
         )
-    n, numbers = _count(sd)
+    n, numbers = len(sd), int(sum(np.size(v) for v in sd.values()))
     print(
         f"wrote {out}: {fmt} format{what}, {n} tensors, {numbers:,} numbers "
         f"(step {step}, image size {args.img_size or config.img_size})"
@@ -223,56 +211,44 @@ COMMANDS = {
 
 def define_flags(fv: flags.FlagValues) -> None:
     """The flags of both subcommands, in `fv` (`flags.FLAGS` for the command line)."""
+    on = {"flag_values": fv}
     flags.DEFINE_string(
         "workdir",
         None,
         "export: pretraining, fine-tuning or linear-probing workdir (holds checkpoints/); "
         "import: workdir to create the checkpoint in",
-        flag_values=fv,
+        **on,
     )
-    flags.DEFINE_integer("step", None, "export: checkpoint step (default: latest)", flag_values=fv)
-    flags.DEFINE_enum(
-        "format", None, ["official", "timm", "hf"], "export: file format", flag_values=fv
-    )
+    flags.DEFINE_integer("step", None, "export: checkpoint step (default: latest)", **on)
+    flags.DEFINE_enum("format", None, ["official", "timm", "hf"], "export: file format", **on)
     flags.DEFINE_string(
-        "output",
-        None,
-        "export: official: .pth; timm: .safetensors or .pth; hf: a directory",
-        flag_values=fv,
+        "output", None, "export: official: .pth; timm: .safetensors or .pth; hf: a directory", **on
     )
     flags.DEFINE_integer(
-        "img-size",
-        None,
-        "export: position tables for this image size (default: the model's)",
-        flag_values=fv,
+        "img-size", None, "export: position tables for this image size (default: the model's)", **on
     )
-    flags.DEFINE_boolean("force", False, "export: overwrite an existing output", flag_values=fv)
+    flags.DEFINE_boolean("force", False, "export: overwrite an existing output", **on)
     flags.DEFINE_string(
         "input",
         None,
         "import: .pth / .safetensors file or Hugging Face directory (format detected)",
-        flag_values=fv,
+        **on,
     )
-    flags.DEFINE_string(
-        "model", None, "import: model preset, e.g. mae_vit_base_patch16", flag_values=fv
-    )
+    flags.DEFINE_string("model", None, "import: model preset, e.g. mae_vit_base_patch16", **on)
     flags.DEFINE_multi_string(
         "set",
         None,
         "import: model config override FIELD=VALUE, e.g. --set img_size=448 (repeatable)",
-        flag_values=fv,
+        **on,
     )
     flags.DEFINE_integer(
-        "seed",
-        0,
-        "import: seed for parts the file lacks (the decoder of encoder-only files)",
-        flag_values=fv,
+        "seed", 0, "import: seed for parts the file lacks (the decoder of encoder-only files)", **on
     )
     flags.DEFINE_boolean(
         "ignore-unexpected",
         False,
         "import: drop keys the model does not have (e.g. a classifier head)",
-        flag_values=fv,
+        **on,
     )
 
 
@@ -315,13 +291,9 @@ def run(name: str, args) -> int:
 def main(argv: Sequence[str]) -> int:
     """`python -m mae_jax.convert ARGV...` in this process: `main(["export", "--workdir", ...])`.
     Returns the exit status: 0, 1 (failed) or 2 (bad command line, one line `error: ...`)."""
-    return cli.call(PROG, define_flags, command, _execute, argv)
-
-
-def _execute(what) -> int:
-    return run(*what)
+    return cli.call(PROG, define_flags, command, lambda what: run(*what), argv)
 
 
 def run_app() -> None:
     """`python -m mae_jax.convert`, on the flags `define_flags(flags.FLAGS)` made."""
-    cli.run_command(command, _execute)
+    cli.run_command(command, lambda what: run(*what))

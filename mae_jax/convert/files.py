@@ -22,6 +22,7 @@ import secrets
 import shutil
 import stat
 import struct
+import warnings
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -279,6 +280,21 @@ def load_input(state_dict_or_path: Any) -> Loaded:
         hf_cfg = read_hf_config(source) if os.path.isdir(source) else None
         return Loaded(load_state_dict(source), source, hf_cfg)
     return Loaded(unwrap(state_dict_or_path), "the state dict", None)
+
+
+def read_input(
+    state_dict_or_path: Any, config: MAEConfig
+) -> tuple[dict[str, np.ndarray], str, str]:
+    """`(state dict, source, format)` of an input (`load_input`) read for the model `config`:
+    the format detected, HF names normalized and an HF `config.json` checked (notes: warnings)."""
+    loaded = load_input(state_dict_or_path)
+    sd, fmt = loaded.state_dict, mapping.detect_format(loaded.state_dict)
+    if fmt == "hf":
+        sd = mapping.normalize_hf_names(sd)
+        if loaded.hf_cfg is not None:
+            for note in check_hf_config(loaded.hf_cfg, config):
+                warnings.warn(f"{loaded.source}: {note}", stacklevel=3)
+    return sd, loaded.source, fmt
 
 
 # ----------------------------------------------------------------------------- HF config

@@ -419,18 +419,6 @@ def format_list(items: list[str], limit: int = 25) -> str:
     return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def check_state_dict(
-    sd: Mapping[str, np.ndarray], config: MAEConfig, fmt: str, with_decoder: bool
-) -> tuple[list[str], list[str], list[str]]:
-    """Compare keys and shapes with `config`'s model (decoder keys only `with_decoder`):
-    returns `(missing, unexpected, mis-shaped)` lists, all empty when the state dict fits."""
-    full = "hf" if fmt == "hf" else "official"
-    decoder_keys = decoder_torch_keys(config, fmt)
-    expected = pytorch_shapes(config, full).items()
-    wanted = {k: s for k, s in expected if with_decoder or k not in decoder_keys}
-    return compare_shapes(sd, wanted, rules(config, full))
-
-
 def compare_shapes(
     sd: Mapping[str, np.ndarray], wanted: Mapping[str, tuple], rule_list: list[Rule]
 ) -> tuple[list[str], list[str], list[str]]:
@@ -468,12 +456,3 @@ def mismatch_error(what: str, missing, unexpected, misshaped) -> ValueError:
     if misshaped:
         lines.append(f"  mis-shaped keys ({len(misshaped)}): {format_list(misshaped)}")
     return ValueError("\n".join(lines))
-
-
-def decoder_torch_keys(config: MAEConfig, fmt: str) -> set[str]:
-    return {
-        k
-        for r in rules(config, "hf" if fmt == "hf" else "official")
-        if r.decoder
-        for k in r.torch_keys()
-    }
