@@ -13,6 +13,7 @@ It is used only when a run starts: resuming a workdir that holds checkpoints alw
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -91,17 +92,10 @@ def locate(init_from, key: str = "config.init_from") -> Source | None:
         )
     model = models.resolve(meta["model"])
     classifier, lacks = wdir.is_classifier(meta), ()
-    if classifier and _pooled(meta, reader, path, chosen):
-        lacks = ("norm",)  # global pooling normalizes with fc_norm instead
+    with contextlib.suppress(ValueError):  # a classifier's meta that does not say: no pooling
+        if classifier and wdir.read_head(meta, reader, wdir.normalize(path), chosen).global_pool:
+            lacks = ("norm",)  # global pooling normalizes with fc_norm instead
     return Source(reader.directory, "workdir", step, model, parts, classifier, lacks)
-
-
-def _pooled(meta: dict, reader: wdir.Reader, path: str, step: int) -> bool:
-    """Whether a classifier checkpoint pools globally (False when its meta does not say)."""
-    try:
-        return wdir.read_head(meta, reader, wdir.normalize(path), step).global_pool
-    except ValueError:
-        return False
 
 
 def differences(saved: models.MAEConfig, mcfg: models.MAEConfig, fields) -> str:

@@ -100,14 +100,9 @@ def to_pytorch(
     sin-cos table for the fixed embeddings, else bicubic interpolation)."""
     mapping.check_format(format)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return params_to_pytorch(
-        params,
-        model.config,
-        format,
-        img_size=img_size,
-        pos_embed=np.asarray(model.pos_embed.get_value(), np.float32),
-        decoder_pos_embed=np.asarray(model.decoder_pos_embed.get_value(), np.float32),
-    )
+    names = ("pos_embed", "decoder_pos_embed")
+    tables = {k: np.asarray(getattr(model, k).get_value(), np.float32) for k in names}
+    return params_to_pytorch(params, model.config, format, img_size=img_size, **tables)
 
 
 # ----------------------------------------------------------------------------- import

@@ -67,15 +67,14 @@ def run_export(args) -> None:
         )
     if fmt == "hf" and out.endswith((".pth", ".pt", ".safetensors")):
         raise CliError(f"--format hf writes a directory; got the file name {out}")
+    img_size, hf_cfg, what = args.img_size, None, ""
     _, meta = wdir.checkpoint_meta(wdir.Reader(args.workdir), args.step, "mae-jax")
     if not wdir.is_classifier(meta):
         step, config, params = wdir.read_mae(args.workdir, args.step)
         print(
             f"read the params of step {step} ({config.name}) from {args.workdir}", file=sys.stderr
         )
-        sd = convert.params_to_pytorch(params, config, fmt, img_size=args.img_size)
-        convert.save(sd, out, fmt, config, img_size=args.img_size, overwrite=args.force)
-        what = ""
+        sd = convert.params_to_pytorch(params, config, fmt, img_size=img_size)
     else:
         found = wdir.read_classifier(args.workdir, args.step)
         step, config, head = found.step, found.config, found.head
@@ -84,17 +83,16 @@ def run_export(args) -> None:
             config,
             head,
             fmt,
-            img_size=args.img_size,
+            img_size=img_size,
             pos_embed=found.pos_embed,
             num_batches_tracked=step,
         )
-        hf_cfg = cc.hf_classifier_config(config, head, args.img_size) if fmt == "hf" else None
-        convert.save(
-            sd, out, fmt, config, img_size=args.img_size, overwrite=args.force, hf_cfg=hf_cfg
-        )
+        if fmt == "hf":
+            hf_cfg = cc.hf_classifier_config(config, head, img_size)
         what = f", {describe_head(head)}" + (
             ", BatchNorm folded into the head" if head.linear_probe and fmt != "official" else ""
         )
+    convert.save(sd, out, fmt, config, img_size=img_size, overwrite=args.force, hf_cfg=hf_cfg)
     n, numbers = len(sd), int(sum(np.size(v) for v in sd.values()))
     print(
         f"wrote {out}: {fmt} format{what}, {n} tensors, {numbers:,} numbers "

@@ -38,7 +38,6 @@ SAFETENSORS_EXT = ".safetensors"
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 HF_CONFIG = "config.json"
-_WRAPPER_KEYS = ("model", "state_dict")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes zip archives
 _REDO = "re-download or re-export it"
 
@@ -60,7 +59,7 @@ def unwrap(obj: Any) -> dict[str, np.ndarray]:
     tensors become numpy arrays (half/bfloat16 ones widened to float32)."""
     if not isinstance(obj, Mapping):
         raise ValueError(f"expected a state dict (a mapping), got {type(obj).__name__}")
-    for key in _WRAPPER_KEYS:
+    for key in ("model", "state_dict"):
         if isinstance(obj.get(key), Mapping):
             obj = obj[key]
             break
@@ -120,18 +119,23 @@ def _torch_file_problem(path: str, error: Exception) -> str:
     )
 
 
-def load_torch_file(path: str) -> Any:
-    """`torch.load(path, weights_only=True)` on the CPU. Only tensors and plain containers are
-    unpickled (plus `argparse.Namespace`, which the official training checkpoints hold under
-    'args'); any other object, and an empty, truncated or damaged file, raise ValueError."""
+def load_torch_file(path: str) -> dict[str, np.ndarray]:
+    """`torch.load(path, weights_only=True)` on the CPU, `unwrap`ped. Only tensors and plain
+    containers are unpickled (plus `argparse.Namespace`, which the official training checkpoints
+    hold under 'args'); any other object, and an empty, truncated or damaged file, raise
+    ValueError."""
     torch = _require("torch", f"reading {path}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except Exception as e:  # torch raises UnpicklingError / RuntimeError / OSError variants
         raise ValueError(_torch_file_problem(path, e)) from e
+    try:
+        return unwrap(obj)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 def _safetensors_problem(path: str, error: Exception) -> str:
@@ -229,18 +233,11 @@ def load_hf_dir(directory: str) -> dict[str, np.ndarray]:
         return out
     legacy = os.path.join(directory, "pytorch_model.bin")
     if os.path.exists(legacy):
-        return _unwrap_file(load_torch_file(legacy), legacy)
+        return load_torch_file(legacy)
     raise ValueError(
         f"{directory} is a directory without {HF_WEIGHTS}, {HF_INDEX} or pytorch_model.bin; "
         f"expected a Hugging Face model directory"
     )
-
-
-def _unwrap_file(obj: Any, path: str) -> dict[str, np.ndarray]:
-    try:
-        return unwrap(obj)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -254,7 +251,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if path.endswith(SAFETENSORS_EXT):
         return load_safetensors(path)
     if path.endswith(TORCH_EXTS):
-        return _unwrap_file(load_torch_file(path), path)
+        return load_torch_file(path)
     raise ValueError(
         f"cannot tell the file type of {path}: expected a {'/'.join(TORCH_EXTS)} file, a "
         f"{SAFETENSORS_EXT} file or a Hugging Face model directory"

@@ -126,16 +126,9 @@ def rules(config: MAEConfig, fmt: str) -> list[Rule]:
 
 
 def classifier_rules(config: MAEConfig, head, fmt: str) -> list[Rule]:
-    """The mapping of a classifier (`head`: a `models.classifier.Head`) for `fmt`.
-
-    'official' and 'timm' share the names of the official `models_vit.VisionTransformer`
-    (timm's, with `global_pool='avg', fc_norm=True` for global pooling): `fc_norm` replaces
-    `norm` with global pooling; the head is `head`, or for linear probing `head.0` (BatchNorm
-    statistics) + `head.1` (Linear), as the official `main_linprobe.py` saves it. 'hf' is
-    `ViTForImageClassification` (cls token after `vit.layernorm`, `classifier`). timm and HF have
-    a plain Linear head: fold a linear probe's BatchNorm into it first
-    (`mae_jax.convert.classifier.fold_batchnorm`); HF has no global pooling (ValueError).
-    """
+    """The mapping of a classifier (`head`: a `models.classifier.Head`) for `fmt`, named as
+    `mae_jax.convert.classifier`'s docstring says. timm and HF have a plain Linear head: fold a
+    linear probe's BatchNorm into it first (`fold_batchnorm`); HF has no global pooling."""
     check_format(fmt)
     hf = fmt == "hf"
     if hf and head.global_pool:
