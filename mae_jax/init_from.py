@@ -143,19 +143,15 @@ def load(state: dict, shardings: dict, source: Source, keys: tuple[str, ...], mc
     """Copy parameters `keys` (top-level names) of `source` into `state`'s 'params' and/or
     'frozen' entries, straight into their shardings; other entries stay as initialized."""
     target, where = {}, {}
-    for entry in ("params", "frozen"):
-        if entry not in state:
-            continue
-        values = nnx.to_pure_dict(state[entry])
-        sh = nnx.to_pure_dict(shardings[entry])
-        for top in values:
-            if top in keys:
-                target[top] = jax.tree.map(
-                    lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                    values[top],
-                    sh[top],
-                )
-                where[top] = entry
+    for entry in (e for e in ("params", "frozen") if e in state):
+        values, sh = nnx.to_pure_dict(state[entry]), nnx.to_pure_dict(shardings[entry])
+        for top in (t for t in values if t in keys):
+            target[top] = jax.tree.map(
+                lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                values[top],
+                sh[top],
+            )
+            where[top] = entry
     missing = sorted(set(keys) - set(target))
     if missing:
         raise ValueError(f"the model has no parameters {missing} to load from {source.path}")

@@ -164,8 +164,7 @@ def read_pytorch(state_dict_or_path: Any, name_or_config: Any, *, strict: bool =
 
 def build_model(converted: Converted, name_or_config: Any, *, seed: int = 0) -> MAE:
     """Our model holding `converted`'s weights (parts it lacks: initialized from `seed`)."""
-    config = resolve(name_or_config)
-    model = create(config, seed=seed)
+    model = create(resolve(name_or_config), seed=seed)
     mapping.set_weights(model, converted.params)
     for name, table in converted.pos_tables.items():
         var = getattr(model, name)

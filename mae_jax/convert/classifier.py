@@ -66,8 +66,7 @@ def fold_batchnorm(tree: Mapping, eps: float = BN_EPS) -> dict:
     one Linear `head = {kernel, bias}` computing the same logits with the running statistics:
     `((x - mean) / sqrt(var + eps)) @ K + b = x @ (s[:, None] * K) + (b - (mean * s) @ K)`,
     `s = 1 / sqrt(var + eps)` (computed in float64, stored float32)."""
-    head = tree["head"]
-    stats, linear = head[0], head[1]
+    stats, linear = tree["head"][0], tree["head"][1]
     s = 1.0 / np.sqrt(np.asarray(stats["var"], np.float64) + eps)
     kernel = np.asarray(linear["kernel"], np.float64)
     mean = np.asarray(stats["mean"], np.float64)
@@ -178,9 +177,8 @@ def set_classifier(model: ViTClassifier, tree: Mapping, pos_embed=None) -> ViTCl
     and, when given, a position table `[1, 1+L, D]` (resized to `model`'s grid); in place."""
     mapping.set_weights(model, tree, _STATE)
     if pos_embed is not None:
-        var = model.pos_embed
-        table = posembed.resize_pos_embed(np.asarray(pos_embed, np.float32), model.config.grid_size)
-        var.set_value(jnp.asarray(table, dtype=var.get_value().dtype))
+        table = posembed.resize_pos_embed(pos_embed, model.config.grid_size)
+        model.pos_embed.set_value(jnp.asarray(table, dtype=model.pos_embed.get_value().dtype))
     return model
 
 
@@ -228,12 +226,6 @@ def timm_model(config: MAEConfig, head: Head, img_size: int | None = None) -> tu
 
 def vit_kwargs(config: MAEConfig, img_size: int | None = None) -> dict:
     """The architecture arguments of timm's `VisionTransformer` for `config`'s encoder."""
-    return dict(
-        img_size=config.img_size if img_size is None else img_size,
-        patch_size=config.patch_size,
-        in_chans=config.in_chans,
-        embed_dim=config.embed_dim,
-        depth=config.depth,
-        num_heads=config.num_heads,
-        mlp_ratio=config.mlp_ratio,
-    )
+    fields = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
+    img = config.img_size if img_size is None else img_size
+    return dict(img_size=img, **{f: getattr(config, f) for f in fields})

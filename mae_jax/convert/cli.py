@@ -54,11 +54,8 @@ class CliError(Exception):
 def run_export(args) -> None:
     fmt = args.format
     out = os.path.abspath(os.path.expanduser(args.output))
-    if (
-        os.path.lexists(out)
-        and not args.force
-        and not (fmt == "hf" and os.path.isdir(out) and not os.listdir(out))
-    ):
+    empty_dir = fmt == "hf" and os.path.isdir(out) and not os.listdir(out)  # hf may fill it
+    if os.path.lexists(out) and not args.force and not empty_dir:
         raise CliError(f"{out} already exists; pass --force to overwrite it")
     if fmt != "hf" and not out.endswith((".pth", ".pt", ".safetensors")):
         raise CliError(
@@ -128,13 +125,8 @@ def _parse_overrides(items) -> dict:
 
 def _write_weights(workdir: str, state: dict, config, source: str, fmt: str, **extra) -> str:
     """`state` (numpy) as a weights workdir with the meta every import writes; its root."""
-    meta = {
-        "model": dataclasses.asdict(config),
-        "kind": "weights",
-        **extra,
-        "source": source,
-        "source_format": fmt,
-    }
+    meta = {"model": dataclasses.asdict(config), "kind": "weights", **extra}
+    meta.update(source=source, source_format=fmt)
     return wdir.write_weights(workdir, state, meta)
 
 

@@ -214,15 +214,13 @@ def _to_torch(params: Mapping, rule_list: list[Rule], config: MAEConfig, tables:
         elif rule.kind == LINEAR:
             out[f"{name}.weight"], out[f"{name}.bias"] = node["kernel"].T, node["bias"]
         elif rule.kind == PATCH:
-            kernel = node["kernel"]
-            out[f"{name}.weight"] = kernel.reshape(p, p, c, -1).transpose(3, 2, 0, 1)
+            out[f"{name}.weight"] = node["kernel"].reshape(p, p, c, -1).transpose(3, 2, 0, 1)
             out[f"{name}.bias"] = node["bias"]
         elif rule.kind == QKV:
             kernel, bias = node["kernel"], node["bias"]
-            dim = kernel.shape[0]
             for j, part in enumerate(rule.theirs):
-                out[f"{part}.weight"] = kernel[:, j * dim : (j + 1) * dim].T
-                out[f"{part}.bias"] = bias[j * dim : (j + 1) * dim]
+                rows = slice(j * kernel.shape[0], (j + 1) * kernel.shape[0])
+                out[f"{part}.weight"], out[f"{part}.bias"] = kernel[:, rows].T, bias[rows]
     return out
 
 

@@ -16,7 +16,6 @@ from mae_jax.spec import ok
 # Largest absolute difference for a table to count as the fixed sin-cos one (covers tables
 # that went through bfloat16/float16 storage; learned tables are far from it).
 SINCOS_ATOL = 5e-3
-_CUBIC_A = -0.75  # PyTorch's bicubic kernel coefficient
 
 
 def grid_of(num_tokens: int, num_extra: int = 1) -> int:
@@ -33,7 +32,7 @@ def grid_of(num_tokens: int, num_extra: int = 1) -> int:
 
 def _cubic(x: float) -> float:
     """PyTorch's cubic convolution kernel (A = -0.75) at distance `x`."""
-    a = _CUBIC_A
+    a = -0.75  # PyTorch's bicubic kernel coefficient
     x = abs(x)
     if x <= 1.0:
         return ((a + 2) * x - (a + 3)) * x * x + 1
