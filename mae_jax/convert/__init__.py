@@ -144,7 +144,6 @@ def read_pytorch(state_dict_or_path: Any, name_or_config: Any, *, strict: bool =
             f"{mapping.format_list(unexpected)}",
             stacklevel=2,
         )
-        sd = {k: v for k, v in sd.items() if k not in set(unexpected)}
         unexpected = []
     if missing or unexpected or misshaped:
         raise mapping.mismatch_error(

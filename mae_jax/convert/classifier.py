@@ -11,19 +11,17 @@ Formats (names: `mapping.classifier_rules`):
   affine: `running_mean`, `running_var`, `num_batches_tracked`) + `head.1` (Linear). Files hold
   `{'model': state_dict}`, which the official `--resume FILE --eval` loads strictly; the
   'optimizer', 'scaler', 'epoch' and 'args' entries of its training checkpoints are left out
-  (no PyTorch optimizer state exists here, and the pickled `argparse.Namespace` of 'args' is
-  refused by `torch.load`'s default `weights_only=True` since torch 2.6).
+  (there is no PyTorch optimizer state, and `torch.load(weights_only=True)`, the default since
+  torch 2.6, refuses the pickled `argparse.Namespace` of 'args').
 - "timm": the same names, for timm's `VisionTransformer(global_pool='avg', fc_norm=True)`
-  (global pooling; timm's own MAE fine-tuned weights use it) or `global_pool='token'`, with
-  `num_classes` classes (`timm_model`); loads with `strict=True`.
+  (global pooling, as timm's own MAE fine-tuned weights) or `global_pool='token'`
+  (`timm_model`); loads with `strict=True`.
 - "hf": Hugging Face `ViTForImageClassification` (cls token after `vit.layernorm`, then
-  `classifier`) with a `config.json` from `hf_classifier_config`. It has no global pooling, so a
-  global-pooling model is refused (ValueError) rather than exported to different logits.
+  `classifier`) with a `config.json` from `hf_classifier_config`; a global-pooling model is
+  refused (ValueError) rather than exported to different logits.
 
-timm and HF heads are one Linear: a linear probe's BatchNorm (no affine, inference statistics)
-is folded into it (`fold_batchnorm`), which computes the same logits up to float rounding.
-Imports take the official format (and timm / HF files with a plain head, whose names it
-shares); the kind of head is read from the keys (`mapping.classifier_head`).
+timm and HF heads are one Linear: a linear probe's BatchNorm is folded into it
+(`fold_batchnorm`). Imports read the head's kind from the keys (`mapping.classifier_head`).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ and its position table when not the fixed sin-cos one), for `task=evaluate`; wit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -39,11 +40,7 @@ from mae_jax.convert import classifier as cc
 from mae_jax.convert import files, mapping
 from mae_jax.models import resolve
 
-OUTPUT_HINT = {
-    "official": "a .pth file",
-    "timm": "a .safetensors (or .pth) file",
-    "hf": "a directory",
-}
+OUTPUT_HINT = {"official": "a .pth file", "timm": "a .safetensors (or .pth) file"}  # hf: a folder
 
 
 class CliError(Exception):
@@ -115,19 +112,17 @@ def _parse_overrides(items) -> dict:
         if "=" not in item:
             raise CliError(f"--set expects FIELD=VALUE, got {item!r}")
         key, text = item.split("=", 1)
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        out[key.strip()] = value
+        out[key.strip()] = text
+        with contextlib.suppress(json.JSONDecodeError):
+            out[key.strip()] = json.loads(text)
     return out
 
 
 def _write_weights(workdir: str, state: dict, config, source: str, fmt: str, **extra) -> str:
-    """`state` (numpy) as a weights workdir with the meta every import writes; its root."""
+    """`state` as a weights workdir (numpy) with the meta every import writes; its root."""
     meta = {"model": dataclasses.asdict(config), "kind": "weights", **extra}
     meta.update(source=source, source_format=fmt)
-    return wdir.write_weights(workdir, state, meta)
+    return wdir.write_weights(workdir, jax.tree.map(np.asarray, state), meta)
 
 
 def run_import(args) -> None:
@@ -148,7 +143,7 @@ def run_import(args) -> None:
             stacklevel=2,
         )
     model = convert.build_model(converted, config, seed=args.seed)
-    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     root = _write_weights(args.workdir, {"params": params}, config, src, converted.format)
     decoder = "" if converted.has_decoder else ", decoder freshly initialized"
     print(
@@ -167,15 +162,8 @@ def import_classifier(loaded, config, workdir: str) -> None:
         state["batch_stats"] = stats
     if not converted.sincos:  # a trained table (the official fine-tuning trains it): kept
         state["pos_embed"] = np.asarray(model.pos_embed.get_value())
-    root = _write_weights(
-        workdir,
-        jax.tree.map(np.asarray, state),
-        config,
-        loaded.source,
-        converted.format,
-        **converted.head.meta(),
-        pos_embed="sincos" if converted.sincos else "learned",
-    )
+    extra = {**converted.head.meta(), "pos_embed": "sincos" if converted.sincos else "learned"}
+    root = _write_weights(workdir, state, config, loaded.source, converted.format, **extra)
     table = "" if converted.sincos else ", its trained position table kept"
     print(
         f"wrote {root}: {config.name} {describe_head(converted.head)} from {loaded.source} "
@@ -268,10 +256,7 @@ def run(name: str, args) -> int:
             f"warning: {message}", file=sys.stderr
         )
         try:
-            if name == "export":
-                run_export(args)
-            else:
-                run_import(args)
+            (run_export if name == "export" else run_import)(args)
         except (CliError, ValueError, OSError, ImportError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

@@ -481,9 +481,8 @@ def save(
     if fmt == "hf":
         if path.endswith(TORCH_EXTS + (SAFETENSORS_EXT,)):
             raise ValueError(f"the 'hf' format writes a directory; got the file name {path}")
-        if hf_cfg is None:
-            hf_cfg = hf_config(config, img_size)
-        save_hf_dir(state_dict, hf_cfg, path, overwrite)
+        cfg = hf_config(config, img_size) if hf_cfg is None else hf_cfg
+        save_hf_dir(state_dict, cfg, path, overwrite)
     elif path.endswith((".pth", ".pt")):
         # torch.save({'model': state_dict}), the official layout: float32 tensors, and int64 for
         # integer arrays such as BatchNorm's `num_batches_tracked`

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -154,12 +155,6 @@ def classifier_rules(config: MAEConfig, head, fmt: str) -> list[Rule]:
 
 
 # ----------------------------------------------------------------------------- tree helpers
-def _get(tree: Mapping, path: tuple) -> Any:
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
 def _set(tree: dict, path: tuple, value: Any) -> None:
     for k in path[:-1]:
         tree = tree.setdefault(k, {})
@@ -204,7 +199,7 @@ def _to_torch(params: Mapping, rule_list: list[Rule], config: MAEConfig, tables:
         if rule.kind == POS:
             out[name] = tables[rule.ours[0]]
             continue
-        node = _get(params, rule.ours)
+        node = functools.reduce(operator.getitem, rule.ours, params)
         if rule.kind == TENSOR:
             out[name] = node
         elif rule.kind == NORM:
@@ -311,9 +306,7 @@ def pytorch_to_params(
     ...}`), not resized."""
     params: dict = {}
     tables: dict = {}
-    for rule in rule_list:
-        if rule.decoder and not with_decoder:
-            continue
+    for rule in (r for r in rule_list if with_decoder or not r.decoder):
         value = _from_torch(sd, rule)
         if rule.kind == POS:
             tables[rule.ours[0]] = value
@@ -440,10 +433,9 @@ def _is_square_table(rows: int) -> bool:
 
 def mismatch_error(what: str, missing, unexpected, misshaped) -> ValueError:
     lines = [f"{what} does not match the model:"]
-    if missing:
-        lines.append(f"  missing keys ({len(missing)}): {format_list(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): {format_list(unexpected)}")
-    if misshaped:
-        lines.append(f"  mis-shaped keys ({len(misshaped)}): {format_list(misshaped)}")
+    for label, keys in zip(
+        ("missing", "unexpected", "mis-shaped"), (missing, unexpected, misshaped)
+    ):
+        if keys:
+            lines.append(f"  {label} keys ({len(keys)}): {format_list(keys)}")
     return ValueError("\n".join(lines))
