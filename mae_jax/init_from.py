@@ -134,23 +134,22 @@ def check_pretraining_source(source: Source | None, mcfg: models.MAEConfig) -> N
 def wanted_keys(source: Source, available: list[str]) -> tuple[str, ...]:
     """Top-level parameter names to copy: all the model has, or the encoder's."""
     if source.parts == "encoder":
-        keys = ENCODER_KEYS + ("norm",)
-        return tuple(k for k in keys if k in available and k not in source.lacks)
+        return tuple(k for k in (*ENCODER_KEYS, "norm") if k in available and k not in source.lacks)
     return tuple(available)
 
 
 def load(state: dict, shardings: dict, source: Source, keys: tuple[str, ...], mcfg) -> dict:
     """Copy parameters `keys` (top-level names) of `source` into `state`'s 'params' and/or
     'frozen' entries, straight into their shardings; other entries stay as initialized."""
+
+    def placed(value, sharding):  # where a restored value goes
+        return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
+
     target, where = {}, {}
     for entry in (e for e in ("params", "frozen") if e in state):
         values, sh = nnx.to_pure_dict(state[entry]), nnx.to_pure_dict(shardings[entry])
         for top in (t for t in values if t in keys):
-            target[top] = jax.tree.map(
-                lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                values[top],
-                sh[top],
-            )
+            target[top] = jax.tree.map(placed, values[top], sh[top])
             where[top] = entry
     missing = sorted(set(keys) - set(target))
     if missing:

@@ -7,11 +7,10 @@ build our MAE from any of them.
 
 Formats:
 - "official": every tensor of the official `MaskedAutoencoderViT` state dict (decoder and the
-  fixed position tables included); written as `{'model': state_dict}` `.pth` files, which the
-  official fine-tuning code (and timm) load.
-- "timm": the encoder only, named as timm's `VisionTransformer` (`vit_*_patch16_224`,
-  `vit_huge_patch14_224`, created with `num_classes=0`): loads with `strict=True`.
-- "hf": Hugging Face `ViTMAEForPreTraining` names (hub naming, `vit.encoder.layer.{i}...`,
+  fixed position tables included), as `{'model': state_dict}` `.pth` files (official code, timm).
+- "timm": the encoder only, named as timm's `VisionTransformer` (`vit_*_224`, created with
+  `num_classes=0`): loads with `strict=True`.
+- "hf": Hugging Face `ViTMAEForPreTraining` (hub naming, `vit.encoder.layer.{i}...`,
   `decoder.decoder_layers.{i}...`) with a `config.json` from `hf_config`.
 
 Classifiers (fine-tuned / linear-probed ViTs) go through `mae_jax.convert.classifier`

@@ -252,9 +252,7 @@ def run(name: str, args) -> int:
     """Run subcommand `name` with its `args`: exit status 0, or 1 after `error: ...` on stderr."""
     with warnings.catch_warnings():  # restores the warning machinery on exit
         warnings.simplefilter("always", UserWarning)
-        warnings.showwarning = lambda message, *a, **k: print(
-            f"warning: {message}", file=sys.stderr
-        )
+        warnings.showwarning = lambda m, *a, **k: print(f"warning: {m}", file=sys.stderr)
         try:
             (run_export if name == "export" else run_import)(args)
         except (CliError, ValueError, OSError, ImportError) as e:

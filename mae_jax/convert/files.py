@@ -200,17 +200,6 @@ def _read_json(path: str, what: str) -> dict:
     return value
 
 
-def read_hf_config(directory: str) -> dict:
-    """The `config.json` of a Hugging Face model directory (ValueError if missing or invalid)."""
-    path = os.path.join(directory, HF_CONFIG)
-    if not os.path.isfile(path):
-        raise ValueError(
-            f"{directory} has no {HF_CONFIG}; expected a Hugging Face model directory "
-            f"({HF_CONFIG} + {HF_WEIGHTS}), or pass the weights file itself"
-        )
-    return _read_json(path, "the Hugging Face model config")
-
-
 def load_hf_dir(directory: str) -> dict[str, np.ndarray]:
     """Weights of a Hugging Face model directory (single or sharded safetensors, or a
     `pytorch_model.bin`)."""
@@ -273,8 +262,15 @@ def load_input(state_dict_or_path: Any) -> Loaded:
     if isinstance(state_dict_or_path, Loaded):
         return state_dict_or_path
     if isinstance(state_dict_or_path, (str, os.PathLike)):
-        source = os.fspath(state_dict_or_path)
-        hf_cfg = read_hf_config(source) if os.path.isdir(source) else None
+        source, hf_cfg = os.fspath(state_dict_or_path), None
+        if os.path.isdir(source):  # a Hugging Face directory: its config.json first
+            config_json = os.path.join(source, HF_CONFIG)
+            if not os.path.isfile(config_json):
+                raise ValueError(
+                    f"{source} has no {HF_CONFIG}; expected a Hugging Face model directory "
+                    f"({HF_CONFIG} + {HF_WEIGHTS}), or pass the weights file itself"
+                )
+            hf_cfg = _read_json(config_json, "the Hugging Face model config")
         return Loaded(load_state_dict(source), source, hf_cfg)
     return Loaded(unwrap(state_dict_or_path), "the state dict", None)
 
@@ -376,8 +372,7 @@ def _write_error(path: str, error: Exception, disk_full: bool = False) -> ValueE
 
 def _make_dirs(directory: str, path: str) -> list[str]:
     """Create `directory` and its missing parents for writing `path`; return those created."""
-    created = []
-    missing = os.path.abspath(directory)
+    created, missing = [], os.path.abspath(directory)
     while not os.path.lexists(missing) and os.path.dirname(missing) != missing:
         created.insert(0, missing)
         missing = os.path.dirname(missing)

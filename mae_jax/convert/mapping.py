@@ -56,10 +56,9 @@ class Rule:
         return [f"{name}.{leaf}" for name in self.theirs for leaf in ("weight", "bias")]
 
 
-def check_format(fmt: str) -> str:
+def check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    return fmt
 
 
 _HF_QKV = tuple(f"attention.attention.{n}" for n in ("query", "key", "value"))
@@ -327,8 +326,6 @@ _HF_NEW_TO_CLASSIC = {
     "mlp.fc1": "intermediate.dense",
     "mlp.fc2": "output.dense",
 }
-
-
 _HF_SAVED_DECODER = "decoder.decoder_encoder.layer."  # transformers 5 save_pretrained
 
 
@@ -372,16 +369,12 @@ def classifier_head(sd: Mapping[str, Any]):
     classifier head (an MAE or a bare encoder). Official / timm names: `head.weight`
     (fine-tuned) or `head.1.weight` (linear probe), `fc_norm.*` for global pooling; Hugging Face
     (`normalize_hf_names` applied): `classifier.weight`, always the cls token."""
-    for key, probe in (
-        ("head.weight", False),
-        ("head.1.weight", True),
-        ("classifier.weight", False),
-    ):
+    for key in ("head.weight", "head.1.weight", "classifier.weight"):
         if key in sd:
             shape = np.shape(sd[key])
             if len(shape) != 2:
                 raise ValueError(f"{key} has shape {shape}; expected [num_classes, width]")
-            return Head(int(shape[0]), "fc_norm.weight" in sd, probe)
+            return Head(int(shape[0]), "fc_norm.weight" in sd, key == "head.1.weight")
     return None
 
 
