@@ -295,7 +295,7 @@ def test_aot_program_is_the_training_step():
     )
     key = jax.random.key(3)
     s_ref, m_ref = fns.step(fns.init(), {"image": images}, key)
-    s_aot, m_aot = compiled(fns.init(), {"image": images}, key, fns.rest)
+    s_aot, m_aot = compiled(fns.init(), {"image": images}, key, fns.rest, fns.schedule)
     assert float(m_aot["loss"]) == pytest.approx(float(m_ref["loss"]), rel=1e-6)
     for a, b in zip(jax.tree.leaves(s_aot["params"]), jax.tree.leaves(s_ref["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
