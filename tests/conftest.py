@@ -33,6 +33,13 @@ from mae_jax import compile_cache  # noqa: E402
 # tests compile (the tiny model's step, its forward) is compiled once and loaded after that.
 compile_cache.enable(compile_cache.AUTO)
 
+import jax  # noqa: E402
+
+# Start the backends now: the 8 devices are fixed from here on, so a test that asks JAX for
+# another CPU device count before it starts (the AOT stand-in, `aot.select_backend`) cannot
+# change them for the tests after it in the same process.
+jax.devices()
+
 
 import logging  # noqa: E402
 
