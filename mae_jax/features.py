@@ -102,12 +102,11 @@ def list_images(patterns: Sequence[str]) -> tuple[list[str], list[str]]:
                 for f in files
                 if f.lower().endswith(IMAGE_EXTENSIONS)
             )
-            paths += found
             names += [os.path.relpath(f, pattern) for f in found]
         else:
             found = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
-            paths += found
             names += found
+        paths += found
         if not found:
             raise ValueError(
                 f"--images {pattern!r} finds no image file; expected a directory holding "
@@ -125,6 +124,7 @@ def image_batches(paths: Sequence[str], img_size: int, global_batch: int, skippe
     local = global_batch // pc
     mine = list(paths[p::pc])
     num_batches = math.ceil(math.ceil(len(paths) / pc) / local)
+    blank = (np.zeros((img_size, img_size, 3), np.float32), False)
 
     def read(path):
         try:
@@ -134,18 +134,13 @@ def image_batches(paths: Sequence[str], img_size: int, global_batch: int, skippe
             why = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", first_line(e))
             print(f"warning: skipped {path}: {why}", file=sys.stderr, flush=True)
             skipped.append(path)
-            return np.zeros((img_size, img_size, 3), np.float32), False
+            return blank
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for i in range(num_batches):
             chunk = mine[i * local : (i + 1) * local]
-            read_ = list(pool.map(read, chunk))
-            pad = local - len(read_)
-            images = [r[0] for r in read_] + [np.zeros((img_size, img_size, 3), np.float32)] * pad
-            yield {
-                "image": np.stack(images),
-                "mask": np.array([r[1] for r in read_] + [False] * pad),
-            }
+            rows = list(pool.map(read, chunk)) + [blank] * (local - len(chunk))
+            yield {"image": np.stack([r[0] for r in rows]), "mask": np.array([r[1] for r in rows])}
 
 
 class Progress:
@@ -250,9 +245,9 @@ def define_flags(fv: flags.FlagValues) -> None:
 def options(fv: flags.FlagValues, args: Sequence[str]) -> types.SimpleNamespace:
     """The parsed flags; positional `args` are further `--images`. `CommandLineError` for a
     missing or contradictory flag."""
+    keys = "checkpoint step model config split limit output pool batch_size".split()
     o = types.SimpleNamespace(
-        **{k: fv[k].value for k in ("checkpoint", "step", "model", "config", "split", "limit")},
-        **{k: fv[k].value for k in ("output", "pool", "batch_size")},
+        **{k: fv[k].value for k in keys},
         images=[*(fv["images"].value or ()), *args],
     )
     if not o.checkpoint:
@@ -275,8 +270,7 @@ def run(args) -> str:
     """Write the `.npz` of the options `args`; its path."""
     out = compute(args)
     if jax.process_index() == 0:
-        parent = os.path.dirname(os.path.abspath(args.output))
-        os.makedirs(parent, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         np.savez(args.output, **out)
         n, d = out["features"].shape
         skipped = f", {len(out['skipped'])} unreadable skipped" if len(out["skipped"]) else ""

@@ -52,8 +52,6 @@ class Reconstruction(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- pixels
-
-
 def normalize(images_uint8: np.ndarray) -> np.ndarray:
     """uint8 `[..., 3]` -> ImageNet-normalized float32."""
     return ((np.asarray(images_uint8, np.float32) / 255.0) - IMAGENET_MEAN) / IMAGENET_STD
@@ -74,8 +72,6 @@ def denormalize_patches(pred: jax.Array, target: jax.Array, eps: float = 1e-6) -
 
 
 # ----------------------------------------------------------------------------- model
-
-
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _forward(graphdef, state, images, noise, mask_ratio):
     out = nnx.merge(graphdef, state)(images, noise=noise, mask_ratio=mask_ratio)
@@ -114,13 +110,7 @@ def reconstruct(
         jnp.repeat(mask[..., None], c.patch_dim, axis=-1), c.patch_size, grid, c.in_chans
     )
     masked = images * (1.0 - mask_img)
-    return Reconstruction(
-        original=images,
-        masked=masked,
-        reconstruction=recon,
-        pasted=masked + recon * mask_img,
-        mask=mask,
-    )
+    return Reconstruction(images, masked, recon, masked + recon * mask_img, mask)
 
 
 def grid_from_panels(panels: Sequence, pad: int = 2, pad_value: int = 255) -> np.ndarray:
@@ -141,17 +131,10 @@ def grid_from_panels(panels: Sequence, pad: int = 2, pad_value: int = 255) -> np
     return out
 
 
-def reconstruction_grid(
-    model,
-    images,
-    *,
-    key: jax.Array | None = None,
-    noise: jax.Array | None = None,
-    mask_ratio: float | None = None,
-    pad: int = 2,
-) -> np.ndarray:
-    """uint8 `[N*H + (N+1)*pad, 4*W + 5*pad, 3]`: per image, the four panels of `PANELS`."""
-    r = reconstruct(model, images, key=key, noise=noise, mask_ratio=mask_ratio)
+def reconstruction_grid(model, images, *, pad: int = 2, **kw) -> np.ndarray:
+    """uint8 `[N*H + (N+1)*pad, 4*W + 5*pad, 3]`: per image, the four panels of `PANELS`;
+    `kw`: `reconstruct`'s `key`, `noise`, `mask_ratio`."""
+    r = reconstruct(model, images, **kw)
     return grid_from_panels(
         [to_uint8(p) for p in (r.original, r.masked, r.reconstruction, r.pasted)], pad=pad
     )
@@ -164,14 +147,11 @@ def save_png(path, grid: np.ndarray) -> None:
     grid = np.asarray(grid)
     if grid.dtype != np.uint8 or grid.ndim != 3 or grid.shape[-1] != 3:
         raise ValueError(f"grid must be uint8 [H, W, 3], got {grid.dtype} {grid.shape}")
-    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
-    os.makedirs(parent, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
     Image.fromarray(grid).save(os.fspath(path), format="PNG")
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
 def _square(image, size: int) -> np.ndarray:
     """PIL image -> uint8 `[size, size, 3]`: shorter side resized to `size` (bicubic), centre
     crop."""
@@ -204,16 +184,11 @@ def default_images(img_size: int, names: Sequence[str] = DEFAULT_IMAGES) -> np.n
     import skimage.data
     from PIL import Image
 
-    return normalize(
-        np.stack(
-            [_square(Image.fromarray(getattr(skimage.data, name)()), img_size) for name in names]
-        )
-    )
+    photos = [Image.fromarray(getattr(skimage.data, name)()) for name in names]
+    return normalize(np.stack([_square(photo, img_size) for photo in photos]))
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-
 def restore_mae(workdir, step: int | None = None, **overrides):
     """Rebuild the `MAE` of a pretraining run and load its parameters (read-only).
 
@@ -229,7 +204,6 @@ def restore_mae(workdir, step: int | None = None, **overrides):
 
 
 # ----------------------------------------------------------------------------- CLI
-
 PROG = "python -m mae_jax.visualize"
 
 
