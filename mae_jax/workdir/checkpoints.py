@@ -61,8 +61,6 @@ _STATE = "state"
 _META = "meta"
 _META_FILE = "metadata"  # the file Orbax's JsonSave writes inside `meta/`
 _TMP_MARK = ".orbax-checkpoint-tmp"  # in the name of a checkpoint Orbax is still writing
-
-
 # The signals that ask a run to save its last completed step and stop (`Writer`).
 _STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
 
@@ -178,21 +176,16 @@ def _quiet_orbax_teardown() -> None:
     sys.unraisablehook = hook
 
 
-class _NoItemMetadataWarning(std_logging.Filter):
+def _no_item_metadata_warning(record: std_logging.LogRecord) -> bool:
     """Orbax's `PyTreeCheckpointer` looks for a step-level `_CHECKPOINT_METADATA` file inside
     the item (`<step>/state/`), where the checkpoint manager never writes one, and warns that it
     "does not exist" on every read of an intact checkpoint: that warning (only) is dropped."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return not (
-            record.msg == "Metadata file does not exist: %s"
-            and os.fspath(record.args[0] if record.args else "").endswith(
-                f"{_STATE}/_CHECKPOINT_METADATA"
-            )
+    return not (
+        record.msg == "Metadata file does not exist: %s"
+        and os.fspath(record.args[0] if record.args else "").endswith(
+            f"{_STATE}/_CHECKPOINT_METADATA"
         )
-
-
-_NO_ITEM_METADATA_WARNING = _NoItemMetadataWarning()
+    )
 
 
 def _quiet_disk_full_noise() -> None:
@@ -200,20 +193,16 @@ def _quiet_disk_full_noise() -> None:
     TensorStore's callbacks report "Event loop is closed" afterwards; the Writer says it once
     (`Writer.disk_full`), so those log records keep their line but lose the traceback, and the
     "Event loop is closed" reports are dropped (`_quiet_orbax_teardown`)."""
-    handler = logging.get_absl_handler()
-    if not any(isinstance(f, _DiskFullTracebacks) for f in handler.filters):
-        handler.addFilter(_DiskFullTracebacks())
+    logging.get_absl_handler().addFilter(_disk_full_tracebacks)  # once: one function
     _quiet_orbax_teardown()
 
 
-class _DiskFullTracebacks(std_logging.Filter):
-    def filter(self, record) -> bool:
-        if record.exc_info and record.exc_info[1] is not None:
-            if is_disk_full(record.exc_info[1]):
-                if record.name == "asyncio":  # "exception was never retrieved", per array
-                    return False
-                record.exc_info, record.exc_text = None, None
-        return True
+def _disk_full_tracebacks(record: std_logging.LogRecord) -> bool:
+    if record.exc_info and record.exc_info[1] is not None and is_disk_full(record.exc_info[1]):
+        if record.name == "asyncio":  # "exception was never retrieved", per array
+            return False
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 def _restore_args(leaf):
@@ -303,7 +292,7 @@ class Reader:
 
     def _read_state(self, step: int, target, partial: bool):
         path = join(self.directory, str(step), _STATE)
-        std_logging.getLogger("absl").addFilter(_NO_ITEM_METADATA_WARNING)  # once: one instance
+        std_logging.getLogger("absl").addFilter(_no_item_metadata_warning)  # once: one function
         with ocp.PyTreeCheckpointer() as reader:
 
             def read(item):
@@ -354,32 +343,27 @@ class Reader:
         reason)` is told of each skipped one); when none is intact, one WorkdirError says what
         was wrong with each and nothing else happens.
         """
-        if step is not None:
-            available = self.steps()
-            if step not in available:
-                raise WorkdirError(
-                    f"there is no finalized checkpoint {step} in {self.directory}; available "
-                    f"steps: {available or 'none'}"
-                )
-            candidates = [step]
-        else:
-            candidates = list(reversed(self.steps()))
+        available = self.steps()
+        if step is not None and step not in available:
+            raise WorkdirError(
+                f"there is no finalized checkpoint {step} in {self.directory}; available "
+                f"steps: {available or 'none'}"
+            )
+        candidates = [step] if step is not None else available[::-1]
         if not candidates:
             raise WorkdirError(f"there is no finalized checkpoint in {self.directory}")
-        problems, damaged = [], []
-        tried = set()
+        damaged, tried = [], set()
         while candidates:
             s = candidates.pop(0)
             tried.add(s)
-            reason = None
+            meta = state = reason = None
             try:
                 meta = self.meta(s)
             except WorkdirError as e:
-                meta, reason = None, str(e)
-            if meta is not None and check_meta is not None:
-                check_meta(meta, s)
-            state = None
-            if reason is None:
+                reason = str(e)
+            else:
+                if check_meta is not None:
+                    check_meta(meta, s)
                 try:
                     state = self._read_state(s, target, partial)
                 except Exception as e:  # noqa: BLE001 - any unreadable file is damage
@@ -390,7 +374,6 @@ class Reader:
                     # Deleted by the run that owns it (keep-last-K) while we read: not damage.
                     candidates = [x for x in reversed(self.steps()) if x not in tried]
                     continue
-                problems.append(f"step {s}: {reason}")
                 damaged.append((s, reason))
                 _quiet_orbax_teardown()
                 logging.warning(
@@ -401,17 +384,18 @@ class Reader:
                     f"; trying step {candidates[0]} instead" if candidates else "",
                 )
                 continue
-            if problems:
+            if damaged:
                 logging.warning("restored checkpoint %d instead of the damaged newer one(s)", s)
             # Only once an intact one is found: set the damaged newer ones aside (nothing is
             # moved when none is intact, so a rerun fails the same way instead of restarting).
-            for bad, why in damaged:
-                if on_damaged is not None:
+            if on_damaged is not None:
+                for bad, why in damaged:
                     on_damaged(bad, why)
             return Restored(s, state, meta)
         raise WorkdirError(
-            f"no intact checkpoint in {self.directory}: " + "; ".join(problems)
-            if problems
+            f"no intact checkpoint in {self.directory}: "
+            + "; ".join(f"step {bad}: {why}" for bad, why in damaged)
+            if damaged
             else f"no finalized checkpoint in {self.directory}"
         )
 
@@ -453,22 +437,21 @@ class Writer:
         self.root = normalize(root)
         self.primary = jax.process_index() == 0
         self._lock = Lock(self.root)
-        ok = True
-        error = None
+        self.checkpoints = join(self.root, CHECKPOINTS)
         self._created = self.primary and not exists(self.root)
+        error = None
         if self.primary:
             try:
                 check_writable_dir(self.root)
                 self._lock.acquire()
             except WorkdirError as e:
-                ok, error = False, e
-        self.checkpoints = join(self.root, CHECKPOINTS)
-        if ok and self.primary:
-            makedirs(self.checkpoints)
-        if not _agree(ok):
-            if error is not None:
-                raise error
-            raise WorkdirError(f"process 0 could not open the workdir {self.root}; see its log")
+                error = e
+            else:
+                makedirs(self.checkpoints)
+        if not _agree(error is None):
+            raise error or WorkdirError(
+                f"process 0 could not open the workdir {self.root}; see its log"
+            )
         self._keep, self.keep_every, self._async = keep, keep_every, async_save
         self._mngr = None
         self.stop_signal: int | None = None  # the first SIGTERM / SIGINT received
@@ -519,8 +502,7 @@ class Writer:
         for signum in _STOP_SIGNALS:
             self._prev_handlers[signum] = signal.signal(signum, self._on_stop_signal)
 
-    def _on_stop_signal(self, signum, frame):
-        del frame
+    def _on_stop_signal(self, signum, _frame):
         name = _STOP_SIGNALS[signum]
         if self.stop_signal is not None:
             logging.warning(
@@ -530,11 +512,10 @@ class Writer:
             os.kill(os.getpid(), signum)
             return
         self.stop_signal = signum
-        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
         logging.warning(
             "%s received: saving the last completed step, then exiting (%s again: exit at once)",
             name,
-            again,
+            "Ctrl-C" if signum == signal.SIGINT else "SIGTERM",
         )
 
     @property
@@ -553,40 +534,32 @@ class Writer:
 
     # ------------------------------------------------------------------- saving
     def _manager(self):
-        if self._mngr is None:
-            if jax.default_backend() == "cpu":
-                # Orbax writes replicated arrays in slices, one per replica, each slice a jitted
-                # program per shape and device: on one CPU host nothing is gained, and the first
-                # save of the tiny model on 8 devices took 5.4 s instead of 0.4 s.
-                ocp.type_handlers.register_type_handler(
-                    jax.Array,
-                    ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
-                    override=True,
-                )
-            policies = []
-            if self._keep is not None:
-                policies.append(ocp.checkpoint_managers.LatestN(n=self._keep))
+        if self._mngr is not None:
+            return self._mngr
+        if jax.default_backend() == "cpu":
+            # Orbax writes replicated arrays in slices, one per replica, each slice a jitted
+            # program per shape and device: on one CPU host nothing is gained, and the first
+            # save of the tiny model on 8 devices took 5.4 s instead of 0.4 s.
+            ocp.type_handlers.register_type_handler(
+                jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+            )
+        preservation = None
+        if self._keep is not None:
+            policies = [ocp.checkpoint_managers.LatestN(n=self._keep)]
             if self.keep_every:
                 policies.append(ocp.checkpoint_managers.EveryNSteps(self.keep_every))
-            preservation = (
-                ocp.checkpoint_managers.AnyPreservationPolicy(policies)
-                if self._keep is not None
-                else None
-            )
-            options = ocp.CheckpointManagerOptions(
-                create=True,
-                cleanup_tmp_directories=True,  # safe: the lock says no one else writes here
-                enable_async_checkpointing=self._async,
-                async_options=(
-                    ocp.AsyncOptions(post_finalization_callback=self._finalized)
-                    if self._async
-                    else None
-                ),
-                preservation_policy=preservation,
-            )
-            self._mngr = ocp.CheckpointManager(
-                self.checkpoints, options=options, item_names=(_STATE, _META)
-            )
+            preservation = ocp.checkpoint_managers.AnyPreservationPolicy(policies)
+        finalized = ocp.AsyncOptions(post_finalization_callback=self._finalized)
+        options = ocp.CheckpointManagerOptions(
+            create=True,
+            cleanup_tmp_directories=True,  # safe: the lock says no one else writes here
+            enable_async_checkpointing=self._async,
+            async_options=finalized if self._async else None,
+            preservation_policy=preservation,
+        )
+        self._mngr = ocp.CheckpointManager(
+            self.checkpoints, options=options, item_names=(_STATE, _META)
+        )
         return self._mngr
 
     def steps(self) -> list[int]:
@@ -739,10 +712,8 @@ class Writer:
                 self._mngr = None
         finally:
             for signum, handler in self._prev_handlers.items():
-                try:
+                with contextlib.suppress(ValueError):
                     signal.signal(signum, handler)
-                except ValueError:
-                    pass
             self._prev_handlers = {}
             if self.primary:
                 self._lock.release()
