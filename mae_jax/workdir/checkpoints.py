@@ -31,31 +31,9 @@ from jax.experimental import multihost_utils
 from mae_jax.models import layout
 from mae_jax.optim import path_names
 from mae_jax.spec import require
+from mae_jax.workdir import paths
 from mae_jax.workdir.lock import Lock, now
-from mae_jax.workdir.paths import (
-    CHECKPOINTS,
-    CONFIG,
-    CONFIG_HISTORY,
-    DAMAGED,
-    LOCK,
-    WorkdirError,
-    check_writable_dir,
-    exists,
-    first_line,
-    free_bytes,
-    is_remote,
-    isdir,
-    join,
-    listdir,
-    makedirs,
-    normalize,
-    read_json,
-    remove,
-    remove_tree,
-    rename,
-    write_json,
-    write_text,
-)
+from mae_jax.workdir.paths import WorkdirError
 
 _STATE = "state"
 _META = "meta"
@@ -142,13 +120,13 @@ def from_checkpoint(restored: dict, abstract_state: dict) -> dict:
 # ----------------------------------------------------------------------------- reading
 def checkpoints_dir(path) -> str:
     """`path/checkpoints` for a workdir, or `path` itself when it is a checkpoints directory."""
-    root = normalize(path)
-    if not exists(root):
+    root = paths.normalize(path)
+    if not paths.exists(root):
         raise WorkdirError(f"{root} does not exist")
-    if not isdir(root):
+    if not paths.isdir(root):
         raise WorkdirError(f"{root} is a file, not a workdir")
-    sub = join(root, CHECKPOINTS)
-    return sub if isdir(sub) else root
+    sub = paths.join(root, paths.CHECKPOINTS)
+    return sub if paths.isdir(sub) else root
 
 
 def _agree(ok: bool) -> bool:
@@ -255,14 +233,14 @@ class Reader:
 
     def steps(self) -> list[int]:
         """Sorted steps of the finalized checkpoints (in-flight and partial saves excluded)."""
-        if not isdir(self.directory):
+        if not paths.isdir(self.directory):
             return []
         out = []
-        for name in listdir(self.directory):
+        for name in paths.listdir(self.directory):
             if not name.isdigit():
                 continue
             try:
-                if ocp.step.is_path_finalized(join(self.directory, name)):
+                if ocp.step.is_path_finalized(paths.join(self.directory, name)):
                     out.append(int(name))
             except Exception:  # noqa: BLE001,S112 - vanished while listing: not a checkpoint
                 continue
@@ -270,12 +248,13 @@ class Reader:
 
     def meta(self, step: int) -> dict:
         """The JSON meta saved with checkpoint `step` (no array is read)."""
-        path = join(self.directory, str(step), _META, _META_FILE)
+        path = paths.join(self.directory, str(step), _META, _META_FILE)
         try:
-            meta = read_json(path)
+            meta = paths.read_json(path)
         except Exception as e:  # noqa: BLE001
             raise WorkdirError(
-                f"checkpoint {step} in {self.directory} has no readable meta ({first_line(e)})"
+                f"checkpoint {step} in {self.directory} has no readable meta "
+                f"({paths.first_line(e)})"
             ) from None
         if not isinstance(meta, dict):
             raise WorkdirError(f"checkpoint {step} in {self.directory}: meta is not a dict")
@@ -291,7 +270,7 @@ class Reader:
         return None
 
     def _read_state(self, step: int, target, partial: bool):
-        path = join(self.directory, str(step), _STATE)
+        path = paths.join(self.directory, str(step), _STATE)
         std_logging.getLogger("absl").addFilter(_no_item_metadata_warning)  # once: one function
         with ocp.PyTreeCheckpointer() as reader:
 
@@ -367,7 +346,7 @@ class Reader:
                 try:
                     state = self._read_state(s, target, partial)
                 except Exception as e:  # noqa: BLE001 - any unreadable file is damage
-                    reason = first_line(e)
+                    reason = paths.first_line(e)
             if not _agree(reason is None):
                 reason = reason or "another process could not read it"
                 if step is None and s not in self.steps():
@@ -434,20 +413,20 @@ class Writer:
     ):
         require("keep_checkpoints", keep, "?int>=1", WorkdirError)
         require("the milestone period", keep_every, "int>=0", WorkdirError)
-        self.root = normalize(root)
+        self.root = paths.normalize(root)
         self.primary = jax.process_index() == 0
         self._lock = Lock(self.root)
-        self.checkpoints = join(self.root, CHECKPOINTS)
-        self._created = self.primary and not exists(self.root)
+        self.checkpoints = paths.join(self.root, paths.CHECKPOINTS)
+        self._created = self.primary and not paths.exists(self.root)
         error = None
         if self.primary:
             try:
-                check_writable_dir(self.root)
+                paths.check_writable_dir(self.root)
                 self._lock.acquire()
             except WorkdirError as e:
                 error = e
             else:
-                makedirs(self.checkpoints)
+                paths.makedirs(self.checkpoints)
         if not _agree(error is None):
             raise error or WorkdirError(
                 f"process 0 could not open the workdir {self.root}; see its log"
@@ -480,11 +459,11 @@ class Writer:
     def _quarantine(self, step: int, reason: str) -> None:
         if not self.primary:
             return
-        dest_root = join(self.root, DAMAGED)
-        makedirs(dest_root)
-        dest = join(dest_root, f"{step}-{int(time.time())}")
-        rename(join(self.checkpoints, str(step)), dest)
-        write_text(join(dest, "REASON.txt"), reason + "\n")
+        dest_root = paths.join(self.root, paths.DAMAGED)
+        paths.makedirs(dest_root)
+        dest = paths.join(dest_root, f"{step}-{int(time.time())}")
+        paths.rename(paths.join(self.checkpoints, str(step)), dest)
+        paths.write_text(paths.join(dest, "REASON.txt"), reason + "\n")
         logging.warning(
             "moved damaged checkpoint %d to %s (if the read failure was passing, move it back "
             "into %s before the next run)",
@@ -624,7 +603,7 @@ class Writer:
             yield
         except Exception as e:
             if self._failed is not None:
-                logging.info("after the full disk: %s", first_line(e))
+                logging.info("after the full disk: %s", paths.first_line(e))
                 return
             if not is_disk_full(e):
                 raise
@@ -644,8 +623,8 @@ class Writer:
         except Exception:  # noqa: BLE001 - the listing is best effort here
             intact = []
         self._pending = None
-        logging.info("the full disk as reported: %s", first_line(error, 1000))
-        free = free_bytes(self.root)
+        logging.info("the full disk as reported: %s", paths.first_line(error, 1000))
+        free = paths.free_bytes(self.root)
         where = (
             f"{self.checkpoints} while saving checkpoint {step}" if step is not None else self.root
         )
@@ -669,16 +648,16 @@ class Writer:
         """Removes the unfinished (temporary) checkpoint directories; returns their names."""
         removed = []
         try:
-            names = listdir(self.checkpoints)
+            names = paths.listdir(self.checkpoints)
         except Exception:  # noqa: BLE001
             return removed
         for name in sorted(names, key=lambda n: (len(n), n)):
             if _TMP_MARK in name:
                 try:
-                    remove_tree(join(self.checkpoints, name))
+                    paths.remove_tree(paths.join(self.checkpoints, name))
                     removed.append(name)
                 except Exception as e:  # noqa: BLE001 - say it, keep the first error
-                    logging.warning("could not remove %s: %s", name, first_line(e))
+                    logging.warning("could not remove %s: %s", name, paths.first_line(e))
         return removed
 
     # ------------------------------------------------------------------- JSON files
@@ -687,18 +666,18 @@ class Writer:
         with the step at which it was replaced (process 0 only)."""
         if not self.primary:
             return
-        path = join(self.root, CONFIG)
-        if exists(path):
+        path = paths.join(self.root, paths.CONFIG)
+        if paths.exists(path):
             try:
-                old = read_json(path)
+                old = paths.read_json(path)
             except ValueError:
                 old = None
             if old is not None and old != json.loads(json.dumps(resolved, default=str)):
-                hist_path = join(self.root, CONFIG_HISTORY)
-                history = read_json(hist_path) if exists(hist_path) else []
+                hist_path = paths.join(self.root, paths.CONFIG_HISTORY)
+                history = paths.read_json(hist_path) if paths.exists(hist_path) else []
                 history.append({"replaced_at_step": step, "replaced_on": now(), "config": old})
-                write_json(hist_path, history)
-        write_json(path, resolved)
+                paths.write_json(hist_path, history)
+        paths.write_json(path, resolved)
 
     # ------------------------------------------------------------------- closing
     def close(self) -> None:
@@ -723,15 +702,15 @@ class Writer:
         """A run that wrote nothing (refused before its first file) leaves no workdir behind:
         its empty `checkpoints/` and `lock` go, and the root too when this writer created it."""
         try:
-            names = set(listdir(self.root))
-            if not names <= {CHECKPOINTS, LOCK} or (
-                CHECKPOINTS in names and listdir(self.checkpoints)
+            names = set(paths.listdir(self.root))
+            if not names <= {paths.CHECKPOINTS, paths.LOCK} or (
+                paths.CHECKPOINTS in names and paths.listdir(self.checkpoints)
             ):
                 return
-            if LOCK in names:
-                remove(join(self.root, LOCK))
-            if is_remote(self.root):
-                remove_tree(self.checkpoints)
+            if paths.LOCK in names:
+                paths.remove(paths.join(self.root, paths.LOCK))
+            if paths.is_remote(self.root):
+                paths.remove_tree(self.checkpoints)
             else:
                 os.rmdir(self.checkpoints)
                 if self._created:

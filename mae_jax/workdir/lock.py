@@ -12,17 +12,8 @@ import time
 
 from absl import logging
 
-from mae_jax.workdir.paths import (
-    LOCK,
-    WorkdirError,
-    exists,
-    is_remote,
-    join,
-    read_json,
-    read_text,
-    remove,
-    write_json,
-)
+from mae_jax.workdir import paths
+from mae_jax.workdir.paths import WorkdirError
 
 
 def now() -> str:
@@ -65,7 +56,7 @@ class Lock:
     """
 
     def __init__(self, root: str, *, heartbeat_s: float = 60.0, stale_s: float = 600.0):
-        self.path = join(root, LOCK)
+        self.path = paths.join(root, paths.LOCK)
         self._root = root
         self._heartbeat_s = heartbeat_s
         self._stale_s = stale_s
@@ -88,7 +79,7 @@ class Lock:
         )
 
     def acquire(self) -> Lock:
-        if is_remote(self.path):
+        if paths.is_remote(self.path):
             self._acquire_lease()
         else:
             self._acquire_flock()
@@ -116,21 +107,21 @@ class Lock:
         return time.time() - float(holder.get("heartbeat", 0)) < self._stale_s
 
     def _acquire_lease(self):
-        holder = _holder(read_text(self.path)) if exists(self.path) else {}
+        holder = _holder(paths.read_text(self.path)) if paths.exists(self.path) else {}
         if holder and self._lease_alive(holder):
             self._refuse(holder)
         if holder:
             self._take_over(holder)
         self._write_lease()
         time.sleep(0.05)  # a racing writer's lease would land in between: re-read
-        holder = read_json(self.path)
+        holder = paths.read_json(self.path)
         if any(holder.get(k) != self.holder[k] for k in ("started", "pid")):
             self._refuse(holder)
         self._thread = threading.Thread(target=self._renew, name="workdir-lock", daemon=True)
         self._thread.start()
 
     def _write_lease(self):
-        write_json(self.path, {**self.holder, "heartbeat": time.time()})
+        paths.write_json(self.path, {**self.holder, "heartbeat": time.time()})
 
     def _renew(self):
         while not self._stop.wait(self._heartbeat_s):
@@ -150,7 +141,7 @@ class Lock:
             self._thread.join()
             self._thread = None
             try:
-                if read_json(self.path).get("pid") == self.holder["pid"]:
-                    remove(self.path)
+                if paths.read_json(self.path).get("pid") == self.holder["pid"]:
+                    paths.remove(self.path)
             except Exception as e:  # noqa: BLE001
                 logging.warning("could not remove the workdir lock %s: %s", self.path, e)
