@@ -117,8 +117,8 @@ def list_images(patterns: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def image_batches(paths: Sequence[str], img_size: int, global_batch: int, skipped: list):
     """Host-local batches `{'image' float32 [B/P, S, S, 3], 'mask' [B/P]}` of `paths` (this
-    process's rows, see `sharding.collect`), eval-cropped; unreadable files are masked out, warned about
-    and appended to `skipped`."""
+    process's rows, see `sharding.collect`), eval-cropped; unreadable files are masked out,
+    warned about and appended to `skipped`."""
     tf = tf_module()
     p, pc = jax.process_index(), jax.process_count()
     local = global_batch // pc
@@ -220,26 +220,21 @@ def compute(args) -> dict[str, np.ndarray]:
 
 def define_flags(fv: flags.FlagValues) -> None:
     """The command's flags, in `fv` (`flags.FLAGS` for the command line)."""
-    flags.DEFINE_string(
-        "checkpoint", None, "workdir or PyTorch file (mae_jax.load)", flag_values=fv
-    )
-    flags.DEFINE_integer(
-        "step", None, "a workdir's checkpoint step (default: newest)", flag_values=fv
-    )
-    flags.DEFINE_string("model", None, "preset of a PyTorch file", flag_values=fv)
+    fv_kw = {"flag_values": fv}
+    flags.DEFINE_string("checkpoint", None, "workdir or PyTorch file (mae_jax.load)", **fv_kw)
+    flags.DEFINE_integer("step", None, "a workdir's checkpoint step (default: newest)", **fv_kw)
+    flags.DEFINE_string("model", None, "preset of a PyTorch file", **fv_kw)
     flags.DEFINE_multi_string(
-        "images", None, "directory of images or glob; more may follow as arguments", flag_values=fv
+        "images", None, "directory of images or glob; more may follow as arguments", **fv_kw
     )
-    flags.DEFINE_string("config", None, "config file whose data block to read", flag_values=fv)
+    flags.DEFINE_string("config", None, "config file whose data block to read", **fv_kw)
     flags.DEFINE_string(
-        "split", None, "with --config: the split (default: its eval split)", flag_values=fv
+        "split", None, "with --config: the split (default: its eval split)", **fv_kw
     )
-    flags.DEFINE_integer("limit", None, "with --config: the first N examples", flag_values=fv)
-    flags.DEFINE_string("output", None, ".npz file to write", flag_values=fv)
-    flags.DEFINE_string(
-        "pool", None, "cls or mean (default: cls; a classifier's own)", flag_values=fv
-    )
-    flags.DEFINE_integer("batch_size", 256, "global batch", flag_values=fv)
+    flags.DEFINE_integer("limit", None, "with --config: the first N examples", **fv_kw)
+    flags.DEFINE_string("output", None, ".npz file to write", **fv_kw)
+    flags.DEFINE_string("pool", None, "cls or mean (default: cls; a classifier's own)", **fv_kw)
+    flags.DEFINE_integer("batch_size", 256, "global batch", **fv_kw)
 
 
 def options(fv: flags.FlagValues, args: Sequence[str]) -> types.SimpleNamespace:

@@ -63,10 +63,6 @@ def is_disk_full(error: BaseException) -> bool:
     return False
 
 
-def _megabytes(num_bytes: float) -> str:
-    return f"{num_bytes / 1e6:.1f} MB"
-
-
 # ----------------------------------------------------------------------------- state layout
 def _is_var(x) -> bool:
     return isinstance(x, nnx.Variable)
@@ -133,8 +129,7 @@ def _agree(ok: bool) -> bool:
     """True only when `ok` holds on every process (a collective when there are several)."""
     if jax.process_count() == 1:
         return ok
-    flags = multihost_utils.process_allgather(np.asarray(int(ok), np.int32))
-    return bool(np.min(flags))
+    return bool(np.min(multihost_utils.process_allgather(np.asarray(int(ok), np.int32))))
 
 
 def _quiet_orbax_teardown() -> None:
@@ -146,9 +141,8 @@ def _quiet_orbax_teardown() -> None:
 
     def hook(unraisable):
         exc = unraisable.exc_value
-        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-            return
-        previous(unraisable)
+        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+            previous(unraisable)
 
     hook._mae_jax_quiet = True
     sys.unraisablehook = hook
@@ -575,13 +569,8 @@ class Writer:
                 int(getattr(x, "nbytes", None) or np.asarray(x).nbytes)
                 for x in jax.tree.leaves(state)
             )
-            mngr.save(
-                step,
-                args=ocp.args.Composite(
-                    **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
-                ),
-                force=True,
-            )
+            items = {_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
+            mngr.save(step, args=ocp.args.Composite(**items), force=True)
             self._pending = (step, started)
             if not self._async:
                 self._finalized()
@@ -624,15 +613,15 @@ class Writer:
             intact = []
         self._pending = None
         logging.info("the full disk as reported: %s", paths.first_line(error, 1000))
-        free = paths.free_bytes(self.root)
+        free_bytes = paths.free_bytes(self.root)
         where = (
             f"{self.checkpoints} while saving checkpoint {step}" if step is not None else self.root
         )
-        size = _megabytes(self._checkpoint_bytes) if self._checkpoint_bytes else "unknown"
+        size = f"{self._checkpoint_bytes / 1e6:.1f} MB" if self._checkpoint_bytes else "unknown"
+        free = f"{free_bytes / 1e6:.1f} MB" if free_bytes is not None else "an unknown amount"
         text = (
             f"no space left on the file system of {where}: one checkpoint is about {size}, "
-            f"{_megabytes(free) if free is not None else 'an unknown amount'} free; intact "
-            f"checkpoints: {intact or 'none'} in {self.checkpoints}"
+            f"{free} free; intact checkpoints: {intact or 'none'} in {self.checkpoints}"
         )
         if removed:
             text += f"; removed the half-written {', '.join(removed)}"

@@ -76,10 +76,7 @@ def listdir(path) -> list[str]:
 
 
 def read_text(path) -> str:
-    if is_remote(path):
-        with gfile().GFile(path, "r") as f:
-            return f.read()
-    with open(path, encoding="utf-8") as f:
+    with gfile().GFile(path, "r") if is_remote(path) else open(path, encoding="utf-8") as f:
         return f.read()
 
 
