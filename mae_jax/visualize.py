@@ -93,11 +93,10 @@ def reconstruct(
     c = model.config
     images = jnp.asarray(images, jnp.float32)
     model.check_images(images)
-    n = images.shape[0]
     if noise is None:
         if key is None:
             raise ValueError("reconstruct needs key= or noise= to draw the mask")
-        noise = jax.random.uniform(key, (n, c.num_patches), dtype=jnp.float32)
+        noise = jax.random.uniform(key, (images.shape[0], c.num_patches), dtype=jnp.float32)
     ratio = c.mask_ratio if mask_ratio is None else mask_ratio  # checked by random_masking
     graphdef, state = nnx.split(model)
     pred, mask = _forward(graphdef, state, images, jnp.asarray(noise, jnp.float32), ratio)

@@ -85,13 +85,11 @@ def to_checkpoint(state: dict) -> dict:
 
 def abstract_checkpoint(abstract_state: dict, shardings: dict) -> dict:
     """The on-disk layout of `abstract_state` as ShapeDtypeStructs carrying `shardings`."""
-    return to_checkpoint(
-        jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            _strip(abstract_state),
-            _strip(shardings),
-        )
-    )
+
+    def struct(a, s):
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+
+    return to_checkpoint(jax.tree.map(struct, _strip(abstract_state), _strip(shardings)))
 
 
 def from_checkpoint(restored: dict, abstract_state: dict) -> dict:
@@ -103,11 +101,8 @@ def from_checkpoint(restored: dict, abstract_state: dict) -> dict:
             lambda v, x: v.replace(x) if _is_var(v) else x, template, values, is_leaf=_is_var
         )
 
-    out = {
-        k: rewrap(v, restored[k])
-        for k, v in abstract_state.items()
-        if k in restored.keys() - {"params"}
-    }
+    keys = restored.keys() - {"params"}
+    out = {k: rewrap(v, restored[k]) for k, v in abstract_state.items() if k in keys}
     out["params"] = jax.tree.map(lambda x: x, abstract_state["params"])
     nnx.replace_by_pure_dict(out["params"], restored["params"])
     return out
@@ -499,10 +494,8 @@ class Writer:
         """True once a preemption notice arrived. With several processes it is JAX's sync point:
         True on the same `step` on every process, so call it at every step on every process."""
         if not self._sync_preempted and jax.distributed.is_initialized():
-            try:
+            with contextlib.suppress(RuntimeError):  # the preemption service is off
                 self._sync_preempted = bool(multihost_utils.reached_preemption_sync_point(step))
-            except RuntimeError:  # the preemption service is off
-                pass
         return self.preemption_requested
 
     # ------------------------------------------------------------------- saving

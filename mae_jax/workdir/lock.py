@@ -40,10 +40,7 @@ def _holder(text) -> dict:
 
 
 def _describe(holder: dict) -> str:
-    return (
-        f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, "
-        f"started {holder.get('started', '?')}"
-    )
+    return ", ".join(f"{key} {holder.get(key, '?')}" for key in ("host", "pid", "started"))
 
 
 class Lock:

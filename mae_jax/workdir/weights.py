@@ -119,14 +119,9 @@ def read_classifier(path, step: int | None = None) -> Classifier:
     )
     parts = restored.state
     tree = merge_trees(*(parts[k] for k in ("params", "frozen", "batch_stats") if k in parts))
-    pos = parts.get("pos_embed")
+    pos = None if "pos_embed" not in parts else np.asarray(parts["pos_embed"])
     return Classifier(
-        restored.step,
-        config,
-        head,
-        jax.tree.map(np.asarray, tree),
-        None if pos is None else np.asarray(pos),
-        restored.meta,
+        restored.step, config, head, jax.tree.map(np.asarray, tree), pos, restored.meta
     )
 
 
