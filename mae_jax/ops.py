@@ -19,7 +19,12 @@ import numpy as np
 from mae_jax.spec import require
 
 
-def _check_divisible(h: int, w: int, p: int) -> None:
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+    """Images `[N, H, W, C]` -> patch vectors `[N, L, p*p*C]` (official order)."""
+    if images.ndim != 4:
+        raise ValueError(f"patchify expects NHWC images [N, H, W, C], got shape {images.shape}")
+    n, h, w, c = images.shape
+    p = patch_size
     if p <= 0:
         raise ValueError(f"patch size must be a positive integer, got {p}")
     if h % p or w % p:
@@ -27,15 +32,6 @@ def _check_divisible(h: int, w: int, p: int) -> None:
             f"image size {h}x{w} is not divisible by the patch size {p}; "
             f"use an image size that is a multiple of {p}"
         )
-
-
-def patchify(images: jax.Array, patch_size: int) -> jax.Array:
-    """Images `[N, H, W, C]` -> patch vectors `[N, L, p*p*C]` (official order)."""
-    if images.ndim != 4:
-        raise ValueError(f"patchify expects NHWC images [N, H, W, C], got shape {images.shape}")
-    n, h, w, c = images.shape
-    p = patch_size
-    _check_divisible(h, w, p)
     gh, gw = h // p, w // p
     x = images.reshape(n, gh, p, gw, p, c)
     x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))  # n, gh, gw, p, p, c
@@ -75,12 +71,8 @@ def unpatchify(
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
     """Number of visible patches, exactly as the reference: `int(L * (1 - ratio))`."""
-    check_mask_ratio(mask_ratio)
-    return int(num_patches * (1 - mask_ratio))
-
-
-def check_mask_ratio(mask_ratio: float) -> None:
     require("mask_ratio", mask_ratio, "num[0,1)")
+    return int(num_patches * (1 - mask_ratio))
 
 
 def random_masking(
@@ -134,16 +126,11 @@ def permute_tokens(x: jax.Array, order: jax.Array) -> jax.Array:
     return gather_tokens(x, order)
 
 
-def _permute_fwd(x, order):
-    return gather_tokens(x, order), order
-
-
 def _permute_bwd(order, grad):
-    inverse = jnp.argsort(order, axis=1)
-    return gather_tokens(grad, inverse), None
+    return gather_tokens(grad, jnp.argsort(order, axis=1)), None  # the inverse permutation
 
 
-permute_tokens.defvjp(_permute_fwd, _permute_bwd)
+permute_tokens.defvjp(lambda x, order: (gather_tokens(x, order), order), _permute_bwd)
 
 
 def unshuffle(visible: jax.Array, mask_token: jax.Array, ids_restore: jax.Array) -> jax.Array:
@@ -162,8 +149,7 @@ def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
     """1-D sin-cos embedding: `positions [M]` -> `[M, dim]` = `[sin(pos*f_k), cos(pos*f_k)]`."""
     if dim % 2:
         raise ValueError(f"sin-cos embedding dimension must be even, got {dim}")
-    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
-    omega = 1.0 / 10000**omega
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
     out = np.einsum("m,d->md", np.asarray(positions, np.float64).reshape(-1), omega)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
@@ -203,8 +189,7 @@ def mae_loss(
     `pred`, `target`: `[N, L, p*p*C]`; `mask`: `[N, L]` with 1 = removed. Computed in float32.
     With no removed patch at all the loss is 0 (the reference would divide by zero).
     """
-    pred = pred.astype(jnp.float32)
-    target = target.astype(jnp.float32)
+    pred, target = pred.astype(jnp.float32), target.astype(jnp.float32)
     if norm_pix_loss:
         target = normalize_targets(target)
     per_patch = jnp.mean(jnp.square(pred - target), axis=-1)

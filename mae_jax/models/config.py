@@ -10,7 +10,6 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from mae_jax import ops
 from mae_jax.spec import require
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -101,10 +100,8 @@ class MAEConfig:
             raise ValueError(
                 f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}"
             )
-        for what, heads_field in (
-            ("embed_dim", "num_heads"),
-            ("decoder_embed_dim", "decoder_num_heads"),
-        ):
+        for what in ("embed_dim", "decoder_embed_dim"):
+            heads_field = what.replace("embed_dim", "num_heads")
             dim, heads = getattr(self, what), getattr(self, heads_field)
             if dim % heads:
                 raise ValueError(
@@ -116,70 +113,60 @@ class MAEConfig:
                 )
         if int(self.embed_dim * self.mlp_ratio) <= 0:
             raise ValueError(f"mlp_ratio {self.mlp_ratio!r} leaves the MLP of no width")
-        ops.check_mask_ratio(self.mask_ratio)
+        require("mask_ratio", self.mask_ratio, "num[0,1)")
         for field in ("norm_pix_loss", "scan_layers"):
             require(field, getattr(self, field), "bool")
-        if self.remat not in REMAT_NAMES:
-            raise ValueError(
-                f"remat {self.remat!r} is not one of {REMAT_NAMES} (True/False mean full/none)"
-            )
-        for field in DTYPE_FIELDS:
-            if getattr(self, field) not in _DTYPES:
-                raise ValueError(
-                    f"{field} {getattr(self, field)!r} is not one of {sorted(_DTYPES)}"
-                )
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(
-                f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}"
-            )
+        for field, allowed, note in (
+            ("remat", REMAT_NAMES, " (True/False mean full/none)"),
+            ("dtype", sorted(_DTYPES), ""),
+            ("param_dtype", sorted(_DTYPES), ""),
+            ("attention_impl", ATTENTION_IMPLS, ""),
+        ):
+            if (value := getattr(self, field)) not in allowed:
+                raise ValueError(f"{field} {value!r} is not one of {allowed}{note}")
         return self
 
 
-def _preset(name, **kw) -> MAEConfig:
-    return MAEConfig(name=name, **kw)
-
-
 PRESETS: dict[str, MAEConfig] = {
-    # The paper's models (official architectures).
-    "mae_vit_base_patch16": _preset("mae_vit_base_patch16", embed_dim=768, depth=12, num_heads=12),
-    "mae_vit_large_patch16": _preset(
-        "mae_vit_large_patch16", embed_dim=1024, depth=24, num_heads=16
-    ),
-    "mae_vit_huge_patch14": _preset(
-        "mae_vit_huge_patch14", patch_size=14, embed_dim=1280, depth=32, num_heads=16
-    ),
-    # Smaller models for CPU work: a ViT-S/16 and tiny ones for smoke runs and tests.
-    "mae_vit_small_patch16": _preset(
-        "mae_vit_small_patch16",
-        embed_dim=384,
-        depth=12,
-        num_heads=6,
-        decoder_embed_dim=256,
-        decoder_depth=4,
-        decoder_num_heads=8,
-    ),
-    "mae_vit_tiny_patch4_32": _preset(
-        "mae_vit_tiny_patch4_32",
-        img_size=32,
-        patch_size=4,
-        embed_dim=128,
-        depth=4,
-        num_heads=4,
-        decoder_embed_dim=64,
-        decoder_depth=2,
-        decoder_num_heads=4,
-    ),
-    "mae_vit_test": _preset(
-        "mae_vit_test",
-        img_size=32,
-        patch_size=8,
-        embed_dim=32,
-        depth=2,
-        num_heads=4,
-        decoder_embed_dim=32,
-        decoder_depth=1,
-        decoder_num_heads=4,
-    ),
+    c.name: c
+    for c in (
+        # The paper's models (official architectures).
+        MAEConfig("mae_vit_base_patch16", embed_dim=768, depth=12, num_heads=12),
+        MAEConfig("mae_vit_large_patch16", embed_dim=1024, depth=24, num_heads=16),
+        MAEConfig("mae_vit_huge_patch14", patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+        # Smaller models for CPU work: a ViT-S/16 and tiny ones for smoke runs and tests.
+        MAEConfig(
+            "mae_vit_small_patch16",
+            embed_dim=384,
+            depth=12,
+            num_heads=6,
+            decoder_embed_dim=256,
+            decoder_depth=4,
+            decoder_num_heads=8,
+        ),
+        MAEConfig(
+            "mae_vit_tiny_patch4_32",
+            img_size=32,
+            patch_size=4,
+            embed_dim=128,
+            depth=4,
+            num_heads=4,
+            decoder_embed_dim=64,
+            decoder_depth=2,
+            decoder_num_heads=4,
+        ),
+        MAEConfig(
+            "mae_vit_test",
+            img_size=32,
+            patch_size=8,
+            embed_dim=32,
+            depth=2,
+            num_heads=4,
+            decoder_embed_dim=32,
+            decoder_depth=1,
+            decoder_num_heads=4,
+        ),
+    )
 }
 
 _FIELDS = {f.name for f in dataclasses.fields(MAEConfig)}
@@ -209,10 +196,8 @@ def resolve(name_or_config: Any, **overrides) -> MAEConfig:
     elif isinstance(name_or_config, str):
         base, extra = _lookup(name_or_config), {}
     elif isinstance(name_or_config, Mapping) or hasattr(name_or_config, "to_dict"):
-        extra = dict(
-            name_or_config.to_dict() if hasattr(name_or_config, "to_dict") else name_or_config
-        )
-        extra = {k: v for k, v in extra.items() if v is not None}
+        as_dict = name_or_config.to_dict() if hasattr(name_or_config, "to_dict") else name_or_config
+        extra = {k: v for k, v in as_dict.items() if v is not None}
         base = _lookup(extra.pop("name")) if "name" in extra else MAEConfig()
     else:
         raise ValueError(

@@ -38,6 +38,30 @@ def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
     return [float(r) for r in np.linspace(0.0, drop_path_rate, depth)]
 
 
+def learned_token(dim: int, c: MAEConfig, rngs: nnx.Rngs) -> nnx.Param:
+    """A `[1, 1, dim]` token initialized normal(0.02): the official `cls_token`, `mask_token`."""
+    init = normal(0.02, (None, None, "embed"))
+    return nnx.Param(init(rngs.params(), (1, 1, dim), c.storage_dtype))
+
+
+def sincos_table(dim: int, c: MAEConfig) -> FixedEmbedding:
+    """The fixed 2-D sin-cos position table `[1, 1+L, dim]`, the cls row zero."""
+    table = jnp.asarray(ops.sincos_2d(dim, c.grid_size))[None]
+    return FixedEmbedding(table.astype(c.storage_dtype))
+
+
+def transformer(c: MAEConfig, dim: int, num_heads: int, depth: int, rngs, drop_path_rate=0.0):
+    """`depth` blocks, with drop path when `drop_path_rate` > 0 (`drop_path_rates`), stacked
+    when `c.scan_layers` (the same initial values, one array per parameter), else a list."""
+    kw = dict(dtype=c.compute_dtype, param_dtype=c.storage_dtype, rngs=rngs)
+    rates = drop_path_rates(drop_path_rate, depth) if drop_path_rate > 0 else [None] * depth
+    blocks = [
+        Block(dim, num_heads, c.mlp_ratio, attention_impl=c.attention_impl, drop_path=r, **kw)
+        for r in rates
+    ]
+    return stack_blocks(blocks) if c.scan_layers else nnx.List(blocks)
+
+
 class Encoder(nnx.Module):
     """ViT encoder stem and blocks: patch vectors -> `[N, 1+K, D]` tokens before the final norm.
 
@@ -54,30 +78,10 @@ class Encoder(nnx.Module):
     def __init__(self, config: MAEConfig, *, rngs: nnx.Rngs, drop_path_rate: float = 0.0):
         self.config = c = config
         kw = dict(dtype=c.compute_dtype, param_dtype=c.storage_dtype)
-        d = c.embed_dim
-        self.patch_embed = PatchEmbed(c.patch_dim, d, rngs=rngs, **kw)
-        self.cls_token = nnx.Param(
-            normal(0.02, (None, None, "embed"))(rngs.params(), (1, 1, d), c.storage_dtype)
-        )
-        self.pos_embed = FixedEmbedding(
-            jnp.asarray(ops.sincos_2d(d, c.grid_size))[None].astype(c.storage_dtype)
-        )
-        blocks = [
-            Block(
-                d,
-                c.num_heads,
-                c.mlp_ratio,
-                attention_impl=c.attention_impl,
-                drop_path=rate,
-                rngs=rngs,
-                **kw,
-            )
-            for rate in (
-                drop_path_rates(drop_path_rate, c.depth) if drop_path_rate > 0 else [None] * c.depth
-            )
-        ]
-        # Stacked (`scan_layers`): the same initial values, one array per parameter.
-        self.blocks = stack_blocks(blocks) if c.scan_layers else nnx.List(blocks)
+        self.patch_embed = PatchEmbed(c.patch_dim, c.embed_dim, rngs=rngs, **kw)
+        self.cls_token = learned_token(c.embed_dim, c, rngs)
+        self.pos_embed = sincos_table(c.embed_dim, c)
+        self.blocks = transformer(c, c.embed_dim, c.num_heads, c.depth, rngs, drop_path_rate)
 
     def check_images(self, images) -> None:
         """Raise ValueError unless `images` is `[N, img_size, img_size, in_chans]`."""

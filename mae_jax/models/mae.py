@@ -16,16 +16,8 @@ from flax import nnx
 
 from mae_jax import ops
 from mae_jax.models.config import MAEConfig
-from mae_jax.models.encoder import Encoder
-from mae_jax.models.vit import (
-    Block,
-    FixedEmbedding,
-    layer_norm,
-    linear,
-    normal,
-    run_blocks,
-    stack_blocks,
-)
+from mae_jax.models.encoder import Encoder, learned_token, sincos_table, transformer
+from mae_jax.models.vit import layer_norm, linear, run_blocks
 
 
 class MAEOutput(NamedTuple):
@@ -47,24 +39,9 @@ class MAE(Encoder):
         self.norm = layer_norm(d, rngs=rngs, **kw)
 
         self.decoder_embed = linear(d, dd, ("embed", "embed"), rngs=rngs, **kw)
-        self.mask_token = nnx.Param(
-            normal(0.02, (None, None, "embed"))(rngs.params(), (1, 1, dd), c.storage_dtype)
-        )
-        self.decoder_pos_embed = FixedEmbedding(
-            jnp.asarray(ops.sincos_2d(dd, c.grid_size))[None].astype(c.storage_dtype)
-        )
-        blocks = [
-            Block(
-                dd,
-                c.decoder_num_heads,
-                c.mlp_ratio,
-                attention_impl=c.attention_impl,
-                rngs=rngs,
-                **kw,
-            )
-            for _ in range(c.decoder_depth)
-        ]
-        self.decoder_blocks = stack_blocks(blocks) if c.scan_layers else nnx.List(blocks)
+        self.mask_token = learned_token(dd, c, rngs)
+        self.decoder_pos_embed = sincos_table(dd, c)
+        self.decoder_blocks = transformer(c, dd, c.decoder_num_heads, c.decoder_depth, rngs)
         self.decoder_norm = layer_norm(dd, rngs=rngs, **kw)
         self.decoder_pred = linear(dd, c.patch_dim, ("embed", None), rngs=rngs, **kw)
         # Own masking stream, used when neither noise nor rngs are given.
@@ -104,11 +81,10 @@ class MAE(Encoder):
         self.check_images(images)
         n = images.shape[0]
         target = ops.patchify(images, c.patch_size)
-        if noise is None:
-            key = (rngs if rngs is not None else self.rngs).masking()
-            ids_keep, mask, ids_restore = ops.random_masking(n, c.num_patches, ratio, key=key)
-        else:
-            ids_keep, mask, ids_restore = ops.random_masking(n, c.num_patches, ratio, noise=noise)
+        key = None if noise is not None else (rngs if rngs is not None else self.rngs).masking()
+        ids_keep, mask, ids_restore = ops.random_masking(
+            n, c.num_patches, ratio, key=key, noise=noise
+        )
         x = self.embed(target.astype(c.compute_dtype), ids_keep)  # [N, K, D], visible only
         latent = self.norm(self.run_encoder(x))  # [N, 1+K, D]
         pred = self.decode(latent, ids_restore)

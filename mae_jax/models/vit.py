@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-from mae_jax.spec import require
 
 LN_EPS = 1e-6  # LayerNorm epsilon of the official release
 
@@ -36,10 +33,6 @@ def zeros(axes: tuple[str | None, ...]):
     return nnx.with_metadata(nnx.initializers.zeros_init(), logical_axes=axes)
 
 
-def ones(axes: tuple[str | None, ...]):
-    return nnx.with_metadata(nnx.initializers.ones_init(), logical_axes=axes)
-
-
 def normal(std: float, axes: tuple[str | None, ...]):
     return nnx.with_metadata(nnx.initializers.normal(std), logical_axes=axes)
 
@@ -54,38 +47,20 @@ def uniform_fan_in(fan_in: int, axes: tuple[str | None, ...]):
     return nnx.with_metadata(init, logical_axes=axes)
 
 
-def linear(
-    d_in: int,
-    d_out: int,
-    axes: tuple[str | None, str | None],
-    *,
-    dtype,
-    param_dtype,
-    rngs: nnx.Rngs,
-) -> nnx.Linear:
+# `kw` below: the `dtype`, `param_dtype` and `rngs` of every nnx layer.
+def linear(d_in: int, d_out: int, axes: tuple[str | None, str | None], **kw) -> nnx.Linear:
     """Linear with the official init: xavier-uniform kernel `[in, out]`, zero bias."""
     return nnx.Linear(
-        d_in,
-        d_out,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=xavier_uniform(axes),
-        bias_init=zeros((axes[1],)),
-        rngs=rngs,
+        d_in, d_out, kernel_init=xavier_uniform(axes), bias_init=zeros((axes[1],)), **kw
     )
 
 
-def layer_norm(dim: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def layer_norm(dim: int, **kw) -> nnx.LayerNorm:
     """LayerNorm with eps 1e-6; statistics in float32 with the exact (two-pass) variance."""
+    axes = ("embed",)
+    ones = nnx.with_metadata(nnx.initializers.ones_init(), logical_axes=axes)
     return nnx.LayerNorm(
-        dim,
-        epsilon=LN_EPS,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        use_fast_variance=False,
-        scale_init=ones(("embed",)),
-        bias_init=zeros(("embed",)),
-        rngs=rngs,
+        dim, epsilon=LN_EPS, use_fast_variance=False, scale_init=ones, bias_init=zeros(axes), **kw
     )
 
 
@@ -97,15 +72,11 @@ class PatchEmbed(nnx.Module):
     encoder embed only the visible patches.
     """
 
-    def __init__(self, patch_dim: int, embed_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, patch_dim: int, embed_dim: int, **kw):
+        kernel_init = xavier_uniform((None, "embed"))
+        bias_init = uniform_fan_in(patch_dim, ("embed",))
         self.proj = nnx.Linear(
-            patch_dim,
-            embed_dim,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            kernel_init=xavier_uniform((None, "embed")),
-            bias_init=uniform_fan_in(patch_dim, ("embed",)),
-            rngs=rngs,
+            patch_dim, embed_dim, kernel_init=kernel_init, bias_init=bias_init, **kw
         )
 
     def __call__(self, patches: jax.Array) -> jax.Array:
@@ -133,15 +104,8 @@ def padded_attention(
         widths = ((0, 0), (0, padded - t), (0, 0), (0, 0))
         q, k, v = (jnp.pad(a, widths) for a in (q, k, v))
     lengths = jnp.full((n,), t, jnp.int32)
-    out = jax.nn.dot_product_attention(
-        q,
-        k,
-        v,
-        query_seq_lengths=lengths,
-        key_value_seq_lengths=lengths,
-        implementation=implementation,
-    )
-    return out[:, :t]
+    kw = dict(query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation, **kw)[:, :t]
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None) -> jax.Array:
@@ -171,26 +135,11 @@ class Attention(nnx.Module):
     `implementation`: see `attention` (None = automatic, 'xla', 'cudnn').
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        *,
-        dtype,
-        param_dtype,
-        implementation: str | None = None,
-        rngs: nnx.Rngs,
-    ):
-        if dim % num_heads:
-            raise ValueError(f"embedding dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
+    def __init__(self, dim: int, num_heads: int, *, implementation: str | None = None, **kw):
+        self.num_heads = num_heads  # dividing `dim`: `MAEConfig.validate`
         self.implementation = implementation
-        self.qkv = linear(
-            dim, 3 * dim, ("embed", "qkv"), dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
-        self.proj = linear(
-            dim, dim, ("heads", "embed"), dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
+        self.qkv = linear(dim, 3 * dim, ("embed", "qkv"), **kw)
+        self.proj = linear(dim, dim, ("heads", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n, t, d = x.shape
@@ -204,13 +153,9 @@ class Attention(nnx.Module):
 class Mlp(nnx.Module):
     """fc1 -> exact GELU -> fc2."""
 
-    def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.fc1 = linear(
-            dim, hidden, ("embed", "mlp"), dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
-        self.fc2 = linear(
-            hidden, dim, ("mlp", "embed"), dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
+    def __init__(self, dim: int, hidden: int, **kw):
+        self.fc1 = linear(dim, hidden, ("embed", "mlp"), **kw)
+        self.fc2 = linear(hidden, dim, ("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
@@ -224,10 +169,9 @@ class DropRate(nnx.Variable):
 
 
 class DropPath(nnx.Module):
-    """Stochastic depth per sample (`rate` = probability of dropping the residual branch)."""
+    """Stochastic depth per sample (`rate` in [0, 1): probability of dropping the residual)."""
 
     def __init__(self, rate: float, *, rngs: nnx.Rngs):
-        require("drop path rate", rate, "num[0,1)")
         self.rate = DropRate(jnp.asarray(rate, jnp.float32))
         self.deterministic = False
         self.rngs = rngs.fork()
@@ -253,18 +197,15 @@ class Block(nnx.Module):
         num_heads: int,
         mlp_ratio: float = 4.0,
         *,
-        dtype,
-        param_dtype,
         attention_impl: str | None = None,
         drop_path: float | None = None,
-        rngs: nnx.Rngs,
+        **kw,
     ):
-        kw: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = layer_norm(dim, **kw)
         self.attn = Attention(dim, num_heads, implementation=attention_impl, **kw)
         self.norm2 = layer_norm(dim, **kw)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), **kw)
-        self.drop_path = DropPath(drop_path, rngs=rngs) if drop_path is not None else None
+        self.drop_path = DropPath(drop_path, rngs=kw["rngs"]) if drop_path is not None else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dp = self.drop_path if self.drop_path is not None else (lambda y: y)
@@ -299,20 +240,16 @@ def stack_blocks(blocks: list[Block]) -> Block:
     """Blocks of one structure -> one Block whose variables hold them all along a new leading
     axis (`[depth, ...]`; its `logical_axes` start with None: the layers axis is never
     sharded). `run_blocks` runs it as one scanned layer."""
-    graphdef, _ = nnx.split(blocks[0])
-    states = []
-    for i, block in enumerate(blocks):
-        block_graphdef, state = nnx.split(block)
-        if block_graphdef != graphdef:
+    graphdefs, states = zip(*(nnx.split(block) for block in blocks))
+    for i, graphdef in enumerate(graphdefs):
+        if graphdef != graphdefs[0]:
             raise ValueError(f"block {i} differs in structure from block 0; cannot stack them")
-        states.append(state)
-    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     stacked = jax.tree.map(
         lambda *vs: _with_layers_axis(vs[0], jnp.stack([v.get_value() for v in vs])),
         *states,
-        is_leaf=is_var,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
-    return nnx.merge(graphdef, stacked)
+    return nnx.merge(graphdefs[0], stacked)
 
 
 def _scan(stacked: Block, x: jax.Array, policy: Callable | None) -> jax.Array:
