@@ -70,14 +70,6 @@ def _json_value(x: int | float) -> int | float | str:
     return x
 
 
-def _read_step(line: str) -> int | None:
-    try:
-        record = json.loads(line)
-        return int(record["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
 def read_jsonl(workdir) -> list[dict]:
     """All complete records of `workdir/metrics.jsonl` (a torn last line is skipped)."""
     path = wd.join(wd.normalize(workdir), JSONL_NAME)
@@ -105,17 +97,16 @@ def truncate_after(workdir, step: int) -> int:
     lines = wd.read_text(path).splitlines(keepends=True)
     kept = []
     for line in lines:
-        s = _read_step(line)
-        if s is not None and s <= step:
+        try:
+            s = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if s <= step:
             kept.append(line if line.endswith("\n") else line + "\n")
     removed = len(lines) - len(kept)
     if removed:
         wd.write_text(path, "".join(kept))
     return removed
-
-
-def _format_lr(lr: float) -> str:
-    return f"{lr:.1e}" if math.isfinite(lr) else str(lr)
 
 
 # The scalars a console progress line shows; a call without any of them prints no line.
@@ -245,7 +236,7 @@ class MetricsWriter:
         if "loss" in values:
             parts.append(f"loss {float(values['loss']):.4f}")
         if "lr" in values:
-            parts.append(f"lr {_format_lr(float(values['lr']))}")
+            parts.append(f"lr {float(values['lr']):.1e}")
         if "images_per_sec" in values:
             parts.append(f"{float(values['images_per_sec']):.1f} img/s")
         if self.total_steps:

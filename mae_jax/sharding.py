@@ -173,25 +173,20 @@ def collect(
     done)` after each batch."""
     p, pc = jax.process_index(), jax.process_count()
     parts: dict[str, list] = {}
-    done = 0
+    done, bound = 0, np.inf if limit is None else limit
     for i, batch in enumerate(batches):
         local = len(batch["mask"])
-        index = (i * local + np.arange(local)) * pc + p
-        keep = np.asarray(batch["mask"], bool) & (index < (limit if limit is not None else np.inf))
-        host = {**batch, "mask": keep}
-        out = process_local(run(state, global_batch(host, mesh)))
+        j = i * local + np.arange(local)  # this process's rows: examples j * P + p
+        keep = np.asarray(batch["mask"], bool) & (j * pc + p < bound)
+        out = process_local(run(state, global_batch({**batch, "mask": keep}, mesh)))
         rows = np.asarray(out.pop("mask"), bool)
         # the global batch is the processes' rows, process after process
-        out["index"] = (
-            (i * local + np.arange(local))[None, :] * pc + np.arange(pc)[:, None]
-        ).ravel()
+        out["index"] = (j[None, :] * pc + np.arange(pc)[:, None]).ravel()
         for key, value in out.items():
             parts.setdefault(key, []).append(np.asarray(value)[rows])
         done += int(rows.sum())
         if progress is not None:
             progress(done, i + 1)
-        if limit is not None and (i + 1) * local * pc >= limit:
+        if (i + 1) * local * pc >= bound:
             break  # every later example is past the limit
-    if not parts:
-        return {}
     return {key: np.concatenate(values) for key, values in parts.items()}

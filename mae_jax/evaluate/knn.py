@@ -78,17 +78,9 @@ def nearest_neighbors(
             q = jnp.pad(q, ((0, query_chunk - n), (0, 0)))
         sims = jnp.full((query_chunk, k), -jnp.inf, jnp.float32)
         ids = jnp.zeros((query_chunk, k), jnp.int32)
-        for b in range(nb):
-            lo = b * bank_chunk
-            sims, ids = _chunk_topk(
-                q,
-                bank[lo : lo + bank_chunk],
-                valid[lo : lo + bank_chunk],
-                sims,
-                ids,
-                jnp.int32(lo),
-                k=k,
-            )
+        for lo in range(0, nb * bank_chunk, bank_chunk):
+            chunk = slice(lo, lo + bank_chunk)
+            sims, ids = _chunk_topk(q, bank[chunk], valid[chunk], sims, ids, jnp.int32(lo), k=k)
         out_sims.append(sims[:n])
         out_ids.append(ids[:n])
     return jnp.concatenate(out_sims), jnp.concatenate(out_ids)

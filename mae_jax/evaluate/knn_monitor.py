@@ -111,25 +111,12 @@ def evaluate(fns, state: dict, data_config, s: Settings, mesh, should_stop=None)
     bank and query counts (`num_bank`, `num_queries`, real examples only). `should_stop()` is
     polled before every batch of both passes; True raises `pipeline.Interrupted`."""
     t0 = time.perf_counter()
-    bank, bank_labels = collect(
-        fns,
-        state,
-        data_config,
-        data_config.train_split,
-        s.bank_size,
-        s.batch_size,
-        mesh,
-        should_stop,
-    )
-    queries, query_labels = collect(
-        fns,
-        state,
-        data_config,
-        data_config.eval_split,
-        s.num_queries,
-        s.batch_size,
-        mesh,
-        should_stop,
+    (bank, bank_labels), (queries, query_labels) = (
+        collect(fns, state, data_config, split, limit, s.batch_size, mesh, should_stop)
+        for split, limit in (
+            (data_config.train_split, s.bank_size),
+            (data_config.eval_split, s.num_queries),
+        )
     )
     acc = knn.knn_accuracy(
         bank,

@@ -25,13 +25,6 @@ def _as_int_labels(labels: jax.Array, num_classes: int) -> jax.Array:
     return labels
 
 
-def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
-    ks = tuple(ks)
-    if not ks or not all(ok("int>=1", k) for k in ks):
-        raise ValueError(f"ks must be positive integers, got {ks!r}")
-    return ks
-
-
 def label_rank(scores: jax.Array, labels: jax.Array) -> jax.Array:
     """Rank of the true class, `[N]` int32: how many classes score strictly higher than it
     (0 = top-1 correct). `scores [N, C]`, `labels [N]` int; a label outside `[0, C)` has
@@ -54,7 +47,9 @@ def topk_correct(
     classes score strictly higher than its label (ties count in its favour). k >= C is always
     correct for a label in `[0, C)`; one outside is never correct.
     """
-    ks = _check_ks(ks)
+    ks = tuple(ks)
+    if not ks or not all(ok("int>=1", k) for k in ks):
+        raise ValueError(f"ks must be positive integers, got {ks!r}")
     if scores.ndim != 2:
         raise ValueError(f"scores must be [N, C], got shape {scores.shape}")
     labels = _as_int_labels(labels, scores.shape[1])

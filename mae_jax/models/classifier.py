@@ -112,36 +112,26 @@ class ViTClassifier(Encoder):
         self.num_classes = num_classes
         self.global_pool = bool(global_pool)
         self.linear_probe = bool(linear_probe)
-        self.drop_path_rate = float(drop_path_rate)
         # patch_embed, cls_token, pos_embed, blocks (with drop path)
-        super().__init__(config, rngs=rngs, drop_path_rate=self.drop_path_rate)
-        c = config
-        kw = dict(dtype=c.compute_dtype, param_dtype=c.storage_dtype)
-        d = c.embed_dim
+        super().__init__(config, rngs=rngs, drop_path_rate=float(drop_path_rate))
+        c, d = config, config.embed_dim
+        kw = dict(dtype=c.compute_dtype, param_dtype=c.storage_dtype, rngs=rngs)
         if self.global_pool:
-            self.fc_norm = layer_norm(d, rngs=rngs, **kw)
+            self.fc_norm = layer_norm(d, **kw)
         else:
-            self.norm = layer_norm(d, rngs=rngs, **kw)
+            self.norm = layer_norm(d, **kw)
+        f32 = dict(dtype=jnp.float32, rngs=rngs)
         linear = nnx.Linear(
             d,
             num_classes,
-            dtype=jnp.float32,
             param_dtype=c.storage_dtype,
             kernel_init=normal(float(head_init_std), ("embed", None)),
             bias_init=zeros((None,)),
-            rngs=rngs,
+            **f32,
         )
         if self.linear_probe:
-            bn = nnx.BatchNorm(
-                d,
-                use_scale=False,
-                use_bias=False,
-                momentum=BN_MOMENTUM,
-                epsilon=BN_EPS,
-                dtype=jnp.float32,
-                use_fast_variance=False,
-                rngs=rngs,
-            )
+            bn_kw = dict(use_scale=False, use_bias=False, momentum=BN_MOMENTUM, epsilon=BN_EPS)
+            bn = nnx.BatchNorm(d, **bn_kw, use_fast_variance=False, **f32)
             self.head = nnx.List([bn, linear])
         else:
             self.head = linear
@@ -214,15 +204,9 @@ def create_classifier(
     `seed`; drop path uses the `dropout` stream seeded with `seed + 1`.
     """
     config = resolve(name_or_config, **overrides)
-    return ViTClassifier(
-        config,
-        num_classes,
-        global_pool=global_pool,
-        drop_path_rate=drop_path_rate,
-        linear_probe=linear_probe,
-        head_init_std=head_init_std,
-        rngs=nnx.Rngs(params=seed, dropout=seed + 1),
-    )
+    head = Head(num_classes, global_pool, linear_probe)
+    kw = dict(drop_path_rate=drop_path_rate, head_init_std=head_init_std)
+    return from_head(config, head, seed=seed, **kw)
 
 
 def merge_trees(*trees: Mapping) -> dict:
@@ -230,10 +214,8 @@ def merge_trees(*trees: Mapping) -> dict:
     out: dict = {}
     for tree in trees:
         for key, value in tree.items():
-            if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-                out[key] = merge_trees(out[key], value)
-            elif isinstance(value, Mapping):
-                out[key] = merge_trees(value)
-            else:
-                out[key] = value
+            if isinstance(value, Mapping):
+                prior = out.get(key)
+                value = merge_trees(prior, value) if isinstance(prior, dict) else merge_trees(value)
+            out[key] = value
     return out
