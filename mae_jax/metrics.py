@@ -34,10 +34,7 @@ JSONL_NAME = "metrics.jsonl"
 
 def format_eta(seconds) -> str:
     """Compact duration: '45s', '3m12s', '2h05m', '3d04h'; '?' when unknown (None/nan/inf)."""
-    if seconds is None:
-        return "?"
-    seconds = float(seconds)
-    if not math.isfinite(seconds):
+    if seconds is None or not math.isfinite(seconds := float(seconds)):
         return "?"
     if seconds < 0:
         raise ValueError(f"seconds must be >= 0, got {seconds}")
@@ -233,12 +230,8 @@ class MetricsWriter:
     def progress_line(self, step: int, values: Mapping[str, float]) -> str:
         """E.g. 'step 120/1000  loss 0.8123  lr 1.2e-04  312.4 img/s  ETA 3m12s'."""
         parts = [f"step {step}/{self.total_steps}" if self.total_steps else f"step {step}"]
-        if "loss" in values:
-            parts.append(f"loss {float(values['loss']):.4f}")
-        if "lr" in values:
-            parts.append(f"lr {float(values['lr']):.1e}")
-        if "images_per_sec" in values:
-            parts.append(f"{float(values['images_per_sec']):.1f} img/s")
+        shown = {"loss": "loss {:.4f}", "lr": "lr {:.1e}", "images_per_sec": "{:.1f} img/s"}
+        parts += [form.format(float(values[k])) for k, form in shown.items() if k in values]
         if self.total_steps:
             parts.append(f"ETA {format_eta(self.eta_seconds(step))}")
         return "  ".join(parts)

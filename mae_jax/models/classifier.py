@@ -30,7 +30,7 @@ from flax import nnx
 from mae_jax.models.config import MAEConfig, resolve
 from mae_jax.models.encoder import ENCODER_KEYS as ENCODER_KEYS  # re-exported: init_from, tasks
 from mae_jax.models.encoder import Encoder
-from mae_jax.models.vit import block_list, layer_norm, normal, zeros
+from mae_jax.models.vit import Block, layer_norm, normal, zeros
 from mae_jax.spec import require
 
 FINETUNE_HEAD_STD = 2e-5  # main_finetune.py: trunc_normal_(head.weight, std=2e-5)
@@ -143,7 +143,7 @@ class ViTClassifier(Encoder):
     # ---------------------------------------------------------------------------- forward
     def _set_train(self, train: bool) -> None:
         require("train", train, "bool")
-        for block in block_list(self.blocks):
+        for block in [self.blocks] if isinstance(self.blocks, Block) else self.blocks:
             if block.drop_path is not None:
                 block.drop_path.deterministic = not train
 

@@ -225,10 +225,6 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 
 
-def _apply(block: Block, x: jax.Array) -> jax.Array:
-    return block(x)
-
-
 def _with_layers_axis(var: nnx.Variable, value: jax.Array) -> nnx.Variable:
     axes = var.get_metadata().get("logical_axes")
     if axes is None:
@@ -277,12 +273,7 @@ def run_blocks(blocks, x: jax.Array, remat: str = "none") -> jax.Array:
     policy = REMAT_POLICIES[remat]
     if isinstance(blocks, Block):
         return _scan(blocks, x, policy)
-    call = _apply if policy is None else nnx.remat(_apply, policy=policy)
+    call = Block.__call__ if policy is None else nnx.remat(Block.__call__, policy=policy)
     for block in blocks:
         x = call(block, x)
     return x
-
-
-def block_list(blocks) -> list[Block]:
-    """The modules holding the blocks: the list itself, or the one stacked module."""
-    return [blocks] if isinstance(blocks, Block) else list(blocks)
