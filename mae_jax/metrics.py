@@ -214,11 +214,8 @@ class MetricsWriter:
         now = self._clock()
         if self._last_step is not None and step > self._last_step and now > self._last_time:
             rate = (step - self._last_step) / (now - self._last_time)
-            if self._steps_per_sec is None:
-                self._steps_per_sec = rate
-            else:
-                d = self._ema_decay
-                self._steps_per_sec = d * self._steps_per_sec + (1 - d) * rate
+            prev, d = self._steps_per_sec, self._ema_decay
+            self._steps_per_sec = rate if prev is None else d * prev + (1 - d) * rate
         self._last_step, self._last_time = step, now
 
     def eta_seconds(self, step: int) -> float | None:
