@@ -87,3 +87,22 @@ def test_stacked_blocks_are_fsdp_sharded_with_a_replicated_layers_axis():
     mu = state["opt_state"][1].trace["blocks"]["mlp"]["fc1"]["kernel"].get_value()
     assert mu.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
     assert kernel.addressable_shards[0].data.shape == (2, 8, 128)
+
+
+def test_the_run_length_is_not_in_the_program():
+    """The schedule's numbers are an argument of the step: runs of other lengths, warm-ups and
+    peaks lower to one program (one compile, one cache entry); so do extensions, given their
+    count (a (start, lr, length) triple each)."""
+    mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, (8, 1, 1))))
+
+    def program(schedule):
+        fns = pretrain.build_step("mae_vit_test", _optim_config(), schedule, mesh)
+        return fns.jit_step.lower(*fns.abstract_args({"image": ((16, 32, 32, 3), np.float32)}))
+
+    plain = [LR, optim.warmup_cosine_schedule(1e-3, 400, 40, 1e-6)]
+    extended = [
+        optim.extended_schedule(0.5, 30, 1, 0.0, [(5, 10)]),
+        optim.extended_schedule(2.0, 90, 4, 1e-5, [(50, 60)]),
+    ]
+    texts = [program(s).as_text() for s in plain + extended]
+    assert texts[0] == texts[1] and texts[2] == texts[3] and texts[0] != texts[2]
