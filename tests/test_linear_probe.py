@@ -143,6 +143,7 @@ def test_workdir_of_another_run_is_refused(tmp_path):
         linear_probe.train_and_evaluate(small(total_steps=2, num_classes=12), workdir)
 
 
+@pytest.mark.slow  # a real process
 def test_main_reports_a_bad_pretrained_path(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
     missing = str(tmp_path / "missing")

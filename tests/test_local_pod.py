@@ -226,6 +226,7 @@ def test_signals_are_forwarded(tmp_path, fake_module):
     assert "forwarding" in out
 
 
+@pytest.mark.slow  # two real training processes
 def test_bad_config_fails_the_real_command(tmp_path):
     """The real training command on 2 processes: a global batch that the 8 devices do not
     divide stops both, and the launcher shows the error and exits non-zero."""
