@@ -4,6 +4,7 @@ system (TensorFlow's `ram://`)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from mae_jax import metrics
 from mae_jax import workdir as wdir
+from mae_jax.workdir import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -185,6 +187,30 @@ def test_damaged_newest_checkpoint_falls_back_and_is_moved_aside(tmp_path, kind,
         w.save(3, _state(3), {"step": 3})  # later saves are not confused with the old step 4
         w.wait()
         assert w.steps() == [2, 3]
+
+
+def test_a_checkpoint_deleted_by_its_run_while_read_is_not_damage(tmp_path, monkeypatch):
+    """Keep-last-K removes the checkpoint a reader (an export of a live run) is reading: the
+    reader takes the newest remaining one, calls nothing damaged, and drops the "Event loop is
+    closed" reports of Orbax's abandoned reads (152 tracebacks on an export's stderr once)."""
+    root = str(tmp_path / "run")
+    _save(root, [2, 4])
+    read = wdir.Reader._read_state
+
+    def read_while_deleted(self, step, target, partial):
+        if step == 4:
+            shutil.rmtree(os.path.join(root, "checkpoints", "4"))
+            raise FileNotFoundError("checkpoints/4/state: gone")
+        return read(self, step, target, partial)
+
+    monkeypatch.setattr(wdir.Reader, "_read_state", read_while_deleted)
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: None)
+    warned = []
+    monkeypatch.setattr(checkpoints.logging, "warning", lambda *a: warned.append(a[0] % a[1:]))
+    damaged = []
+    r = wdir.Reader(root).restore(_target(), on_damaged=lambda *a: damaged.append(a))
+    assert r.step == 2 and damaged == [] and not any("damaged" in w for w in warned)
+    assert getattr(sys.unraisablehook, "_mae_jax_quiet", False)
 
 
 def test_no_intact_checkpoint_is_one_sentence(tmp_path):
