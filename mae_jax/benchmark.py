@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mae_jax import compile_cache, flops
+from mae_jax import aot, compile_cache, flops
 from mae_jax import sharding as shd
 from mae_jax.tasks import pretrain
 
@@ -242,7 +242,7 @@ def format_report(r: dict) -> str:
             f"model TFLOP/s: {r['model_tflops']:.4f} ({r['model_tflops_per_device']:.4f} per "
             f"device; {r['flops_per_image'] / 1e9:.4g} GFLOP per image per step)",
             f"MFU: {mfu}",
-            f"memory: {r['peak_memory_bytes'] / 2**30:.2f} GiB {r['peak_memory_kind']}",
+            f"memory: {aot.gib(r['peak_memory_bytes'])} {r['peak_memory_kind']}",
             f"final loss: {r['final_loss']:.4f}",
         ]
     )

@@ -86,8 +86,8 @@ class Schedule:
     length and extension. `schedule(step)` (int scalar, traced or not) -> float32 lr.
 
     Base: `t < warmup`: `peak * t / max(warmup, 1)`; then `floor + half * (1 + cos(pi * frac))`
-    with `half = (peak - floor) / 2`, `frac = clip((t - warmup) / decay_len, 0, 1)` (1 from
-    `total` on). Each extension `i` (`starts`, `halves`, `lengths`: `[k]`) continues from its
+    with `half = (peak - floor) / 2`, `frac = clip((t - warmup) / max(total - warmup, 1), 0, 1)`
+    (1 from `total` on). Each extension `i` (`starts`, `halves`, `lengths`: `[k]`) continues from its
     start with `floor + halves[i] * (1 + cos(pi * clip((t - starts[i]) / lengths[i], 0, 1)))`.
     """
 
@@ -95,19 +95,16 @@ class Schedule:
     floor: Any
     half: Any
     warmup: Any
-    warmup_div: Any
     total: Any
-    decay_len: Any
     starts: Any
     halves: Any
     lengths: Any
 
     def __call__(self, step):
         t = jnp.asarray(step, jnp.float32)
-        warm_lr = self.peak * t / self.warmup_div
-        frac = jnp.where(
-            t >= self.total, 1.0, jnp.clip((t - self.warmup) / self.decay_len, 0.0, 1.0)
-        )
+        warm_lr = self.peak * t / jnp.maximum(self.warmup, 1.0)
+        decay_len = jnp.maximum(self.total - self.warmup, 1.0)  # whole numbers: exact in f32
+        frac = jnp.where(t >= self.total, 1.0, jnp.clip((t - self.warmup) / decay_len, 0.0, 1.0))
         lr = jnp.where(
             t < self.warmup, warm_lr, self.floor + self.half * (1.0 + jnp.cos(jnp.pi * frac))
         )
@@ -171,9 +168,7 @@ def extended_schedule(
         floor=_f32(floor),
         half=_f32((peak - floor) * 0.5),
         warmup=_f32(warmup_steps),
-        warmup_div=_f32(max(warmup_steps, 1)),
         total=_f32(base_total),
-        decay_len=_f32(max(base_total - warmup_steps, 1)),
         starts=np.zeros(0, np.float32),
         halves=np.zeros(0, np.float32),
         lengths=np.zeros(0, np.float32),

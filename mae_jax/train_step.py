@@ -97,7 +97,8 @@ class StepFns:
     `jit_step(state, batch, key, rest, schedule) -> (state, metrics)`: the train step (`jax.jit`
     object; state donated; None in an evaluation-only build); the metrics are the step's own, the
     `means` also added to the state's `window`; `schedule` (`optim.Schedule`, the learning rate)
-    is an argument, so the program does not depend on the run's length. `jit_init() -> (state, rest)`: a fresh state.
+    is an argument, so the program does not depend on the run's length.
+    `jit_init() -> (state, rest)`: a fresh state.
     `jit_eval(state, batch, rest) -> sums` when the task evaluates. `batch` is a dict of global
     arrays with `batch_keys`. `rest` comes with a fresh state (`init`) or is built on first use (a
     restored run): lowering for compile-only devices executes nothing, and a fresh run traces
