@@ -365,6 +365,11 @@ def test_two_processes_train_checkpoint_get_killed_resume_and_match_one_process(
         "--grace=10",
         "--",
         *OVERRIDES,
+        # Both processes compile every program at each launch: JAX's persistent cache is
+        # written by process 0 only and its keys differ between processes, so with the cache
+        # the resumed process 0 loaded its programs at once and waited in its first step's
+        # all-gather for process 1, still compiling, past Gloo's 30 s (seen under load).
+        "--config.compilation_cache=none",
     ]
     ckpt_dir = wd / "checkpoints"
 
