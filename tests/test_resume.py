@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from config_files import ROOT, main_command
+from config_files import ROOT, load_config, main_command, override
 from config_files import tiny_pretrain as small
 
 from mae_jax.data import pipeline
@@ -82,15 +82,25 @@ def test_a_run_resumes_and_is_read_across_block_layouts(copy_tiny_run):
     assert params["blocks"][1]["attn"]["qkv"]["kernel"].shape == (32, 96)
 
 
+_KILLED_RUN = {"total_steps": 16, "log_every_steps": 1, "checkpoint_every_steps": 3}
+
+
 def _main_cmd(workdir, *extra):
-    steps = ("--config.total_steps=16", "--config.log_every_steps=1")
-    return main_command(workdir, *steps, "--config.checkpoint_every_steps=3", *extra)
+    steps = [f"--config.{k}={v}" for k, v in _KILLED_RUN.items()]
+    return main_command(workdir, *steps, *extra)
 
 
 @pytest.mark.slow
 def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
+    # the uninterrupted reference in this process: the config of `_main_cmd` (main_command's
+    # overrides of configs/smoke.py, then _KILLED_RUN), one real process fewer
     ref = str(tmp_path / "ref")
-    subprocess.run(_main_cmd(ref), check=True, cwd=ROOT, capture_output=True)
+    config = override(
+        load_config(),
+        **{"model.name": "mae_vit_test", "batch_size": 16, "reconstruction_every_steps": 0},
+        **_KILLED_RUN,
+    )
+    pretrain.train_and_evaluate(config, ref)
     expected = {r["step"]: r["loss"] for r in read_jsonl(ref)}
     work = str(tmp_path / "killed")
     rng = np.random.default_rng(0)
@@ -136,14 +146,15 @@ class _NoticeWhileWaiting:
 
 
 def test_a_notice_while_waiting_for_data_saves_the_last_step_and_resumes_exactly(
-    tiny_run, tmp_path, monkeypatch, capsys
+    tiny_run, copy_tiny_run, monkeypatch, capsys
 ):
     real = pipeline.create_pretrain_iterator
     monkeypatch.setattr(
-        pipeline, "create_pretrain_iterator", lambda *a, **k: _NoticeWhileWaiting(real(*a, **k), 5)
+        pipeline, "create_pretrain_iterator", lambda *a, **k: _NoticeWhileWaiting(real(*a, **k), 2)
     )
-    workdir = str(tmp_path / "run")
-    pretrain.train_and_evaluate(small(), workdir)  # checkpoints at 3 and 6; stops after 5
+    workdir = copy_tiny_run  # small() trained; as if it had died after its step-3 checkpoint
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
+    pretrain.train_and_evaluate(small(), workdir)  # resumed at 3; stops after 5
     assert f"preemption notice: saved step 5 in {workdir}/checkpoints" in capsys.readouterr().out
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "5"]
     assert [r["step"] for r in read_jsonl(workdir)] == [1, 2, 4]
