@@ -42,69 +42,6 @@ def _flat(tree):
     }
 
 
-@pytest.mark.slow  # two meshes compiled: ~40 s
-def test_finetune_step_on_a_2x4_mesh_reaches_every_parameter_and_matches_data_parallel(tmp_path):
-    pre = str(tmp_path / "pre")
-    saved = _flat(write_params_checkpoint(pre, models.create("mae_vit_test", seed=5)))
-    config = small(**{"init_from.path": pre}, **{"mesh.data": 2, "mesh.fsdp": 4})
-    mesh = shd.make_mesh(config.mesh)
-    task = finetune.finetune_task(config, mesh, str(tmp_path / "run"))
-    state = task.init()
-    assert set(state) == {"params", "opt_state", "step", "nonfinite_step", "window"}
-    params0 = _flat(state["params"])
-    # the encoder is the checkpoint's; global pooling: a new fc_norm, the MAE's norm unused
-    assert {k.split("/")[0] for k in params0} == {
-        "patch_embed",
-        "cls_token",
-        "blocks",
-        "fc_norm",
-        "head",
-    }
-    for k, v in params0.items():
-        if k.split("/")[0] in ("patch_embed", "cls_token", "blocks"):
-            np.testing.assert_array_equal(v, saved[k], err_msg=k)
-    kernel = state["params"]["blocks"][1]["attn"]["qkv"]["kernel"].get_value()
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
-
-    batch = next(task.make_data(0))
-    arrays = {k: shd.global_batch(batch[k], mesh) for k in task.device_keys}
-    # gradients of the training loss (drop path on, mixed soft targets) reach every parameter
-    graphdef, rest = task.fns.graphdef, task.fns.rest
-    targets = smooth_one_hot(arrays["label"], 10, 0.1)
-    grads_fn = jax.jit(
-        lambda s, x, t: cs.loss_and_grads(
-            s, x, t, jax.random.key(1), graphdef=graphdef, rest=rest, drop_path=True
-        )[1]
-    )
-    grads = _flat(grads_fn(state, arrays["image"], targets))
-    assert grads.keys() == params0.keys()
-    for k, g in grads.items():
-        assert np.all(np.isfinite(g)) and np.any(g != 0), k
-
-    state, m = task.fns.step(state, arrays, jax.random.key(0))
-    assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
-    assert int(state["step"]) == 1
-    params1 = _flat(state["params"])
-    assert all(not np.array_equal(params1[k], params0[k]) for k in params0)
-    # mixup / cutmix / drop path are a function of (key, step) only: a resumed run redraws them
-    again, m_again = task.fns.step(task.init(), arrays, jax.random.key(0))
-    assert float(m_again["loss"]) == float(m["loss"])
-    for k, v in _flat(again["params"]).items():
-        np.testing.assert_array_equal(v, params1[k], err_msg=k)
-
-    # the same step on a pure data-parallel mesh gives the same loss and gradient norm
-    dp_config = small(**{"init_from.path": pre}, **{"mesh.data": 8, "mesh.fsdp": 1})
-    dp_mesh = shd.make_mesh(dp_config.mesh)
-    dp_task = finetune.finetune_task(dp_config, dp_mesh, str(tmp_path / "run_dp"))
-    dp_arrays = {k: shd.global_batch(batch[k], dp_mesh) for k in dp_task.device_keys}
-    _, dp_m = dp_task.fns.step(dp_task.init(), dp_arrays, jax.random.key(0))
-    np.testing.assert_allclose(
-        [float(dp_m["loss"]), float(dp_m["grad_norm"])],
-        [float(m["loss"]), float(m["grad_norm"])],
-        rtol=1e-4,
-    )
-
-
 def test_plan_takes_the_recipe_numbers(tmp_path):
     c = load_config("configs/finetune_vit_large.py")
     c.data.source, c.data.name, c.data.image_size = "embedded", None, 224
@@ -176,13 +113,80 @@ def _rows(workdir):
 
 def test_short_finetune_run_logs_evaluation_and_writes_results(tmp_path):
     workdir = str(tmp_path / "run")
-    last = finetune.train_and_evaluate(small(eval_every_steps=2, checkpoint_every_steps=4), workdir)
+    # 100 eval examples at eval batch 80 (the eval program of test_evaluate and test_load)
+    config = small(eval_every_steps=2, checkpoint_every_steps=4, eval_batch_size=80)
+    config.data.embedded_eval_per_class = 10
+    last = finetune.train_and_evaluate(config, workdir)
     rows = _rows(workdir)
     assert [r["step"] for r in rows] == [1, 2, 4]
     assert "eval_top1" in rows[1] and "eval_top5" in rows[2]
     for r in rows:
         assert np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"])
     results = wdir.read_results(workdir)
-    assert results["task"] == "finetune" and results["num_examples"] == 600
+    assert results["task"] == "finetune" and results["num_examples"] == 100
     assert results["top5"] == pytest.approx(last["eval_top5"])
     assert results["init_from"] == ""
+
+
+@pytest.mark.slow  # two meshes compiled: ~40 s
+# (after the short run: its step is this test's data-parallel one, loaded from the cache)
+def test_finetune_step_on_a_2x4_mesh_reaches_every_parameter_and_matches_data_parallel(tmp_path):
+    pre = str(tmp_path / "pre")
+    saved = _flat(write_params_checkpoint(pre, models.create("mae_vit_test", seed=5)))
+    config = small(**{"init_from.path": pre}, **{"mesh.data": 2, "mesh.fsdp": 4})
+    mesh = shd.make_mesh(config.mesh)
+    task = finetune.finetune_task(config, mesh, str(tmp_path / "run"))
+    state = task.init()
+    assert set(state) == {"params", "opt_state", "step", "nonfinite_step", "window"}
+    params0 = _flat(state["params"])
+    # the encoder is the checkpoint's; global pooling: a new fc_norm, the MAE's norm unused
+    assert {k.split("/")[0] for k in params0} == {
+        "patch_embed",
+        "cls_token",
+        "blocks",
+        "fc_norm",
+        "head",
+    }
+    for k, v in params0.items():
+        if k.split("/")[0] in ("patch_embed", "cls_token", "blocks"):
+            np.testing.assert_array_equal(v, saved[k], err_msg=k)
+    kernel = state["params"]["blocks"][1]["attn"]["qkv"]["kernel"].get_value()
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+
+    batch = next(task.make_data(0))
+    arrays = {k: shd.global_batch(batch[k], mesh) for k in task.device_keys}
+    # gradients of the training loss (drop path on, mixed soft targets) reach every parameter
+    graphdef, rest = task.fns.graphdef, task.fns.rest
+    targets = smooth_one_hot(arrays["label"], 10, 0.1)
+    grads_fn = jax.jit(
+        lambda s, x, t: cs.loss_and_grads(
+            s, x, t, jax.random.key(1), graphdef=graphdef, rest=rest, drop_path=True
+        )[1]
+    )
+    grads = _flat(grads_fn(state, arrays["image"], targets))
+    assert grads.keys() == params0.keys()
+    for k, g in grads.items():
+        assert np.all(np.isfinite(g)) and np.any(g != 0), k
+
+    state, m = task.fns.step(state, arrays, jax.random.key(0))
+    assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
+    assert int(state["step"]) == 1
+    params1 = _flat(state["params"])
+    assert all(not np.array_equal(params1[k], params0[k]) for k in params0)
+    # mixup / cutmix / drop path are a function of (key, step) only: a resumed run redraws them
+    again, m_again = task.fns.step(task.init(), arrays, jax.random.key(0))
+    assert float(m_again["loss"]) == float(m["loss"])
+    for k, v in _flat(again["params"]).items():
+        np.testing.assert_array_equal(v, params1[k], err_msg=k)
+
+    # the same step on a pure data-parallel mesh gives the same loss and gradient norm
+    dp_config = small(**{"init_from.path": pre}, **{"mesh.data": 8, "mesh.fsdp": 1})
+    dp_mesh = shd.make_mesh(dp_config.mesh)
+    dp_task = finetune.finetune_task(dp_config, dp_mesh, str(tmp_path / "run_dp"))
+    dp_arrays = {k: shd.global_batch(batch[k], dp_mesh) for k in dp_task.device_keys}
+    _, dp_m = dp_task.fns.step(dp_task.init(), dp_arrays, jax.random.key(0))
+    np.testing.assert_allclose(
+        [float(dp_m["loss"]), float(dp_m["grad_norm"])],
+        [float(m["loss"]), float(m["grad_norm"])],
+        rtol=1e-4,
+    )

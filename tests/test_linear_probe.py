@@ -21,11 +21,13 @@ from mae_jax.tasks import linear_probe
 
 
 def small(**kw):
-    """The smoke probe on the 2-block test model, a few steps."""
+    """The smoke probe on the 2-block test model, a few steps, evaluated on 100 examples in
+    batches of 80 (one eval program for the runs of this file)."""
     c = load_config("configs/linprobe_smoke.py")
     c.model.name = "mae_vit_test"
     c.batch_size = 16
-    c.eval_batch_size = 200
+    c.eval_batch_size = 80
+    c.data.embedded_eval_per_class = 10
     c.total_steps, c.warmup_steps, c.epochs, c.warmup_epochs = 6, 1, None, None
     c.log_every_steps = 2
     c.checkpoint_every_steps = 3
@@ -94,7 +96,7 @@ def test_probe_run_evaluates_writes_results_and_resumes_like_an_uninterrupted_ru
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 6]
     assert "eval_top1" in rows[2] and "eval_top1" in rows[-1]
     results = wdir.read_results(workdir)
-    assert results["num_examples"] == 600 and results["step"] == 6
+    assert results["num_examples"] == 100 and results["step"] == 6
     assert 0 <= results["top1"] <= results["top5"] <= 100
     assert results["top1"] == pytest.approx(last["eval_top1"])
     expected = {r["step"]: r["loss"] for r in rows if "loss" in r}
@@ -138,7 +140,7 @@ def test_bad_pretrained_paths_and_models_are_clear_errors(tmp_path):
 
 def test_workdir_of_another_run_is_refused(tmp_path):
     workdir = str(tmp_path / "run")
-    linear_probe.train_and_evaluate(small(total_steps=1, eval_batch_size=600), workdir)
+    linear_probe.train_and_evaluate(small(total_steps=1), workdir)
     with pytest.raises(ValueError, match="another run.*num_classes: checkpoint 10 vs config 12"):
         linear_probe.train_and_evaluate(small(total_steps=2, num_classes=12), workdir)
 
