@@ -58,9 +58,9 @@ def test_reconstruction_panels(model):
 
 
 def test_grid_layout(model):
-    images = V.default_images(32)[:3]
+    images = V.default_images(32)[:2]  # the panels test's forward program (2 images)
     grid = V.reconstruction_grid(model, images, key=jax.random.key(0), pad=2)
-    assert grid.dtype == np.uint8 and grid.shape == (3 * 32 + 4 * 2, 4 * 32 + 5 * 2, 3)
+    assert grid.dtype == np.uint8 and grid.shape == (2 * 32 + 3 * 2, 4 * 32 + 5 * 2, 3)
     np.testing.assert_array_equal(grid[:2], 255)  # top padding
     np.testing.assert_array_equal(grid[2:34, 2:34], V.to_uint8(images[0]))  # first original
     with pytest.raises(ValueError, match="key= or noise="):
