@@ -42,22 +42,10 @@ def test_training_loop_writes_metrics_config_and_checkpoints(copy_tiny_run):
     assert {f: os.path.getmtime(os.path.join(workdir, f)) for f in os.listdir(workdir)} == before
 
 
-@pytest.fixture(scope="module")
-def every_step_run(tmp_path_factory):
-    """small() logging every step, with milestones every 2 steps and only the newest periodic
-    checkpoint kept: one run for the milestone test and the per-step losses of the window test
-    (neither the log period nor the checkpoints change what a step computes)."""
-    workdir = str(tmp_path_factory.mktemp("every") / "run")
-    pretrain.train_and_evaluate(
-        small(log_every_steps=1, keep_every_steps=2, keep_checkpoints=1), workdir
-    )
-    return workdir
-
-
-def test_milestones_are_kept_beside_the_newest_checkpoints(every_step_run):
-    # saves at 2, 4, 6 (milestones) and 3 (periodic: dropped as older than the newest, 6)
-    checkpoints = os.listdir(os.path.join(every_step_run, "checkpoints"))
-    assert sorted(int(n) for n in checkpoints) == [2, 4, 6]
+def test_milestones_are_kept_beside_the_newest_checkpoints(tmp_path):
+    workdir = str(tmp_path / "run")
+    pretrain.train_and_evaluate(small(keep_every_steps=2, keep_checkpoints=1), workdir)
+    assert sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints"))) == [2, 4, 6]
 
 
 def test_resuming_with_another_param_dtype_warns_naming_both(copy_tiny_run, warnings_log):
@@ -216,8 +204,10 @@ def test_the_last_step_is_logged_when_the_period_does_not_divide_it():
     assert [d for d in range(1, 100) if train.decide(d, c, False).save] == [99]
 
 
-def test_logged_loss_is_the_mean_of_the_window(tiny_run, every_step_run, tmp_path):
-    one = {r["step"]: r for r in read_jsonl(every_step_run)}
+def test_logged_loss_is_the_mean_of_the_window(tiny_run, tmp_path):
+    per_step = str(tmp_path / "every")
+    pretrain.train_and_evaluate(small(log_every_steps=1), per_step)
+    one = {r["step"]: r for r in read_jsonl(per_step)}
     assert sorted(one) == [1, 2, 3, 4, 5, 6] and len({one[s]["loss"] for s in one}) == 6
 
     def check(rows, windows):
