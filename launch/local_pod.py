@@ -7,11 +7,13 @@ Run from the repository root:
 
 Each process i runs the real training command
   python -m mae_jax.main --config=CONFIG --workdir=WORKDIR \\
-      --coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=i [EXTRA...]
+      --coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=i \\
+      --config.compilation_cache=none [EXTRA...]
 with `JAX_PLATFORMS=cpu` and `XLA_FLAGS=--xla_force_host_platform_device_count=M`, so the N
 processes join through JAX's distributed runtime (coordinator on process 0, a free localhost
 port unless `--port` is given) and run cross-process collectives on the CPU (gloo, JAX's default
-CPU collectives). Arguments after a bare `--` are appended to every command.
+CPU collectives), without the persistent compilation cache (see `train_command`). Arguments
+after a bare `--` are appended to every command.
 
 Output: `WORKDIR/logs/process_i.log` per process (appended; each run starts with a header line);
 process 0's output is also streamed to stdout, each line prefixed with `[p0] `. If a process
@@ -61,7 +63,11 @@ def train_command(
     extra: Sequence[str] = (),
     module: str = "mae_jax.main",
 ) -> list[str]:
-    """argv of process `process_id`'s training command."""
+    """argv of process `process_id`'s training command. Without the persistent compilation
+    cache unless EXTRA sets `--config.compilation_cache` (the later flag wins): JAX's cache is
+    written by process 0 only and its keys differ between processes, so on a restart process 0
+    loaded its programs at once and waited in its first step's all-gather for the others, still
+    compiling, past Gloo's 30 s timeout (seen on a loaded 2-core machine)."""
     return [
         python,
         "-m",
@@ -71,6 +77,7 @@ def train_command(
         f"--coordinator_address=127.0.0.1:{port}",
         f"--num_processes={num_processes}",
         f"--process_id={process_id}",
+        "--config.compilation_cache=none",
         *extra,
     ]
 

@@ -110,6 +110,7 @@ def test_dry_run_prints_the_exact_commands(tmp_path):
             "--coordinator_address=127.0.0.1:12345",
             "--num_processes=3",
             f"--process_id={i}",
+            "--config.compilation_cache=none",  # see local_pod.train_command
             "--config.total_steps=5",
             "--config.batch_size=12",
         ]
@@ -158,6 +159,7 @@ def test_process_env_and_command():
         "--coordinator_address=127.0.0.1:7",
         "--num_processes=2",
         "--process_id=1",
+        "--config.compilation_cache=none",  # EXTRA comes after it: a user's setting wins
         "--a=1",
     ]
 
@@ -365,11 +367,6 @@ def test_two_processes_train_checkpoint_get_killed_resume_and_match_one_process(
         "--grace=10",
         "--",
         *OVERRIDES,
-        # Both processes compile every program at each launch: JAX's persistent cache is
-        # written by process 0 only and its keys differ between processes, so with the cache
-        # the resumed process 0 loaded its programs at once and waited in its first step's
-        # all-gather for process 1, still compiling, past Gloo's 30 s (seen under load).
-        "--config.compilation_cache=none",
     ]
     ckpt_dir = wd / "checkpoints"
 
