@@ -68,7 +68,8 @@ def test_parameter_tree_is_flat_with_official_names():
 
 
 def test_official_initialization():
-    m = models.create("mae_vit_small_patch16", seed=1)
+    # the preset's widths (the statistics need them); 2 blocks of each stack, not 12 and 8
+    m = models.create("mae_vit_small_patch16", seed=1, depth=2, decoder_depth=2)
     blk = m.blocks[0]
     np.testing.assert_array_equal(blk.attn.qkv.bias.get_value(), 0.0)
     np.testing.assert_array_equal(blk.norm1.scale.get_value(), 1.0)
@@ -87,18 +88,24 @@ def test_official_initialization():
     assert 0 < np.abs(bias).max() <= 1 / np.sqrt(768)
 
 
+# Eager forwards of the test model all take a batch of 2 (`images_and_noise`): the ops they
+# compile for one test serve the next ones.
+def images_and_noise():
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    return images, jax.random.uniform(jax.random.key(1), (2, 16))
+
+
 def test_forward_outputs_and_noise_determinism():
     m = models.create("mae_vit_test", seed=0)
-    images = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
-    noise = jax.random.uniform(jax.random.key(1), (3, 16))
+    images, noise = images_and_noise()
     out = m(images, noise=noise)
     assert out.loss.shape == () and out.loss.dtype == jnp.float32
-    assert out.pred.shape == (3, 16, 8 * 8 * 3)
-    assert out.mask.shape == (3, 16) and out.ids_restore.shape == (3, 16)
+    assert out.pred.shape == (2, 16, 8 * 8 * 3)
+    assert out.mask.shape == (2, 16) and out.ids_restore.shape == (2, 16)
     np.testing.assert_array_equal(out.mask.sum(1), 16 - int(16 * 0.25))
     again = m(images, noise=noise)
     np.testing.assert_array_equal(out.pred, again.pred)
-    _, mask, ids_restore = ops.random_masking(3, 16, 0.75, noise=noise)
+    _, mask, ids_restore = ops.random_masking(2, 16, 0.75, noise=noise)
     np.testing.assert_array_equal(out.mask, mask)
     np.testing.assert_array_equal(out.ids_restore, ids_restore)
     # own stream: successive calls draw new masks; mask_ratio override
@@ -112,7 +119,7 @@ def test_forward_outputs_and_noise_determinism():
 
 def test_visible_only_embedding_equals_embed_then_gather():
     m = models.create("mae_vit_test", seed=0)
-    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    images, _ = images_and_noise()
     patches = ops.patchify(images, 8)
     ids_keep, _, _ = ops.random_masking(2, 16, 0.75, key=jax.random.key(2))
     full = m.embed(patches)
@@ -123,8 +130,8 @@ def test_visible_only_embedding_equals_embed_then_gather():
 
 def test_loss_is_masked_mse_of_pred():
     m = models.create("mae_vit_test", seed=0, norm_pix_loss=True)
-    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-    out = m(images, noise=jax.random.uniform(jax.random.key(1), (2, 16)))
+    images, noise = images_and_noise()
+    out = m(images, noise=noise)
     target = ops.normalize_targets(ops.patchify(images, 8))
     per = ((out.pred - target) ** 2).mean(-1)
     np.testing.assert_allclose(out.loss, (per * out.mask).sum() / out.mask.sum(), rtol=1e-5)
@@ -134,26 +141,6 @@ def test_encode_shape_and_no_masking():
     m = models.create("mae_vit_test")
     feats = m.encode(jnp.zeros((2, 32, 32, 3)))
     assert feats.shape == (2, 17, 32)
-
-
-def test_gradients_reach_every_param_and_no_pos_embed():
-    m = models.create("mae_vit_test", seed=0)
-    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-    noise = jax.random.uniform(jax.random.key(1), (2, 16))
-    graphdef, params, rest = nnx.split(m, nnx.Param, ...)
-
-    def loss_fn(p):
-        return nnx.merge(graphdef, p, rest)(images, noise=noise).loss
-
-    grads = jax.jit(jax.grad(loss_fn))(params)
-    flat = nnx.to_flat_state(grads)
-    assert len(flat) == len(nnx.to_flat_state(params))
-    for path, g in flat:
-        value = g.get_value() if hasattr(g, "get_value") else g
-        assert float(jnp.abs(value).sum()) > 0, f"no gradient reaches {path}"
-    names = {"/".join(map(str, p)) for p, _ in flat}
-    assert not any("pos_embed" in n for n in names)
-    assert "cls_token" in names and "mask_token" in names
 
 
 def _loss_and_grads(model, images, noise):
@@ -169,9 +156,22 @@ def _loss_and_grads(model, images, noise):
 @functools.cache
 def _remat_inputs_and_reference():
     """The inputs, and the loss and gradients of the plain model (computed once per session)."""
-    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-    noise = jax.random.uniform(jax.random.key(1), (2, 16))
+    images, noise = images_and_noise()
     return images, noise, _loss_and_grads(models.create("mae_vit_test", seed=0), images, noise)
+
+
+def test_gradients_reach_every_param_and_no_pos_embed():
+    # the plain model's gradients of the remat test below (one compile serves both)
+    _, _, (_, grads) = _remat_inputs_and_reference()
+    params = nnx.state(nnx.eval_shape(lambda: models.create("mae_vit_test")), nnx.Param)
+    flat = nnx.to_flat_state(grads)
+    assert len(flat) == len(nnx.to_flat_state(params))
+    for path, g in flat:
+        value = g.get_value() if hasattr(g, "get_value") else g
+        assert float(jnp.abs(value).sum()) > 0, f"no gradient reaches {path}"
+    names = {"/".join(map(str, p)) for p, _ in flat}
+    assert not any("pos_embed" in n for n in names)
+    assert "cls_token" in names and "mask_token" in names
 
 
 @pytest.mark.parametrize(
@@ -221,11 +221,15 @@ def test_scanned_layers_trace_one_block_whatever_the_depth():
     images = jnp.zeros((1, 32, 32, 3))
     noise = jnp.zeros((1, 16))
 
-    def matmuls(depth, scan):
-        m = models.create("mae_vit_test", depth=depth, decoder_depth=depth, scan_layers=scan)
+    def matmuls(depth, scan):  # traced only: the models are abstract
+        m = nnx.eval_shape(
+            lambda: models.create(
+                "mae_vit_test", depth=depth, decoder_depth=depth, scan_layers=scan
+            )
+        )
         graphdef, params, rest = nnx.split(m, nnx.Param, ...)
-        loss = lambda p: nnx.merge(graphdef, p, rest)(images, noise=noise).loss  # noqa: E731
-        return _count(jax.make_jaxpr(jax.grad(loss))(params).jaxpr, "dot_general")
+        loss = lambda p, r: nnx.merge(graphdef, p, r)(images, noise=noise).loss  # noqa: E731
+        return _count(jax.make_jaxpr(jax.grad(loss))(params, rest).jaxpr, "dot_general")
 
     assert matmuls(2, True) == matmuls(6, True)
     assert matmuls(6, False) > matmuls(2, False)
@@ -349,7 +353,8 @@ def test_bad_configs_and_names():
     ],
 )
 def test_dtypes_accept_jax_and_numpy_dtypes(dtype, param_dtype, expected):
-    m = models.create("mae_vit_test", dtype=dtype, param_dtype=param_dtype)
+    # abstract: the dtypes of the parameters without initializing them (bfloat16 ones compile)
+    m = nnx.eval_shape(lambda: models.create("mae_vit_test", dtype=dtype, param_dtype=param_dtype))
     assert (m.config.dtype, m.config.param_dtype) == expected  # names: JSON-serializable
     json.dumps(dataclasses.asdict(m.config))
     assert m.blocks[0].attn.qkv.kernel.get_value().dtype == jnp.dtype(expected[1])
