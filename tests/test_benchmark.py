@@ -283,14 +283,17 @@ def test_memory_report_arithmetic():
 
 @pytest.mark.slow
 def test_aot_program_is_the_training_step():
-    """The AOT-lowered program, run on real CPU arrays, gives what training's step gives."""
-    config = tiny_config(batch=8, data=2, fsdp=2)
-    mesh = shd.make_mesh(config.mesh, devices=jax.devices()[:4])
+    """The AOT-lowered program, run on real CPU arrays, gives what training's step gives. The
+    parameters sharded (fsdp): arrays laid out as training lays them out must be accepted. The
+    mesh and batch of test_knn_monitor's run, so the session's compilation cache serves the
+    step."""
+    config = tiny_config(batch=16, data=2, fsdp=4)
+    mesh = shd.make_mesh(config.mesh)
     lowered, p = aot.lower_train_step(config, mesh)
     compiled = lowered.compile()
     fns = pretrain.step_fns(config, p, mesh)
     images = jax.device_put(
-        np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype(np.float32),
+        np.random.default_rng(0).normal(size=(16, 32, 32, 3)).astype(np.float32),
         shd.batch_sharding(mesh),
     )
     key = jax.random.key(3)
@@ -304,11 +307,16 @@ def test_aot_program_is_the_training_step():
 
 
 @pytest.mark.slow  # the preflight's model check or an AOT compile of a stand-in topology
-def test_aot_check_cpu_stand_in_reports_memory():
-    report = aot.check(tiny_config(batch=16, data=-1, fsdp=2), "v5e-8", backend="cpu")
+def test_aot_check_cpu_stand_in_reports_memory_and_counts_micro_batches():
+    """One compile: a stand-in topology, `data=-1` resolved on its devices, and the per-device
+    batch of one micro-step (32 images, 2 micro-steps, 8 data-parallel devices: 2)."""
+    accum = tiny_config(batch=32, data=-1, fsdp=2)
+    accum.grad_accum_steps = 2
+    report = aot.check(accum, "v5e-8", backend="cpu")
     assert report["compiled_for_backend"] == "cpu" and report["stand_in"]
     assert report["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
-    assert report["per_device_batch"] == 2 and report["fits"]
+    assert report["per_device_batch"] == 2 and report["grad_accum_steps"] == 2
+    assert report["fits"]
     assert 0 < report["total_bytes"] < report["hbm_bytes"] == 16 * aot.GIB
     text = aot.format_report(report)
     assert "stand-in compile" in text and "FITS" in text and "v5e-8 = 8 x TPU v5 lite" in text
@@ -323,14 +331,6 @@ def test_aot_check_rejects_bad_inputs():
         aot.check(tiny_config(batch=16), "v5e-16", backend="cpu")
     with pytest.raises(ValueError, match="TPU topology"):
         aot.check(tiny_config(batch=16), "v4-8", backend="gpu")
-
-
-@pytest.mark.slow  # the preflight's model check or an AOT compile of a stand-in topology
-def test_aot_per_device_batch_counts_micro_batches():
-    accum = tiny_config(batch=32, data=-1, fsdp=2)
-    accum.grad_accum_steps = 2
-    report = aot.check(accum, "v5e-8", backend="cpu")
-    assert report["per_device_batch"] == 2 and report["grad_accum_steps"] == 2
 
 
 def test_aot_cli_errors():
