@@ -232,9 +232,12 @@ def test_config_mistake_fails_the_plan_and_skips_what_needs_it():
 
 @pytest.mark.slow  # the preflight's model check or an AOT compile of a stand-in topology
 def test_non_finite_training_fails_the_model_check():
+    """On the 2-block test model (the check is the same for every model; the smoke model runs it
+    end to end in test_smoke_end_to_end_passes), as the round-trip test below: one program."""
     rc, out = _in_process(
         [
             "--config=configs/smoke.py",
+            "--config.model.name=mae_vit_test",
             "--topology=v4-8",
             "--config.warmup_steps=0",
             "--config.optim.lr=1e30",
@@ -248,7 +251,8 @@ def test_non_finite_training_fails_the_model_check():
 
 @pytest.mark.slow  # the preflight's model check or an AOT compile of a stand-in topology
 def test_checkpoint_round_trip_that_changes_a_value_fails(monkeypatch):
-    """The round trip compares every restored array with what was saved."""
+    """The round trip compares every restored array with what was saved (the 2-block test
+    model, as the test above)."""
     import numpy as np
 
     from mae_jax import workdir
@@ -262,7 +266,12 @@ def test_checkpoint_round_trip_that_changes_a_value_fails(monkeypatch):
 
     monkeypatch.setattr(workdir.Reader, "restore", restore_with_a_flipped_step)
     rc, out = _in_process(
-        ["--config=configs/smoke.py", "--topology=v4-8", "--skip=data,compile,launch"]
+        [
+            "--config=configs/smoke.py",
+            "--config.model.name=mae_vit_test",
+            "--topology=v4-8",
+            "--skip=data,compile,launch",
+        ]
     )
     assert rc == 1
     status, summary = _checklist(out)["model"]
