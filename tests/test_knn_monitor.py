@@ -27,9 +27,9 @@ def small(**kw):
     c.reconstruction_every_steps = 0
     c.mesh.data, c.mesh.fsdp = 2, 4  # parameters sharded
     c.knn_every_steps = 2
-    # 200 of the 2400 train examples (the last batch of 16 is cut at 200), and an eval split
+    # 40 of the 2400 train examples (the last batch of 16 is cut at 40), and an eval split
     # of 50 (4 batches of 16: 14 padded rows)
-    c.knn_bank_size = 200
+    c.knn_bank_size = 40
     c.knn_num_queries = 1000
     c.data.embedded_eval_per_class = 5
     return override(c, **kw)
@@ -62,7 +62,7 @@ def test_a_run_logs_knn_top1_equal_to_knn_accuracy_on_the_same_features(tmp_path
     assert all(r["knn_seconds"] > 0 for r in rows if "knn_top1" in r)
     out = capsys.readouterr().out
     assert "kNN monitor at step 4: top-1" in out
-    assert "(chance 10.0%), k=20, bank 200, queries 50," in out
+    assert "(chance 10.0%), k=20, bank 40, queries 50," in out
 
     # The final parameters (read back through init_from) in the model, unsharded.
     c = small(**{"init_from.path": workdir})
@@ -89,14 +89,18 @@ def test_a_run_logs_knn_top1_equal_to_knn_accuracy_on_the_same_features(tmp_path
     np.testing.assert_array_equal(np.asarray(out["label"]), labels)
     np.testing.assert_array_equal(np.asarray(out["mask"]), batch["mask"])
 
-    # kNN on the unsharded model's features of the same examples gives the logged number
-    bank_images, bank_labels = _first(c, "train", 200)
+    # kNN on the unsharded model's features of the same examples gives the logged number (one
+    # forward for both: one program)
+    bank_images, bank_labels = _first(c, "train", 40)
     query_images, query_labels = _first(c, "validation", 1000)
-    assert len(bank_images) == 200 and len(query_images) == 50
+    assert len(bank_images) == 40 and len(query_images) == 50
+    both = np.asarray(
+        features(model, np.concatenate([bank_images, query_images]), global_pool=pool)
+    )
     acc = knn.knn_accuracy(
-        np.asarray(features(model, bank_images, global_pool=pool)),
+        both[:40],
         bank_labels,
-        np.asarray(features(model, query_images, global_pool=pool)),
+        both[40:],
         query_labels,
         num_classes=10,
         k=20,
@@ -115,7 +119,7 @@ def test_a_run_logs_knn_top1_equal_to_knn_accuracy_on_the_same_features(tmp_path
         ({"knn_bank_size": 0}, r"config.knn_bank_size must be a positive integer, got 0"),
         ({"knn_num_queries": -3}, r"config.knn_num_queries must be a positive integer, got -3"),
         ({"knn_k": 0}, r"config.knn_k must be a positive integer, got 0"),
-        ({"knn_k": 201}, r"config.knn_k=201 is larger than the bank \(200 examples"),
+        ({"knn_k": 41}, r"config.knn_k=41 is larger than the bank \(40 examples"),
         ({"knn_bank_size": 5000, "knn_k": 2401}, r"bank \(2400 examples"),
         ({"knn_temperature": 0.0}, r"config.knn_temperature must be a number > 0, got 0.0"),
         ({"knn_batch_size": 12}, r"config.knn_batch_size=12 is not divisible by the data-par"),

@@ -54,7 +54,7 @@ def runs(tmp_path_factory):
             c,
             **{"model.name": "mae_vit_test", "init_from.path": out["pre"]},
             batch_size=16,
-            eval_batch_size=80,
+            eval_batch_size=200,  # test_finetune's (its eval program, from the cache)
             total_steps=4,
             warmup_steps=0,
             epochs=None,
@@ -67,12 +67,15 @@ def runs(tmp_path_factory):
     return out
 
 
+_forward = nnx.jit(lambda model, x: model(x))  # traced once per model structure and shape
+_encoder_features = nnx.jit(knn.encoder_features, static_argnames="global_pool")
+
+
 def _logits(model, images):
-    graphdef, state = nnx.split(model)
-    return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, jnp.asarray(images))
+    return _forward(model, jnp.asarray(images))
 
 
-def _evaluate(model, data_config, batch_size=80):
+def _evaluate(model, data_config, batch_size=100):
     """Top-1 (percent) and mean cross-entropy of `model` on the eval split, as eval_results."""
     hits, nll, n = 0.0, 0.0, 0
     data = pipeline.create_eval_iterator(data_config, global_batch_size=batch_size)
@@ -89,14 +92,10 @@ def _evaluate(model, data_config, batch_size=80):
 
 
 def _features(model, data_config, split, limit, global_pool):
-    graphdef, state = nnx.split(model)
-    run = jax.jit(
-        lambda s, x: knn.encoder_features(nnx.merge(graphdef, s), x, global_pool=global_pool)
-    )
     data = pipeline.create_eval_iterator(data_config, global_batch_size=16, split=split)
     feats, labels = [], []
     for batch in data:
-        f = run(state, jnp.asarray(batch["image"]))
+        f = _encoder_features(model, jnp.asarray(batch["image"]), global_pool=global_pool)
         feats.append(np.asarray(f)[batch["mask"]])
         labels.append(np.asarray(batch["label"])[batch["mask"]])
         if sum(len(x) for x in labels) >= limit:
