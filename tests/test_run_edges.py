@@ -17,6 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from config_files import load_config
@@ -77,7 +78,9 @@ def test_check_labels_names_both_class_counts():
 @pytest.fixture(scope="module")
 def seven_class_workdir(tmp_path_factory):
     """A 7-class fine-tuned classifier saved as a workdir (made past the start-up check, as
-    an older version or another tool could have), with its task, state and config."""
+    an older version or another tool could have), with its task, state and config. The state
+    is zeros of the task's layout (what the tests read is the class count, not the weights: no
+    init program to compile)."""
     from mae_jax import sharding as shd
 
     config = _finetune_config(7)
@@ -86,7 +89,12 @@ def seven_class_workdir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cs, "check_num_classes", lambda *a: None, raising=False)
         task = finetune.finetune_task(config, mesh, root)
-    state = task.init()
+    fns = task.fns
+    state = jax.tree.map(
+        lambda a, sh: jax.device_put(np.zeros(a.shape, a.dtype), sh),
+        fns.abstract_state,
+        fns.state_shardings,
+    )
     with wdir.Writer(root, keep=None, async_save=False, handle_sigterm=False) as writer:
         writer.save(4, wdir.to_checkpoint(state), {**task.meta(), "step": 4})
         writer.wait()
