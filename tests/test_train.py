@@ -48,7 +48,10 @@ def test_milestones_are_kept_beside_the_newest_checkpoints(tmp_path):
     assert sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints"))) == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_resuming_with_another_param_dtype_warns_naming_both(copy_tiny_run, warnings_log):
+    """The float32 run extended in bfloat16: the warning, and a real step on the converted state
+    (slow tier: its bfloat16 step is a program no other test compiles, ~10-15 s)."""
     config = small(total_steps=7, **{"model.param_dtype": "bfloat16"})
     pretrain.train_and_evaluate(config, copy_tiny_run)
     assert any("param_dtype float32" in m and "bfloat16" in m for m in warnings_log)
