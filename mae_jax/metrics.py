@@ -106,8 +106,9 @@ def truncate_after(workdir, step: int) -> int:
     return removed
 
 
-# The scalars a console progress line shows; a call without any of them prints no line.
-PROGRESS_KEYS = frozenset({"loss", "lr", "images_per_sec"})
+# The scalars a console progress line shows, and how; a call without any of them prints no line.
+_PROGRESS_FORMATS = {"loss": "loss {:.4f}", "lr": "lr {:.1e}", "images_per_sec": "{:.1f} img/s"}
+PROGRESS_KEYS = frozenset(_PROGRESS_FORMATS)
 
 
 class MetricsWriter:
@@ -227,8 +228,7 @@ class MetricsWriter:
     def progress_line(self, step: int, values: Mapping[str, float]) -> str:
         """E.g. 'step 120/1000  loss 0.8123  lr 1.2e-04  312.4 img/s  ETA 3m12s'."""
         parts = [f"step {step}/{self.total_steps}" if self.total_steps else f"step {step}"]
-        shown = {"loss": "loss {:.4f}", "lr": "lr {:.1e}", "images_per_sec": "{:.1f} img/s"}
-        parts += [form.format(float(values[k])) for k, form in shown.items() if k in values]
+        parts += [f.format(float(values[k])) for k, f in _PROGRESS_FORMATS.items() if k in values]
         if self.total_steps:
             parts.append(f"ETA {format_eta(self.eta_seconds(step))}")
         return "  ".join(parts)

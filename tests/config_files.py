@@ -31,24 +31,27 @@ def override(config, **dotted):
     return config
 
 
+# configs/smoke.py on the 2-block test model at batch 16, without reconstruction images: the
+# base of `main_command` (the real command) and `main_config` (the same config in this process).
+MAIN_OVERRIDES = {"model.name": "mae_vit_test", "batch_size": 16, "reconstruction_every_steps": 0}
+
+
+def main_config(**dotted):
+    """The config `main_command` runs, with `dotted` overrides as in `override`."""
+    return override(load_config(), **{**MAIN_OVERRIDES, **dotted})
+
+
 def tiny_pretrain(**dotted):
     """The smoke pretraining on the 2-block test model: batch 16, 6 steps without warm-up, a
     metrics line every 2 steps, checkpoints at 3 and 6, no reconstruction images; `dotted`
     overrides as in `override`."""
-    c = load_config()
-    c.model.name = "mae_vit_test"
-    c.batch_size = 16
-    c.total_steps = 6
-    c.warmup_steps = 0
-    c.log_every_steps = 2
-    c.checkpoint_every_steps = 3
-    c.reconstruction_every_steps = 0
-    return override(c, **dotted)
+    tiny = {"total_steps": 6, "warmup_steps": 0, "log_every_steps": 2, "checkpoint_every_steps": 3}
+    return main_config(**{**tiny, **dotted})
 
 
 def main_command(workdir, *overrides):
-    """`python -u -m mae_jax.main` on configs/smoke.py with the 2-block test model at batch 16
-    and no reconstruction images, plus `overrides` (`--config.KEY=VALUE`, later ones win)."""
+    """`python -u -m mae_jax.main` running `main_config()`, plus `overrides`
+    (`--config.KEY=VALUE`, later ones win)."""
     import sys
 
     return [
@@ -58,9 +61,7 @@ def main_command(workdir, *overrides):
         "mae_jax.main",
         f"--config={ROOT}/configs/smoke.py",
         f"--workdir={workdir}",
-        "--config.model.name=mae_vit_test",
-        "--config.batch_size=16",
-        "--config.reconstruction_every_steps=0",
+        *(f"--config.{k}={v}" for k, v in MAIN_OVERRIDES.items()),
         *overrides,
     ]
 

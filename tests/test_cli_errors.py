@@ -40,17 +40,10 @@ def run_main(workdir, *args, config="configs/smoke.py", timeout=120):
     )
 
 
-class Parsed:
-    """A command line parsed in this process: `returncode` and `stderr` as of a process."""
-
-    def __init__(self, returncode, stderr):
-        self.returncode, self.stderr = returncode, stderr
-
-
 def parse_main(capsys, workdir, *args, config="configs/smoke.py"):
     """main.py's command-line parsing in this process: `cli.config_flags_parser` on fresh flags
     with main.py's `--config` (a locked config file) and `--workdir`; a refusal is its exit
-    status (SystemExit) and what it printed on stderr."""
+    status (SystemExit) and what it printed on stderr, as of a process."""
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
     flags.DEFINE_string("workdir", None, "", flag_values=fv)
@@ -65,7 +58,7 @@ def parse_main(capsys, workdir, *args, config="configs/smoke.py"):
         code = e.code
     finally:
         os.chdir(old)
-    return Parsed(code, capsys.readouterr().err)
+    return subprocess.CompletedProcess(argv, code, "", capsys.readouterr().err)
 
 
 def error_line(proc) -> str:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from config_files import load_config, override
+from config_files import load_config, main_config, override
 from flax import nnx
 
 import mae_jax
@@ -36,14 +36,10 @@ def runs(tmp_path_factory):
     """Workdirs of a 4-step pretraining (kNN monitor at steps 2 and 4), a fine-tuning and a
     cls-token linear probe started from it, and their config files' data blocks."""
     root = tmp_path_factory.mktemp("load")
-    pre = _data(load_config("configs/smoke.py"))
-    override(
-        pre,
-        **{"model.name": "mae_vit_test", "batch_size": 16, "total_steps": 4, "warmup_steps": 1},
-        checkpoint_every_steps=2,
-        log_every_steps=2,
-        reconstruction_every_steps=0,
-        **KNN,
+    pre = _data(
+        main_config(
+            total_steps=4, warmup_steps=1, checkpoint_every_steps=2, log_every_steps=2, **KNN
+        )
     )
     pretrain.train_and_evaluate(pre, str(root / "pre"))
     out = {"pre": str(root / "pre"), "pre_config": pre}

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+from config_files import load_config, override
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(REPO, "launch", "local_pod.py")
@@ -299,25 +300,11 @@ def _reference_losses(workdir, monkeypatch) -> dict[int, float]:
     how the 2-process run assembles its global batch. Without the reconstruction grid and the
     checkpoint at step 2 (not compiled, not run): neither may change the losses or the kNN
     result, so a pod run whose grid or save did is caught by the comparison."""
-    import importlib.util
-
     from mae_jax.data import pipeline
     from mae_jax.tasks import pretrain
 
-    spec = importlib.util.spec_from_file_location(
-        "smoke", os.path.join(REPO, "configs", "smoke.py")
-    )
-    smoke = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(smoke)
-    config = smoke.get_config()
-    for key, value in SETTINGS.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for k in parents:
-            node = node[k]
-        node[leaf] = value
-    config.reconstruction_every_steps = 0
-    config.checkpoint_every_steps = 0
+    no_grid_no_save = {"reconstruction_every_steps": 0, "checkpoint_every_steps": 0}
+    config = override(load_config(), **{**SETTINGS, **no_grid_no_save})
 
     real = pipeline.create_pretrain_iterator
 

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from config_files import ROOT, load_config, main_command, override
+from config_files import ROOT, main_command, main_config
 from config_files import tiny_pretrain as small
 
 from mae_jax.data import pipeline
@@ -92,15 +92,10 @@ def _main_cmd(workdir, *extra):
 
 @pytest.mark.slow
 def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
-    # the uninterrupted reference in this process: the config of `_main_cmd` (main_command's
-    # overrides of configs/smoke.py, then _KILLED_RUN), one real process fewer
+    # the uninterrupted reference in this process: the config of `_main_cmd`, one real process
+    # fewer
     ref = str(tmp_path / "ref")
-    config = override(
-        load_config(),
-        **{"model.name": "mae_vit_test", "batch_size": 16, "reconstruction_every_steps": 0},
-        **_KILLED_RUN,
-    )
-    pretrain.train_and_evaluate(config, ref)
+    pretrain.train_and_evaluate(main_config(**_KILLED_RUN), ref)
     expected = {r["step"]: r["loss"] for r in read_jsonl(ref)}
     work = str(tmp_path / "killed")
     rng = np.random.default_rng(0)

@@ -71,8 +71,8 @@ def test_parity_failure_exits_1_before_timing(sbs, capsys, monkeypatch):
 
     monkeypatch.setattr(sbs, "torch_loss_and_mask", off_by_a_permille)
     # the model, batch, dtype and variant of the test above: its programs, from the cache
-    args = ["--models=mae_vit_test", "--batch=4", "--dtype=float32",
-            "--variants=attention_impl=xla", "--steps=1", "--warmup=0"]  # fmt: skip
+    model = ["--models=mae_vit_test", "--batch=4", "--dtype=float32"]
+    args = [*model, "--variants=attention_impl=xla", "--steps=1", "--warmup=0"]
     assert sbs.main(args) == 1
     captured = capsys.readouterr()
     assert "PARITY CHECK FAILED" in captured.err and "images/s" not in captured.out

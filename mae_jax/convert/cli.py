@@ -161,7 +161,7 @@ def import_classifier(loaded, config, workdir: str) -> None:
     if jax.tree.leaves(stats):
         state["batch_stats"] = stats
     if not converted.sincos:  # a trained table (the official fine-tuning trains it): kept
-        state["pos_embed"] = np.asarray(model.pos_embed.get_value())
+        state["pos_embed"] = model.pos_embed.get_value()  # to numpy with the rest
     extra = {**converted.head.meta(), "pos_embed": "sincos" if converted.sincos else "learned"}
     root = _write_weights(workdir, state, config, loaded.source, converted.format, **extra)
     table = "" if converted.sincos else ", its trained position table kept"
@@ -261,12 +261,16 @@ def run(name: str, args) -> int:
     return 0
 
 
+def _execute(what) -> int:
+    return run(*what)
+
+
 def main(argv: Sequence[str]) -> int:
     """`python -m mae_jax.convert ARGV...` in this process: `main(["export", "--workdir", ...])`.
     Returns the exit status: 0, 1 (failed) or 2 (bad command line, one line `error: ...`)."""
-    return cli.call(PROG, define_flags, command, lambda what: run(*what), argv)
+    return cli.call(PROG, define_flags, command, _execute, argv)
 
 
 def run_app() -> None:
     """`python -m mae_jax.convert`, on the flags `define_flags(flags.FLAGS)` made."""
-    cli.run_command(command, lambda what: run(*what))
+    cli.run_command(command, _execute)

@@ -231,9 +231,9 @@ def params_to_pytorch(
 
 
 @functools.lru_cache(maxsize=16)
-def abstract_classifier(config: MAEConfig, head) -> dict:
+def _abstract_classifier(config: MAEConfig, head) -> dict:
     """A classifier's tree (Params and BatchNorm statistics) of `config` and `head` with
-    `jax.ShapeDtypeStruct` leaves (nothing allocated); cached, not to be changed."""
+    `jax.ShapeDtypeStruct` leaves (nothing allocated); cached: read, never change."""
     small = dataclasses.replace(config, depth=1, scan_layers=False)  # as `models.abstract_params`
     model = nnx.eval_shape(lambda: from_head(small, head))
     tree = nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
@@ -266,7 +266,7 @@ def classifier_shapes(
     """`{torch name: shape}` of a classifier's state dict in `fmt` (see `classifier_rules`;
     a linear probe's in 'official' only), without allocating any parameter."""
     return _shapes(
-        classifier_rules(config, head, fmt), abstract_classifier(config, head), config, grid
+        classifier_rules(config, head, fmt), _abstract_classifier(config, head), config, grid
     )
 
 

@@ -146,10 +146,15 @@ def mixup_cutmix(
     """
     if images.ndim != 4:
         raise ValueError(f"images must be NHWC [N, H, W, C], got shape {images.shape}")
-    mix = dict(
-        mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob
+    params = sample_mix_params(
+        key,
+        images.shape[1:3],
+        mixup_alpha=mixup_alpha,
+        cutmix_alpha=cutmix_alpha,
+        prob=prob,
+        switch_prob=switch_prob,
+        correct_lam=correct_lam,
     )
-    params = sample_mix_params(key, images.shape[1:3], correct_lam=correct_lam, **mix)
     return apply_mix(images, labels, params, num_classes, label_smoothing)
 
 

@@ -74,7 +74,8 @@ def nearest_neighbors(
     for start in range(0, queries.shape[0], query_chunk):
         q = queries[start : start + query_chunk]
         n = q.shape[0]
-        q = jnp.pad(q, ((0, query_chunk - n), (0, 0)))  # the last chunk to the full size
+        if n < query_chunk:  # the last chunk to the full size
+            q = jnp.pad(q, ((0, query_chunk - n), (0, 0)))
         sims = jnp.full((query_chunk, k), -jnp.inf, jnp.float32)
         ids = jnp.zeros((query_chunk, k), jnp.int32)
         for lo in range(0, nb * bank_chunk, bank_chunk):

@@ -118,8 +118,7 @@ class MAEConfig:
             require(field, getattr(self, field), "bool")
         for field, allowed, note in (
             ("remat", REMAT_NAMES, " (True/False mean full/none)"),
-            ("dtype", sorted(_DTYPES), ""),
-            ("param_dtype", sorted(_DTYPES), ""),
+            *((field, sorted(_DTYPES), "") for field in DTYPE_FIELDS),
             ("attention_impl", ATTENTION_IMPLS, ""),
         ):
             if (value := getattr(self, field)) not in allowed:

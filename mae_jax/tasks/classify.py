@@ -221,6 +221,11 @@ def evaluate(
     return {**accuracy, "loss": totals["loss"] / n, "num_examples": int(n)}
 
 
+def eval_scalars(r: dict) -> dict:
+    """`evaluate`'s result `r` as the logged scalars `eval_top1`, `eval_top5`, `eval_loss`."""
+    return {f"eval_{k}": r[k] for k in ("top1", "top5", "loss")}
+
+
 def check_labels(labels, num_classes: int, data_classes: int | None, where: str) -> None:
     """Refuse class ids outside `[0, num_classes)` (the model's classes) among `labels` (ints,
     any shape) read from `where`; `data_classes`: what the data set says it has (None: unknown).
@@ -410,7 +415,7 @@ def classification_task(
         if step == p.run.total_steps and jax.process_index() == 0:
             run = {"task": config.task, "model": p.model.name, "num_classes": p.num_classes}
             wdir.write_results(workdir, {**r, "step": step, **run, "init_from": meta["init_from"]})
-        return {"eval_top1": r["top1"], "eval_top5": r["top5"], "eval_loss": r["loss"]}
+        return eval_scalars(r)
 
     info = pipeline.dataset_info(config.data)
     train_split = pipeline.describe_source(config.data)

@@ -137,8 +137,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_index() == 0:
         wdir.makedirs(root)
         with metrics.MetricsWriter(root, total_steps=None) as writer:
-            scalars = {f"eval_{k}": r[k] for k in ("top1", "top5", "loss")}
-            writer.write_scalars(weights.step, {**scalars, "eval_examples": r["num_examples"]})
+            scalars = {**cs.eval_scalars(r), "eval_examples": r["num_examples"]}
+            writer.write_scalars(weights.step, scalars)
         path = wdir.write_results(root, results)
         print(
             f"evaluate {weights.source} ({weights.config.name}, {weights.head.num_classes} "

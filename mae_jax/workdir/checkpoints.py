@@ -339,9 +339,9 @@ class Reader:
             if not _agree(reason is None):
                 reason = reason or "another process could not read it"
                 _quiet_orbax_teardown()  # the abandoned reads' noise, whatever the cause
-                if step is None and s not in self.steps():
+                if step is None and s not in (now := self.steps()):
                     # Deleted by the run that owns it (keep-last-K) while we read: not damage.
-                    candidates = [x for x in reversed(self.steps()) if x not in tried]
+                    candidates = [x for x in reversed(now) if x not in tried]
                     continue
                 damaged.append((s, reason))
                 logging.warning(
