@@ -19,20 +19,22 @@ from mae_jax.metrics import read_jsonl
 from mae_jax.tasks import pretrain
 
 
-@pytest.mark.slow  # three real runs
-def test_extending_a_run_continues_its_learning_rate(tmp_path):
-    workdir = str(tmp_path / "run")
-    pretrain.train_and_evaluate(small(total_steps=4, **{"optim.min_lr": 1e-4}), workdir)
-    pretrain.train_and_evaluate(small(total_steps=8, **{"optim.min_lr": 1e-4}), workdir)
+@pytest.mark.slow  # a run that extends a schedule
+def test_extending_a_run_continues_its_learning_rate(copy_tiny_run):
+    """The finished 6-step tiny run extended to 10 steps: the added steps stay at the floor,
+    here the extension config's min_lr (nonzero, so that a floor is told from a zero lr), with
+    no new warm-up or cosine."""
+    workdir = copy_tiny_run  # small() trained: 6 steps, metrics at 2, 4, 6
+    pretrain.train_and_evaluate(small(total_steps=10, **{"optim.min_lr": 1e-4}), workdir)
     lrs = {r["step"]: r["lr"] for r in read_jsonl(workdir)}
-    # steps 1..4 followed the 4-step schedule down to min_lr; 5..8 stay there, no new warm-up
+    # steps 1..6 followed the 6-step schedule; 7..10 stay at min_lr, no new warm-up
     assert lrs[4] > 1e-4
-    assert lrs[6] == pytest.approx(1e-4, rel=1e-5) and lrs[8] == pytest.approx(1e-4, rel=1e-5)
+    assert lrs[8] == pytest.approx(1e-4, rel=1e-5) and lrs[10] == pytest.approx(1e-4, rel=1e-5)
     from mae_jax import workdir as wdir
 
-    assert wdir.Reader(workdir).latest_meta()[1]["schedule"]["extensions"] == [[4, 4]]
+    assert wdir.Reader(workdir).latest_meta()[1]["schedule"]["extensions"] == [[6, 6]]
     history = json.load(open(os.path.join(workdir, "config_history.json")))
-    assert history[0]["replaced_at_step"] == 4 and history[0]["config"]["total_steps"] == 4
+    assert history[0]["replaced_at_step"] == 6 and history[0]["config"]["total_steps"] == 6
 
 
 def test_resume_continues_like_an_uninterrupted_run(copy_tiny_run):
@@ -92,8 +94,7 @@ def _main_cmd(workdir, *extra):
 
 @pytest.mark.slow
 def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
-    # the uninterrupted reference in this process: the config of `_main_cmd`, one real process
-    # fewer
+    # the uninterrupted reference in this process: the config of `_main_cmd`
     ref = str(tmp_path / "ref")
     pretrain.train_and_evaluate(main_config(**_KILLED_RUN), ref)
     expected = {r["step"]: r["loss"] for r in read_jsonl(ref)}
@@ -115,7 +116,9 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
         time.sleep(float(rng.uniform(0, 0.5)))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    subprocess.run(_main_cmd(work), check=True, cwd=ROOT, capture_output=True)
+    # the resume after the second kill in this process: the same config and devices as the
+    # killed processes, one real process fewer
+    pretrain.train_and_evaluate(main_config(**_KILLED_RUN), work)
     got = {r["step"]: r["loss"] for r in read_jsonl(work)}
     assert sorted(got) == sorted(expected)
     for step in expected:
