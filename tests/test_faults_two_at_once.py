@@ -1,6 +1,6 @@
-"""Two things at once, with real processes: a second SIGTERM during the save, an export reading
-the workdir while the trainer saves every step, a second trainer on the same workdir, and the
-lock of a killed trainer taken over (processes: tests/procs.py)."""
+"""Two things at once, with real processes: an export reading the workdir while the trainer saves
+every step; a second trainer on the same workdir, the lock of a killed trainer taken over and a
+second SIGTERM during the save (one chain; processes: tests/procs.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from procs import (
     NOTICE,
     REFUSE_TIMEOUT,
     REPO,
+    RESUMED,
     RUN_TIMEOUT,
     START_TIMEOUT,
     TMP_MARK,
@@ -28,37 +29,6 @@ from procs import (
     finalized,
     metric_steps,
 )
-
-
-@pytest.mark.slow
-def test_a_second_sigterm_during_the_save_leaves_a_usable_workdir(tmp_path, spawn):
-    wd = tmp_path / "wd"
-    trainer, _ = spawn.until_step("train", wd, 2, total_steps=400)
-    trainer.signal(signal.SIGTERM)
-    time.sleep(0.05)
-    if trainer.running:
-        trainer.signal(signal.SIGTERM)
-    rc = trainer.wait(EXIT_TIMEOUT)
-    # Either the save finished and the run exited (0), or the second SIGTERM ended it.
-    assert rc in (0, -signal.SIGTERM), trainer.tail()
-    assert "Traceback" not in trainer.stderr, trainer.tail()
-    saved = finalized(wd)
-    assert len(saved) <= 1, (checkpoint_names(wd), trainer.tail())
-    if rc == 0:
-        notices = NOTICE.findall(trainer.stdout)
-        assert [int(n) for n, _ in notices] == saved, (saved, trainer.tail())
-    last = saved[-1] if saved else 0
-    if rc == 0:
-        assert metric_steps(wd) == list(range(1, last + 1)), trainer.tail()
-
-    total = last + 3
-    rerun = spawn.run("rerun", wd, total_steps=total, checkpoint_every_steps=1000)
-    assert_finished(rerun, total, resumed_from=last or None)
-    steps = metric_steps(wd)
-    assert steps == list(range(1, total + 1)), (steps, rerun.tail())
-    names = checkpoint_names(wd)
-    assert not [n for n in names if TMP_MARK in n], (names, rerun.tail())
-    assert finalized(wd)[-1] == total, (names, rerun.tail())
 
 
 @pytest.mark.slow
@@ -75,9 +45,16 @@ def test_export_in_a_loop_while_the_trainer_saves_every_step(tmp_path, spawn):
         assert time.monotonic() < deadline, "no checkpoint in time" + trainer.tail()
         time.sleep(0.05)
 
+    # Exports for as long as the trainer saves; after it ends, one more only where none has
+    # succeeded yet (one that read a checkpoint being replaced may fail cleanly: checked below).
     exports = []  # (index, trainer was running at the start, CompletedProcess, output)
     deadline = time.monotonic() + RUN_TIMEOUT
-    while trainer.running or len(exports) < 3:
+    while (
+        trainer.running
+        or not exports
+        or exports[-1][1]
+        and not any(r.returncode == 0 for _, _, r, _ in exports)
+    ):
         assert time.monotonic() < deadline, f"{len(exports)} exports" + trainer.tail()
         i = len(exports)
         output = tmp_path / f"export_{i}.pth"
@@ -123,11 +100,11 @@ def test_export_in_a_loop_while_the_trainer_saves_every_step(tmp_path, spawn):
 
 
 @pytest.mark.slow
-def test_a_second_trainer_is_refused_and_the_lock_of_a_killed_trainer_is_taken_over(
-    tmp_path, spawn
-):
-    """Trainer A holds the workdir: B is refused and A trains on; A killed (SIGKILL) leaves its
-    lock behind, and D takes it over (one trainer A for both: 3 processes, not 4)."""
+def test_a_refused_trainer_a_taken_over_lock_and_a_second_sigterm_during_the_save(tmp_path, spawn):
+    """One chain on one workdir (4 processes; 5 as separate tests): trainer A holds the
+    workdir, B is refused and A trains on; A killed (SIGKILL) leaves its lock behind and D
+    takes it over, starting afresh; D gets a second SIGTERM during the save of the first; E
+    resumes what D left and finishes."""
     wd = tmp_path / "wd"
     a, _ = spawn.until_step("train_a", wd, 1)
     t0 = time.monotonic()
@@ -155,9 +132,33 @@ def test_a_second_trainer_is_refused_and_the_lock_of_a_killed_trainer_is_taken_o
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > max(printed), steps
     assert checkpoint_names(wd) == []  # none by B, none by A (no periodic checkpoint)
 
-    d = spawn.run("train_d", wd, total_steps=3, checkpoint_every_steps=1000)
-    assert_finished(d, 3, resumed_from=None)
+    # D takes the lock over and starts afresh (A saved nothing); then two SIGTERMs
+    d, _ = spawn.until_step("train_d", wd, 2, total_steps=400)
     assert "taking over the lock" in d.stderr, d.tail()
     assert f"pid {a.pid}," in d.stderr, d.tail()
-    assert metric_steps(wd) == [1, 2, 3]
-    assert finalized(wd) == [3]
+    assert RESUMED.findall(d.stderr) == [], d.tail()
+    d.signal(signal.SIGTERM)
+    time.sleep(0.05)
+    if d.running:
+        d.signal(signal.SIGTERM)
+    rc = d.wait(EXIT_TIMEOUT)
+    # Either the save finished and the run exited (0), or the second SIGTERM ended it.
+    assert rc in (0, -signal.SIGTERM), d.tail()
+    assert "Traceback" not in d.stderr, d.tail()
+    saved = finalized(wd)
+    assert len(saved) <= 1, (checkpoint_names(wd), d.tail())
+    if rc == 0:
+        notices = NOTICE.findall(d.stdout)
+        assert [int(n) for n, _ in notices] == saved, (saved, d.tail())
+    last = saved[-1] if saved else 0
+    if rc == 0:  # A's lines replaced by D's, none twice
+        assert metric_steps(wd) == list(range(1, last + 1)), d.tail()
+
+    total = last + 3
+    e = spawn.run("train_e", wd, total_steps=total, checkpoint_every_steps=1000)
+    assert_finished(e, total, resumed_from=last or None)
+    steps = metric_steps(wd)
+    assert steps == list(range(1, total + 1)), (steps, e.tail())
+    names = checkpoint_names(wd)
+    assert not [n for n in names if TMP_MARK in n], (names, e.tail())
+    assert finalized(wd)[-1] == total, (names, e.tail())
