@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -165,20 +164,9 @@ def test_reading_an_intact_checkpoint_logs_no_missing_metadata_warning(tmp_path,
 
 
 # ------------------------------------------------------------------ item 7: preflight
-def _preflight_process(*args):
-    proc = subprocess.run(
-        [sys.executable, "-m", "mae_jax.preflight", *args],
-        cwd=ROOT,
-        env=dict(_env(), TF_CPP_MIN_LOG_LEVEL="2"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    return proc.returncode, proc.stdout, proc.stderr
-
-
 def _preflight(*args):
-    """`preflight.main` in this process: (exit status, stdout)."""
+    """`preflight.main` in this process (its own flag values, never absl's global ones, as in
+    `python -m mae_jax.preflight`): (exit status, stdout)."""
     from mae_jax import preflight
 
     out = io.StringIO()
@@ -187,9 +175,9 @@ def _preflight(*args):
     return rc, out.getvalue()
 
 
-@pytest.mark.slow
-def test_preflight_help_lists_its_flags():
-    rc, out, err = _preflight_process("--help")
+def test_preflight_help_lists_its_flags(capsys):
+    rc, out = _preflight("--help")
+    err = capsys.readouterr().err
     assert rc == 0, out + err
     assert "--topology" in out and "--skip" in out and "python -m mae_jax.preflight" in out
     assert "Unknown command line flag" not in err, err
@@ -204,9 +192,10 @@ def test_preflight_is_ready_only_when_every_check_ran():
     assert "-> nothing failed, but not checked: data, model, compile, memory, launch" in out, out
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the preflight's model check or an AOT compile of a stand-in topology
 def test_preflight_gives_no_fit_verdict_from_the_cpu_stand_in():
-    rc, out, err = _preflight_process(
+    """In this process: the stand-in compiles for v4-8 on 4 of its 8 CPU devices."""
+    rc, out = _preflight(
         "--config=configs/smoke.py",
         "--config.model.name=mae_vit_test",
         "--topology=v4-8",
@@ -214,7 +203,7 @@ def test_preflight_gives_no_fit_verdict_from_the_cpu_stand_in():
         "--hbm_gib=0.001",  # the stand-in's figure is far over it
         "--skip=data,model,launch",
     )
-    assert rc == 0, out + err
+    assert rc == 0, out
     assert "preflight [4/6] compile: PASS" in out, out
     assert "per-device total:" in out, out
     assert "DOES NOT FIT" not in out and "FITS" not in out, out  # was inside the PASS
