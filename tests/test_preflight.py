@@ -240,8 +240,8 @@ def test_config_mistake_fails_the_plan_and_skips_what_needs_it():
 
 @pytest.mark.slow  # the preflight's model check or an AOT compile of a stand-in topology
 def test_non_finite_training_fails_the_model_check():
-    """On the 2-block test model (the check is the same for every model; the smoke model runs it
-    end to end in test_smoke_end_to_end_passes), as the round-trip test below: one program."""
+    """On the 2-block test model (the check is the same for every model; it passes end to end in
+    test_smoke_end_to_end_passes), as the round-trip test below: one program."""
     rc, out = _in_process(
         [
             "--config=configs/smoke.py",
