@@ -78,6 +78,31 @@ def _take(it, n):
     return [next(it) for _ in range(n)]
 
 
+# Streams that several tests read, read once: building an iterator (tracing its tf.data
+# functions) costs far more than the few small batches each test takes.
+@pytest.fixture(scope="module")
+def stream(folder):
+    """The first 10 batches (two epochs of the 25 examples) of the default folder stream (seed 0,
+    batch 5, one process), and its iterator's (position, skipped) after them. The iterator is
+    not kept: its tf.data threads end now, not at the end of the module."""
+    it = _pretrain(_cfg(folder))
+    batches = _take(it, 10)
+    return (it.position, it.skipped), batches
+
+
+@pytest.fixture(scope="module")
+def half_stream(folder):
+    """The first 9 batches of process 0 of 2 (13 examples, local batch 5)."""
+    return _take(_pretrain(_cfg(folder), batch=5, p=0, pc=2), 9)
+
+
+@pytest.fixture(scope="module")
+def eval_batch(folder):
+    """The first batch of 4 of the one-process eval pass with 40% of the folder held out."""
+    cfg = _cfg(folder, folder_eval_fraction=0.4)
+    return next(pipeline.create_eval_iterator(cfg, 4, process_index=0, process_count=1))
+
+
 def _pretrain(cfg, batch=5, seed=0, start=0, p=0, pc=1):
     return pipeline.create_pretrain_iterator(
         cfg,
@@ -188,22 +213,22 @@ def test_random_resized_crop_jpeg_and_png_paths_agree():
 # ---------------------------------------------------------------- pretraining
 
 
-def test_pretrain_batches_shapes_dtypes_ranges(folder):
-    it = _pretrain(_cfg(folder), batch=6)
-    for batch in _take(it, 3):
+def test_pretrain_batches_shapes_dtypes_ranges(stream):
+    (position, skipped), batches = stream
+    for batch in batches:
         assert set(batch) == {"image", "key"}
         img = batch["image"]
-        assert img.shape == (6, 32, 32, 3) and img.dtype == np.float32
+        assert img.shape == (5, 32, 32, 3) and img.dtype == np.float32
         assert np.isfinite(img).all()
         assert img.min() >= LOW - 1e-4 and img.max() <= HIGH + 1e-4
         assert img.std() > 0.3  # real photos, not constant
-    assert it.position == 3 and it.skipped == 0
+    assert position == 10 and skipped == 0
 
 
-def test_same_seed_same_batches_different_seed_differs(folder):
+def test_same_seed_same_batches_different_seed_differs(folder, stream):
     cfg = _cfg(folder)
-    a = _take(_pretrain(cfg, seed=1), 6)
-    b = _take(_pretrain(cfg, seed=1), 6)
+    a = stream[1][:6]  # seed 0
+    b = _take(_pretrain(cfg, seed=0), 6)
     c = _take(_pretrain(cfg, seed=2), 6)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x["image"], y["image"])
@@ -212,33 +237,32 @@ def test_same_seed_same_batches_different_seed_differs(folder):
     assert not np.allclose(a[0]["image"], c[0]["image"])
 
 
-def test_epochs_cover_the_split_and_reshuffle(folder):
-    cfg = _cfg(folder)
-    n = data_sources.make_source(cfg).num_examples("train")
+def test_epochs_cover_the_split_and_reshuffle(folder, stream):
+    n = data_sources.make_source(_cfg(folder)).num_examples("train")
     assert n == 25
-    keys = np.concatenate([b["key"] for b in _take(_pretrain(cfg, batch=5), 10)])
+    keys = np.concatenate([b["key"] for b in stream[1]])
     np.testing.assert_array_equal(np.sort(keys[:n]), np.arange(n))
     np.testing.assert_array_equal(np.sort(keys[n : 2 * n]), np.arange(n))
     assert not np.array_equal(keys[:n], keys[n : 2 * n])
 
 
-def test_two_processes_disjoint_and_cover(folder):
+def test_two_processes_disjoint_and_cover(folder, half_stream):
     cfg = _cfg(folder)
     seen = []
     for p in range(2):
-        it = _pretrain(cfg, batch=4, p=p, pc=2)
         size = data_sources.make_source(cfg).shard_sizes("train", 2)[p]
-        keys = np.concatenate([b["key"] for b in _take(it, math.ceil(size / 4))])[:size]
+        batches = half_stream if p == 0 else _take(_pretrain(cfg, batch=5, p=1, pc=2), 3)
+        keys = np.concatenate([b["key"] for b in batches[: math.ceil(size / 5)]])[:size]
         assert len(set(keys)) == size
         seen.append(set(keys.tolist()))
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == set(range(25))
 
 
-def test_resume_equals_kth_batch_across_epochs_and_chunks(folder, monkeypatch):
+def test_resume_equals_kth_batch_across_epochs_and_chunks(folder, half_stream, monkeypatch):
     cfg = _cfg(folder)
     # 13 examples on process 0 of 2, local batch 5: epochs end inside batches 2, 5, 7.
-    fresh = _take(_pretrain(cfg, batch=5, p=0, pc=2), 9)
+    fresh = half_stream
     for k in (2, 8):
         resumed = next(_pretrain(cfg, batch=5, start=k, p=0, pc=2))
         np.testing.assert_array_equal(resumed["key"], fresh[k]["key"])
@@ -251,11 +275,11 @@ def test_resume_equals_kth_batch_across_epochs_and_chunks(folder, monkeypatch):
     assert it.position == 9
 
 
-def test_decode_options_change_pixels_slightly_not_the_stream(folder):
+def test_decode_options_change_pixels_slightly_not_the_stream(folder, stream, eval_batch):
     # 300-500 px photos at image_size 32: crops are >= 2x the output, so the
     # default decodes them at 1/2..1/8 DCT scale (jpeg_reduced_scale), where
     # libjpeg's scaled IDCTs ignore jpeg_dct_method.
-    reduced = _take(_pretrain(_cfg(folder)), 2)
+    reduced = stream[1][:2]
     full = _take(_pretrain(_cfg(folder, jpeg_reduced_scale=False)), 2)
     fast_dct = _take(
         _pretrain(_cfg(folder, jpeg_reduced_scale=False, jpeg_dct_method="INTEGER_FAST")), 2
@@ -265,11 +289,9 @@ def test_decode_options_change_pixels_slightly_not_the_stream(folder):
             np.testing.assert_array_equal(a["key"], b["key"])
             assert not np.array_equal(a["image"], b["image"])
             assert np.abs(a["image"] - b["image"]).mean() < 0.05  # ~2.5 grey levels
-    cfg = _cfg(folder, folder_eval_fraction=0.4)
-    ev = [
-        next(pipeline.create_eval_iterator(cfg, 4, process_index=0, process_count=1))["image"]
-        for cfg in (cfg, _cfg(folder, folder_eval_fraction=0.4, jpeg_dct_method="INTEGER_FAST"))
-    ]
+    cfg = _cfg(folder, folder_eval_fraction=0.4, jpeg_dct_method="INTEGER_FAST")
+    fast = next(pipeline.create_eval_iterator(cfg, 4, process_index=0, process_count=1))
+    ev = [eval_batch["image"], fast["image"]]
     assert not np.array_equal(*ev) and np.abs(ev[0] - ev[1]).mean() < 0.05
     with pytest.raises(ValueError, match="'DCT_FLOAT'"):
         _pretrain(_cfg(folder, jpeg_dct_method="DCT_FLOAT"))
@@ -277,12 +299,11 @@ def test_decode_options_change_pixels_slightly_not_the_stream(folder):
         _pretrain(_cfg(folder, jpeg_reduced_scale=None))
 
 
-def test_augmentation_differs_between_epochs(folder):
-    cfg = _cfg(folder, crop_min_scale=0.2)
-    n = 25
-    batches = _take(_pretrain(cfg, batch=n), 2)
-    a = {k: im for k, im in zip(batches[0]["key"], batches[0]["image"])}
-    b = {k: im for k, im in zip(batches[1]["key"], batches[1]["image"])}
+def test_augmentation_differs_between_epochs(stream):
+    n = 25  # epochs 0 and 1: batches 0-4 and 5-9 (default crop_min_scale 0.2)
+    batches = stream[1]
+    a = {k: im for b in batches[:5] for k, im in zip(b["key"], b["image"])}
+    b = {k: im for b in batches[5:] for k, im in zip(b["key"], b["image"])}
     assert sum(not np.allclose(a[k], b[k]) for k in a) >= n - 1
 
 
@@ -309,7 +330,7 @@ def test_train_iterator_labels_match_class_folders(folder):
 # ------------------------------------------------------------------------ eval
 
 
-def test_eval_iterator_pads_and_masks(folder):
+def test_eval_iterator_pads_and_masks(folder, eval_batch):
     cfg = _cfg(folder, folder_eval_fraction=0.4)
     info = pipeline.dataset_info(cfg)
     n_eval, n_train = info.num_eval_examples, info.num_train_examples
@@ -327,9 +348,8 @@ def test_eval_iterator_pads_and_masks(folder):
         counts.append(sum(int(b["mask"].sum()) for b in batches))
     assert sum(counts) == n_eval and len(set(keys)) == n_eval
     # Eval is deterministic (no randomness at all).
-    a = next(pipeline.create_eval_iterator(cfg, 4, process_index=0, process_count=1))
     b = next(pipeline.create_eval_iterator(cfg, 4, process_index=0, process_count=1))
-    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(eval_batch["image"], b["image"])
 
 
 def test_folder_with_split_directories(tmp_path):
@@ -482,13 +502,13 @@ def test_tfds_prepared_dataset_processes_disjoint_and_resume(tmp_path):
     assert (info.num_train_examples, info.num_eval_examples, info.num_classes) == (30, 7, 3)
     seen = []
     for p in range(2):
-        keys = np.concatenate([b["key"] for b in _take(_pretrain(cfg, batch=5, p=p, pc=2), 3)])
+        fresh = _take(_pretrain(cfg, batch=5, p=p, pc=2), 3 + 2 * p)  # process 1: into epoch 1
+        keys = np.concatenate([b["key"] for b in fresh[:3]])  # epoch 0
         assert len(set(keys.tolist())) == 15
         seen.append(set(keys.tolist()))
     assert not seen[0] & seen[1]
-    fresh = _take(_pretrain(cfg, batch=4, p=1, pc=2), 6)
-    np.testing.assert_array_equal(
-        next(_pretrain(cfg, batch=4, start=5, p=1, pc=2))["image"], fresh[5]["image"]
+    np.testing.assert_array_equal(  # batch 4 of process 1: examples 5-9 of its epoch 1
+        next(_pretrain(cfg, batch=5, start=4, p=1, pc=2))["image"], fresh[4]["image"]
     )
     ev = [pipeline.create_eval_iterator(cfg, 4, process_index=p, process_count=2) for p in range(2)]
     assert len(ev[0]) == len(ev[1]) == 2
