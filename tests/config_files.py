@@ -12,6 +12,9 @@ from mae_jax import config_file
 from mae_jax import workdir as wdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# `compiler_options` of test programs compiled for their numbers, not their speed: without LLVM's
+# optimizations their CPU compiles take about half the time (they run slower: small programs only).
+UNOPTIMIZED = {"xla_backend_optimization_level": 0}
 
 
 def load_config(path="configs/smoke.py"):

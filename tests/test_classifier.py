@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from config_files import UNOPTIMIZED
 from flax import nnx
 
 from mae_jax import init_from, models, ops, optim, schema
@@ -16,10 +17,6 @@ from mae_jax import workdir as wdir
 from mae_jax.models.classifier import ENCODER_KEYS, ViTClassifier, create_classifier
 from mae_jax.models.encoder import drop_path_rates
 from mae_jax.models.vit import FixedEmbedding
-
-# Gradient programs compiled without LLVM's optimizations: the checks compare numbers, not
-# speed, and their CPU compiles take about half the time.
-O0 = {"xla_backend_optimization_level": 0}
 
 
 def images(n=4, seed=0):  # one batch size everywhere: eager ops compile once
@@ -249,7 +246,7 @@ def test_jitted_finetune_step_grads_reach_every_param():
     x = images()
     y = jnp.array([0, 1, 2, 9])
 
-    @functools.partial(jax.jit, compiler_options=O0)
+    @functools.partial(jax.jit, compiler_options=UNOPTIMIZED)
     def grads(params, rest):
         def loss_fn(p, rest):
             # copy=True: the merged model owns fresh Variables, so drop path may advance
@@ -305,7 +302,7 @@ def test_stacked_blocks_with_drop_path():
             return jnp.sum(m(x, train=True) ** 2)
 
         # jitted, the key an argument: one compile per layout serves the three calls
-        loss_and_grads = jax.jit(jax.value_and_grad(loss), compiler_options=O0)
+        loss_and_grads = jax.jit(jax.value_and_grad(loss), compiler_options=UNOPTIMIZED)
         a, grads = loss_and_grads(params, jax.random.key(7))
         assert np.isfinite(a) and float(a) == float(loss_and_grads(params, jax.random.key(7))[0])
         assert float(a) != float(loss_and_grads(params, jax.random.key(8))[0])

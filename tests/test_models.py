@@ -9,6 +9,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from config_files import UNOPTIMIZED
 from flax import nnx
 
 from mae_jax import models, ops, schema
@@ -26,11 +27,6 @@ OFFICIAL_TRAINABLE = {
 
 def count(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
-# Programs of the test model compiled without LLVM's optimizations: the checks compare
-# numbers, not speed, and the CPU compiles of its gradients take about half the time.
-O0 = {"xla_backend_optimization_level": 0}
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_TRAINABLE))
@@ -79,7 +75,7 @@ def test_official_initialization():
         return models.create("mae_vit_small_patch16", seed=1, depth=2, decoder_depth=2)
 
     graphdef = nnx.graphdef(nnx.eval_shape(create))
-    m = nnx.merge(graphdef, jax.jit(lambda: nnx.state(create()), compiler_options=O0)())
+    m = nnx.merge(graphdef, jax.jit(lambda: nnx.state(create()), compiler_options=UNOPTIMIZED)())
     blk = m.blocks[0]
     np.testing.assert_array_equal(blk.attn.qkv.bias.get_value(), 0.0)
     np.testing.assert_array_equal(blk.norm1.scale.get_value(), 1.0)
@@ -159,7 +155,7 @@ def _loss_and_grads(model, images, noise):
         jax.value_and_grad(
             lambda p, g=graphdef, r=rest: nnx.merge(g, p, r)(images, noise=noise).loss
         ),
-        compiler_options=O0,
+        compiler_options=UNOPTIMIZED,
     )
     return f(params)
 
