@@ -32,7 +32,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from mae_jax import cli, loader, models, ops
+from mae_jax import cli, compile_cache, loader, models, ops
 from mae_jax.cli import CommandLineError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -247,6 +247,9 @@ def options(fv: flags.FlagValues, args: Sequence[str]) -> types.SimpleNamespace:
 
 def run(args) -> str:
     """Write the PNG grid for the options `args`; its path. Errors raise ValueError / OSError."""
+    # The persistent compilation cache, as training and the benchmark use it: a second run of
+    # the same model loads its programs from disk.
+    compile_cache.enable(compile_cache.AUTO)
     # CPU-friendly execution of any trained config: XLA attention, no remat.
     overrides = dict(attention_impl="xla", remat="none")
     if args.img_size is not None:

@@ -140,6 +140,9 @@ def test_checkpoint_errors(tmp_path):
 
 @pytest.mark.slow
 def test_module_entry_point(tmp_path):
+    """`python -m mae_jax.visualize` in a real process: exit status, stdout and stderr. The model
+    and mask ratio of test_cli_random_model_writes_png: its programs, from the compilation
+    cache."""
     out = tmp_path / "cli.png"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
@@ -153,6 +156,8 @@ def test_module_entry_point(tmp_path):
             "mae_vit_test",
             "--seed",
             "3",
+            "--mask-ratio",
+            "0.5",
         ],
         cwd=ROOT,
         env=env,
