@@ -69,6 +69,26 @@ def main_command(workdir, *overrides):
     ]
 
 
+def parse_main_flags(argv):
+    """main.py's command-line parsing of `argv` in this process: `cli.config_flags_parser` on
+    fresh flags with main.py's `--config` (a locked config file, its overrides read from `argv`)
+    and `--workdir`, never absl's global ones (an xdist worker runs many tests). Returns the
+    parsed `(config, workdir)`; a refusal raises SystemExit (the process's exit status) after
+    printing its `error:` line on stderr."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from mae_jax import cli
+
+    fv = flags.FlagValues()
+    config = config_flags.DEFINE_config_file(
+        "config", None, "", flag_values=fv, lock_config=True, sys_argv=argv
+    )
+    workdir = flags.DEFINE_string("workdir", None, "", flag_values=fv)
+    cli.config_flags_parser(fv)(argv)
+    return config.value, workdir.value
+
+
 def write_params_checkpoint(workdir, model):
     """A weights workdir holding `model`'s parameters, as `mae_jax.convert import` writes it."""
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))

@@ -15,12 +15,10 @@ import sys
 
 import jax
 import pytest
-from absl import flags
-from config_files import load_config, override
+from config_files import load_config, override, parse_main_flags
 from flax import nnx
-from ml_collections import config_flags
 
-from mae_jax import cli, models
+from mae_jax import models
 from mae_jax.tasks import pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,18 +39,14 @@ def run_main(workdir, *args, config="configs/smoke.py", timeout=120):
 
 
 def parse_main(capsys, workdir, *args, config="configs/smoke.py"):
-    """main.py's command-line parsing in this process: `cli.config_flags_parser` on fresh flags
-    with main.py's `--config` (a locked config file) and `--workdir`; a refusal is its exit
-    status (SystemExit) and what it printed on stderr, as of a process."""
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
-    flags.DEFINE_string("workdir", None, "", flag_values=fv)
+    """`config_files.parse_main_flags` of main.py's command line, as of a process: its exit
+    status (SystemExit) and what it printed on stderr."""
     capsys.readouterr()
     argv = ["main", f"--config={config}", "--workdir", str(workdir), *args]
     old = os.getcwd()
     os.chdir(ROOT)  # the config path is relative to the repository, as in run_main
     try:
-        cli.config_flags_parser(fv)(argv)
+        parse_main_flags(argv)
         code = 0
     except SystemExit as e:
         code = e.code

@@ -10,12 +10,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from absl import flags
-from config_files import ROOT
+from config_files import ROOT, parse_main_flags
 from config_files import tiny_pretrain as small
-from ml_collections import config_flags
 
-from mae_jax import cli, profiler
+from mae_jax import profiler
 from mae_jax.tasks import pretrain
 
 
@@ -75,14 +73,9 @@ def test_the_command_line_refuses_a_bad_window(tmp_path):
     workdir = tmp_path / "run"
     argv = ["main", f"--config={ROOT}/configs/smoke.py", f"--workdir={workdir}"]
     argv.append("--config.profile_steps=(10, 0)")
-    fv = flags.FlagValues()  # the overrides are read from `sys_argv` (default: sys.argv)
-    config = config_flags.DEFINE_config_file(
-        "config", None, "", flag_values=fv, lock_config=True, sys_argv=argv
-    )
-    flags.DEFINE_string("workdir", None, "", flag_values=fv)
-    cli.config_flags_parser(fv)(argv)
+    config, workdir_flag = parse_main_flags(argv)
     with pytest.raises(ValueError) as e:
-        pretrain.train_and_evaluate(config.value, fv["workdir"].value)
+        pretrain.train_and_evaluate(config, workdir_flag)
     line = f"error: {e.value}"
     assert line == "error: config.profile_steps=(10, 0): the number of steps must be >= 1", line
     assert not workdir.exists()
